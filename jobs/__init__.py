@@ -1,0 +1,1 @@
+"""Entry points: each wires pipeline functions into a Dask graph and nothing else."""

@@ -1,0 +1,168 @@
+"""Score a chest X-ray dataset on a Dask cluster: predictions to Parquet, 7x7 maps to Zarr.
+
+With no arguments: builds (once) a small synthetic ChestX-ray14-layout dataset and a seeded demo
+model under ./cxr-audit-demo/, scores it on a LocalCluster and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.errors import CxrAuditError
+
+DEMO_DIR = "cxr-audit-demo"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.score_dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", action="append", metavar="[NAME=]ADAPTER:LOCATION",
+                   help="repeatable. Adapters: nih:ROOT (ChestX-ray14 layout), manifest:URL (CSV/Parquet with image_id, path, ...). "
+                        "Locations are fsspec URLs (local path, file://, s3://, memory://).")
+    p.add_argument("--metadata", metavar="URL", help="NIH metadata CSV, if not ROOT/Data_Entry_2017[_v2020].csv")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="state_dict (.pt/.pth, loaded with weights_only=True) or .safetensors; 'random:SEED' for seeded random weights. "
+                        "Pickled whole models are refused: convert them with python -m jobs.convert_checkpoint --trust-pickle IN OUT")
+    p.add_argument("--arch", default="densenet121", metavar="NAME|module:callable",
+                   help="densenet121 (default) or any callable returning a module with 'features' and a Linear 'classifier'")
+    p.add_argument("--findings", metavar="A,B,...|FILE", help="finding names in the model's output order (default: the 14 CheXNet findings)")
+    p.add_argument("--baselines", default="reference", metavar="reference|from-labels|FILE",
+                   help="p_baseline per finding for the ln(p_cell/p_baseline) map (default: the reference prevalences)")
+    p.add_argument("--out", metavar="URL", help="output root (fsspec URL)")
+    p.add_argument("--cluster", default=None, metavar="NAME", help="profile in --cluster-file (default: the file's default, 'local')")
+    p.add_argument("--cluster-file", default="cluster.yaml", metavar="PATH", help="profiles file (default: cluster.yaml)")
+    p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard and Zarr chunk length (default 1024)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N manifest rows")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the model runs on each worker (default auto)")
+    p.add_argument("--high-bit-depth", default="clip", choices=["clip", "rescale"],
+                   help="16-bit PNGs: 'clip' as the reference's convert('RGB') does, or 'rescale' the full range to 8 bits")
+    p.add_argument("--decode-threads", type=int, default=None, metavar="N", help="decode threads per worker (default: its cores)")
+    return p
+
+
+def _findings(text: str | None):
+    from pipeline.findings import CHEXNET_FINDINGS
+
+    if not text:
+        return CHEXNET_FINDINGS
+    if os.path.exists(text):
+        with open(text) as f:
+            text = f.read().replace("\n", ",")
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def config_from_args(args, argv_empty: bool):
+    from pipeline.errors import ConfigError
+    from pipeline.scoring import ScoreConfig
+
+    if argv_empty:
+        from pipeline.demo import make_demo_dataset, make_demo_model
+
+        root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
+        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"))
+        print(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
+        return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
+                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,
+                           cluster=args.cluster or "local", cluster_file=args.cluster_file)
+    if not args.dataset or not args.out or not args.checkpoint:
+        raise ConfigError("--dataset, --checkpoint and --out are required (run with no arguments for the demo)")
+    return ScoreConfig(datasets=tuple(args.dataset), out=args.out, checkpoint=args.checkpoint, arch=args.arch,
+                       findings=_findings(args.findings), baselines=args.baselines, metadata=args.metadata,
+                       cluster=args.cluster or "", cluster_file=args.cluster_file, shard_size=args.shard_size,
+                       batch_size=args.batch_size, limit=args.limit, device=args.device,
+                       high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads)
+
+
+def run(cfg) -> dict:
+    """The graph: one task per pending shard, gathered as they finish; then finalize."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from pipeline.cluster import load_profile, start_cluster
+    from pipeline.model import resolve_device
+    from pipeline.score_shard import score_shard
+    from pipeline.scoring import _now, finalize_run, prepare_run
+
+    started = _now()
+    prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
+    spec = prep.spec
+    n_issues = prep.manifest.issues.num_rows
+    print(f"manifest: {prep.manifest.manifest.num_rows} images, {n_issues} metadata issues "
+          f"{prep.manifest.issue_counts() or ''} -> {cfg.out}/manifest_issues.parquet")
+    print(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
+    results, failures = [], []
+    if prep.pending:
+        profile = load_profile(cfg.cluster or None, cfg.cluster_file)
+        cluster, client = start_cluster(profile)
+        try:
+            print(f"cluster {profile.name}: dashboard {client.dashboard_link}")
+            if spec.device == "auto":
+                spec = _with_worker_device(client, spec)
+            futures = {client.submit(score_shard, s, spec, key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}", pure=False): s
+                       for s in prep.pending}
+            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr) as bar:
+                for fut in as_completed(futures):
+                    shard = futures[fut]
+                    try:
+                        results.append(fut.result())
+                    except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
+                        failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": str(e)[:500]})
+                        print(f"shard {shard.index} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    bar.update(len(shard.rows))
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return finalize_run(prep, results, failures, started)
+
+
+def _with_worker_device(client, spec):
+    from dataclasses import replace
+
+    def probe():
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    devices = set(client.run(probe).values())
+    return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
+
+
+def summary(run: dict) -> str:
+    c = run["counts"]
+    lines = [
+        f"run {run['model_version']}: {run['status']}",
+        f"  images {c['images']}: scored {c['scored']}, failed {c['failed']} (see errors.parquet); "
+        f"shards {c['shards']} ({c['skipped_shards']} already done, {c['incomplete_shards']} incomplete)",
+        f"  outputs: {run['config']['out']}/runs/{run['model_version']}/ (predictions/*.parquet, maps.zarr, errors.parquet, run.json)",
+    ]
+    if run.get("failed_shards"):
+        lines.append(f"  {len(run['failed_shards'])} shards failed; rerun the same command to retry them")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
+        result = run(cfg)
+    except CxrAuditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    if result["status"] == "complete" and not argv:
+        from pipeline.report import short_report
+
+        print(short_report(result["config"]["out"], result["model_version"]))
+    return 0 if result["status"] == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

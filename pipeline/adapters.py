@@ -1,0 +1,205 @@
+"""Dataset adapters: each maps one source's own layout and metadata to raw manifest records.
+
+An adapter returns a DataFrame with the manifest's base columns (strings, not yet validated), one
+nullable-boolean column per finding, an ``extra`` column, and a list of issues it found itself.
+Validation common to every source lives in ``pipeline.manifest``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import pandas as pd
+
+from .errors import ConfigError, DatasetError
+from .storage import to_url, url_to_fs
+
+BASE = ["image_id", "path", "patient_id", "site", "view_position", "sex", "age", "split"]
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One --dataset flag: [NAME=]ADAPTER:LOCATION."""
+
+    adapter: str
+    location: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        name = None
+        if "=" in text.split(":", 1)[0]:
+            name, text = text.split("=", 1)
+        if ":" not in text:
+            raise ConfigError(f"--dataset {text!r} must look like ADAPTER:LOCATION, e.g. nih:/data/ChestX-ray14")
+        adapter, location = text.split(":", 1)
+        if adapter not in ADAPTERS:
+            raise ConfigError(f"--dataset adapter {adapter!r} is unknown; known adapters: {', '.join(sorted(ADAPTERS))}")
+        if not name:
+            name = adapter if adapter != "manifest" else posixpath.basename(location).split(".")[0]
+        return cls(adapter, location, name)
+
+
+@dataclass
+class RawDataset:
+    records: pd.DataFrame
+    issues: list[dict]
+    listed_files: set[str] | None  # image files present where the metadata points (None: not listed)
+    lists_whole_dataset: bool = False  # True when listed_files is the whole dataset (unlisted files are news)
+
+
+def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
+    bad: list[str] = []
+
+    def on_bad(line):  # keep a note of each malformed line rather than failing the whole file
+        bad.append(",".join(line))
+        return None
+
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"metadata file {url} does not exist") from None
+    df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
+    return df, bad
+
+
+def _bad_line_issues(dataset: str, bad: list[str]) -> list[dict]:
+    return [dict(dataset=dataset, image_id=None, path=None, reason="bad_row", detail=f"malformed CSV line: {b[:200]}", action="dropped") for b in bad]
+
+
+# ---------------------------------------------------------------- NIH ChestX-ray14
+NIH_METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
+
+
+def _list_images(root_url: str, patterns: list[str]) -> dict[str, str]:
+    """basename -> full URL of every image matching the patterns under root."""
+    fs, root = url_to_fs(root_url)
+    found: dict[str, str] = {}
+    for pat in patterns:
+        for p in sorted(fs.glob(posixpath.join(root, pat))):
+            if p.lower().endswith(IMAGE_EXTS):
+                found.setdefault(posixpath.basename(p), to_url(fs, p))
+    return found
+
+
+def nih_labels(labels: str, findings: tuple[str, ...]) -> tuple[dict[str, bool | None], list[str]]:
+    names = [s.strip() for s in labels.split("|") if s.strip()]
+    unknown = [n for n in names if n not in findings and n != "No Finding"]
+    return {f: (f in names) for f in findings}, unknown
+
+
+def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+    root = spec.location.rstrip("/")
+    fs, rootp = url_to_fs(root)
+    if not fs.exists(rootp):
+        raise DatasetError(f"NIH root {root} does not exist; --dataset nih:ROOT must point at the ChestX-ray14 folder")
+    if metadata is None:
+        for name in NIH_METADATA:
+            if fs.exists(posixpath.join(rootp, name)):
+                metadata = to_url(fs, posixpath.join(rootp, name))
+                break
+        else:
+            raise DatasetError(f"no {NIH_METADATA[0]} or {NIH_METADATA[2]} under {root}; pass --metadata URL")
+    df, bad = _read_csv(metadata)
+    issues = _bad_line_issues(spec.name, bad)
+    need = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{metadata} lacks the NIH columns {missing}; is it Data_Entry_2017?")
+    images = _list_images(root, ["images/*", "images_*/images/*"])
+    if not images:
+        raise DatasetError(f"no PNGs under {root}/images/ or {root}/images_0XX/images/")
+    splits: dict[str, str] = {}
+    for fname, split in (("train_val_list.txt", "train_val"), ("test_list.txt", "test")):
+        p = posixpath.join(rootp, fname)
+        if fs.exists(p):
+            with fs.open(p, "rt") as f:
+                splits.update({line.strip(): split for line in f if line.strip()})
+
+    rows = []
+    for rec in df[need].itertuples(index=False):
+        image_id, labels, pid, age, sex, view = (str(v).strip() for v in rec)
+        lab, unknown = nih_labels(labels, findings)
+        if unknown:
+            issues.append(dict(dataset=spec.name, image_id=image_id, path=None, reason="unknown_label", detail=f"labels {unknown} are not findings of this model", action="kept"))
+        rows.append(dict(image_id=image_id, path=images.get(image_id, ""), patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
+    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True)
+
+
+# ---------------------------------------------------------------- generic manifest
+MANIFEST_OPTIONAL = ["patient_id", "site", "view_position", "sex", "age", "split"]
+
+
+def _label_value(v) -> bool | None:
+    s = str(v).strip().lower()
+    if s in ("1", "1.0", "true", "t", "yes", "y"):
+        return True
+    if s in ("0", "0.0", "false", "f", "no", "n"):
+        return False
+    return None  # blank, -1 (uncertain) or anything else: not labelled, never silently negative
+
+
+def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDataset:
+    url = spec.location
+    fs, p = url_to_fs(url)
+    if not fs.exists(p):
+        raise DatasetError(f"manifest {url} does not exist")
+    if p.endswith(".parquet"):
+        with fs.open(p, "rb") as f:
+            df = pd.read_parquet(f).astype(str).replace({"None": "", "nan": "", "<NA>": ""})
+        bad: list[str] = []
+    else:
+        df, bad = _read_csv(url)
+    issues = _bad_line_issues(spec.name, bad)
+    for col in ("image_id", "path"):
+        if col not in df.columns:
+            raise DatasetError(f"manifest {url} needs columns image_id and path; it has {list(df.columns)[:10]}")
+    base_dir = posixpath.dirname(p)
+    extra_cols = [c for c in df.columns if c not in ("image_id", "path", *MANIFEST_OPTIONAL, *findings)]
+    rows = []
+    for rec in df.to_dict("records"):
+        path = str(rec["path"]).strip()
+        if path and "://" not in path and not path.startswith("/"):
+            path = to_url(fs, posixpath.join(base_dir, path))  # relative to the manifest file
+        extra = {c: rec[c] for c in extra_cols if str(rec[c]) != ""}
+        row = dict(image_id=str(rec["image_id"]).strip(), path=path, extra=json.dumps(extra, sort_keys=True) if extra else None)
+        for c in MANIFEST_OPTIONAL:
+            row[c] = str(rec.get(c, "")).strip() or None
+        row["site"] = row["site"] or spec.name
+        for f in findings:
+            row[f] = _label_value(rec[f]) if f in rec else None
+        rows.append(row)
+    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    listed = _list_parents(records["path"].tolist())
+    return RawDataset(records, issues, listed)
+
+
+def _list_parents(paths: list[str], max_dirs: int = 2000) -> set[str] | None:
+    """Files present in the folders the manifest points into (None when too many folders to list)."""
+    dirs = {posixpath.dirname(p) for p in paths if p}
+    if len(dirs) > max_dirs:
+        return None
+    present: set[str] = set()
+    for d in dirs:
+        fs, dp = url_to_fs(d)
+        try:
+            present.update(to_url(fs, q) for q in fs.ls(dp, detail=False))
+        except FileNotFoundError:
+            continue
+    return present
+
+
+ADAPTERS = {"nih": load_nih, "manifest": load_manifest_file}
+
+
+def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+    if spec.adapter == "nih":
+        return load_nih(spec, findings, metadata)
+    return load_manifest_file(spec, findings)

@@ -1,0 +1,55 @@
+"""One forward pass per batch gives, for every finding at once: probability, 7x7 ln-ratio map,
+exact cell logits, and the pooled embedding.
+
+For a CAM-shaped model the image logit equals the mean of the cell logits
+``z_ij = W_k . relu(F)[:, i, j] + b_k``, so ``(z_ij - b_k) / (H*W)`` is each cell's exact additive
+contribution; the seed's map is ``ln(sigmoid(z_ij) / p_baseline_k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import normalize_batch
+from .model import CamModel
+
+
+@dataclass
+class BatchOutputs:
+    prob: np.ndarray  # float32 (B, F)
+    cam: np.ndarray  # float32 (B, F, H, W): ln(sigmoid(z) / baseline)
+    cell_logit: np.ndarray  # float32 (B, F, H, W): z
+    embedding: np.ndarray  # float16 (B, D)
+
+
+def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline: torch.Tensor):
+    """fmap: relu(features) (B, D, H, W). Returns torch tensors (prob, cam, cell_logit, pooled)."""
+    pooled = F.adaptive_avg_pool2d(fmap, (1, 1)).flatten(1)  # as torchvision's forward does
+    prob = torch.sigmoid(linear(pooled))
+    cell_logit = torch.einsum("bdhw,fd->bfhw", fmap, linear.weight) + linear.bias.view(1, -1, 1, 1)
+    # logsigmoid rather than log(sigmoid(.)): same value, no -inf for very negative logits.
+    cam = F.logsigmoid(cell_logit) - log_baseline.view(1, -1, 1, 1)
+    return prob, cam, cell_logit, pooled
+
+
+@torch.inference_mode()
+def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: tuple[float, ...]) -> BatchOutputs:
+    """uint8 (B, H, W, 3) pixels -> every output, on the model's device, one forward pass."""
+    device = model.classifier.weight.device
+    x = torch.as_tensor(pixels)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = normalize_batch(x.to(device))
+    fmap = F.relu(model.features(x))
+    log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
+    prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)
+    return BatchOutputs(
+        prob=prob.float().cpu().numpy(),
+        cam=cam.float().cpu().numpy(),
+        cell_logit=cell_logit.float().cpu().numpy(),
+        embedding=pooled.cpu().numpy().astype(np.float16),
+    )

@@ -1,0 +1,128 @@
+"""Cluster profiles from cluster.yaml: build the cluster (or its spec) a profile describes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+TYPES = ("local", "local-cuda", "slurm", "kubernetes", "address")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    type: str
+    options: dict
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, type={self.type!r})"
+
+
+def load_profile(name: str | None, path: str = "cluster.yaml") -> Profile:
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        if name in (None, "local", "inprocess"):
+            doc = {"profiles": {"local": {"type": "local"}, "inprocess": {"type": "local", "processes": False}}}
+        else:
+            raise ConfigError(f"--cluster-file {path} does not exist; pass the file that defines profile {name!r}") from None
+    profiles = doc.get("profiles") or {}
+    name = name or doc.get("default") or "local"
+    if name not in profiles:
+        raise ConfigError(f"no profile {name!r} in {path}; profiles there: {', '.join(profiles) or 'none'}")
+    opts = dict(profiles[name] or {})
+    kind = opts.pop("type", "local")
+    if kind not in TYPES:
+        raise ConfigError(f"profile {name!r} has type {kind!r}; known types: {', '.join(TYPES)}")
+    return Profile(name, kind, opts)
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def local_kwargs(opts: dict) -> dict:
+    kw = dict(opts)
+    if kw.get("n_workers", "auto") == "auto":
+        kw["n_workers"] = max(1, gpu_count())
+    kw.setdefault("threads_per_worker", 1)
+    kw.setdefault("dashboard_address", ":8787")
+    return kw
+
+
+def cuda_kwargs(opts: dict) -> dict:
+    kw = {k: v for k, v in opts.items() if v is not None}
+    kw.setdefault("threads_per_worker", 1)
+    return kw
+
+
+def slurm_kwargs(opts: dict) -> tuple[dict, int]:
+    kw = {k: v for k, v in opts.items() if v is not None and k != "jobs"}
+    if isinstance(kw.get("local_directory"), str):
+        kw["local_directory"] = os.path.expandvars(kw["local_directory"])
+    return kw, int(opts.get("jobs", 1))
+
+
+def kubernetes_spec(opts: dict) -> dict:
+    """The DaskCluster custom resource the operator would create (no cluster contact)."""
+    from dask_kubernetes.operator import make_cluster_spec
+
+    return make_cluster_spec(
+        name=opts.get("name", "cxr-audit"),
+        image=opts.get("image", "ghcr.io/dask/dask:latest"),
+        n_workers=opts.get("n_workers", 1),
+        resources=opts.get("resources"),
+        env=opts.get("env"),
+    )
+
+
+def address_security(opts: dict):
+    from distributed.security import Security
+
+    sec = opts.get("security")
+    return Security(**sec) if sec else None
+
+
+def start_cluster(profile: Profile) -> tuple[Any, Any]:
+    """Return (cluster or None, Client). The caller closes both."""
+    from distributed import Client
+
+    o = profile.options
+    if profile.type == "local":
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(**local_kwargs(o))
+    elif profile.type == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise ConfigError("profile 'local-cuda' needs dask-cuda: pip install 'cxr-audit[cuda]'") from None
+        cluster = LocalCUDACluster(**cuda_kwargs(o))
+    elif profile.type == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ConfigError("profile 'slurm' needs dask-jobqueue: pip install 'cxr-audit[slurm]'") from None
+        kw, jobs = slurm_kwargs(o)
+        cluster = SLURMCluster(**kw)
+        cluster.scale(jobs=jobs)
+    elif profile.type == "kubernetes":
+        try:
+            from dask_kubernetes.operator import KubeCluster
+        except ImportError:
+            raise ConfigError("profile 'kubernetes' needs dask-kubernetes: pip install 'cxr-audit[kubernetes]'") from None
+        cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(o))
+    else:
+        return None, Client(o["address"], security=address_security(o))
+    return cluster, Client(cluster)

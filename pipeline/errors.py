@@ -1,0 +1,39 @@
+"""Error types. Each says what went wrong and what to do about it."""
+
+
+class CxrAuditError(Exception):
+    """Base class for errors the user can act on."""
+
+
+class ConfigError(CxrAuditError):
+    """A flag, profile or configuration value is wrong."""
+
+
+class DatasetError(CxrAuditError):
+    """A dataset location or its metadata cannot be used at all."""
+
+
+class CheckpointError(CxrAuditError):
+    """A checkpoint cannot be loaded into the requested architecture."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint needs unpickling arbitrary code; we refuse by default."""
+
+
+class OutputError(CxrAuditError):
+    """The output location cannot be written, or holds an incompatible run."""
+
+
+class MisalignedWriteError(OutputError):
+    """A Zarr region write does not match the chunk grid (a shard would touch a neighbour's chunk)."""
+
+
+class ImageError(CxrAuditError):
+    """One image could not be read or decoded. Recorded in errors.parquet; never stops the job."""
+
+    def __init__(self, stage: str, cause: BaseException | str):
+        self.stage = stage
+        self.cause = cause
+        self.error_class = type(cause).__name__ if isinstance(cause, BaseException) else "ImageError"
+        super().__init__(f"{stage}: {self.error_class}: {cause}")

@@ -1,0 +1,183 @@
+"""Score one shard: read and decode on a thread pool while the model computes, then write the
+shard's own Parquet part and Zarr region, then its completion record (in that order, so a record
+only exists for outputs that are complete)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from schemas.outputs import predictions_schema
+
+from .cam import infer_batch
+from .errors import ImageError
+from .images import load_image
+from .maps_store import open_maps, write_region
+from .model import get_model
+from .runspec import RunSpec
+from .shards import Shard
+from .storage import read_json, write_json_atomic, write_parquet_atomic
+
+RECORD_VERSION = 1
+
+
+def _worker_cores() -> tuple[int, int]:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        from distributed import get_worker
+
+        task_threads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        task_threads = 1
+    return cores, max(1, task_threads)
+
+
+def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
+    rec = read_json(spec.record_url(shard.index), dict(spec.storage_options))
+    if rec and rec.get("status") == "complete" and rec.get("digest") == shard.digest and rec.get("model_version") == spec.model_version:
+        return rec
+    return None
+
+
+def _decode_all(shard: Shard, spec: RunSpec, pool: ThreadPoolExecutor, window: int):
+    """Yield (position, Decoded | ImageError) in order, keeping at most `window` decodes in flight."""
+    so = dict(spec.storage_options)
+
+    def task(path):
+        try:
+            return load_image(path, spec.preprocess, so)
+        except ImageError as e:
+            return e
+
+    pending: deque = deque()
+    for pos, path in enumerate(shard.paths):
+        pending.append((pos, pool.submit(task, path)))
+        if len(pending) >= window:
+            p, fut = pending.popleft()
+            yield p, fut.result()
+    while pending:
+        p, fut = pending.popleft()
+        yield p, fut.result()
+
+
+def score_shard(shard: Shard, spec: RunSpec) -> dict:
+    """Score a shard unless its completion record says it is done. Returns the record."""
+    done = shard_done(shard, spec)
+    if done is not None:
+        return {**done, "skipped": True}
+    t0 = time.perf_counter()
+    cores, task_threads = _worker_cores()
+    torch.set_num_threads(spec.torch_threads or max(1, cores // task_threads))
+    model = get_model(spec.model, spec.device)
+    F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
+    n_region = shard.stop - shard.start
+    cam = np.full((n_region, F, H, W), np.nan, np.float32)
+    cell = np.full((n_region, F, H, W), np.nan, np.float32)
+    emb = np.full((n_region, D), np.nan, np.float16)
+    prob = np.full((len(shard.rows), F), np.nan, np.float32)
+    ids = np.full(n_region, "", dtype=object)
+    ok = np.zeros(len(shard.rows), dtype=bool)
+    errors: list[dict] = []
+    modes: dict[str, int] = {}
+    t_decode_wait = t_forward = 0.0
+
+    def run_batch(positions, pixels):
+        nonlocal t_forward
+        t = time.perf_counter()
+        try:
+            outs = [(positions, infer_batch(model, np.stack(pixels), spec.baselines))]
+        except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
+            outs = []
+            for p, px in zip(positions, pixels):
+                try:
+                    outs.append(([p], infer_batch(model, px[None], spec.baselines)))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(_error(shard, p, ImageError("infer", e)))
+        for pos, o in outs:
+            r = np.asarray([shard.rows[p] - shard.start for p in pos])
+            cam[r], cell[r], emb[r] = o.cam, o.cell_logit, o.embedding
+            prob[pos] = o.prob
+            ok[pos] = True
+        t_forward += time.perf_counter() - t
+
+    threads = spec.decode_threads or cores
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        batch_pos, batch_px = [], []
+        t = time.perf_counter()
+        for pos, item in _decode_all(shard, spec, pool, window=2 * spec.batch_size + threads):
+            if isinstance(item, ImageError):
+                errors.append(_error(shard, pos, item))
+            else:
+                modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
+                batch_pos.append(pos)
+                batch_px.append(item.pixels)
+            if len(batch_pos) == spec.batch_size:
+                t_decode_wait += time.perf_counter() - t
+                run_batch(batch_pos, batch_px)
+                batch_pos, batch_px = [], []
+                t = time.perf_counter()
+        t_decode_wait += time.perf_counter() - t
+        if batch_pos:
+            run_batch(batch_pos, batch_px)
+
+    t = time.perf_counter()
+    for p, (row, image_id) in enumerate(zip(shard.rows, shard.image_ids)):
+        ids[row - shard.start] = image_id
+    so = dict(spec.storage_options)
+    group = open_maps(spec.maps_url, "r+", so)
+    write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "image_id": ids.astype(str)})
+    write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
+    t_write = time.perf_counter() - t
+    record = {
+        "record_version": RECORD_VERSION,
+        "status": "complete",
+        "shard": shard.index,
+        "start": shard.start,
+        "stop": shard.stop,
+        "digest": shard.digest,
+        "model_version": spec.model_version,
+        "n_images": len(shard.rows),
+        "n_scored": int(ok.sum()),
+        "n_failed": len(errors),
+        "source_modes": modes,
+        "errors": errors,
+        "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
+        "device": spec.device,
+        "torch_threads": torch.get_num_threads(),
+        "decode_threads": threads,
+    }
+    write_json_atomic(record, spec.record_url(shard.index), so)
+    return {**record, "skipped": False}
+
+
+def _error(shard: Shard, pos: int, err: ImageError) -> dict:
+    return {
+        "row": shard.rows[pos],
+        "image_id": shard.image_ids[pos],
+        "path": shard.paths[pos],
+        "stage": err.stage,
+        "error_class": err.error_class,
+        "message": str(err.cause)[:500],
+    }
+
+
+def _predictions_table(shard: Shard, spec: RunSpec, prob: np.ndarray, ok: np.ndarray) -> pa.Table:
+    schema = predictions_schema(spec.model.findings, spec.model_version)
+    idx = np.flatnonzero(ok)
+    cols = {
+        "row": pa.array(np.asarray(shard.rows, dtype=np.int64)[idx], pa.int64()),
+        "image_id": pa.array([shard.image_ids[i] for i in idx], pa.string()),
+        "model_version": pa.array([spec.model_version] * len(idx), pa.string()),
+    }
+    for k, f in enumerate(spec.model.findings):
+        cols[f] = pa.array(prob[idx, k], pa.float32())
+    return pa.Table.from_pydict(cols, schema=schema)

@@ -1,0 +1,222 @@
+"""Prepare a scoring run (manifest, model version, stores, run.json) and finalize it.
+
+The job in jobs/score_dataset.py only wires these steps and the shard tasks into a Dask graph.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import pipeline
+from schemas.outputs import errors_schema
+
+from .adapters import DatasetSpec
+from .errors import ConfigError, OutputError
+from .findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
+from .images import PreprocessConfig
+from .manifest import ManifestResult, build_manifest, dataset_fingerprint
+from .maps_store import create_maps
+from .model import ModelSpec, load_model
+from .runspec import RunSpec
+from .shards import Shard, plan_shards
+from .storage import check_writable, exists, join, read_json, read_parquet, write_json_atomic, write_parquet_atomic
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The resolved configuration of one invocation; saved in run.json."""
+
+    datasets: tuple[str, ...]
+    out: str
+    checkpoint: str
+    arch: str = "densenet121"
+    findings: tuple[str, ...] = tuple(REFERENCE_BASELINES)
+    baselines: str = "reference"  # 'reference', 'from-labels', or a file URL
+    metadata: str | None = None
+    cluster: str = "local"
+    cluster_file: str = "cluster.yaml"
+    shard_size: int = 1024
+    batch_size: int = 32
+    limit: int | None = None
+    device: str = "auto"
+    high_bit_depth: str = "clip"
+    decode_threads: int | None = None
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ConfigError("--shard-size and --batch-size must be positive")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError("--limit must be >= 0")
+
+
+@dataclass
+class PreparedRun:
+    config: ScoreConfig
+    spec: RunSpec
+    shards: list[Shard]
+    manifest: ManifestResult
+    dataset_fingerprint: str
+    timings: dict
+    pending: list[Shard]
+
+
+def code_version() -> str:
+    here = Path(pipeline.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{pipeline.__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return pipeline.__version__
+
+
+def resolve_baselines(cfg: ScoreConfig, manifest: pa.Table) -> tuple[float, ...]:
+    if cfg.baselines == "reference":
+        return validate_baselines(cfg.findings, REFERENCE_BASELINES)
+    if cfg.baselines == "from-labels":
+        prev = {}
+        for f in cfg.findings:
+            vals = [v for v in manifest.column(f).to_pylist() if v is not None]
+            if not vals or not 0 < float(np.mean(vals)) < 1:
+                raise ConfigError(f"--baselines from-labels: {f} has {len(vals)} labels with prevalence {np.mean(vals) if vals else 'n/a'}; give a baselines file instead")
+            prev[f] = float(np.mean(vals))
+        return validate_baselines(cfg.findings, prev)
+    import fsspec
+
+    try:
+        with fsspec.open(cfg.baselines, "rt") as fh:
+            return validate_baselines(cfg.findings, parse_baselines_text(fh.read()))
+    except FileNotFoundError:
+        raise ConfigError(f"--baselines file {cfg.baselines} does not exist; use 'reference', 'from-labels' or a file") from None
+
+
+def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
+    timings: dict[str, float] = {}
+    so = cfg.storage_options
+    t = time.perf_counter()
+    check_writable(cfg.out, so)
+    specs = [DatasetSpec.parse(d) for d in cfg.datasets]
+    if len({s.name for s in specs}) != len(specs):
+        raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
+    mspec = ModelSpec(cfg.arch, cfg.checkpoint, tuple(cfg.findings))
+    model = load_model(mspec)  # validates the checkpoint before any image is touched
+    with torch.inference_mode():
+        grid = tuple(model.features(torch.zeros(1, 3, 224, 224)).shape[-2:])
+    timings["load_model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    manifest_url = join(cfg.out, "manifest.parquet")
+    previous = read_parquet(manifest_url, so) if exists(manifest_url, so) else None
+    result = build_manifest(specs, mspec.findings, previous, cfg.metadata)
+    write_parquet_atomic(result.manifest, manifest_url, so)
+    write_parquet_atomic(result.issues, join(cfg.out, "manifest_issues.parquet"), so)
+    timings["manifest"] = time.perf_counter() - t
+
+    n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
+    spec = RunSpec(
+        out=cfg.out.rstrip("/"),
+        model=mspec,
+        model_version=model.version,
+        baselines=resolve_baselines(cfg, result.manifest),
+        preprocess=PreprocessConfig(high_bit_depth=cfg.high_bit_depth),
+        batch_size=cfg.batch_size,
+        device=device,
+        shard_size=cfg.shard_size,
+        n_rows=n_rows,
+        grid=grid,
+        embedding_dim=model.embedding_dim,
+        decode_threads=cfg.decode_threads,
+        storage_options=tuple(sorted(so.items())),
+    )
+    previous_run = read_json(join(spec.run_url, "run.json"), so)
+    if previous_run and previous_run.get("identity") != spec.output_identity():
+        old, new = previous_run.get("identity", {}), spec.output_identity()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise OutputError(
+            f"{spec.run_url} was written with different settings ({', '.join(diff)}); its outputs would mix. "
+            "Rerun with the original settings, or use another --out."
+        )
+    create_maps(spec.maps_url, n_rows, cfg.shard_size, mspec.findings, grid, model.embedding_dim,
+                {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version}, so)
+    shards = plan_shards(result.manifest, cfg.shard_size, n_rows, cfg.limit)
+    from .score_shard import shard_done
+
+    pending = [s for s in shards if shard_done(s, spec) is None]
+    fp = dataset_fingerprint(result.manifest)
+    history = []
+    if previous_run:
+        history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
+    write_json_atomic(_run_json(cfg, spec, fp, "running", _now(), None, timings, history), join(spec.run_url, "run.json"), so)
+    return PreparedRun(cfg, spec, shards, result, fp, timings, pending)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:
+    return {
+        "status": status,
+        "model_version": spec.model_version,
+        "identity": spec.output_identity(),
+        "config": {**asdict(cfg), "storage_options": sorted(cfg.storage_options)},  # keys only: may hold secrets
+        "dataset_fingerprint": fp,
+        "code_version": code_version(),
+        "torch_version": torch.__version__,
+        "started": started,
+        "finished": finished,
+        "counts": counts,
+        "seconds": timings,
+        "failed_shards": failures or [],
+        "history": history,  # earlier invocations into this run dir
+    }
+
+
+def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> dict:
+    """Gather every shard record of this run (done now or earlier) into errors.parquet and run.json."""
+    spec, so = prep.spec, dict(prep.spec.storage_options)
+    from .score_shard import shard_done
+
+    records = [r for r in (shard_done(s, spec) for s in prep.shards) if r is not None]
+    errors = [e for r in records for e in r["errors"]]
+    table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
+    write_parquet_atomic(table, join(spec.run_url, "errors.parquet"), so)
+    n_images = sum(len(s.rows) for s in prep.shards)
+    counts = {
+        "images": n_images,
+        "scored": sum(r["n_scored"] for r in records),
+        "failed": sum(r["n_failed"] for r in records),
+        "skipped_shards": sum(1 for r in results if r.get("skipped")),
+        "scored_shards_now": sum(1 for r in results if not r.get("skipped")),
+        "shards": len(prep.shards),
+        "incomplete_shards": len(prep.shards) - len(records),
+        "manifest_rows": prep.manifest.manifest.num_rows,
+        "manifest_issues": prep.manifest.issue_counts(),
+        "source_modes": _sum_dicts(r.get("source_modes", {}) for r in records),
+    }
+    timings = dict(prep.timings)
+    for key in ("decode_wait", "forward", "write", "total"):
+        timings[f"shards_{key}"] = sum(r["seconds"][key] for r in results if not r.get("skipped"))
+    status = "complete" if len(records) == len(prep.shards) else "incomplete"
+    current = read_json(join(spec.run_url, "run.json"), so) or {}
+    run = _run_json(prep.config, spec, prep.dataset_fingerprint, status, started, counts, timings,
+                    current.get("history", []), finished=_now(), failures=failures)
+    write_json_atomic(run, join(spec.run_url, "run.json"), so)
+    return run
+
+
+def _sum_dicts(ds) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out

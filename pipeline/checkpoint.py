@@ -22,7 +22,7 @@ CONVERT_HINT = (
     "    python -m jobs.convert_checkpoint --trust-pickle {path} {stem}.safetensors\n"
     "and pass the .safetensors file to --checkpoint."
 )
-_OLD_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 _PREFIXES = ("module.", "densenet121.", "model.")
 
 

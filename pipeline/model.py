@@ -92,6 +92,9 @@ def load_model(spec: ModelSpec) -> CamModel:
         features, clf = cam_head(net, spec.arch)
         raw = read_state_dict(spec.checkpoint, dict(spec.storage_options))
         state = normalize_keys(raw, set(net.state_dict()))
+        for k, v in net.state_dict().items():
+            if k.endswith("num_batches_tracked"):  # absent in pre-1.0 checkpoints (e.g. CheXNet's); unused in eval
+                state.setdefault(k, v)
         _check_compatible(state, net, clf, findings, spec)
         net.load_state_dict(state, strict=True)
     if clf.out_features != len(findings):

@@ -1,0 +1,81 @@
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cam import infer_batch
+from pipeline.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
+from pipeline.images import load_image
+from pipeline.model import ModelSpec, load_model
+from pipeline.reference import reference_image
+
+from .conftest import TINY_ARCH, shared_or_skip
+
+BASE = tuple(REFERENCE_BASELINES[f] for f in CHEXNET_FINDINGS)
+
+
+def _net(model):
+    # Rebuild the full network around the loaded parts for the model's own forward.
+    from pipeline.model import build_arch
+
+    net = build_arch(model.spec.arch, len(model.findings))
+    net.features, net.classifier = model.features, model.classifier
+    return net.eval()
+
+
+def test_logit_is_mean_of_cell_logits_and_maps_match_formula(tiny_ckpt, rng):
+    model = load_model(ModelSpec(TINY_ARCH, tiny_ckpt))
+    px = rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    out = infer_batch(model, px, BASE)
+    assert out.cam.shape == (5, 14, 7, 7) and out.embedding.shape == (5, 32) and out.embedding.dtype == np.float16
+    logit = np.log(out.prob / (1 - out.prob))
+    np.testing.assert_allclose(out.cell_logit.mean(axis=(2, 3)), logit, atol=1e-4)
+    expected_cam = np.log(1 / (1 + np.exp(-out.cell_logit.astype(np.float64))) / np.asarray(BASE)[None, :, None, None])
+    np.testing.assert_allclose(out.cam, expected_cam, atol=1e-5)
+    # exact additive decomposition: bias + sum of cell contributions == logit
+    b = model.classifier.bias.detach().numpy()
+    contrib = (out.cell_logit - b[None, :, None, None]) / 49
+    np.testing.assert_allclose(b + contrib.sum(axis=(2, 3)), logit, atol=1e-4)
+
+
+def test_batch_results_do_not_depend_on_batch_composition(tiny_ckpt, rng):
+    model = load_model(ModelSpec(TINY_ARCH, tiny_ckpt))
+    px = rng.integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+    whole = infer_batch(model, px, BASE)
+    single = infer_batch(model, px[2:3], BASE)
+    np.testing.assert_allclose(whole.cam[2], single.cam[0], atol=1e-5)
+
+
+def _parity(paths, atol=1e-4):
+    torch.manual_seed(0)
+    model = load_model(ModelSpec("densenet121", "random:11"))
+    net = _net(model)
+    pixels = np.stack([load_image(p).pixels for p in paths])
+    out = infer_batch(model, pixels, BASE)
+    worst_p = worst_m = 0.0
+    for n, p in enumerate(paths):
+        prob, maps = reference_image(net, model.classifier, p, BASE)
+        worst_p = max(worst_p, float(np.abs(out.prob[n] - np.asarray(prob)).max()))
+        worst_m = max(worst_m, float(np.abs(out.cam[n] - np.asarray(maps)).max()))
+    assert worst_p < atol, worst_p
+    assert worst_m < atol, worst_m
+
+
+def test_parity_with_reference_on_real_films_subset():
+    root = shared_or_skip()
+    paths = sorted(glob.glob(str(root / "images" / "*.png")))
+    # A few PA, an RGBA film, and AP portables: all three kinds of film in ../shared.
+    rgba = ["00000100_000.png", "00001369_000.png"]
+    pick = paths[:3] + [p for p in paths if p.endswith(tuple(rgba))]
+    assert len(pick) == 5
+    _parity(pick)
+
+
+@pytest.mark.slow
+def test_parity_with_reference_on_all_real_films():
+    root = shared_or_skip()
+    paths = sorted(glob.glob(str(root / "images" / "*.png")))
+    assert len(paths) == 120
+    for i in range(0, len(paths), 20):
+        _parity(paths[i : i + 20])

@@ -1,0 +1,126 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models import densenet121
+
+from pipeline.checkpoint import save_safetensors
+from pipeline.errors import CheckpointError, UnsafeCheckpointError
+from pipeline.model import ModelSpec, load_model
+from pipeline.tiny_net import TinyCAMNet
+
+from .conftest import TINY_ARCH
+
+
+@pytest.fixture(scope="module")
+def dense_state():
+    torch.manual_seed(3)
+    return densenet121(weights=None, num_classes=14).state_dict()
+
+
+def _chexnet_dataparallel(state):
+    """The arnoweng/reproduce-chexnet format: DataParallel prefix, old 'norm.1' names, Sequential head."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("num_batches_tracked"):  # PyTorch 0.3 checkpoints have none
+            continue
+        k2 = re.sub(r"(denselayer\d+\.)(norm|relu|conv)([12])", r"\1\2.\3", k)
+        k2 = k2.replace("classifier.", "classifier.0.")
+        out["module.densenet121." + k2] = v
+    return out
+
+
+def test_densenet_formats_load_to_the_same_model_version(tmp_path, dense_state):
+    plain = tmp_path / "plain.pth"
+    torch.save(dense_state, plain)
+    seq = tmp_path / "seq.pt"
+    torch.save({k.replace("classifier.", "classifier.0."): v for k, v in dense_state.items()}, seq)
+    dp = tmp_path / "chexnet.pth.tar"
+    torch.save({"state_dict": _chexnet_dataparallel(dense_state), "epoch": 3}, dp)
+    st = tmp_path / "w.safetensors"
+    save_safetensors(dense_state, str(st))
+    versions = {load_model(ModelSpec("densenet121", str(p))).version for p in (plain, seq, dp, st)}
+    assert len(versions) == 1
+    m = load_model(ModelSpec("densenet121", str(dp)))
+    assert torch.equal(m.classifier.weight, dense_state["classifier.weight"])
+    assert torch.equal(m.features.denseblock1.denselayer1.norm1.running_var, dense_state["features.denseblock1.denselayer1.norm1.running_var"])
+
+
+def test_version_depends_on_content_not_file_name(tmp_path, tiny_ckpt):
+    a = load_model(ModelSpec(TINY_ARCH, tiny_ckpt)).version
+    state = load_model(ModelSpec(TINY_ARCH, tiny_ckpt)).classifier.state_dict()
+    copy = tmp_path / "renamed.safetensors"
+    copy.write_bytes(open(tiny_ckpt, "rb").read())
+    assert load_model(ModelSpec(TINY_ARCH, str(copy))).version == a
+    full = TinyCAMNet(14).state_dict()
+    from safetensors.torch import load_file
+
+    full.update(load_file(tiny_ckpt))
+    full["classifier.bias"] = state["bias"] + 1.0
+    changed = tmp_path / "changed.safetensors"
+    save_safetensors(full, str(changed))
+    assert load_model(ModelSpec(TINY_ARCH, str(changed))).version != a
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_whole_model_is_refused_and_convertible(tmp_path, tiny_ckpt):
+    net = load_model(ModelSpec(TINY_ARCH, tiny_ckpt))
+    whole = TinyCAMNet(14)
+    whole.features, whole.classifier = net.features, net.classifier
+    src = tmp_path / "whole.pth.tar"
+    torch.save({"model": whole, "epoch": 1}, src)
+    with pytest.raises(UnsafeCheckpointError, match="jobs.convert_checkpoint --trust-pickle"):
+        load_model(ModelSpec(TINY_ARCH, str(src)))
+    dst = tmp_path / "converted.safetensors"
+    refused = subprocess.run([sys.executable, "-m", "jobs.convert_checkpoint", str(src), str(dst)], capture_output=True, text=True)
+    assert refused.returncode == 2 and not dst.exists()
+    ok = subprocess.run([sys.executable, "-m", "jobs.convert_checkpoint", "--trust-pickle", str(src), str(dst)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert load_model(ModelSpec(TINY_ARCH, str(dst))).version == net.version
+
+
+def test_arbitrary_pickle_payload_is_not_executed(tmp_path, capfd):
+    p = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Evil()}, p)
+    with pytest.raises(UnsafeCheckpointError):
+        load_model(ModelSpec(TINY_ARCH, str(p)))
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_missing_extra_and_wrong_output_count(tmp_path, tiny_ckpt):
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_ckpt)
+    missing = dict(state)
+    missing.pop("features.0.weight")
+    extra = dict(state, **{"head.weight": torch.zeros(2)})
+    for name, s, pattern in (("missing", missing, "1 missing keys"), ("extra", extra, "1 unexpected keys")):
+        path = tmp_path / f"{name}.safetensors"
+        save_safetensors(s, str(path))
+        with pytest.raises(CheckpointError, match=pattern):
+            load_model(ModelSpec(TINY_ARCH, str(path)))
+    torch.manual_seed(0)
+    five = TinyCAMNet(5).state_dict()
+    p5 = tmp_path / "five.pt"
+    torch.save(five, p5)
+    with pytest.raises(CheckpointError, match="predicts 5 findings but 14 are expected.*--findings"):
+        load_model(ModelSpec(TINY_ARCH, str(p5)))
+    m = load_model(ModelSpec(TINY_ARCH, str(p5), findings=("A", "B", "C", "D", "E")))
+    assert m.classifier.out_features == 5
+
+
+def test_missing_checkpoint_and_non_cam_arch(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(ModelSpec(TINY_ARCH, str(tmp_path / "nope.pt")))
+    with pytest.raises(ConfigError, match="not CAM-shaped"):
+        load_model(ModelSpec("torchvision.models:resnet18", "random:0"))
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_model(ModelSpec("no_such_module:f", "random:0"))

@@ -195,7 +195,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
         "images": n_images,
         "scored": sum(r["n_scored"] for r in records),
         "failed": sum(r["n_failed"] for r in records),
-        "skipped_shards": sum(1 for r in results if r.get("skipped")),
+        "skipped_shards": len(prep.shards) - len(prep.pending) + sum(1 for r in results if r.get("skipped")),
         "scored_shards_now": sum(1 for r in results if not r.get("skipped")),
         "shards": len(prep.shards),
         "incomplete_shards": len(prep.shards) - len(records),

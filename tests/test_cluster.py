@@ -1,0 +1,56 @@
+"""Cluster profiles: 'local' runs for real in the job tests; the others must render correctly."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cluster import address_security, cuda_kwargs, kubernetes_spec, load_profile, local_kwargs, slurm_kwargs
+from pipeline.errors import ConfigError
+
+CLUSTER_YAML = str(Path(__file__).resolve().parents[1] / "cluster.yaml")
+
+
+def test_default_profile_is_local_sized_to_the_machine():
+    p = load_profile(None, CLUSTER_YAML)
+    assert p.name == "local" and p.type == "local"
+    kw = local_kwargs(p.options)
+    assert kw["n_workers"] >= 1 and kw["threads_per_worker"] == 1 and kw["processes"] is True
+
+
+def test_slurm_profile_renders_a_gpu_job_script():
+    dask_jobqueue = pytest.importorskip("dask_jobqueue", reason="the slurm extra (dask-jobqueue) is not installed")
+    kw, jobs = slurm_kwargs(load_profile("slurm", CLUSTER_YAML).options)
+    assert jobs == 4
+    with dask_jobqueue.SLURMCluster(**kw) as cluster:  # builds the script; submits nothing
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
+    assert "#SBATCH -t 04:00:00" in script and "--resources GPU=1" in script
+    assert "--nthreads 8" in script or "--nworkers 1" in script
+
+
+def test_kubernetes_profile_renders_a_gpu_cluster_spec():
+    pytest.importorskip("dask_kubernetes", reason="the kubernetes extra (dask-kubernetes) is not installed")
+    spec = kubernetes_spec(load_profile("kubernetes", CLUSTER_YAML).options)
+    assert spec["kind"] == "DaskCluster" and spec["metadata"]["name"] == "cxr-audit"
+    worker = spec["spec"]["worker"]
+    assert worker["replicas"] == 4
+    container = worker["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/cxr-audit/cxr-audit:latest"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_local_cuda_and_address_profiles(tmp_path):
+    kw = cuda_kwargs(load_profile("local-cuda", CLUSTER_YAML).options)
+    assert kw == {"threads_per_worker": 1, "device_memory_limit": 0.9}
+    p = load_profile("address", CLUSTER_YAML)
+    assert p.options["address"].startswith("tls://")
+    sec = address_security(p.options)
+    assert sec.require_encryption and sec.tls_ca_file == "/etc/dask/ca.pem" and sec.tls_client_key == "/etc/dask/client-key.pem"
+
+
+def test_unknown_profile_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no profile 'gpu-farm'.*local"):
+        load_profile("gpu-farm", CLUSTER_YAML)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile("slurm", str(tmp_path / "none.yaml"))
+    assert load_profile(None, str(tmp_path / "none.yaml")).type == "local"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from pipeline.errors import CxrAuditError
 
@@ -106,6 +107,7 @@ def run(cfg) -> dict:
                 spec = _with_worker_device(client, spec)
             futures = {client.submit(score_shard, s, spec, key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}", pure=False): s
                        for s in prep.pending}
+            t_score = time.perf_counter()
             with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr) as bar:
                 for fut in as_completed(futures):
                     shard = futures[fut]
@@ -115,6 +117,7 @@ def run(cfg) -> dict:
                         failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": str(e)[:500]})
                         print(f"shard {shard.index} failed: {type(e).__name__}: {e}", file=sys.stderr)
                     bar.update(len(shard.rows))
+            prep.timings["score_wall"] = time.perf_counter() - t_score
         finally:
             client.close()
             if cluster is not None:

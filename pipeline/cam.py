@@ -43,7 +43,7 @@ def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: t
     x = torch.as_tensor(pixels)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    x = normalize_batch(x.to(device))
+    x = normalize_batch(x.to(device)).contiguous(memory_format=torch.channels_last)
     fmap = F.relu(model.features(x))
     log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
     prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)

@@ -38,7 +38,9 @@ class CamModel:
     spec: ModelSpec
 
     def to(self, device: torch.device) -> "CamModel":
-        self.features.to(device)
+        # channels_last: oneDNN / cuDNN run DenseNet's convolutions much faster in NHWC
+        # (1.65x for DenseNet-121 on the 2-core CPU, see README); results agree within 1e-5.
+        self.features.to(device, memory_format=torch.channels_last)
         self.classifier.to(device)
         return self
 

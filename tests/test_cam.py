@@ -49,7 +49,7 @@ def test_batch_results_do_not_depend_on_batch_composition(tiny_ckpt, rng):
 
 def _parity(paths, atol=1e-4):
     torch.manual_seed(0)
-    model = load_model(ModelSpec("densenet121", "random:11"))
+    model = load_model(ModelSpec("densenet121", "random:11")).to(torch.device("cpu"))  # as the job does
     net = _net(model)
     pixels = np.stack([load_image(p).pixels for p in paths])
     out = infer_batch(model, pixels, BASE)

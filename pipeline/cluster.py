@@ -94,21 +94,35 @@ def address_security(opts: dict):
     return Security(**sec) if sec else None
 
 
+def nanny_environ() -> dict:
+    """Dask's worker environment without MALLOC_TRIM_THRESHOLD_=65536: with it, glibc returns
+    every freed block to the OS and DenseNet-121's large activations page-fault on each batch
+    (measured: forward 2.1 s -> 3.1 s per 32 films on the 2-core CPU)."""
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return env
+
+
 def start_cluster(profile: Profile) -> tuple[Any, Any]:
     """Return (cluster or None, Client). The caller closes both."""
+    import dask
     from distributed import Client
 
     o = profile.options
     if profile.type == "local":
         from distributed import LocalCluster
 
-        cluster = LocalCluster(**local_kwargs(o))
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": nanny_environ()}):
+            cluster = LocalCluster(**local_kwargs(o))
     elif profile.type == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise ConfigError("profile 'local-cuda' needs dask-cuda: pip install 'cxr-audit[cuda]'") from None
-        cluster = LocalCUDACluster(**cuda_kwargs(o))
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": nanny_environ()}):
+            cluster = LocalCUDACluster(**cuda_kwargs(o))
     elif profile.type == "slurm":
         try:
             from dask_jobqueue import SLURMCluster

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     rows = [
-        ("(a) job, scoring phase (cluster up, model loaded)", a),
+        ("(a) job, scoring phase (submit to done, incl. worker model load)", a),
         ("(a) job, end to end (manifest, cluster start, writes)", a_total),
         ("(b) plain batched torch loop, one process", b),
         ("(b') the same loop with channels_last (the job's layout)", b_cl),

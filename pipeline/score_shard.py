@@ -95,10 +95,6 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         t_forward += time.perf_counter() - t
 
     threads = spec.decode_threads or cores
-    # On a GPU the next batch decodes while this one runs. On a CPU the model already uses every
-    # core, and decode threads running beside OpenMP's stall it (measured: 40% slower forward on
-    # 2 cores), so there the threads decode a whole batch between forward passes instead.
-    overlap = spec.device != "cpu"
     bs = spec.batch_size
     chunks = [range(i, min(i + bs, len(shard.paths))) for i in range(0, len(shard.paths), bs)]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
@@ -111,7 +107,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
             t = time.perf_counter()
             done_items = [(p, f.result()) for p, f in pending]
             t_decode_wait += time.perf_counter() - t
-            pending = submit(k + 1) if overlap else []
+            pending = submit(k + 1)  # the next batch decodes while this one runs
             batch_pos, batch_px = [], []
             for pos, item in done_items:
                 if isinstance(item, ImageError):
@@ -122,11 +118,9 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
                     batch_px.append(item.pixels)
             if batch_pos:
                 run_batch(batch_pos, batch_px)
-            if not overlap:
-                pending = submit(k + 1)
 
     t = time.perf_counter()
-    for p, (row, image_id) in enumerate(zip(shard.rows, shard.image_ids)):
+    for row, image_id in zip(shard.rows, shard.image_ids):
         ids[row - shard.start] = image_id
     so = dict(spec.storage_options)
     group = open_maps(spec.maps_url, "r+", so)

@@ -122,7 +122,16 @@ def run(cfg) -> dict:
             client.close()
             if cluster is not None:
                 cluster.close()
-    return finalize_run(prep, results, failures, started)
+    run_info = finalize_run(prep, results, failures, started)
+    if run_info["status"] == "complete":
+        from pipeline.aggregate import aggregate_run
+        from pipeline.storage import exists, join
+
+        if results or not exists(join(spec.run_url, "region_stats.parquet"), cfg.storage_options):
+            t = time.perf_counter()
+            tables = aggregate_run(cfg.out, spec.model_version)
+            print(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
+    return run_info
 
 
 def _with_worker_device(client, spec):

@@ -146,7 +146,9 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
             "Rerun with the original settings, or use another --out."
         )
     create_maps(spec.maps_url, n_rows, cfg.shard_size, mspec.findings, grid, model.embedding_dim,
-                {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version}, so)
+                {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version,
+                 # b_k, for the exact cell contributions (z_ij - b_k) / (H*W)
+                 "classifier_bias": model.classifier.bias.detach().double().tolist()}, so)
     shards = plan_shards(result.manifest, cfg.shard_size, n_rows, cfg.limit)
     from .score_shard import shard_done
 

@@ -1,7 +1,8 @@
-"""Networks for tests that need a job to take a while (so it can be killed mid-way)."""
+"""Networks for tests: a slow one (so a job can be killed mid-way) and a planted-evidence one."""
 
 import time
 
+import torch
 from torch import nn
 
 from pipeline.tiny_net import TinyCAMNet
@@ -17,3 +18,26 @@ def slow_tiny_net(num_classes: int = 14) -> TinyCAMNet:
     net = TinyCAMNet(num_classes)
     net.features = _Slow(*net.features)  # same parameter names as TinyCAMNet
     return net
+
+
+class _ChannelMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1, keepdim=True)
+
+
+class PlantedNet(nn.Module):
+    """CAM-shaped, receptive field of exactly one 32x32 cell: the feature of a cell is its mean
+    normalised brightness, so only a bright cell has relu(feature) > 0. Every finding's cell logit
+    is z = 4 * feature - 6 (dark cells: ln(sigmoid(-6)/p) < 0 for every reference baseline)."""
+
+    def __init__(self, num_classes: int = 14):
+        super().__init__()
+        self.features = nn.Sequential(_ChannelMean(), nn.AvgPool2d(32))
+        self.classifier = nn.Linear(1, num_classes)
+        with torch.no_grad():
+            self.classifier.weight.fill_(4.0)
+            self.classifier.bias.fill_(-6.0)
+
+
+def planted_net(num_classes: int = 14) -> PlantedNet:
+    return PlantedNet(num_classes)

@@ -1,0 +1,52 @@
+"""Aggregate tables under OUT/runs/<model_version>/. Shared column names so that they join:
+finding, cell_row, cell_col (0-6, row 0 at the top of the film), stratum, stratum_value, n."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .meta import with_metadata
+
+AGGREGATE_SCHEMA_VERSION = "1.0"
+_KEYS = [
+    pa.field("finding", pa.string(), nullable=False),
+    pa.field("stratum", pa.string(), nullable=False),
+    pa.field("stratum_value", pa.string(), nullable=False),
+]
+_F = pa.float64()
+
+
+def _schema(name: str, fields: list[pa.Field], **meta) -> pa.Schema:
+    return with_metadata(pa.schema(fields), schema=name, schema_version=AGGREGATE_SCHEMA_VERSION, **meta)
+
+
+def region_stats_schema(**meta) -> pa.Schema:
+    stats = ["mean", "std", "min", "max", "p05", "p25", "p50", "p75", "p95", "share_positive", "mean_positive_part",
+             "mean_contribution", "mean_abs_contribution"]
+    return _schema("region_stats", [_KEYS[0], pa.field("cell_row", pa.int8(), nullable=False), pa.field("cell_col", pa.int8(), nullable=False),
+                                    *_KEYS[1:], pa.field("n", pa.int64(), nullable=False)] + [pa.field(s, _F) for s in stats], **meta)
+
+
+FINDING_SUMMARY_SHARES = ["pos_share_ring", "pos_share_corners", "pos_share_inner", "pos_share_anatomy",
+                          "contrib_share_ring", "contrib_share_corners", "contrib_share_inner", "contrib_share_anatomy"]
+
+
+def finding_summary_schema(**meta) -> pa.Schema:
+    return _schema("finding_summary", _KEYS + [pa.field("n", pa.int64(), nullable=False)] + [pa.field(s, _F) for s in FINDING_SUMMARY_SHARES], **meta)
+
+
+def metrics_schema(**meta) -> pa.Schema:
+    return _schema("metrics", _KEYS + [pa.field("n", pa.int64(), nullable=False)] + [pa.field(s, _F) for s in ("prevalence", "auc", "auc_lo", "auc_hi", "ece")], **meta)
+
+
+def localization_schema(**meta) -> pa.Schema:
+    cols = ["inbox_share", "inbox_share_lo", "inbox_share_hi", "pointing_hit_rate", "pointing_lo", "pointing_hi", "chance", "chance_pointing"]
+    return _schema("localization", [_KEYS[0], pa.field("n", pa.int64(), nullable=False)] + [pa.field(s, _F) for s in cols], **meta)
+
+
+def localization_boxes_schema(**meta) -> pa.Schema:
+    return _schema("localization_boxes", [
+        pa.field("row", pa.int64(), nullable=False), pa.field("image_id", pa.string(), nullable=False), _KEYS[0],
+        pa.field("x", _F), pa.field("y", _F), pa.field("w", _F), pa.field("h", _F),
+        pa.field("inbox_share", _F), pa.field("pointing_hit", pa.bool_()), pa.field("chance", _F), pa.field("chance_pointing", _F),
+    ], **meta)

@@ -1,0 +1,87 @@
+"""Benchmark: the aggregates of a full-NIH-sized run (112,120 images x 14 findings x 49 cells) on
+this machine. Writes synthetic outputs of the real sizes, then times ``jobs.aggregate`` in a child
+process and reports its wall time and peak memory (goal: <= 2 min and <= 4 GB on 2 cores).
+
+    python -m jobs.benchmark_aggregates [--images 112120] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.findings import CHEXNET_FINDINGS
+from pipeline.maps_store import create_maps
+from pipeline.storage import join, write_json_atomic, write_parquet_atomic
+from schemas.manifest import manifest_schema
+from schemas.outputs import predictions_schema
+
+
+def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    F = len(CHEXNET_FINDINGS)
+    mv = "synthetic0000000"
+    cols = {
+        "row": np.arange(n), "image_id": [f"{i:08d}_000.png" for i in range(n)], "dataset": ["nih"] * n,
+        "site": rng.choice(["nih", "hospB", "hospC"], n), "path": [f"/nowhere/{i}.png" for i in range(n)],
+        "patient_id": (np.arange(n) // 4).astype(str), "view_position": rng.choice(["AP", "PA"], n, p=[0.4, 0.6]),
+        "sex": rng.choice(["M", "F"], n), "age": rng.integers(1, 95, n).astype(np.int16),
+        "split": rng.choice(["train_val", "test"], n, p=[0.8, 0.2]), "extra": [None] * n,
+    }
+    prev = rng.uniform(0.01, 0.2, F)
+    labels = rng.random((n, F)) < prev
+    for k, f in enumerate(CHEXNET_FINDINGS):
+        cols[f] = labels[:, k]
+    write_parquet_atomic(pa.Table.from_pydict(cols, schema=manifest_schema(CHEXNET_FINDINGS)), join(out, "manifest.parquet"))
+    run = join(out, "runs", mv)
+    bias = rng.normal(-3, 0.5, F)
+    g = create_maps(join(run, "maps.zarr"), n, shard, CHEXNET_FINDINGS, (7, 7), 1024,
+                    {"baselines": dict(zip(CHEXNET_FINDINGS, prev.tolist())), "model_version": mv, "classifier_bias": bias.tolist()})
+    for k, lo in enumerate(range(0, n, shard)):
+        hi = min(lo + shard, n)
+        z = (bias[None, :, None, None] + rng.normal(0, 1.5, (hi - lo, F, 7, 7)) + 1.5 * labels[lo:hi, :, None, None]).astype(np.float32)
+        g["cell_logit"][lo:hi] = z
+        g["cam"][lo:hi] = (-np.logaddexp(0, -z) - np.log(prev)[None, :, None, None]).astype(np.float32)
+        p = 1 / (1 + np.exp(-z.mean(axis=(2, 3))))
+        pc = {"row": np.arange(lo, hi), "image_id": cols["image_id"][lo:hi], "model_version": [mv] * (hi - lo)}
+        pc.update({f: p[:, j].astype(np.float32) for j, f in enumerate(CHEXNET_FINDINGS)})
+        write_parquet_atomic(pa.Table.from_pydict(pc, schema=predictions_schema(CHEXNET_FINDINGS, mv)), join(run, "predictions", f"part-{k:06d}.parquet"))
+    write_json_atomic({"status": "complete", "model_version": mv, "finished": "now", "config": {"datasets": ["manifest:synthetic"]}}, join(run, "run.json"))
+    return mv
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.benchmark_aggregates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=112_120)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="cxr-aggbench-")
+    t = time.perf_counter()
+    make_synthetic_run(work, args.images)
+    print(f"synthetic run: {args.images} images x {len(CHEXNET_FINDINGS)} findings x 49 cells, written in {time.perf_counter() - t:.0f} s")
+    walls, peaks = [], []
+    for _ in range(args.repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jobs.aggregate", "--out", work], check=True, stdout=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - t)
+        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20)  # KiB -> GiB
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"wall_s_median": round(statistics.median(walls), 1), "wall_s": [round(w, 1) for w in walls],
+                      "peak_rss_gib_max": round(max(peaks), 2)}))
+    print(f"aggregates of {args.images} images: median {statistics.median(walls):.1f} s (goal <= 120 s), peak RSS {max(peaks):.2f} GiB (goal <= 4)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

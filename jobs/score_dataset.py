@@ -66,7 +66,7 @@ def config_from_args(args, argv_empty: bool):
         from pipeline.demo import make_demo_dataset, make_demo_model
 
         root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
-        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"))
+        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"), data_root=root)
         print(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
         return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
                            arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,

@@ -26,11 +26,17 @@ def short_report(out: str, model_version: str, finding: str = "Pneumonia") -> st
     maps = open_maps(join(out, "runs", model_version, "maps.zarr"))
     k = list(maps.attrs["findings"]).index(finding)
     cam = maps["cam"]
+    means = {}
     for view in ("AP", "PA"):
         rows = np.sort(df.loc[df.view_position == view, "row"].to_numpy())
-        if len(rows) == 0:
-            continue
-        m = np.nanmean(cam.get_orthogonal_selection((rows, k)), axis=0)
-        lines.append(f"mean ln(p_cell/p_baseline) for {finding}, {view} films (row 0 = top of film):")
+        if len(rows):
+            means[view] = np.nanmean(cam.get_orthogonal_selection((rows, k)), axis=0)
+    if len(means) == 2:
+        means["AP - PA"] = means["AP"] - means["PA"]
+    for name, m in means.items():
+        lines.append(f"mean ln(p_cell/p_baseline) for {finding}, {name} films (row 0 = top of film):")
         lines += ["   " + " ".join(f"{v:+6.2f}" for v in r) for r in m]
+    if "AP - PA" in means:
+        i, j = np.unravel_index(np.argmax(means["AP - PA"]), means["AP - PA"].shape)
+        lines.append(f"largest AP - PA difference at cell ({i}, {j}); region tables: {out}/runs/{model_version}/region_stats.parquet")
     return "\n".join(lines)

@@ -81,7 +81,24 @@ def config_from_args(args, argv_empty: bool):
 
 
 def run(cfg) -> dict:
-    """The graph: one task per pending shard, gathered as they finish; then finalize."""
+    """Hold the --out lock, score, aggregate, then point latest.json at the run."""
+    from pipeline.run_lock import run_lock
+    from pipeline.storage import check_writable, join, write_json_atomic
+
+    check_writable(cfg.out, cfg.storage_options)
+    with run_lock(cfg.out, cfg.storage_options) as note:
+        if note:
+            print(note)
+        info = _score(cfg)
+        if info["status"] == "complete":
+            # only a complete, aggregated run becomes 'latest'; replaced atomically
+            write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
+                              join(cfg.out, "latest.json"), cfg.storage_options)
+    return info
+
+
+def _score(cfg) -> dict:
+    """The graph: one task per pending shard, gathered as they finish; then finalize and aggregate."""
     from distributed import as_completed
     from tqdm import tqdm
 

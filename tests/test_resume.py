@@ -1,5 +1,6 @@
 """Killing the job at any moment and rerunning it completes it: no missing, no duplicated rows."""
 
+import json
 import os
 import signal
 import subprocess
@@ -46,6 +47,8 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih):
     assert 3 <= len(records) < 10, "the kill should land mid-run"
     run_json = next(out.glob("runs/*/run.json")).read_text()
     assert '"status": "running"' in run_json  # never claimed complete
+    assert not (out / "latest.json").exists()  # an unfinished run is never 'latest'
+    assert (out / "_lock.json").exists()  # the dead run's lock: the rerun must recover it
 
     assert main(_args(tiny_nih, out, "--cluster", "inprocess")) == 0
     run_dir, preds, cam, emb = _outputs(out)
@@ -55,6 +58,8 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih):
     np.testing.assert_array_equal(cam, ref_cam)
     np.testing.assert_array_equal(emb, ref_emb)
     assert not list(out.rglob("*.tmp-*"))
+    assert json.loads((out / "latest.json").read_text())["model_version"] == run_dir.name
+    assert not (out / "_lock.json").exists()
 
 
 def test_crash_between_outputs_and_record_rescores_only_that_shard(tmp_path, tiny_nih, tiny_ckpt, capsys):

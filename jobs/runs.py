@@ -1,0 +1,48 @@
+"""List the runs under an --out: model version, when, images, status, time taken."""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import sys
+from datetime import datetime
+
+from pipeline.storage import join, read_json, url_to_fs
+
+
+def list_runs(out: str) -> list[dict]:
+    fs, base = url_to_fs(join(out, "runs"))
+    latest = (read_json(join(out, "latest.json")) or {}).get("model_version")
+    rows = []
+    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
+        rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
+        if not rj:
+            continue
+        took = None
+        if rj.get("started") and rj.get("finished"):
+            took = (datetime.fromisoformat(rj["finished"]) - datetime.fromisoformat(rj["started"])).total_seconds()
+        c = rj.get("counts") or {}
+        rows.append({"model_version": rj["model_version"], "started": rj.get("started"), "finished": rj.get("finished"),
+                     "status": rj.get("status"), "images": c.get("images"), "scored": c.get("scored"), "failed": c.get("failed"),
+                     "seconds": took, "latest": rj["model_version"] == latest})
+    return sorted(rows, key=lambda r: r["started"] or "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.runs", description=__doc__)
+    p.add_argument("--out", required=True, metavar="URL")
+    args = p.parse_args(argv)
+    rows = list_runs(args.out)
+    if not rows:
+        print(f"no runs under {args.out}")
+        return 0
+    print(f"{'model_version':18} {'started':26} {'status':11} {'images':>8} {'scored':>8} {'failed':>7} {'took_s':>8}")
+    for r in rows:
+        took = f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"
+        print(f"{r['model_version']:18} {r['started'] or '-':26} {r['status'] or '-':11} {r['images'] or 0:>8} {r['scored'] or 0:>8} "
+              f"{r['failed'] or 0:>7} {took:>8}{'  <- latest' if r['latest'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,17 +83,22 @@ def config_from_args(args, argv_empty: bool):
 def run(cfg) -> dict:
     """Hold the --out lock, score, aggregate, then point latest.json at the run."""
     from pipeline.run_lock import run_lock
-    from pipeline.storage import check_writable, join, write_json_atomic
+    from pipeline.storage import check_writable, join, read_json, write_json_atomic
 
     check_writable(cfg.out, cfg.storage_options)
     with run_lock(cfg.out, cfg.storage_options) as note:
         if note:
             print(note)
+        previous = (read_json(join(cfg.out, "latest.json"), cfg.storage_options) or {}).get("model_version")
         info = _score(cfg)
         if info["status"] == "complete":
             # only a complete, aggregated run becomes 'latest'; replaced atomically
             write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
                               join(cfg.out, "latest.json"), cfg.storage_options)
+            if previous and previous != info["model_version"]:
+                from pipeline.drift import drift, summary_text
+
+                print(summary_text(drift(cfg.out, previous, info["model_version"])))
     return info
 
 

@@ -1,0 +1,32 @@
+"""Compare two complete runs: what moved between model versions.
+
+Writes OUT/drift/<from>__<to>/finding_drift.parquet, region_drift.parquet and summary.json, and
+prints a short summary. Default: the two newest complete runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import CxrAuditError
+
+
+def main(argv=None) -> int:
+    from pipeline.drift import drift, summary_text
+
+    p = argparse.ArgumentParser(prog="python -m jobs.drift", description=__doc__)
+    p.add_argument("--out", required=True, metavar="URL")
+    p.add_argument("--from", dest="from_mv", metavar="VERSION")
+    p.add_argument("--to", dest="to_mv", metavar="VERSION")
+    args = p.parse_args(argv)
+    try:
+        print(summary_text(drift(args.out, args.from_mv, args.to_mv)))
+    except CxrAuditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

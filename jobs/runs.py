@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import posixpath
 import sys
 from datetime import datetime
 
-from pipeline.storage import join, read_json, url_to_fs
+from pipeline.run_index import run_records
+from pipeline.storage import join, read_json
 
 
 def list_runs(out: str) -> list[dict]:
-    fs, base = url_to_fs(join(out, "runs"))
     latest = (read_json(join(out, "latest.json")) or {}).get("model_version")
     rows = []
-    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
-        rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
-        if not rj:
-            continue
+    for rj in run_records(out):
         took = None
         if rj.get("started") and rj.get("finished"):
             took = (datetime.fromisoformat(rj["finished"]) - datetime.fromisoformat(rj["started"])).total_seconds()

@@ -8,7 +8,6 @@ partition task reads only its own rows of maps.zarr, one chunk at a time.
 from __future__ import annotations
 
 import math
-import posixpath
 from dataclasses import dataclass
 
 import dask
@@ -31,7 +30,8 @@ from .maps_store import open_maps
 from .metrics import auc_delong, ece
 from .region_stats import RegionAccumulator, hist_quantiles
 from .report import load_predictions
-from .storage import exists, join, read_json, read_parquet, url_to_fs, write_parquet_atomic
+from .run_index import complete_runs
+from .storage import exists, join, read_json, read_parquet, write_parquet_atomic
 from .strata import DEFAULT_BY, StrataContext, build_context, strata_weights
 
 GRID = 7
@@ -51,15 +51,10 @@ class AggregateConfig:
 
 
 def latest_complete_run(out: str) -> str:
-    fs, base = url_to_fs(join(out, "runs"))
-    runs = []
-    for d in fs.ls(base, detail=False) if fs.exists(base) else []:
-        rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
-        if rj and rj.get("status") == "complete":
-            runs.append((rj.get("finished") or "", rj["model_version"]))
+    runs = complete_runs(out)
     if not runs:
         raise OutputError(f"no complete run under {out}/runs; run python -m jobs.score_dataset first")
-    return max(runs)[1]
+    return runs[-1]
 
 
 def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int) -> RegionAccumulator:

@@ -4,7 +4,6 @@ whose mean contribution moved most (per finding and view)."""
 from __future__ import annotations
 
 import math
-import posixpath
 
 import numpy as np
 import pandas as pd
@@ -16,17 +15,8 @@ from schemas.drift import finding_drift_schema, region_drift_schema
 from .errors import OutputError
 from .metrics import auc_delong
 from .report import load_predictions
-from .storage import exists, join, read_json, read_parquet, url_to_fs, write_json_atomic, write_parquet_atomic
-
-
-def complete_runs(out: str) -> list[str]:
-    fs, base = url_to_fs(join(out, "runs"))
-    runs = []
-    for d in fs.ls(base, detail=False) if fs.exists(base) else []:
-        rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
-        if rj and rj.get("status") == "complete":
-            runs.append((rj.get("finished") or "", rj["model_version"]))
-    return [mv for _, mv in sorted(runs)]
+from .run_index import complete_runs
+from .storage import exists, join, read_parquet, write_json_atomic, write_parquet_atomic
 
 
 def _logit(p):

@@ -162,7 +162,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders runs finished in the same second
 
 
 def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:

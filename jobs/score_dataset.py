@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the model runs on each worker (default auto)")
     p.add_argument("--high-bit-depth", default="clip", choices=["clip", "rescale"],
                    help="16-bit PNGs: 'clip' as the reference's convert('RGB') does, or 'rescale' the full range to 8 bits")
+    p.add_argument("--cache", default="auto", metavar="auto|none|URL",
+                   help="preprocessed-image cache (uint8 224x224 in Zarr): 'auto' = OUT/cache (default), 'none', or a URL")
     p.add_argument("--decode-threads", type=int, default=None, metavar="N", help="decode threads per worker (default: its cores)")
     return p
 
@@ -77,7 +79,7 @@ def config_from_args(args, argv_empty: bool):
                        findings=_findings(args.findings), baselines=args.baselines, metadata=args.metadata,
                        cluster=args.cluster or "", cluster_file=args.cluster_file, shard_size=args.shard_size,
                        batch_size=args.batch_size, limit=args.limit, device=args.device,
-                       high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads)
+                       high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache)
 
 
 def run(cfg) -> dict:

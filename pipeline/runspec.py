@@ -25,6 +25,7 @@ class RunSpec:
     decode_threads: int | None = None  # None: one per core of the worker
     torch_threads: int | None = None  # None: the worker's cores / its task threads
     storage_options: tuple[tuple[str, str], ...] = field(default=())
+    cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
 
     @property
     def run_url(self) -> str:

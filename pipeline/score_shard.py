@@ -16,7 +16,8 @@ from schemas.outputs import predictions_schema
 
 from .cam import infer_batch
 from .errors import ImageError
-from .images import load_image
+from .cache import ShardCache, source_key
+from .images import Decoded, load_image
 from .maps_store import open_maps, write_region
 from .model import get_model
 from .runspec import RunSpec
@@ -47,11 +48,22 @@ def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
     return None
 
 
-def _decode_task(path: str, spec: RunSpec):
+def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
+    """(Decoded | ImageError, source key or None, cache hit)."""
+    so = dict(spec.storage_options)
+    key = None
+    if cache is not None:
+        try:
+            key = source_key(path, so)
+        except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
+            return ImageError("read", e), None, False
+        hit = cache.get(row, key)
+        if hit is not None:
+            return Decoded(hit[0], hit[1]), key, True
     try:
-        return load_image(path, spec.preprocess, dict(spec.storage_options))
+        return load_image(path, spec.preprocess, so), key, False
     except ImageError as e:
-        return e
+        return e, key, False
 
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
@@ -95,12 +107,14 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         t_forward += time.perf_counter() - t
 
     threads = spec.decode_threads or cores
+    cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
+    hits = misses = 0
     bs = spec.batch_size
     chunks = [range(i, min(i + bs, len(shard.paths))) for i in range(0, len(shard.paths), bs)]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
 
         def submit(k):
-            return [(p, pool.submit(_decode_task, shard.paths[p], spec)) for p in chunks[k]] if k < len(chunks) else []
+            return [(p, pool.submit(_decode_task, shard.paths[p], shard.rows[p], spec, cache)) for p in chunks[k]] if k < len(chunks) else []
 
         pending = submit(0)
         for k in range(len(chunks)):
@@ -109,10 +123,15 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
             t_decode_wait += time.perf_counter() - t
             pending = submit(k + 1)  # the next batch decodes while this one runs
             batch_pos, batch_px = [], []
-            for pos, item in done_items:
+            for pos, (item, key, hit) in done_items:
                 if isinstance(item, ImageError):
                     errors.append(_error(shard, pos, item))
                 else:
+                    if cache is not None and key is not None:
+                        hits += hit
+                        misses += not hit
+                        if not hit:
+                            cache.put(shard.rows[pos], key, item.pixels, item.source_mode)
                     modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
                     batch_pos.append(pos)
                     batch_px.append(item.pixels)
@@ -126,6 +145,8 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     group = open_maps(spec.maps_url, "r+", so)
     write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "image_id": ids.astype(str)})
     write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
+    if cache is not None:
+        cache.flush()
     t_write = time.perf_counter() - t
     record = {
         "record_version": RECORD_VERSION,
@@ -139,6 +160,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         "n_scored": int(ok.sum()),
         "n_failed": len(errors),
         "source_modes": modes,
+        "cache": {"hits": hits, "misses": misses} if cache is not None else None,
         "errors": errors,
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
         "device": spec.device,

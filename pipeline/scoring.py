@@ -49,6 +49,7 @@ class ScoreConfig:
     device: str = "auto"
     high_bit_depth: str = "clip"
     decode_threads: int | None = None
+    cache: str = "auto"  # 'auto': OUT/cache; 'none': off; or a URL
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -149,6 +150,13 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
                 {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version,
                  # b_k, for the exact cell contributions (z_ij - b_k) / (H*W)
                  "classifier_bias": model.classifier.bias.detach().double().tolist()}, so)
+    if cfg.cache != "none":
+        from dataclasses import replace
+
+        from .cache import create_cache
+
+        cache_root = join(cfg.out, "cache") if cfg.cache == "auto" else cfg.cache
+        spec = replace(spec, cache_url=create_cache(cache_root, spec.preprocess, n_rows, cfg.shard_size, so))
     shards = plan_shards(result.manifest, cfg.shard_size, n_rows, cfg.limit)
     from .score_shard import shard_done
 
@@ -204,6 +212,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
         "manifest_rows": prep.manifest.manifest.num_rows,
         "manifest_issues": prep.manifest.issue_counts(),
         "source_modes": _sum_dicts(r.get("source_modes", {}) for r in records),
+        "cache_now": _sum_dicts((r.get("cache") or {}) for r in results if not r.get("skipped")),
     }
     timings = dict(prep.timings)
     for key in ("decode_wait", "forward", "write", "total"):

@@ -85,12 +85,15 @@ def config_from_args(args, argv_empty: bool):
 def run(cfg) -> dict:
     """Hold the --out lock, score, aggregate, then point latest.json at the run."""
     from pipeline.run_lock import run_lock
-    from pipeline.storage import check_writable, join, read_json, write_json_atomic
+    from pipeline.storage import check_writable, join, read_json, remove_temp_files, write_json_atomic
 
     check_writable(cfg.out, cfg.storage_options)
     with run_lock(cfg.out, cfg.storage_options) as note:
         if note:
             print(note)
+        removed = remove_temp_files(cfg.out, cfg.storage_options)
+        if removed:
+            print(f"removed {removed} half-written temporary files left by an interrupted run")
         previous = (read_json(join(cfg.out, "latest.json"), cfg.storage_options) or {}).get("model_version")
         info = _score(cfg)
         if info["status"] == "complete":

@@ -87,3 +87,14 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
         fs.rm(url_to_fs(probe, storage_options)[1])
     except Exception as e:  # noqa: BLE001 - any backend's failure means the same to the user
         raise OutputError(f"--out {url} is not writable ({type(e).__name__}: {e}). Choose another --out or fix its permissions.") from e
+
+
+def remove_temp_files(url: str, storage_options: dict | None = None) -> int:
+    """Delete '*.tmp-*' files a killed writer left under url (only while holding the --out lock)."""
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return 0
+    leftovers = [p for p in fs.find(path) if ".tmp-" in posixpath.basename(p)]
+    for p in leftovers:
+        fs.rm(p)
+    return len(leftovers)

@@ -23,35 +23,42 @@ def _args(data, out, *extra):
             "--shard-size", "4", "--batch-size", "2", *extra]
 
 
-def _outputs(out: Path):
-    run_dir = next((out / "runs").iterdir())
+def _outputs(out: Path, model_version: str | None = None):
+    run_dir = out / "runs" / model_version if model_version else next((out / "runs").iterdir())
     preds = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row")
     g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
     return run_dir, preds, g["cam"][:], g["embedding"][:]
 
 
-def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih):
+def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih, tiny_ckpt):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert main(_args(tiny_nih, ref_out, "--cluster", "inprocess")) == 0
     _, ref_preds, ref_cam, ref_emb = _outputs(ref_out)
+    # last night's complete run, with another model, in the same --out
+    assert main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", "pipeline.tiny_net:tiny_cam_net",
+                 "--out", str(out), "--shard-size", "4", "--cluster", "inprocess"]) == 0
+    previous = json.loads((out / "latest.json").read_text())["model_version"]
 
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *_args(tiny_nih, out)], cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     records: list = []
     while time.time() < deadline and len(records) < 3:
-        records = list(out.glob("runs/*/_shards/shard-*.json"))
+        records = [p for p in out.glob("runs/*/_shards/shard-*.json") if previous not in str(p)]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and the worker processes
     proc.wait()
     assert 3 <= len(records) < 10, "the kill should land mid-run"
-    run_json = next(out.glob("runs/*/run.json")).read_text()
+    run_json = next(p for p in out.glob("runs/*/run.json") if previous not in str(p)).read_text()
     assert '"status": "running"' in run_json  # never claimed complete
-    assert not (out / "latest.json").exists()  # an unfinished run is never 'latest'
+    assert json.loads((out / "latest.json").read_text())["model_version"] == previous  # still last night's
+    stray = next(out.glob("runs/*/predictions")) / "part-000009.parquet.tmp-0123abcd"
+    stray.write_bytes(b"half a parquet file")  # as if killed mid-write
     assert (out / "_lock.json").exists()  # the dead run's lock: the rerun must recover it
 
     assert main(_args(tiny_nih, out, "--cluster", "inprocess")) == 0
-    run_dir, preds, cam, emb = _outputs(out)
+    run_dir, preds, cam, emb = _outputs(out, json.loads((out / "latest.json").read_text())["model_version"])
+    assert run_dir.name != previous
     rows = preds.column("row").to_pylist()
     assert rows == sorted(set(rows)) == list(range(40))  # none missing, none duplicated
     assert preds.equals(ref_preds)

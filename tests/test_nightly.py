@@ -1,0 +1,66 @@
+"""Nightly rescoring: a grown dataset scores only its new images; an up-to-date one scores nothing."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from jobs.score_dataset import main
+
+from .conftest import TINY_ARCH, png_bytes
+
+
+def _args(data, out, ckpt):
+    return ["--dataset", f"nih:{data}", "--checkpoint", ckpt, "--arch", TINY_ARCH, "--out", str(out), "--shard-size", "16", "--cluster", "inprocess"]
+
+
+def test_grown_dataset_scores_only_new_images_and_updates_aggregates(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    assert main(_args(data, out, tiny_ckpt)) == 0
+    run_dir = next((out / "runs").iterdir())
+    before = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row").to_pandas()
+    cam_before = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")["cam"][:]
+    parts_before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
+    n_before = pq.read_table(run_dir / "region_stats.parquet").to_pandas().query("stratum == 'all'").n.iloc[0]
+
+    # 10 new films arrive, one of which sorts before every existing id
+    rng = np.random.default_rng(0)
+    folder = data / "images_002" / "images"
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        for i in range(10):
+            name = f"{(0 if i == 0 else 900 + i):08d}_000.png"
+            (folder / name).write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+            f.write(f"{name},Effusion,0,{900 + i},50,F,AP,128,128,0.143,0.143\n")
+    capsys.readouterr()
+    assert main(_args(data, out, tiny_ckpt)) == 0
+    text = capsys.readouterr().out
+    assert "4 shards, 2 to score" in text  # the partly filled last shard (rows 32-39) and the new one
+    after = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row").to_pandas()
+    assert len(after) == 50 and after.row.is_unique
+    old = after[after.row < 40].reset_index(drop=True)
+    assert old.equals(before)  # existing rows keep their numbers and values
+    g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
+    assert g["cam"].shape[0] == 50
+    np.testing.assert_array_equal(g["cam"][:40], cam_before)
+    untouched = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
+    assert untouched["part-000000.parquet"] == parts_before["part-000000.parquet"]
+    assert untouched["part-000001.parquet"] == parts_before["part-000001.parquet"]
+    assert pq.read_table(run_dir / "region_stats.parquet").to_pandas().query("stratum == 'all'").n.iloc[0] == n_before + 10
+    assert json.loads((out / "latest.json").read_text())["model_version"] == run_dir.name
+
+
+def test_up_to_date_run_starts_no_cluster_and_keeps_aggregates(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
+    stats = next((out / "runs").iterdir()) / "region_stats.parquet"
+    mtime = stats.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
+    text = capsys.readouterr().out
+    assert "0 to score" in text
+    assert "dashboard" not in text  # no cluster is started when there is nothing to do
+    assert stats.stat().st_mtime_ns == mtime  # aggregates kept, not recomputed

@@ -23,8 +23,14 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", action="append", metavar="[NAME=]ADAPTER:LOCATION",
-                   help="repeatable. Adapters: nih:ROOT (ChestX-ray14 layout), manifest:URL (CSV/Parquet with image_id, path, ...). "
+                   help="repeatable. Adapters: nih:ROOT (ChestX-ray14 layout), chexpert:ROOT, mimic:ROOT (MIMIC-CXR-JPG), padchest:ROOT, "
+                        "manifest:URL (CSV/Parquet with image_id, path, ...). "
                         "Locations are fsspec URLs (local path, file://, s3://, memory://).")
+    p.add_argument("--views", default="frontal", metavar="frontal|all|AP,PA,...",
+                   help="which views to score: 'frontal' (default: lateral views are left out and counted), 'all', or a list of codes")
+    p.add_argument("--site-column", metavar="COLUMN", help="take 'site' from this manifest column (default: the dataset's name)")
+    p.add_argument("--uncertain", default="zeros", choices=["zeros", "ones", "ignore"],
+                   help="CheXpert/MIMIC uncertain labels (-1): negative, positive, or not labelled (default zeros)")
     p.add_argument("--metadata", metavar="URL", help="NIH metadata CSV, if not ROOT/Data_Entry_2017[_v2020].csv")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="state_dict (.pt/.pth, loaded with weights_only=True) or .safetensors; 'random:SEED' for seeded random weights. "
@@ -79,7 +85,9 @@ def config_from_args(args, argv_empty: bool):
                        findings=_findings(args.findings), baselines=args.baselines, metadata=args.metadata,
                        cluster=args.cluster or "", cluster_file=args.cluster_file, shard_size=args.shard_size,
                        batch_size=args.batch_size, limit=args.limit, device=args.device,
-                       high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache)
+                       high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
+                       views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
+                       uncertain=args.uncertain)
 
 
 def run(cfg) -> dict:

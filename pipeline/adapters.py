@@ -196,10 +196,22 @@ def _list_parents(paths: list[str], max_dirs: int = 2000) -> set[str] | None:
     return present
 
 
-ADAPTERS = {"nih": load_nih, "manifest": load_manifest_file}
+ADAPTERS = ("nih", "manifest", "chexpert", "mimic", "padchest")
 
 
-def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None, uncertain: str = "zeros") -> RawDataset:
     if spec.adapter == "nih":
         return load_nih(spec, findings, metadata)
+    if spec.adapter == "chexpert":
+        from .chexpert import load_chexpert
+
+        return load_chexpert(spec, findings, uncertain)
+    if spec.adapter == "mimic":
+        from .chexpert import load_mimic
+
+        return load_mimic(spec, findings, uncertain)
+    if spec.adapter == "padchest":
+        from .padchest import load_padchest
+
+        return load_padchest(spec, findings, metadata)
     return load_manifest_file(spec, findings)

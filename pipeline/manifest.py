@@ -7,6 +7,7 @@ and what was done (dropped the record, nulled the field, or kept it as is).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ ISSUE_REASONS = {
     "unknown_label": "a label name is not one of the model's findings",
     "missing_file": "listed in the metadata but the image file is not there",
     "unlisted_file": "an image file is present but has no metadata row; it is not scored",
+    "excluded_view": "a lateral (or otherwise unselected) view, left out by --views",
 }
+LATERAL_VIEWS = {"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.I)
 
 
@@ -61,6 +64,27 @@ def parse_age(text) -> tuple[int | None, str | None]:
     if not (0 <= years <= MAX_AGE):
         return None, "impossible_age"
     return int(years), None
+
+
+def _select_views(df: pd.DataFrame, ds_name: str, views: tuple[str, ...], issues: list) -> pd.DataFrame:
+    """views: ('frontal',) drops lateral views; ('all',) keeps everything; else the listed codes."""
+    if "all" in views:
+        return df
+    if "frontal" in views:
+        keep = ~df["view_position"].isin(LATERAL_VIEWS)
+    else:
+        keep = df["view_position"].isin({v.upper() for v in views})
+    for r in df[~keep].itertuples():
+        issues.append(_issue(ds_name, r.image_id, r.path or None, "excluded_view", f"view {r.view_position}", "excluded"))
+    return df[keep]
+
+
+def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
+    if column in df.columns:
+        values = df[column]
+    else:
+        values = df[EXTRA_FIELD].map(lambda e: json.loads(e).get(column) if isinstance(e, str) else None)
+    return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
 def _validate(ds_name: str, raw, findings) -> tuple[pd.DataFrame, list[dict]]:
@@ -105,13 +129,17 @@ def _validate(ds_name: str, raw, findings) -> tuple[pd.DataFrame, list[dict]]:
     return df, issues
 
 
-def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None) -> ManifestResult:
+def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None,
+                   views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros") -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
     new images get numbers after the largest one ever used, so maps.zarr rows never move."""
     frames, issues = [], []
     for spec in specs:
-        raw = load_dataset(spec, findings, metadata)
+        raw = load_dataset(spec, findings, metadata, uncertain)
         df, iss = _validate(spec.name, raw, findings)
+        df = _select_views(df, spec.name, views, iss)
+        if site_column:
+            df["site"] = _site_from(df, site_column)
         frames.append(df)
         issues += iss
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -132,9 +160,7 @@ def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous
     schema = manifest_schema(findings)
     cols = {}
     for field in schema:
-        if field.name == EXTRA_FIELD:
-            cols[field.name] = pa.array(df[EXTRA_FIELD].tolist() if len(df) else [], type=pa.string())
-        elif field.type == pa.bool_():
+        if field.type == pa.bool_():
             cols[field.name] = pa.array([None if pd.isna(v) else bool(v) for v in df[field.name]] if len(df) else [], type=pa.bool_())
         elif field.type == pa.int16():
             cols[field.name] = pa.array([None if v is None or pd.isna(v) else int(v) for v in df[field.name]] if len(df) else [], type=pa.int16())

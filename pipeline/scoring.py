@@ -50,6 +50,9 @@ class ScoreConfig:
     high_bit_depth: str = "clip"
     decode_threads: int | None = None
     cache: str = "auto"  # 'auto': OUT/cache; 'none': off; or a URL
+    views: tuple[str, ...] = ("frontal",)
+    site_column: str | None = None
+    uncertain: str = "zeros"
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -117,7 +120,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     t = time.perf_counter()
     manifest_url = join(cfg.out, "manifest.parquet")
     previous = read_parquet(manifest_url, so) if exists(manifest_url, so) else None
-    result = build_manifest(specs, mspec.findings, previous, cfg.metadata)
+    result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain)
     write_parquet_atomic(result.manifest, manifest_url, so)
     write_parquet_atomic(result.issues, join(cfg.out, "manifest_issues.parquet"), so)
     timings["manifest"] = time.perf_counter() - t

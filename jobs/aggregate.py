@@ -21,6 +21,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-n", type=int, default=20, help="stratum values with fewer images get n but no statistics (default 20)")
     p.add_argument("--anatomy-mask", metavar="FILE", help="JSON 7x7 of 0/1 (row 0 at the top): reports the share inside it")
     p.add_argument("--bbox", metavar="URL", help="BBox_List_2017.csv (default: beside each nih: dataset)")
+    p.add_argument("--identifiability", action="store_true",
+                   help="also fit the confounder probes (identifiability*.parquet, prevalence_confounding.parquet)")
+    p.add_argument("--confounder", nargs="+", default=["site", "view_position", "sex", "age_band"], metavar="COLUMN",
+                   help="targets of the identifiability probes (default: site view_position sex age_band)")
     p.add_argument("--scheduler", default="threads", choices=["threads", "processes", "sync"], help="Dask scheduler (default threads)")
     return p
 
@@ -36,7 +40,8 @@ def config_from_args(args):
         if len(mask) != 7 or any(len(r) != 7 for r in mask):
             raise ConfigError("--anatomy-mask must be a JSON list of 7 rows of 7 zeros and ones")
         mask = tuple(tuple(int(v) for v in r) for r in mask)
-    return AggregateConfig(by=tuple(args.by), min_n=args.min_n, anatomy_mask=mask, bbox=args.bbox)
+    return AggregateConfig(by=tuple(args.by), min_n=args.min_n, anatomy_mask=mask, bbox=args.bbox,
+                           identifiability=args.identifiability, targets=tuple(args.confounder))
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,8 @@ class AggregateConfig:
     anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # 7x7 of 0/1
     bbox: str | None = None  # BBox_List_2017.csv URL; default: looked up beside each nih: dataset
     n_boot: int = 1000
+    identifiability: bool = False
+    targets: tuple[str, ...] = ("site", "view_position", "sex", "age_band")
 
 
 def latest_complete_run(out: str) -> str:
@@ -248,6 +250,38 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     bbox = config.bbox or _find_bbox(run)
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
+    if config.identifiability:
+        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
     for name, table in tables.items():
         write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
     return tables
+
+
+def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta) -> dict[str, pa.Table]:
+    from schemas.identifiability import (
+        identifiability_map_schema,
+        identifiability_schema,
+        identifiability_scores_schema,
+        prevalence_confounding_schema,
+    )
+
+    from .identifiability import ProbeConfig, prevalence_confounding, run_probes
+
+    cfg = ProbeConfig(targets=config.targets)
+    rows = ctx.rows
+    features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
+                "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
+    cellf = maps["cell_features"].get_orthogonal_selection((rows,)) if "cell_features" in maps else None
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg)
+
+    def table(rows_, schema):
+        cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}
+        cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in vs] for k, vs in cols.items()}
+        return pa.Table.from_pydict(cols, schema=schema)
+
+    return {
+        "identifiability": table(summary, identifiability_schema(**meta)),
+        "identifiability_map": table(cells, identifiability_map_schema(**meta)),
+        "identifiability_scores": table(scores, identifiability_scores_schema(**meta)),
+        "prevalence_confounding": table(prevalence_confounding(manifest, rows, probs, findings, cfg, config.min_n), prevalence_confounding_schema(**meta)),
+    }

@@ -14,7 +14,7 @@ import torch
 
 from schemas.outputs import predictions_schema
 
-from .cam import infer_batch
+from .cam import CELL_FEATURE_DIM, infer_batch
 from .errors import ImageError
 from .cache import ShardCache, source_key
 from .images import Decoded, load_image
@@ -80,6 +80,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     cam = np.full((n_region, F, H, W), np.nan, np.float32)
     cell = np.full((n_region, F, H, W), np.nan, np.float32)
     emb = np.full((n_region, D), np.nan, np.float16)
+    cellf = np.full((n_region, H * W, CELL_FEATURE_DIM), np.nan, np.float16)
     prob = np.full((len(shard.rows), F), np.nan, np.float32)
     ids = np.full(n_region, "", dtype=object)
     ok = np.zeros(len(shard.rows), dtype=bool)
@@ -101,7 +102,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
                     errors.append(_error(shard, p, ImageError("infer", e)))
         for pos, o in outs:
             r = np.asarray([shard.rows[p] - shard.start for p in pos])
-            cam[r], cell[r], emb[r] = o.cam, o.cell_logit, o.embedding
+            cam[r], cell[r], emb[r], cellf[r] = o.cam, o.cell_logit, o.embedding, o.cell_features
             prob[pos] = o.prob
             ok[pos] = True
         t_forward += time.perf_counter() - t
@@ -143,7 +144,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         ids[row - shard.start] = image_id
     so = dict(spec.storage_options)
     group = open_maps(spec.maps_url, "r+", so)
-    write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "image_id": ids.astype(str)})
+    write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf, "image_id": ids.astype(str)})
     write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
     if cache is not None:
         cache.flush()

@@ -41,3 +41,21 @@ class PlantedNet(nn.Module):
 
 def planted_net(num_classes: int = 14) -> PlantedNet:
     return PlantedNet(num_classes)
+
+
+class MarkerNet(nn.Module):
+    """Two features per 32x32 cell: its mean brightness, and a 'marker detector' that fires only on
+    near-white cells (brightness above 1.5 in normalised units). Receptive field: one cell."""
+
+    def __init__(self, num_classes: int = 14):
+        super().__init__()
+        detector = nn.Conv2d(1, 2, kernel_size=1)
+        with torch.no_grad():
+            detector.weight.fill_(1.0)
+            detector.bias.copy_(torch.tensor([0.0, -1.5]))
+        self.features = nn.Sequential(_ChannelMean(), nn.AvgPool2d(32), detector)
+        self.classifier = nn.Linear(2, num_classes)
+
+
+def marker_net(num_classes: int = 14) -> MarkerNet:
+    return MarkerNet(num_classes)

@@ -1,0 +1,189 @@
+"""Can the site (or view, sex, age band, any column) be read from what the model computes, and
+where in the film? Cross-validated logistic-regression probes, 5 folds grouped by patient.
+
+Feature sources: the pooled ``embedding``; the ``maps`` (F x 7 x 7 ln-ratio maps); and each grid
+cell alone (``cell_r_c``: its 32-dim random projection in ``cell_features``), which gives a 7x7
+identifiability map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .metrics import auc_delong
+from .strata import age_band
+
+DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    folds: int = 5
+    min_patients: int = 5  # a class with fewer patients is dropped (with a note)
+    max_rows: int = 20_000  # per probe: a seeded, class-stratified subsample keeps 112k-image runs in minutes
+    seed: int = 0
+    n_boot: int = 200
+
+
+def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
+    """The target per row: a manifest column, 'age_band', or a key of the 'extra' JSON (ward, scanner...)."""
+    if target == "age_band":
+        return manifest["age"].map(age_band)
+    if target in manifest.columns:
+        return manifest[target].where(manifest[target].notna(), None)
+    values = manifest["extra"].map(lambda e: json.loads(e).get(target) if isinstance(e, str) else None)
+    return None if values.isna().all() else values.where(values.notna(), None).map(lambda v: None if v is None else str(v))
+
+
+def prepare_target(y: pd.Series, patients: pd.Series, cfg: ProbeConfig) -> tuple[np.ndarray, list[str]]:
+    """Row mask of usable rows and notes on dropped classes."""
+    notes = []
+    ok = y.notna().to_numpy().copy()
+    per_class = pd.DataFrame({"y": y, "p": patients})[ok].groupby("y")["p"].nunique()
+    for cls, n in per_class.items():
+        if n < max(cfg.min_patients, cfg.folds):
+            notes.append(f"class {cls!r} dropped: {n} patients (< {max(cfg.min_patients, cfg.folds)})")
+            ok &= (y != cls).to_numpy()
+    return ok, notes
+
+
+def subsample(y: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
+    idx = np.arange(len(y))
+    if len(y) <= cfg.max_rows:
+        return idx
+    rng = np.random.default_rng(cfg.seed)
+    keep = []
+    for cls in np.unique(y):
+        members = idx[y == cls]
+        k = max(1, int(round(cfg.max_rows * len(members) / len(y))))
+        keep.append(rng.choice(members, min(k, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def folds(y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds in which no patient is in both train and test."""
+    return list(StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, groups))
+
+
+def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig()) -> np.ndarray:
+    """Out-of-fold class probabilities for every row; each fold trains on at most cfg.max_rows of
+    its training rows (a seeded, class-stratified subsample), so large runs stay fast."""
+    out = np.zeros((len(y_idx), n_classes))
+    for train, test in splits:
+        train = train[subsample(y_idx[train], cfg)]
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped at 300 iterations is still a probe
+            clf.fit(x[train].astype(np.float32), y_idx[train])
+        p = np.zeros((len(test), n_classes))
+        p[:, clf.classes_] = clf.predict_proba(x[test].astype(np.float32))
+        out[test] = p
+    return out
+
+
+def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, cfg: ProbeConfig) -> dict:
+    k = proba.shape[1]
+    if k == 2:
+        auc, lo, hi = auc_delong(y_idx == 1, proba[:, 1])
+    else:
+        auc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro", labels=np.arange(k)))
+        rng = np.random.default_rng(cfg.seed)
+        boots = []
+        for _ in range(cfg.n_boot):
+            i = rng.integers(0, len(y_idx), len(y_idx))
+            if len(np.unique(y_idx[i])) == k:
+                boots.append(roc_auc_score(y_idx[i], proba[i], multi_class="ovr", average="macro", labels=np.arange(k)))
+        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (math.nan, math.nan)
+    return {"auc": float(auc), "auc_lo": lo, "auc_hi": hi,
+            "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))), "chance": 1.0 / k}
+
+
+def _constant(x: np.ndarray) -> bool:
+    return bool(np.all(np.nanstd(x, axis=0) == 0))
+
+
+def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_features: np.ndarray | None, cfg: ProbeConfig):
+    """Returns (summary rows, map rows, per-image score rows). ``features``: name -> (N, d) aligned with rows."""
+    m = manifest.set_index("row").loc[rows]
+    patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
+    summary, cells, scores = [], [], []
+    cell_cfg = replace(cfg, n_boot=0)  # 49 cells x targets: no bootstrap CI for multi-class cells (binary ones get DeLong's)
+    for target in cfg.targets:
+        y = target_labels(m, target)
+        if y is None:
+            summary.append({"target": target, "features": "-", "n": 0, "notes": f"no column {target!r} in the manifest"})
+            continue
+        ok, notes = prepare_target(y, patients, cfg)
+        classes = sorted(set(y[ok]))
+        if len(classes) < 2:
+            summary.append({"target": target, "features": "-", "n": int(ok.sum()), "notes": "; ".join(notes + [f"fewer than 2 classes ({classes})"])})
+            continue
+        y_idx = np.searchsorted(classes, y[ok].to_numpy())
+        groups = patients[ok].to_numpy()
+        splits = folds(y_idx, groups, cfg)
+        counts = {c: int((y_idx == i).sum()) for i, c in enumerate(classes)}
+        base = {"target": target, "n": int(ok.sum()), "n_per_class": str(counts), "notes": "; ".join(notes) or None}
+        for name, x in features.items():
+            proba = oof_proba(x[ok], y_idx, splits, len(classes), cfg)
+            summary.append({**base, "features": name, **probe_metrics(y_idx, proba, cfg)})
+            if name == "embedding":
+                true_p = proba[np.arange(len(y_idx)), y_idx]
+                for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
+                    scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
+        if cell_features is not None:
+            for c in range(cell_features.shape[1]):
+                x = cell_features[ok, c, :]
+                metrics = ({"auc": 0.5, "auc_lo": 0.5, "auc_hi": 0.5, "balanced_accuracy": 1.0 / len(classes), "chance": 1.0 / len(classes)}
+                           if _constant(x) else probe_metrics(y_idx, oof_proba(x, y_idx, splits, len(classes), cfg), cell_cfg))
+                grid = int(round(cell_features.shape[1] ** 0.5))
+                cells.append({"target": target, "cell_row": c // grid, "cell_col": c % grid, "n": base["n"], **metrics})
+    return summary, cells, scores
+
+
+def prevalence_confounding(manifest: pd.DataFrame, rows: np.ndarray, probs: np.ndarray, findings, cfg: ProbeConfig, min_n: int = 20) -> list[dict]:
+    """Per finding: AUC of scoring each image by its site's out-of-fold prevalence, beside the
+    model's AUC pooled and within each site (Zech et al.: site alone predicted pneumonia, AUC 0.861)."""
+    m = manifest.set_index("row").loc[rows]
+    site = m["site"].astype(str).to_numpy()
+    patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str).to_numpy()
+    out = []
+    for k, f in enumerate(findings):
+        if f not in m.columns:
+            continue
+        lab = m[f]
+        has = lab.notna().to_numpy()
+        if has.sum() < min_n:
+            continue
+        y = lab[has].astype(bool).to_numpy()
+        p = probs[has, k]
+        s = site[has]
+        if min(y.sum(), (~y).sum()) < cfg.folds:
+            continue  # too few positives (or negatives) to stratify the folds
+        site_score = np.full(len(y), np.nan)
+        for train, test in StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, patients[has]):
+            prev = pd.Series(y[train]).groupby(s[train]).mean()
+            site_score[test] = pd.Series(s[test]).map(prev).fillna(y[train].mean()).to_numpy()
+        n_sites = len(set(s))
+        out.append({"finding": f, "stratum": "all", "stratum_value": "all", "n": int(len(y)), "prevalence": float(y.mean()),
+                    "auc_site_prevalence": auc_delong(y, site_score)[0] if n_sites > 1 else None,
+                    "auc_model": auc_delong(y, p)[0]})
+        for v in sorted(set(s)):
+            sel = s == v
+            ys = y[sel]
+            ok = sel.sum() >= min_n and ys.any() and not ys.all()
+            out.append({"finding": f, "stratum": "site", "stratum_value": v, "n": int(sel.sum()), "prevalence": float(ys.mean()),
+                        "auc_site_prevalence": None, "auc_model": auc_delong(ys, p[sel])[0] if ok else None})
+    return out

@@ -1,0 +1,37 @@
+"""Identifiability tables under OUT/runs/<model_version>/."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .meta import with_metadata
+
+IDENT_SCHEMA_VERSION = "1.0"
+_F = pa.float64()
+_METRICS = [pa.field(s, _F) for s in ("auc", "auc_lo", "auc_hi", "balanced_accuracy", "chance")]
+
+
+def identifiability_schema(**meta) -> pa.Schema:
+    return with_metadata(pa.schema([pa.field("target", pa.string(), nullable=False), pa.field("features", pa.string(), nullable=False),
+                                    pa.field("n", pa.int64(), nullable=False), pa.field("n_per_class", pa.string())] + _METRICS
+                                   + [pa.field("notes", pa.string())]), schema="identifiability", schema_version=IDENT_SCHEMA_VERSION, **meta)
+
+
+def identifiability_map_schema(**meta) -> pa.Schema:
+    return with_metadata(pa.schema([pa.field("target", pa.string(), nullable=False), pa.field("cell_row", pa.int8(), nullable=False),
+                                    pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS),
+                         schema="identifiability_map", schema_version=IDENT_SCHEMA_VERSION, **meta)
+
+
+def identifiability_scores_schema(**meta) -> pa.Schema:
+    return with_metadata(pa.schema([pa.field("row", pa.int64(), nullable=False), pa.field("image_id", pa.string(), nullable=False),
+                                    pa.field("target", pa.string(), nullable=False), pa.field("score", _F, nullable=False),
+                                    pa.field("predicted", pa.string(), nullable=False)]),
+                         schema="identifiability_scores", schema_version=IDENT_SCHEMA_VERSION, **meta)
+
+
+def prevalence_confounding_schema(**meta) -> pa.Schema:
+    return with_metadata(pa.schema([pa.field("finding", pa.string(), nullable=False), pa.field("stratum", pa.string(), nullable=False),
+                                    pa.field("stratum_value", pa.string(), nullable=False), pa.field("n", pa.int64(), nullable=False),
+                                    pa.field("prevalence", _F), pa.field("auc_site_prevalence", _F), pa.field("auc_model", _F)]),
+                         schema="prevalence_confounding", schema_version=IDENT_SCHEMA_VERSION, **meta)

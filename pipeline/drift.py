@@ -76,8 +76,12 @@ def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_ce
     write_parquet_atomic(finding_table, join(dest, "finding_drift.parquet"))
     if region_table is not None:
         write_parquet_atomic(region_table, join(dest, "region_drift.parquet"))
+    ident = _identifiability_drift(out, from_mv, to_mv)
+    if ident is not None:
+        write_parquet_atomic(ident, join(dest, "identifiability_drift.parquet"))
     summary = {"from": from_mv, "to": to_mv, "images_compared": len(both), "top_finding_changed_share": top_changed,
-               "identifiability": "not compared: neither run has identifiability tables yet"}
+               "identifiability": ("compared: identifiability_drift.parquet" if ident is not None
+                                   else "not compared: both runs need identifiability.parquet (jobs.aggregate --identifiability)")}
     write_json_atomic(summary, join(dest, "summary.json"))
     return {"findings": finding_table, "regions": region_table, "summary": summary, "dest": dest}
 
@@ -99,6 +103,23 @@ def _region_drift(out, from_mv, to_mv, top_cells, meta):
     cols = {f.name: m[f.name].tolist() for f in region_drift_schema()}
     cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in vs] for k, vs in cols.items()}
     return pa.Table.from_pydict(cols, schema=region_drift_schema(**meta))
+
+
+def _identifiability_drift(out, from_mv, to_mv) -> pa.Table | None:
+    ua, ub = (join(out, "runs", mv, "identifiability.parquet") for mv in (from_mv, to_mv))
+    if not (exists(ua) and exists(ub)):
+        return None
+    keys = ["target", "features"]
+    a, b = (read_parquet(u).to_pandas()[keys + ["n", "auc", "balanced_accuracy"]] for u in (ua, ub))
+    m = a.merge(b, on=keys, suffixes=("_from", "_to"))
+    m["auc_delta"] = m.auc_to - m.auc_from
+    m["balanced_accuracy_delta"] = m.balanced_accuracy_to - m.balanced_accuracy_from
+    schema = pa.schema([pa.field("target", pa.string()), pa.field("features", pa.string()), pa.field("n_from", pa.int64()), pa.field("n_to", pa.int64()),
+                        pa.field("auc_from", pa.float64()), pa.field("auc_to", pa.float64()), pa.field("auc_delta", pa.float64()),
+                        pa.field("balanced_accuracy_from", pa.float64()), pa.field("balanced_accuracy_to", pa.float64()),
+                        pa.field("balanced_accuracy_delta", pa.float64())])
+    cols = {f.name: [None if isinstance(v, float) and math.isnan(v) else v for v in m[f.name].tolist()] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def summary_text(result: dict, max_lines: int = 6) -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from safetensors.torch import load_file
 
+from jobs.aggregate import main as aggregate_main
 from jobs.drift import main as drift_main
 from jobs.score_dataset import main as score_main
 from pipeline.checkpoint import save_safetensors
@@ -26,6 +27,9 @@ def test_raising_one_bias_by_one_shifts_that_logit_by_one_and_nothing_else(tmp_p
         assert score_main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", ckpt, "--arch", TINY_ARCH, "--out", str(out),
                            "--shard-size", "16", "--cluster", "inprocess"]) == 0
     assert "drift " in capsys.readouterr().out  # the second run reported what moved by itself
+    for mv in [p.name for p in (out / "runs").iterdir()]:
+        assert aggregate_main(["--out", str(out), "--run", mv, "--identifiability", "--confounder", "view_position", "sex"]) == 0
+    capsys.readouterr()
     assert drift_main(["--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "40 images compared" in text and "Pneumonia" in text.splitlines()[1]  # the largest move is listed first
@@ -38,6 +42,9 @@ def test_raising_one_bias_by_one_shifts_that_logit_by_one_and_nothing_else(tmp_p
     assert (fd.rank_correlation > 0.999).all()  # a monotone shift keeps the ranking
     assert fd.loc["Pneumonia", "mean_prob_delta"] > 0
     assert json.loads((dest / "summary.json").read_text())["top_finding_changed_share"] >= 0
+    idd = pq.read_table(dest / "identifiability_drift.parquet").to_pandas().set_index(["target", "features"])
+    # a bias changes no feature: the embedding probes, and so their AUCs, are identical
+    assert idd.loc[("view_position", "embedding"), "auc_delta"] == 0.0
     rd = pq.read_table(dest / "region_drift.parquet").to_pandas()
     pneu = rd[(rd.finding == "Pneumonia") & (rd.stratum == "all")]
     # the exact contributions (z - b) / 49 do not see a bias change; the ln-ratio map does, in every cell

@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--site-column", metavar="COLUMN", help="take 'site' from this manifest column (default: the dataset's name)")
     p.add_argument("--uncertain", default="zeros", choices=["zeros", "ones", "ignore"],
                    help="CheXpert/MIMIC uncertain labels (-1): negative, positive, or not labelled (default zeros)")
+    p.add_argument("--identifiability", action="store_true",
+                   help="after scoring, also fit the confounder probes (site, view, sex, age band; see jobs.aggregate)")
     p.add_argument("--metadata", metavar="URL", help="NIH metadata CSV, if not ROOT/Data_Entry_2017[_v2020].csv")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="state_dict (.pt/.pth, loaded with weights_only=True) or .safetensors; 'random:SEED' for seeded random weights. "
@@ -87,7 +89,7 @@ def config_from_args(args, argv_empty: bool):
                        batch_size=args.batch_size, limit=args.limit, device=args.device,
                        high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
                        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
-                       uncertain=args.uncertain)
+                       uncertain=args.uncertain, identifiability=args.identifiability)
 
 
 def run(cfg) -> dict:
@@ -159,12 +161,13 @@ def _score(cfg) -> dict:
                 cluster.close()
     run_info = finalize_run(prep, results, failures, started)
     if run_info["status"] == "complete":
-        from pipeline.aggregate import aggregate_run
+        from pipeline.aggregate import AggregateConfig, aggregate_run
         from pipeline.storage import exists, join
 
-        if results or not exists(join(spec.run_url, "region_stats.parquet"), cfg.storage_options):
+        wanted = "identifiability.parquet" if cfg.identifiability else "region_stats.parquet"
+        if results or not exists(join(spec.run_url, wanted), cfg.storage_options):
             t = time.perf_counter()
-            tables = aggregate_run(cfg.out, spec.model_version)
+            tables = aggregate_run(cfg.out, spec.model_version, AggregateConfig(identifiability=cfg.identifiability))
             print(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
     return run_info
 

@@ -53,6 +53,7 @@ class ScoreConfig:
     views: tuple[str, ...] = ("frontal",)
     site_column: str | None = None
     uncertain: str = "zeros"
+    identifiability: bool = False  # also fit the confounder probes after scoring
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):

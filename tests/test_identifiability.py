@@ -34,9 +34,11 @@ def two_sites(tmp_path_factory):
     (tmp / "pool.csv").write_text("\n".join(lines) + "\n")
     out = tmp / "out"
     assert score_main(["--dataset", f"manifest:{tmp / 'pool.csv'}", "--checkpoint", "random:0", "--arch", "tests.helpers:marker_net",
-                       "--out", str(out), "--shard-size", "64", "--cluster", "inprocess"]) == 0
+                       "--out", str(out), "--shard-size", "64", "--cluster", "inprocess", "--identifiability"]) == 0
+    run_dir = next((out / "runs").iterdir())
+    assert (run_dir / "identifiability_map.parquet").exists()  # the scoring job wrote them itself
     assert aggregate_main(["--out", str(out), "--identifiability", "--confounder", "site", "ward"]) == 0
-    return next((out / "runs").iterdir())
+    return run_dir
 
 
 def test_site_is_read_from_the_marker_cell_only(two_sites):

@@ -53,7 +53,12 @@ def parser() -> argparse.ArgumentParser:
                    help="16-bit PNGs: 'clip' as the reference's convert('RGB') does, or 'rescale' the full range to 8 bits")
     p.add_argument("--cache", default="auto", metavar="auto|none|URL",
                    help="preprocessed-image cache (uint8 224x224 in Zarr): 'auto' = OUT/cache (default), 'none', or a URL")
-    p.add_argument("--decode-threads", type=int, default=None, metavar="N", help="decode threads per worker (default: its cores)")
+    p.add_argument("--decode-workers", type=int, default=None, metavar="N",
+                   help="decode processes per worker, kept alive across shards (default: one per core of the worker; 0: decode in the scoring process)")
+    p.add_argument("--decode-threads", type=int, default=None, metavar="N", help="deprecated alias of --decode-workers")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="forward precision: fp32 (default, strict: TF32 off on CUDA, parity <= 1e-4), tf32, or bf16 (autocast features); "
+                        "part of the run's identity (non-default precisions get their own run folder runs/VERSION-PRECISION)")
     return p
 
 
@@ -88,6 +93,7 @@ def config_from_args(args, argv_empty: bool):
                        cluster=args.cluster or "", cluster_file=args.cluster_file, shard_size=args.shard_size,
                        batch_size=args.batch_size, limit=args.limit, device=args.device,
                        high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
+                       decode_workers=args.decode_workers, precision=args.precision,
                        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
                        uncertain=args.uncertain, identifiability=args.identifiability)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .images import normalize_batch
 from .model import CamModel
+from .precision import DEFAULT_PRECISION, features_autocast, precision_mode
 
 
 CELL_FEATURE_DIM = 32
@@ -53,17 +54,22 @@ def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline:
 
 
 @torch.inference_mode()
-def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: tuple[float, ...]) -> BatchOutputs:
-    """uint8 (B, H, W, 3) pixels -> every output, on the model's device, one forward pass."""
+def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: tuple[float, ...], *,
+                precision: str = DEFAULT_PRECISION) -> BatchOutputs:
+    """uint8 (B, H, W, 3) pixels -> every output, on the model's device, one forward pass.
+    ``precision`` (pipeline.precision): fp32 (strict, TF32 off on CUDA), tf32 or bf16 features."""
     device = model.classifier.weight.device
     x = torch.as_tensor(pixels)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     x = normalize_batch(x.to(device)).contiguous(memory_format=torch.channels_last)
-    fmap = F.relu(model.features(x))
-    log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
-    prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)
-    proj = torch.einsum("bdhw,dk->bhwk", fmap, cell_projection(fmap.shape[1], device)).flatten(1, 2)
+    with precision_mode(precision, device):
+        with features_autocast(precision, device):
+            fmap = F.relu(model.features(x))
+        fmap = fmap.float()  # the CAM head always runs in float32
+        log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
+        prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)
+        proj = torch.einsum("bdhw,dk->bhwk", fmap, cell_projection(fmap.shape[1], device)).flatten(1, 2)
     return BatchOutputs(
         prob=prob.float().cpu().numpy(),
         cam=cam.float().cpu().numpy(),

@@ -26,6 +26,8 @@ class RunSpec:
     torch_threads: int | None = None  # None: the worker's cores / its task threads
     storage_options: tuple[tuple[str, str], ...] = field(default=())
     cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
+    precision: str = "fp32"  # pipeline.precision: fp32 | tf32 | bf16 (part of the identity)
+    decode_workers: int | None = None  # decode processes per worker; None: one per core of the worker
 
     @property
     def run_url(self) -> str:
@@ -51,4 +53,5 @@ class RunSpec:
             "shard_size": self.shard_size,
             "grid": list(self.grid),
             "embedding_dim": self.embedding_dim,
+            "precision": self.precision,
         }

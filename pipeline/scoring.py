@@ -25,6 +25,7 @@ from .images import PreprocessConfig
 from .manifest import ManifestResult, build_manifest, dataset_fingerprint
 from .maps_store import create_maps
 from .model import ModelSpec, load_model
+from .precision import check_precision, run_version
 from .runspec import RunSpec
 from .shards import Shard, plan_shards
 from .storage import check_writable, exists, join, read_json, read_parquet, write_json_atomic, write_parquet_atomic
@@ -48,7 +49,9 @@ class ScoreConfig:
     limit: int | None = None
     device: str = "auto"
     high_bit_depth: str = "clip"
-    decode_threads: int | None = None
+    decode_threads: int | None = None  # deprecated: decoding runs in processes, see decode_workers
+    decode_workers: int | None = None  # decode processes per worker (None: one per core of the worker)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (pipeline.precision)
     cache: str = "auto"  # 'auto': OUT/cache; 'none': off; or a URL
     views: tuple[str, ...] = ("frontal",)
     site_column: str | None = None
@@ -61,6 +64,9 @@ class ScoreConfig:
             raise ConfigError("--shard-size and --batch-size must be positive")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
+        check_precision(self.precision)
+        if self.decode_workers is not None and self.decode_workers < 0:
+            raise ConfigError("--decode-workers must be >= 0 (0 decodes in the scoring process itself)")
 
 
 @dataclass
@@ -130,7 +136,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     spec = RunSpec(
         out=cfg.out.rstrip("/"),
         model=mspec,
-        model_version=model.version,
+        model_version=run_version(model.version, cfg.precision),
         baselines=resolve_baselines(cfg, result.manifest),
         preprocess=PreprocessConfig(high_bit_depth=cfg.high_bit_depth),
         batch_size=cfg.batch_size,
@@ -140,11 +146,13 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         grid=grid,
         embedding_dim=model.embedding_dim,
         decode_threads=cfg.decode_threads,
+        decode_workers=cfg.decode_workers,
+        precision=cfg.precision,
         storage_options=tuple(sorted(so.items())),
     )
     previous_run = read_json(join(spec.run_url, "run.json"), so)
-    if previous_run and previous_run.get("identity") != spec.output_identity():
-        old, new = previous_run.get("identity", {}), spec.output_identity()
+    if previous_run and {"precision": "fp32", **previous_run.get("identity", {})} != spec.output_identity():
+        old, new = {"precision": "fp32", **previous_run.get("identity", {})}, spec.output_identity()  # runs before --precision were fp32
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise OutputError(
             f"{spec.run_url} was written with different settings ({', '.join(diff)}); its outputs would mix. "
@@ -181,6 +189,7 @@ def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished
     return {
         "status": status,
         "model_version": spec.model_version,
+        "precision": spec.precision,
         "identity": spec.output_identity(),
         "config": {**asdict(cfg), "storage_options": sorted(cfg.storage_options)},  # keys only: may hold secrets
         "dataset_fingerprint": fp,

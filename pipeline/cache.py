@@ -66,6 +66,10 @@ class ShardCache:
         self.modes = np.asarray(self.g["mode"][start:stop], dtype=object)
         self.dirty = False
 
+    def key(self, row: int) -> str | None:
+        """The source key stored for this row (None: nothing cached), for decode processes to compare."""
+        return str(self.keys[row - self.start]) or None
+
     def get(self, row: int, key: str):
         i = row - self.start
         return (self.pixels[i], self.modes[i]) if self.keys[i] == key else None

@@ -186,7 +186,8 @@ _END = object()
 
 
 class DecodeStream:
-    """Yields (job, result) for every job exactly once, in completion order. A feeder thread keeps up
+    """Yields (job, fn(job)) for every job exactly once, in completion order; fn returns a pair
+    (result, extra), and a film that kills decode processes gets (Failure, None). A feeder thread keeps up
     to ``window`` films submitted or decoded-but-not-taken while this stream is the pool's oldest
     one still submitting, ``lookahead`` films otherwise."""
 
@@ -304,8 +305,8 @@ class DecodeStream:
                 if was_serial:
                     serial_crashes[job] += 1
                     if serial_crashes[job] >= SERIAL_CRASHES_TO_FAIL:
-                        self._emit(job, Failure("decode", DecodeWorkerDied.__name__,
-                                                f"a decode process died {serial_crashes[job]} times while decoding this film alone"))
+                        self._emit(job, (Failure("decode", DecodeWorkerDied.__name__,
+                                                 f"a decode process died {serial_crashes[job]} times while decoding this film alone"), None))
                         continue
                 else:
                     serial_crashes.setdefault(job, 0)

@@ -1,12 +1,13 @@
-"""Score one shard: read and decode on a thread pool while the model computes, then write the
-shard's own Parquet part and Zarr region, then its completion record (in that order, so a record
-only exists for outputs that are complete)."""
+"""Score one shard: films decode in this worker's decode processes (pipeline.decode_pool) while the
+model computes, then the shard writes its own Parquet part and Zarr region, then its completion
+record (in that order, so a record only exists for outputs that are complete)."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +17,9 @@ from schemas.outputs import predictions_schema
 
 from .cam import CELL_FEATURE_DIM, infer_batch
 from .errors import ImageError
-from .cache import ShardCache, source_key
-from .images import Decoded, load_image
+from .cache import ShardCache
+from .decode_pool import DecodeTask, Failure, FilmJob, shared_pool
+from .images import Decoded
 from .maps_store import open_maps, write_region
 from .model import get_model
 from .runspec import RunSpec
@@ -27,18 +29,20 @@ from .storage import read_json, write_json_atomic, write_parquet_atomic
 RECORD_VERSION = 1
 
 
-def _worker_cores() -> tuple[int, int]:
+def _worker_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        from distributed import get_worker
+        return os.cpu_count() or 1
 
-        task_threads = get_worker().state.nthreads
-    except (ImportError, ValueError):
-        task_threads = 1
-    return cores, max(1, task_threads)
+
+def decode_workers(spec: RunSpec) -> int:
+    """Decode processes for this worker: --decode-workers, else the deprecated --decode-threads, else
+    one per core of the worker (its CPU affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
+    for n in (spec.decode_workers, spec.decode_threads):
+        if n is not None:
+            return n
+    return _worker_cores()
 
 
 def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
@@ -48,32 +52,20 @@ def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
     return None
 
 
-def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
-    """(Decoded | ImageError, source key or None, cache hit)."""
-    so = dict(spec.storage_options)
-    key = None
-    if cache is not None:
-        try:
-            key = source_key(path, so)
-        except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
-            return ImageError("read", e), None, False
-        hit = cache.get(row, key)
-        if hit is not None:
-            return Decoded(hit[0], hit[1]), key, True
-    try:
-        return load_image(path, spec.preprocess, so), key, False
-    except ImageError as e:
-        return e, key, False
+# One forward at a time per process: a worker runs two shard tasks (one writes while the other
+# scores), and they share the device and torch's intra-op threads.
+_DEVICE_LOCK = threading.Lock()
 
 
-def score_shard(shard: Shard, spec: RunSpec) -> dict:
-    """Score a shard unless its completion record says it is done. Returns the record."""
+def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Score a shard unless its completion record says it is done. Returns the record.
+    ``progress(shard_index, n_images)`` is called after each batch (see pipeline.progress)."""
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}
     t0 = time.perf_counter()
-    cores, task_threads = _worker_cores()
-    torch.set_num_threads(spec.torch_threads or max(1, cores // task_threads))
+    cores = _worker_cores()
+    torch.set_num_threads(spec.torch_threads or cores)  # forwards are serialised (_DEVICE_LOCK)
     model = get_model(spec.model, spec.device)
     F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
     n_region = shard.stop - shard.start
@@ -91,15 +83,16 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     def run_batch(positions, pixels):
         nonlocal t_forward
         t = time.perf_counter()
-        try:
-            outs = [(positions, infer_batch(model, np.stack(pixels), spec.baselines))]
-        except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-            outs = []
-            for p, px in zip(positions, pixels):
-                try:
-                    outs.append(([p], infer_batch(model, px[None], spec.baselines)))
-                except Exception as e:  # noqa: BLE001
-                    errors.append(_error(shard, p, ImageError("infer", e)))
+        with _DEVICE_LOCK:
+            try:
+                outs = [(positions, infer_batch(model, np.stack(pixels), spec.baselines, precision=spec.precision))]
+            except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
+                outs = []
+                for p, px in zip(positions, pixels):
+                    try:
+                        outs.append(([p], infer_batch(model, px[None], spec.baselines, precision=spec.precision)))
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(_error(shard, p, ImageError("infer", e)))
         for pos, o in outs:
             r = np.asarray([shard.rows[p] - shard.start for p in pos])
             cam[r], cell[r], emb[r], cellf[r] = o.cam, o.cell_logit, o.embedding, o.cell_features
@@ -107,37 +100,51 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
             ok[pos] = True
         t_forward += time.perf_counter() - t
 
-    threads = spec.decode_threads or cores
+    workers = decode_workers(spec)
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
-    chunks = [range(i, min(i + bs, len(shard.paths))) for i in range(0, len(shard.paths), bs)]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-
-        def submit(k):
-            return [(p, pool.submit(_decode_task, shard.paths[p], shard.rows[p], spec, cache)) for p in chunks[k]] if k < len(chunks) else []
-
-        pending = submit(0)
-        for k in range(len(chunks)):
+    jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in range(len(shard.paths))]
+    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None)
+    pool = shared_pool(workers)
+    # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
+    # this worker keeps `lookahead` films decoding while this one finishes and writes.
+    window = max(4 * bs, 8 * max(1, workers))
+    # Batches are fixed runs of positions (films arrive in completion order): the same films share a
+    # forward pass in every run, so outputs are bit-for-bit reproducible.
+    n_chunks = (len(jobs) + bs - 1) // bs
+    received = [0] * n_chunks
+    ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
+    n_done = 0
+    with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers))) as stream:
+        it = iter(stream)
+        while True:
             t = time.perf_counter()
-            done_items = [(p, f.result()) for p, f in pending]
+            nxt = next(it, None)
             t_decode_wait += time.perf_counter() - t
-            pending = submit(k + 1)  # the next batch decodes while this one runs
-            batch_pos, batch_px = [], []
-            for pos, (item, key, hit) in done_items:
-                if isinstance(item, ImageError):
-                    errors.append(_error(shard, pos, item))
-                else:
-                    if cache is not None and key is not None:
-                        hits += hit
-                        misses += not hit
-                        if not hit:
-                            cache.put(shard.rows[pos], key, item.pixels, item.source_mode)
-                    modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
-                    batch_pos.append(pos)
-                    batch_px.append(item.pixels)
-            if batch_pos:
-                run_batch(batch_pos, batch_px)
+            if nxt is None:
+                break
+            job, (item, key) = nxt
+            pos, k = job.pos, job.pos // bs
+            received[k] += 1
+            if isinstance(item, Failure):
+                errors.append(_failure(shard, pos, item))
+            else:
+                if item is None:  # a cache hit: the pixels are in this shard's cache region
+                    item = Decoded(*cache.get(shard.rows[pos], key))
+                    hits += 1
+                elif cache is not None and key is not None:
+                    misses += 1
+                    cache.put(shard.rows[pos], key, item.pixels, item.source_mode)
+                modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
+                ready[k][pos] = item.pixels
+            if received[k] == min(bs, len(jobs) - k * bs):
+                batch, ready[k] = sorted(ready[k].items()), {}
+                if batch:
+                    run_batch([p for p, _ in batch], [px for _, px in batch])
+                n_done += received[k]
+                if progress is not None:
+                    progress(shard.index, n_done)
 
     t = time.perf_counter()
     for row, image_id in zip(shard.rows, shard.image_ids):
@@ -157,6 +164,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         "stop": shard.stop,
         "digest": shard.digest,
         "model_version": spec.model_version,
+        "precision": spec.precision,
         "n_images": len(shard.rows),
         "n_scored": int(ok.sum()),
         "n_failed": len(errors),
@@ -166,10 +174,22 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
         "device": spec.device,
         "torch_threads": torch.get_num_threads(),
-        "decode_threads": threads,
+        "decode_workers": workers,
+        "decode_pool_restarts": pool.restarts,
     }
     write_json_atomic(record, spec.record_url(shard.index), so)
     return {**record, "skipped": False}
+
+
+def _failure(shard: Shard, pos: int, f: Failure) -> dict:
+    return {
+        "row": shard.rows[pos],
+        "image_id": shard.image_ids[pos],
+        "path": shard.paths[pos],
+        "stage": f.stage,
+        "error_class": f.error_class,
+        "message": f.message,
+    }
 
 
 def _error(shard: Shard, pos: int, err: ImageError) -> dict:

@@ -1,0 +1,137 @@
+"""Decode processes: every film exactly once, in spite of dead decode processes and bad films."""
+
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pipeline.decode_pool import DecodePool, DecodeTask, Failure, FilmJob
+from pipeline.images import load_image
+
+from .conftest import png_bytes
+
+
+@pytest.fixture
+def films(tmp_path, rng):
+    paths = []
+    for i in range(24):
+        p = tmp_path / f"f{i:02d}.png"
+        p.write_bytes(png_bytes(rng.integers(0, 256, (64 + i, 80), dtype=np.uint8)))
+        paths.append(str(p))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    return paths, str(tmp_path / "bad.png")
+
+
+@dataclass(frozen=True)
+class SlowTask(DecodeTask):
+    """Decodes like the job, slowly enough that a test can kill a process with films in flight."""
+
+    delay: float = 0.05
+    poison: str = ""  # a film whose decoding kills its process
+
+    def __call__(self, job):
+        if self.poison and job.path == self.poison:
+            os._exit(3)
+        time.sleep(self.delay)
+        return super().__call__(job)
+
+
+def _collect(pool, task, paths, **kw):
+    with pool.stream(task, [FilmJob(i, p) for i, p in enumerate(paths)], **kw) as s:
+        return [(job.pos, result) for job, (result, _key) in s]
+
+
+def test_every_film_once_and_identical_to_in_process_decoding(films):
+    paths, bad = films
+    pool = DecodePool(2)
+    try:
+        got = _collect(pool, DecodeTask(), paths + [bad], window=5)
+    finally:
+        pool.close()
+    assert sorted(p for p, _ in got) == list(range(len(paths) + 1))
+    by_pos = dict(got)
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(by_pos[i].pixels, load_image(p).pixels)
+    assert isinstance(by_pos[len(paths)], Failure) and by_pos[len(paths)].stage == "decode"
+    assert by_pos[len(paths)].error_class == "UnidentifiedImageError"
+
+
+def test_a_decode_process_killed_mid_batch_loses_no_film_and_duplicates_none(films):
+    paths, _ = films
+    pool = DecodePool(2)
+    try:
+        with pool.stream(SlowTask(), [FilmJob(i, p) for i, p in enumerate(paths)], window=8) as s:
+            got, killed = [], False
+            for job, (result, _key) in s:
+                got.append((job.pos, result))
+                if len(got) == 3 and not killed:
+                    os.kill(pool.pids()[0], signal.SIGKILL)  # films are in flight in both processes
+                    killed = True
+        assert killed and pool.restarts >= 1
+    finally:
+        pool.close()
+    positions = [p for p, _ in got]
+    assert sorted(positions) == list(range(len(paths)))  # none lost, none twice
+    for pos, result in got:
+        np.testing.assert_array_equal(result.pixels, load_image(paths[pos]).pixels)
+
+
+def test_a_film_that_kills_its_decode_process_is_recorded_and_the_rest_are_decoded(films):
+    paths, _ = films
+    poison = paths[4]
+    pool = DecodePool(2)
+    try:
+        got = dict(_collect(pool, SlowTask(delay=0.0, poison=poison), paths, window=6))
+    finally:
+        pool.close()
+    assert sorted(got) == list(range(len(paths)))
+    assert isinstance(got[4], Failure) and got[4].stage == "decode" and got[4].error_class == "DecodeWorkerDied"
+    assert all(not isinstance(r, Failure) for i, r in got.items() if i != 4)
+
+
+def test_cache_hit_is_answered_without_decoding(films):
+    from pipeline.cache import source_key
+
+    paths, _ = films
+    pool = DecodePool(1)
+    try:
+        jobs = [FilmJob(0, paths[0], source_key(paths[0])), FilmJob(1, paths[1], "stale|1|2")]
+        with pool.stream(DecodeTask(use_cache=True), jobs, window=4) as s:
+            got = {job.pos: r for job, r in s}
+    finally:
+        pool.close()
+    assert got[0] == (None, source_key(paths[0]))  # hit: no pixels travel back
+    assert got[1][0].pixels.shape == (224, 224, 3) and got[1][1] == source_key(paths[1])
+
+
+def _decode_in_daemon(path, q):
+    pool = DecodePool(1)
+    try:
+        with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
+            q.put([r[0].pixels.shape for _, r in s])
+    finally:
+        pool.close()
+
+
+def test_decode_processes_start_inside_a_daemonic_process(films):
+    """Dask's nanny starts workers as daemons; multiprocessing refuses them children by default."""
+    paths, _ = films
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_decode_in_daemon, args=(paths[0], q), daemon=True)
+    proc.start()
+    try:
+        assert q.get(timeout=120) == [(224, 224, 3)]
+    finally:
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_zero_workers_decodes_in_process(films):
+    paths, bad = films
+    got = dict(_collect(DecodePool(0), DecodeTask(), paths[:3] + [bad], window=2))
+    assert sorted(got) == [0, 1, 2, 3] and isinstance(got[3], Failure)

@@ -130,6 +130,7 @@ def _score(cfg) -> dict:
 
     from pipeline.cluster import load_profile, start_cluster
     from pipeline.model import resolve_device
+    from pipeline.progress import ProgressBar, WorkerProgress, progress_topic
     from pipeline.score_shard import score_shard
     from pipeline.scoring import _now, finalize_run, prepare_run
 
@@ -148,10 +149,13 @@ def _score(cfg) -> dict:
             print(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             if spec.device == "auto":
                 spec = _with_worker_device(client, spec)
-            futures = {client.submit(score_shard, s, spec, key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}", pure=False): s
-                       for s in prep.pending}
+            topic = progress_topic(spec.model_version)
+            bar = tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr)
+            progress = ProgressBar(client, bar, topic)  # advances per batch, from the workers' events
+            futures = {client.submit(score_shard, s, spec, WorkerProgress(topic), key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}",
+                                     pure=False): s for s in prep.pending}
             t_score = time.perf_counter()
-            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr) as bar:
+            with bar:
                 for fut in as_completed(futures):
                     shard = futures[fut]
                     try:
@@ -159,7 +163,8 @@ def _score(cfg) -> dict:
                     except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
                         failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": str(e)[:500]})
                         print(f"shard {shard.index} failed: {type(e).__name__}: {e}", file=sys.stderr)
-                    bar.update(len(shard.rows))
+                    progress.shard_finished(shard.index, len(shard.rows))
+            progress.close()
             prep.timings["score_wall"] = time.perf_counter() - t_score
         finally:
             client.close()

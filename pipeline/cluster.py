@@ -56,14 +56,14 @@ def local_kwargs(opts: dict) -> dict:
     kw = dict(opts)
     if kw.get("n_workers", "auto") == "auto":
         kw["n_workers"] = max(1, gpu_count())
-    kw.setdefault("threads_per_worker", 1)
+    kw.setdefault("threads_per_worker", 2)  # one shard writes while the next scores
     kw.setdefault("dashboard_address", ":8787")
     return kw
 
 
 def cuda_kwargs(opts: dict) -> dict:
     kw = {k: v for k, v in opts.items() if v is not None}
-    kw.setdefault("threads_per_worker", 1)
+    kw.setdefault("threads_per_worker", 2)
     return kw
 
 

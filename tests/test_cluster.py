@@ -14,7 +14,7 @@ def test_default_profile_is_local_sized_to_the_machine():
     p = load_profile(None, CLUSTER_YAML)
     assert p.name == "local" and p.type == "local"
     kw = local_kwargs(p.options)
-    assert kw["n_workers"] >= 1 and kw["threads_per_worker"] == 1 and kw["processes"] is True
+    assert kw["n_workers"] >= 1 and kw["threads_per_worker"] == 2 and kw["processes"] is True
 
 
 def test_slurm_profile_renders_a_gpu_job_script():
@@ -41,7 +41,7 @@ def test_kubernetes_profile_renders_a_gpu_cluster_spec():
 
 def test_local_cuda_and_address_profiles(tmp_path):
     kw = cuda_kwargs(load_profile("local-cuda", CLUSTER_YAML).options)
-    assert kw == {"threads_per_worker": 1, "device_memory_limit": 0.9}
+    assert kw == {"threads_per_worker": 2, "device_memory_limit": 0.9}
     p = load_profile("address", CLUSTER_YAML)
     assert p.options["address"].startswith("tls://")
     sec = address_security(p.options)

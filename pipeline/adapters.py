@@ -7,6 +7,7 @@ Validation common to every source lives in ``pipeline.manifest``.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -61,11 +62,21 @@ class RawDataset:
 
 
 MAX_FIELD = 131_072  # Python's csv default limit: longer fields are bad rows, reported, not lost silently
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
+# Bytes that are not UTF-8 are decoded to private-use marks (plane 16): pandas can carry them, and
+# the rows holding them are then found and reported. The file's own characters are never touched.
+_MARK = 0x10FF00
+_NOT_UTF8 = re.compile(f"[{chr(_MARK)}-{chr(_MARK + 255)}]")
+
+
+def _mark_bytes(err: UnicodeDecodeError):
+    return "".join(chr(_MARK + b) for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error("cxr-audit-mark", _mark_bytes)
 
 
 def _printable(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _NOT_UTF8.sub(lambda m: f"\\x{ord(m.group()) - _MARK:02x}", text)
 
 
 def _read_bytes(url: str) -> bytes:
@@ -89,7 +100,7 @@ def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
         return None
 
     data = _read_bytes(url)
-    text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", "surrogateescape")
+    text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", "cxr-audit-mark")
     if not text.strip():
         raise DatasetError(f"metadata file {url} is empty (0 bytes); it needs a header line and one line per image")
     old_limit = csv.field_size_limit()

@@ -146,10 +146,22 @@ def _read_remote(path: str, limits: ReadLimits, storage_options: dict | None) ->
     if size is not None and size > limits.max_bytes:
         raise ImageTooLarge(f"{path} has {size} bytes, more than --max-image-bytes {limits.max_bytes}")
     with fs.open(p, "rb") as f:
-        data = f.read(limits.max_bytes + 1)  # a server that sends more than it declared is cut off
+        data = _read_at_most(f, limits.max_bytes + 1)  # a server that sends more than it declared is cut off
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{path} sends more than --max-image-bytes {limits.max_bytes} bytes")
     return data
+
+
+def _read_at_most(f, n: int) -> bytes:
+    """Up to n bytes: streams may return less than asked per call."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, 2**22))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _with_deadline(fn, timeout_s: float, what: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import stat
 import threading
 import time
@@ -222,22 +223,28 @@ def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimit
     try:
         data = _retrying(once, limits)
     except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
-        raise ImageError("read", _redacted(e)) from None
+        raise _read_error(e) from None
     if not data:
         raise ImageError("read", EOFError(f"{redact(path)} is empty (0 bytes)"))
     return data
 
 
-def _redacted(e: BaseException) -> BaseException:
-    """The same exception class, its message without credentials (URLs end up in messages)."""
+def _image_error(stage: str, e: BaseException) -> ImageError:
+    """The original class name, the message without credentials (URLs end up in messages); the
+    cause is kept only when it can travel between processes as it is."""
     msg = str(e)
     clean = redact(msg)
     if clean == msg:
-        return e
-    try:
-        return type(e)(clean)
-    except Exception:  # noqa: BLE001 - classes with other constructors: keep the class name
-        return type(type(e).__name__, (Exception,), {})(clean)
+        try:
+            pickle.loads(pickle.dumps(e))
+            return ImageError(stage, e)
+        except Exception:  # noqa: BLE001 - e.g. exceptions holding sockets or sessions
+            pass
+    return ImageError(stage, clean, error_class=type(e).__name__)
+
+
+def _read_error(e: BaseException) -> ImageError:
+    return _image_error("read", e)
 
 
 def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
@@ -296,7 +303,7 @@ def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage
     except MemoryError as e:  # a film that passed the limits but still does not fit
         raise ImageError("decode", e) from None
     except Exception as e:  # noqa: BLE001 - the agreed interface: nothing else escapes
-        raise ImageError("preprocess", e) from e
+        raise _image_error("preprocess", e) from e
 
 
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:

@@ -375,3 +375,20 @@ def test_dashboard_listens_on_loopback_only():
         for cluster in (a, b):
             hosts = {s.getsockname()[0] for s in cluster.scheduler.http_server._sockets.values()}
             assert hosts == {"127.0.0.1"}, hosts
+
+
+def test_image_errors_cross_process_boundaries(tmp_path):
+    import pickle
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(50_000, 50_000))
+    e = pickle.loads(pickle.dumps(_fails(bomb)))
+    assert (e.stage, e.error_class) == ("decode", "TooManyPixels")
+
+    class Unpicklable(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a} {b}")
+
+    e = images._read_error(Unpicklable("https://u:pw@h/x.png", 2))
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.stage, e2.error_class) == ("read", "Unpicklable") and "pw" not in str(e2)

@@ -25,14 +25,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from .images import Decoded, PreprocessConfig, load_image
+from .images import Decoded, PreprocessConfig, ReadLimits, load_image
 
 SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
 
 
 @dataclass(frozen=True)
 class Failure:
-    """One film's failure, picklable (ImageError's constructor does not round-trip through pickle)."""
+    """One film's failure: only the fields errors.parquet keeps cross the process boundary."""
 
     stage: str
     error_class: str
@@ -53,6 +53,7 @@ class DecodeTask:
     preprocess: PreprocessConfig = PreprocessConfig()
     storage_options: tuple[tuple[str, str], ...] = ()
     use_cache: bool = False
+    limits: ReadLimits = ReadLimits()
 
     def __call__(self, job: FilmJob) -> tuple[Decoded | Failure | None, str | None]:
         """(Decoded | Failure | None for a cache hit, source key or None)."""
@@ -63,13 +64,13 @@ class DecodeTask:
         key = None
         if self.use_cache:
             try:
-                key = source_key(job.path, so)
+                key = source_key(job.path, so, self.limits)
             except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
                 return Failure("read", type(e).__name__, str(e)[:500]), None
             if job.cached_key is not None and key == job.cached_key:
                 return None, key
         try:
-            return load_image(job.path, self.preprocess, so), key
+            return load_image(job.path, self.preprocess, so, self.limits), key
         except ImageError as e:
             return Failure(e.stage, e.error_class, str(e.cause)[:500]), key
         except Exception as e:  # noqa: BLE001 - never let one film break the pool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .images import PreprocessConfig
+from .images import PreprocessConfig, ReadLimits
 from .model import ModelSpec
 from .storage import join
 
@@ -28,6 +28,7 @@ class RunSpec:
     cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
     precision: str = "fp32"  # pipeline.precision: fp32 | tf32 | bf16 (part of the identity)
     decode_workers: int | None = None  # decode processes per worker; None: one per core of the worker
+    read_limits: ReadLimits = ReadLimits()  # bounds per film (not identity: they never change pixels)
 
     @property
     def run_url(self) -> str:

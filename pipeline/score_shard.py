@@ -22,6 +22,7 @@ from .decode_pool import DecodeTask, Failure, FilmJob, shared_pool
 from .images import Decoded
 from .maps_store import open_maps, write_region
 from .model import get_model
+from .redact import redact
 from .runspec import RunSpec
 from .shards import Shard
 from .storage import read_json, write_json_atomic, write_parquet_atomic
@@ -105,7 +106,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     hits = misses = 0
     bs = spec.batch_size
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in range(len(shard.paths))]
-    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None)
+    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits)
     pool = shared_pool(workers)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
     # this worker keeps `lookahead` films decoding while this one finishes and writes.
@@ -185,10 +186,10 @@ def _failure(shard: Shard, pos: int, f: Failure) -> dict:
     return {
         "row": shard.rows[pos],
         "image_id": shard.image_ids[pos],
-        "path": shard.paths[pos],
+        "path": redact(shard.paths[pos]),
         "stage": f.stage,
         "error_class": f.error_class,
-        "message": f.message,
+        "message": redact(f.message)[:500],
     }
 
 
@@ -196,10 +197,10 @@ def _error(shard: Shard, pos: int, err: ImageError) -> dict:
     return {
         "row": shard.rows[pos],
         "image_id": shard.image_ids[pos],
-        "path": shard.paths[pos],
+        "path": redact(shard.paths[pos]),
         "stage": err.stage,
         "error_class": err.error_class,
-        "message": str(err.cause)[:500],
+        "message": redact(str(err.cause))[:500],
     }
 
 

@@ -158,7 +158,9 @@ def _score(cfg) -> dict:
     results, failures = [], []
     if prep.pending:
         profile = load_profile(cfg.cluster or None, cfg.cluster_file)
+        t_cluster = time.perf_counter()
         cluster, client = start_cluster(profile)
+        prep.timings["cluster_start"] = time.perf_counter() - t_cluster
         try:
             print(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             if spec.device == "auto":

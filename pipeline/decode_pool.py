@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -81,7 +82,7 @@ class DecodeWorkerDied(RuntimeError):
     """A decode process died while decoding this film, on its own, more than once."""
 
 
-def _init_decode_process() -> None:
+def _init_decode_process(owner_pid: int) -> None:
     # Ctrl-C is the driver's to handle; one torch thread (decoding uses PIL, not torch ops).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -90,6 +91,30 @@ def _init_decode_process() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+    threading.Thread(target=_exit_with_owner, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _exit_with_owner(owner_pid: int) -> None:
+    """Exit when the process that owns the pool dies (killed worker, SIGKILL to the job): a decode
+    process holds its own task pipe open, so it would never see an end of input, and it keeps the
+    forkserver alive."""
+    try:
+        fd = os.pidfd_open(owner_pid)  # readable once the owner has exited (Linux >= 5.3)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        import select
+
+        select.select([fd], [], [])
+        os._exit(0)
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
 
 
 def _allow_children() -> None:
@@ -120,7 +145,8 @@ class DecodePool:
                 ctx = multiprocessing.get_context("forkserver")
                 # decode processes fork from a server that has already imported PIL and torchvision
                 ctx.set_forkserver_preload(["pipeline.decode_pool"])
-                self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process)
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
+                                                     initargs=(os.getpid(),))
             return self._executor, self._generation
 
     def submit(self, fn: Callable, job: Any) -> tuple[Future, int]:

@@ -135,3 +135,37 @@ def test_zero_workers_decodes_in_process(films):
     paths, bad = films
     got = dict(_collect(DecodePool(0), DecodeTask(), paths[:3] + [bad], window=2))
     assert sorted(got) == [0, 1, 2, 3] and isinstance(got[3], Failure)
+
+
+def _start_pool_then_report(path, q):
+    pool = DecodePool(2)
+    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
+        list(s)
+    q.put(pool.pids())
+    time.sleep(600)  # killed by the test
+
+
+def test_decode_processes_exit_when_their_owner_is_killed(films):
+    paths, _ = films
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    owner = ctx.Process(target=_start_pool_then_report, args=(paths[0], q))
+    owner.start()
+    pids = q.get(timeout=120)
+    assert len(pids) >= 1  # processes start on demand
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.join(30)
+    deadline = time.time() + 30
+    alive = list(pids)
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _running(p)]
+    assert not alive, f"decode processes {alive} outlived their owner"
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -144,7 +144,7 @@ def section_grids(data: RunData) -> str:
                 key = ("all", "all") if stratum == "all" else (f, value) if stratum == "label" else (stratum, value)
                 panels.append((f"{'all films' if stratum == 'all' else value} (n={int(sub.n.iloc[0])})", grid, films.get(key)))
         if panels:
-            out.append(f"<h3 id='grid-{html.escape(f)}'>{html.escape(f)}</h3>" + _img(figures.grid_figure(f, panels), f"7x7 mean maps for {f}"))
+            out.append(f"<h3 id='grid-{html.escape(f)}'>{html.escape(f)}</h3>" + _img(figures.grid_figure(f, panels), f"7x7 mean maps for {f}: " + "; ".join(p[0] for p in panels)))
     return "\n".join(out)
 
 

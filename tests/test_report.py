@@ -168,3 +168,64 @@ def test_demo_markers_sit_in_the_top_corner_cells():
     cells = marker_cells()
     assert set(cells["PORTABLE"]) <= {(0, 0), (0, 1), (0, 2)} and (0, 0) in cells["PORTABLE"]
     assert cells["L"] == ((0, 6),)
+
+
+# ------------------------------------------------------------------ a real browser (Debian's chromium)
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.src || '').slice(0, 40))), true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const out = {images: imgs.length, undecoded: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length,
+               rows: document.querySelectorAll('#scorecard-table tbody tr').length,
+               height: document.documentElement.scrollHeight, errors: window.__errors};
+  const pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import os
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("chromium is not installed but CI is set: .ci/run installs Debian's chromium for this test")
+        pytest.skip("chromium is absent (apt-get install chromium); under CI=true this is a failure")
+    return exe
+
+
+def _run_browser(exe: str, tmp_path, *args) -> tuple[str, str]:
+    import subprocess
+
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout, p.stderr
+
+
+def test_demo_report_in_a_real_browser(full_run, tmp_path):
+    import json
+
+    exe = _chromium()
+    out, _, second = full_run
+    page = (out / "runs" / second / "report.html").read_text()
+    assert "<script" not in page  # the report itself runs nothing
+    probed = tmp_path / "probed.html"  # a copy with a probe that writes its findings into the DOM
+    probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    dom, err = _run_browser(exe, tmp_path, "--dump-dom", probed.as_uri())
+    result = json.loads(re.search(r'<pre id="probe-result">(.*?)</pre>', dom).group(1))
+    assert result["errors"] == []
+    console = [line for line in err.splitlines() if "CONSOLE" in line]
+    assert console == []  # nothing written to the console (errors included) by the page
+    assert result["images"] >= len(CHEXNET_FINDINGS) + 3 and result["undecoded"] == 0  # every image decoded
+    assert result["rows"] == len(CHEXNET_FINDINGS)  # one scorecard row per finding
+    # the unmodified report, full page: the window as tall as the document
+    shot = tmp_path / "report.png"
+    _run_browser(exe, tmp_path, f"--screenshot={shot}", f"--window-size=1400,{min(result['height'], 16000)}", (out / "runs" / second / "report.html").as_uri())
+    px = np.asarray(Image.open(shot).convert("L"), float)
+    assert px.shape[0] >= min(result["height"], 16000) - 1
+    assert (px < 200).mean() > 0.05 and px.std() > 20  # not blank: text, tables and films drawn

@@ -68,17 +68,22 @@ def ln_colorbar(fig: Figure, im, ax, vmax: float) -> None:
     cb.set_label("ln(p_cell / p_baseline)  (× probability ratio)", fontsize=7)
 
 
-def grid_figure(finding: str, panels: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bytes:
-    """One row of 7x7 mean maps (title, values, mean film of the group) sharing a colour scale."""
-    vmax = symmetric_limit([p[1] for p in panels])
-    n = len(panels)
-    fig = new_figure(1.9 * n + 1.6, 2.4)
-    axes = fig.subplots(1, n, squeeze=False)[0]
+def _overlay_row(panels: list[tuple[str, np.ndarray | None, np.ndarray]], width: float, height: float, values: bool, fontsize: float) -> Figure:
+    """One row of (title, film, 7x7 map) panels sharing a diverging colour scale and its legend."""
+    vmax = symmetric_limit([p[2] for p in panels])
+    fig = new_figure(width * len(panels) + 1.5, height)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     im = None
-    for ax, (title, values, film) in zip(axes, panels):
-        im = overlay(ax, film, values, vmax)
-        ax.set_title(title, fontsize=8)
+    for ax, (title, film, grid_values) in zip(axes, panels):
+        im = overlay(ax, film, grid_values, vmax, values=values, fontsize=6)
+        ax.set_title(title, fontsize=fontsize)
     ln_colorbar(fig, im, list(axes), vmax)
+    return fig
+
+
+def grid_figure(finding: str, panels: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bytes:
+    """7x7 mean maps of groups (title, values, mean film of the group) over their mean films."""
+    fig = _overlay_row([(t, film, v) for t, v, film in panels], 1.9, 2.4, values=False, fontsize=8)
     fig.suptitle(f"{finding}: mean ln(p_cell / p_baseline)", fontsize=9, x=0.02, ha="left")
     return to_png(fig)
 
@@ -109,16 +114,7 @@ def identifiability_figure(panels: list[tuple[str, np.ndarray, np.ndarray | None
 
 def example_figure(examples: list[tuple[str, np.ndarray | None, np.ndarray]]) -> bytes:
     """Seed style: each film's 224x224 crop with its map over it and the ln values in the cells."""
-    vmax = symmetric_limit([e[2] for e in examples])
-    n = len(examples)
-    fig = new_figure(3.0 * n + 1.4, 3.5)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    im = None
-    for ax, (title, film, values) in zip(axes, examples):
-        im = overlay(ax, film, values, vmax, values=True, fontsize=6)
-        ax.set_title(title, fontsize=7)
-    ln_colorbar(fig, im, list(axes), vmax)
-    return to_png(fig, dpi=90)
+    return to_png(_overlay_row(examples, 3.0, 3.5, values=True, fontsize=7), dpi=90)
 
 
 def film_sheet(film: np.ndarray | None, maps: np.ndarray, names: list[str], probs: list[float | None], title: str) -> bytes:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..storage import join, write_bytes_atomic
-from . import figures
+from .figures import film_sheet
 from .data import load_run
 
 
@@ -29,7 +29,7 @@ def write_film_png(out: str, image_id: str, finding: str | None = None, model_ve
     labels = [n for n in data.findings if n in m and r[n] is True] if any(data.has_labels(f) for f in data.findings) else None
     title = (f"{image_id} · {r.get('view_position') or '?'} · {r.get('site')} · "
              f"labels: {'unlabelled' if labels is None else ', '.join(labels) or 'none'} · run {data.model_version}")
-    png = figures.film_sheet(data.film(int(r.row)), maps, names, probs, title)
+    png = film_sheet(data.film(int(r.row)), maps, names, probs, title)
     stem = image_id.rsplit(".", 1)[0] + (f"-{finding}" if finding else "")
     path = path or join(data.run_url, "films", f"{stem}.png")
     write_bytes_atomic(path, png)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..storage import join, write_bytes_atomic
-from . import figures
+from .figures import example_figure, grid_figure, identifiability_figure
 from .data import RunData, load_run
 from .scorecard import CONFOUNDERS, RULES, readable, scorecard
 
@@ -144,7 +144,7 @@ def section_grids(data: RunData) -> str:
                 key = ("all", "all") if stratum == "all" else (f, value) if stratum == "label" else (stratum, value)
                 panels.append((f"{'all films' if stratum == 'all' else value} (n={int(sub.n.iloc[0])})", grid, films.get(key)))
         if panels:
-            out.append(f"<h3 id='grid-{html.escape(f)}'>{html.escape(f)}</h3>" + _img(figures.grid_figure(f, panels), f"7x7 mean maps for {f}: " + "; ".join(p[0] for p in panels)))
+            out.append(f"<h3 id='grid-{html.escape(f)}'>{html.escape(f)}</h3>" + _img(grid_figure(f, panels), f"7x7 mean maps for {f}: " + "; ".join(p[0] for p in panels)))
     return "\n".join(out)
 
 
@@ -168,7 +168,7 @@ def section_identifiability(data: RunData) -> str:
         glob = "" if e.empty or pd.isna(e.auc.iloc[0]) else f"\nembedding AUC {e.auc.iloc[0]:.3f} [{_fmt(e.auc_lo.iloc[0])}, {_fmt(e.auc_hi.iloc[0])}]"
         panels.append((f"{target}{glob}", auc, sig))
     if panels:
-        out.append(_img(figures.identifiability_figure(panels), "identifiability maps"))
+        out.append(_img(identifiability_figure(panels), "identifiability maps"))
     out.append("<p class='note'>Each cell: cross-validated AUC of a probe that sees only that cell's features (0.5 = chance). "
                + ("Cells framed in red are those the run's identifiability_map.parquet marks <code>significant</code>.</p>" if has_sig else
                   "</p>" + _missing("No cell is marked: this run's identifiability_map.parquet has no 'significant' column "
@@ -227,7 +227,7 @@ def section_examples(data: RunData) -> str:
                 pm = np.maximum(cam, 0)
                 ex.append((f"{m.at[r, 'image_id']}  p={p[r]:.3f}\n{m.at[r, 'view_position'] or '?'} · {m.at[r, 'site']} · {lab_txt}"
                            f" · ring {pm[ring].sum() / max(pm.sum(), 1e-12):.0%}", film, cam))
-            out.append(f"<h3>{html.escape(title)}</h3>" + _img(figures.example_figure(ex), title))
+            out.append(f"<h3>{html.escape(title)}</h3>" + _img(example_figure(ex), title))
     if unreadable:
         out.append(_missing("Some films could not be read from their paths; they are drawn as grey squares."))
     return "\n".join(out)

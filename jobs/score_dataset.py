@@ -107,13 +107,23 @@ def run(cfg, validated: bool = False) -> dict:
         from pipeline.validate import validate
 
         validate(cfg)
-    created = not exists(cfg.out, cfg.storage_options)
+    created = _first_missing(cfg.out) if not exists(cfg.out, cfg.storage_options) else None
     try:
         return _run_locked(cfg)
     except BaseException:
-        if created:  # a run that failed before writing anything leaves no empty --out behind
-            remove_if_empty(cfg.out, cfg.storage_options)
+        if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
+            remove_if_empty(created, cfg.storage_options)
         raise
+
+
+def _first_missing(out: str) -> str:
+    """The outermost folder of a local --out that does not exist yet (what a run would create)."""
+    if "://" in out:
+        return out
+    path = os.path.abspath(out)
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
 
 
 def _run_locked(cfg) -> dict:
@@ -133,6 +143,9 @@ def _run_locked(cfg) -> dict:
             # only a complete, aggregated run becomes 'latest'; replaced atomically
             write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
                               join(cfg.out, "latest.json"), cfg.storage_options)
+            from pipeline.query_views import write_views
+
+            write_views(cfg.out, cfg.storage_options)  # DuckDB views of the latest run: OUT/cxr_audit.sql
             if previous and previous != info["model_version"]:
                 from pipeline.drift import drift, summary_text
 

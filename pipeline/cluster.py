@@ -125,10 +125,9 @@ class _LastError(logging.Handler):
         self.message: str | None = None
 
     def emit(self, record):
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text = f"{text} {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        self.message = " ".join(text.split())[:600]
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{type(exc).__name__}: {exc}" if exc is not None else record.getMessage()
+        self.message = " ".join(text.split())[:500]
 
 
 def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tuple[Any, Any]:

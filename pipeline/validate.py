@@ -48,12 +48,12 @@ def _check_arch(arch: str) -> None:
 
 def check_cluster(profile) -> None:
     """The profile's cluster class is installed and its scheduler tools are on PATH."""
-    need = _NEEDS_MODULE.get(profile.type)
-    if need and importlib.util.find_spec(need[0]) is None:
-        raise ConfigError(f"profile {profile.name!r} (type {profile.type}) needs {need[0]}: pip install 'cxr-audit[{need[1]}]'")
     if profile.type == "slurm" and shutil.which("sbatch") is None:
         raise ConfigError(f"profile {profile.name!r} submits SLURM jobs, but there is no 'sbatch' on PATH: "
                           "run on a SLURM login node, or choose another --cluster")
+    need = _NEEDS_MODULE.get(profile.type)
+    if need and importlib.util.find_spec(need[0]) is None:
+        raise ConfigError(f"profile {profile.name!r} (type {profile.type}) needs {need[0]}: pip install 'cxr-audit[{need[1]}]'")
 
 
 def validate(cfg, cluster_file_given: bool = True):

@@ -166,9 +166,8 @@ def _score(cfg) -> dict:
     started = _now()
     prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
     spec = prep.spec
-    n_issues = prep.manifest.issues.num_rows
-    log.info(f"manifest: {prep.manifest.manifest.num_rows} images, {n_issues} metadata issues "
-             f"{prep.manifest.issue_counts() or ''} -> {cfg.out}/manifest_issues.parquet")
+    for line in manifest_summary(prep.manifest, cfg):
+        log.info(line)
     log.info(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
     if prep.pending:
@@ -206,6 +205,27 @@ def _score(cfg) -> dict:
             tables = aggregate_run(cfg.out, spec.model_version, AggregateConfig(identifiability=cfg.identifiability))
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
     return run_info
+
+
+def manifest_summary(result, cfg) -> list[str]:
+    """Films found per dataset ('120 of 112,120 listed films found under ROOT') and the other
+    metadata issues by reason: a partial download is one line, not thousands of issues."""
+    from pipeline.adapters import DatasetSpec
+
+    issues = result.issues.select(["dataset", "reason"]).to_pandas()
+    kept = result.manifest.column("dataset").to_pandas().value_counts()
+    lines = []
+    for spec in (DatasetSpec.parse(d) for d in cfg.datasets):
+        mine = issues[issues.dataset == spec.name].reason
+        missing, excluded = int((mine == "missing_file").sum()), int((mine == "excluded_view").sum())
+        found = int(kept.get(spec.name, 0)) + excluded
+        if missing:
+            lines.append(f"{spec.name}: {found:,} of {found + missing:,} listed films found under {spec.location} "
+                         f"(the {missing:,} others are missing_file rows in manifest_issues.parquet)")
+    other = issues[issues.reason != "missing_file"].reason.value_counts().sort_index().to_dict()
+    lines.append(f"manifest: {result.manifest.num_rows:,} images; "
+                 + (f"metadata issues {other} -> {cfg.out}/manifest_issues.parquet" if other else "no other metadata issues"))
+    return lines
 
 
 def _with_worker_device(client, spec):

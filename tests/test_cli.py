@@ -207,3 +207,25 @@ def test_help_goes_to_stdout_and_lists_new_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--worker-timeout", "--quiet", "--verbose", "--version"):
         assert flag in text
+
+
+def test_a_partial_download_is_one_line_and_missing_rows_keep_their_path(tmp_path):
+    from jobs.score_dataset import manifest_summary
+    from pipeline.adapters import DatasetSpec
+    from pipeline.demo import make_demo_dataset
+    from pipeline.findings import CHEXNET_FINDINGS
+    from pipeline.manifest import build_manifest
+    from pipeline.scoring import ScoreConfig
+
+    root = make_demo_dataset(tmp_path / "ChestX-ray14", n=20, size=64, seed=1)
+    gone = sorted(root.rglob("*.png"))[:5]
+    for p in gone:
+        p.unlink()
+    cfg = ScoreConfig(datasets=(f"nih:{root}",), out=str(tmp_path / "out"), checkpoint="random:0")
+    result = build_manifest([DatasetSpec.parse(d) for d in cfg.datasets], CHEXNET_FINDINGS)
+    lines = manifest_summary(result, cfg)
+    assert lines[0] == f"nih: 15 of 20 listed films found under {root} (the 5 others are missing_file rows in manifest_issues.parquet)"
+    assert lines[1] == "manifest: 15 images; no other metadata issues"
+    missing = result.issues.to_pandas()
+    assert sorted(missing.path.str.rsplit("/", n=1).str[-1]) == sorted(p.name for p in gone)
+    assert all(p.startswith(str(root)) for p in missing.path)

@@ -180,7 +180,8 @@ def _score(cfg) -> dict:
             futures = {client.submit(score_shard, s, spec, key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}", pure=False): s
                        for s in prep.pending}
             t_score = time.perf_counter()
-            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr) as bar:
+            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr,
+                  disable=args_quiet()) as bar:
                 for fut in as_completed(futures):
                     shard = futures[fut]
                     try:
@@ -238,6 +239,13 @@ def _with_worker_device(client, spec):
 
     devices = set(client.run(probe).values())
     return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
+
+
+def args_quiet() -> bool:
+    """--quiet: no progress bar either."""
+    import logging
+
+    return not log.isEnabledFor(logging.INFO)
 
 
 def summary(run: dict) -> str:

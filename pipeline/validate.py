@@ -56,8 +56,12 @@ def check_cluster(profile) -> None:
         raise ConfigError(f"profile {profile.name!r} (type {profile.type}) needs {need[0]}: pip install 'cxr-audit[{need[1]}]'")
 
 
-def validate(cfg, cluster_file_given: bool = True):
-    """Raise ConfigError for anything wrong in cfg (a ScoreConfig); return the cluster Profile."""
+def validate(cfg, cluster_file_given: bool | None = None):
+    """Raise ConfigError for anything wrong in cfg (a ScoreConfig); return the cluster Profile.
+    cluster_file_given: the user named the profiles file, so it must exist (default: when it is not
+    the default ./cluster.yaml, which falls back to the built-in local profiles)."""
+    if cluster_file_given is None:
+        cluster_file_given = cfg.cluster_file != "cluster.yaml"
     from .adapters import DatasetSpec
     from .cluster import load_profile
 

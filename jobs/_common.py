@@ -50,8 +50,17 @@ def setup_logging(args) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
-    # Dask's own INFO/WARNING chatter (worker start/stop, nanny shutdown) is for --verbose only
-    logging.getLogger("distributed").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+
+
+def quiet_dask_logs() -> None:
+    """Dask's own INFO/WARNING chatter (worker start/stop, 'Worker process still alive after 4 s,
+    killing' when a normal run closes its cluster) is for --verbose only. Call after importing
+    distributed: its import sets these loggers' levels from its config."""
+    import distributed  # noqa: F401 - configures its loggers on import
+
+    verbose = log.isEnabledFor(logging.DEBUG)
+    for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "dask_cuda"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def fail(e: BaseException) -> int:

@@ -158,6 +158,8 @@ def _score(cfg) -> dict:
     from distributed import as_completed
     from tqdm import tqdm
 
+    from jobs._common import quiet_dask_logs
+
     from pipeline.cluster import load_profile, start_cluster
     from pipeline.model import resolve_device
     from pipeline.score_shard import score_shard
@@ -172,6 +174,7 @@ def _score(cfg) -> dict:
     results, failures = [], []
     if prep.pending:
         profile = load_profile(cfg.cluster or None, cfg.cluster_file)
+        quiet_dask_logs()
         cluster, client = start_cluster(profile, cfg.worker_timeout)
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")

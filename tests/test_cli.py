@@ -151,7 +151,14 @@ def test_messages_carry_no_terminal_escape_codes():
         "two options, do those steps only if you trust the source."
 
 
-@pytest.mark.parametrize("module", sorted({m for m, _ in COMMANDS.values() if m != "jobs.report"} | {"jobs.benchmark_aggregates"}))
+def _job_modules() -> list[str]:
+    import importlib.util
+
+    names = {m for m, _ in COMMANDS.values()} | {"jobs.benchmark_aggregates"}
+    return sorted(m for m in names if importlib.util.find_spec(m) is not None)  # jobs.report arrives with issue 10
+
+
+@pytest.mark.parametrize("module", _job_modules())
 def test_every_job_has_version(module, capsys):
     import importlib
 

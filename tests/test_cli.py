@@ -77,7 +77,7 @@ def test_every_configuration_error_exits_2_fast_with_nothing_written_and_no_torc
           f"all {len(cases)} incl. interpreter start {time.perf_counter() - t:.2f} s")
 
 
-@pytest.mark.parametrize("extra", [["--cluster", "nosuch"], ["--cluster-file", "absent.yaml"]])
+@pytest.mark.parametrize("extra", [["--cluster", "nosuch"], ["--cluster-file", "absent.yaml"], ["--checkpoint", "absent.safetensors"]])
 def test_a_configuration_error_from_the_shell_takes_under_two_seconds_of_wall_clock(tmp_path, tiny_nih, tiny_ckpt, extra):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score_dataset", "--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt,

@@ -151,39 +151,3 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
                 grid = int(round(cell_features.shape[1] ** 0.5))
                 cells.append({"target": target, "cell_row": c // grid, "cell_col": c % grid, "n": base["n"], **metrics})
     return summary, cells, scores
-
-
-def prevalence_confounding(manifest: pd.DataFrame, rows: np.ndarray, probs: np.ndarray, findings, cfg: ProbeConfig, min_n: int = 20) -> list[dict]:
-    """Per finding: AUC of scoring each image by its site's out-of-fold prevalence, beside the
-    model's AUC pooled and within each site (Zech et al.: site alone predicted pneumonia, AUC 0.861)."""
-    m = manifest.set_index("row").loc[rows]
-    site = m["site"].astype(str).to_numpy()
-    patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str).to_numpy()
-    out = []
-    for k, f in enumerate(findings):
-        if f not in m.columns:
-            continue
-        lab = m[f]
-        has = lab.notna().to_numpy()
-        if has.sum() < min_n:
-            continue
-        y = lab[has].astype(bool).to_numpy()
-        p = probs[has, k]
-        s = site[has]
-        if min(y.sum(), (~y).sum()) < cfg.folds:
-            continue  # too few positives (or negatives) to stratify the folds
-        site_score = np.full(len(y), np.nan)
-        for train, test in StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, patients[has]):
-            prev = pd.Series(y[train]).groupby(s[train]).mean()
-            site_score[test] = pd.Series(s[test]).map(prev).fillna(y[train].mean()).to_numpy()
-        n_sites = len(set(s))
-        out.append({"finding": f, "stratum": "all", "stratum_value": "all", "n": int(len(y)), "prevalence": float(y.mean()),
-                    "auc_site_prevalence": auc_delong(y, site_score)[0] if n_sites > 1 else None,
-                    "auc_model": auc_delong(y, p)[0]})
-        for v in sorted(set(s)):
-            sel = s == v
-            ys = y[sel]
-            ok = sel.sum() >= min_n and ys.any() and not ys.all()
-            out.append({"finding": f, "stratum": "site", "stratum_value": v, "n": int(sel.sum()), "prevalence": float(ys.mean()),
-                        "auc_site_prevalence": None, "auc_model": auc_delong(ys, p[sel])[0] if ok else None})
-    return out

@@ -19,7 +19,10 @@ def identifiability_schema(**meta) -> pa.Schema:
 
 def identifiability_map_schema(**meta) -> pa.Schema:
     return with_metadata(pa.schema([pa.field("target", pa.string(), nullable=False), pa.field("cell_row", pa.int8(), nullable=False),
-                                    pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS),
+                                    pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS
+                                   # within-fold permutation z and one-sided p (above chance); Holm over the target's cells
+                                   + [pa.field("z", _F), pa.field("p_value", _F), pa.field("p_holm", _F),
+                                      pa.field("significant", pa.bool_(), nullable=False)]),
                          schema="identifiability_map", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 

@@ -195,3 +195,16 @@ def cell_probes(cell_features: np.ndarray, y_idx: np.ndarray, splits, n_classes:
         r["p_holm"] = None if math.isnan(q) else float(q)
         r["significant"] = bool(q <= cfg.alpha) if not math.isnan(q) else False
     return rows
+
+
+def format_map(cells: pd.DataFrame) -> str:
+    """The 7x7 identifiability map per target as text, showing a cell's AUC only where it differs
+    from chance after Holm's correction (``significant``); '.' elsewhere, so noise is not read."""
+    lines = []
+    for target, t in cells.groupby("target", sort=True):
+        grid = int(t.cell_row.max()) + 1
+        shown = {(int(r.cell_row), int(r.cell_col)): r.auc for r in t.itertuples() if r.significant}
+        lines.append(f"identifiability map, target {target}: AUC where above chance (Holm, 49 cells), '.' elsewhere; "
+                     f"{len(shown)} of {len(t)} cells")
+        lines += ["   " + " ".join(f"{shown[(i, j)]:5.2f}" if (i, j) in shown else "    ." for j in range(grid)) for i in range(grid)]
+    return "\n".join(lines)

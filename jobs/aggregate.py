@@ -56,6 +56,10 @@ def main(argv=None) -> int:
         return fail(e)
     for name, t in tables.items():
         print(f"{name}.parquet: {t.num_rows} rows")
+    if "identifiability_map" in tables and tables["identifiability_map"].num_rows:
+        from pipeline.identifiability import format_map
+
+        print(format_map(tables["identifiability_map"].to_pandas()))
     return 0
 
 

@@ -92,7 +92,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--identifiability", action="store_true", help="time the confounder probes too (issue 4; goal 10 min, 8 GB)")
     p.add_argument("--report", action="store_true", help="then time python -m jobs.report on the result (issue 10; goal 30 s)")
-    args = p.parse_args(argv)
+    from jobs._common import add_common, setup_logging
+
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
     work = tempfile.mkdtemp(prefix="cxr-aggbench-")
     t = time.perf_counter()
     make_synthetic_run(work, args.images, film_paths=_films(work) if args.report else None)

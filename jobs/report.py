@@ -26,7 +26,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    from jobs._common import add_common, fail, setup_logging
+
+    args = add_common(parser()).parse_args(argv)
+    setup_logging(args)
     try:
         if args.film:
             from pipeline.reporting.film import write_film_png
@@ -40,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         path = write_report(args.out, args.run, args.html)
     except CxrAuditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"report: {path} ({time.perf_counter() - t:.1f} s)")
     return 0
 

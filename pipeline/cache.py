@@ -10,12 +10,12 @@ import json
 import math
 from dataclasses import asdict
 
-import fsspec
 import numpy as np
 import zarr
 
-from .images import PreprocessConfig
+from .images import PreprocessConfig, ReadLimits, source_info
 from .maps_store import open_maps
+from .redact import redact
 from .storage import join
 
 CACHE_FORMAT = 1
@@ -30,12 +30,12 @@ def cache_group_url(cache_url: str, pre: PreprocessConfig) -> str:
     return join(cache_url, config_key(pre))
 
 
-def source_key(path: str, storage_options: dict | None = None) -> str:
-    """path|size|mtime (or ETag on object stores): changes whenever the file's content may have."""
-    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    info = fs.info(p)
+def source_key(path: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> str:
+    """path|size|mtime (or ETag on object stores): changes whenever the file's content may have.
+    The path is stored redacted (the key lives in the cache); the info call is bounded by limits."""
+    info = source_info(path, storage_options, limits)
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag") or ""
-    return f"{path}|{info.get('size')}|{stamp}"
+    return f"{redact(path)}|{info.get('size')}|{stamp}"
 
 
 def create_cache(cache_url: str, pre: PreprocessConfig, n_rows: int, shard_size: int, storage_options: dict | None = None) -> str:

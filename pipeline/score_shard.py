@@ -20,6 +20,7 @@ from .cache import ShardCache, source_key
 from .images import Decoded, load_image
 from .maps_store import open_maps, write_region
 from .model import get_model
+from .redact import redact
 from .runspec import RunSpec
 from .shards import Shard
 from .storage import read_json, write_json_atomic, write_parquet_atomic
@@ -54,14 +55,14 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
     key = None
     if cache is not None:
         try:
-            key = source_key(path, so)
+            key = source_key(path, so, spec.read_limits)
         except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
             return ImageError("read", e), None, False
         hit = cache.get(row, key)
         if hit is not None:
             return Decoded(hit[0], hit[1]), key, True
     try:
-        return load_image(path, spec.preprocess, so), key, False
+        return load_image(path, spec.preprocess, so, spec.read_limits), key, False
     except ImageError as e:
         return e, key, False
 
@@ -176,10 +177,10 @@ def _error(shard: Shard, pos: int, err: ImageError) -> dict:
     return {
         "row": shard.rows[pos],
         "image_id": shard.image_ids[pos],
-        "path": shard.paths[pos],
+        "path": redact(shard.paths[pos]),
         "stage": err.stage,
         "error_class": err.error_class,
-        "message": str(err.cause)[:500],
+        "message": redact(str(err.cause))[:500],
     }
 
 

@@ -13,21 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 import pipeline
+from schemas.meta import with_model_version
 from schemas.outputs import errors_schema
 
 from .adapters import DatasetSpec
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, DatasetError, OutputError
 from .findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
-from .images import PreprocessConfig
 from .manifest import ManifestResult, build_manifest, dataset_fingerprint
 from .maps_store import create_maps
-from .model import ModelSpec, load_model
-from .runspec import RunSpec
+from .read_limits import ReadLimits
+from .redact import redact_columns, redact_obj
 from .shards import Shard, plan_shards
 from .storage import check_writable, exists, join, read_json, read_parquet, write_json_atomic, write_parquet_atomic
+
+# torch and the model code are imported inside the functions that need them, so that building and
+# validating a ScoreConfig (jobs/score_dataset.py) stays fast: a config error in well under 2 s.
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class ScoreConfig:
     site_column: str | None = None
     uncertain: str = "zeros"
     identifiability: bool = False  # also fit the confounder probes after scoring
+    worker_timeout: float | None = None  # seconds to wait for a first worker (None: the profile's)
+    max_image_bytes: int = ReadLimits.max_bytes
+    max_image_pixels: int = ReadLimits.max_pixels
+    max_aspect_ratio: float = ReadLimits.max_aspect
+    read_timeout: float = ReadLimits.timeout_s
+    read_retries: int = ReadLimits.retries
+    allow_roots: tuple[str, ...] = ()  # further places manifests may point into (--allow-root)
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -61,12 +70,20 @@ class ScoreConfig:
             raise ConfigError("--shard-size and --batch-size must be positive")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
+        try:
+            self.read_limits()
+        except ValueError as e:
+            raise ConfigError(f"--max-image-bytes/--max-image-pixels/--max-aspect-ratio/--read-timeout/--read-retries: {e}") from None
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_aspect=self.max_aspect_ratio,
+                          timeout_s=self.read_timeout, retries=self.read_retries)
 
 
 @dataclass
 class PreparedRun:
     config: ScoreConfig
-    spec: RunSpec
+    spec: "RunSpec"  # noqa: F821 - imported lazily (torch)
     shards: list[Shard]
     manifest: ManifestResult
     dataset_fingerprint: str
@@ -105,6 +122,12 @@ def resolve_baselines(cfg: ScoreConfig, manifest: pa.Table) -> tuple[float, ...]
 
 
 def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
+    import torch
+
+    from .images import PreprocessConfig
+    from .model import ModelSpec, load_model
+    from .runspec import RunSpec
+
     timings: dict[str, float] = {}
     so = cfg.storage_options
     t = time.perf_counter()
@@ -121,9 +144,16 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     t = time.perf_counter()
     manifest_url = join(cfg.out, "manifest.parquet")
     previous = read_parquet(manifest_url, so) if exists(manifest_url, so) else None
-    result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain)
-    write_parquet_atomic(result.manifest, manifest_url, so)
-    write_parquet_atomic(result.issues, join(cfg.out, "manifest_issues.parquet"), so)
+    result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain,
+                            allow_roots=cfg.allow_roots, storage_options=so)
+    if result.manifest.num_rows == 0:
+        # nothing written yet: an earlier manifest (and its row numbers) stays as it was
+        shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
+        raise DatasetError(f"no image to score in {', '.join(cfg.datasets)}: {result.issues.num_rows} metadata issues "
+                           f"{result.issue_counts() or ''}{' (' + shown + ')' if shown else ''}. Check the --dataset locations and their metadata.")
+    # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
+    write_parquet_atomic(redact_columns(result.manifest), manifest_url, so)
+    write_parquet_atomic(redact_columns(result.issues), join(cfg.out, "manifest_issues.parquet"), so)
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
@@ -141,6 +171,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         embedding_dim=model.embedding_dim,
         decode_threads=cfg.decode_threads,
         storage_options=tuple(sorted(so.items())),
+        read_limits=cfg.read_limits(),
     )
     previous_run = read_json(join(spec.run_url, "run.json"), so)
     if previous_run and previous_run.get("identity") != spec.output_identity():
@@ -178,7 +209,9 @@ def _now() -> str:
 
 
 def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:
-    return {
+    import torch
+
+    return redact_obj({  # URLs in flags may carry credentials
         "status": status,
         "model_version": spec.model_version,
         "identity": spec.output_identity(),
@@ -192,7 +225,7 @@ def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished
         "seconds": timings,
         "failed_shards": failures or [],
         "history": history,  # earlier invocations into this run dir
-    }
+    })
 
 
 def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> dict:
@@ -203,6 +236,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     records = [r for r in (shard_done(s, spec) for s in prep.shards) if r is not None]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
+    table = with_model_version(table, spec.model_version)
     write_parquet_atomic(table, join(spec.run_url, "errors.parquet"), so)
     n_images = sum(len(s.rows) for s in prep.shards)
     counts = {

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -103,9 +104,9 @@ def test_generic_manifest_csv_and_parquet(tmp_path):
     assert list(m.index) == ["a", "b", "c"]
     assert m.loc["a", "site"] == "hospital_b" and m.loc["b", "site"] == "ward9"
     assert m.loc["b", "view_position"] == "PA" and m.loc["a", "sex"] == "F"
-    assert m.loc["a", "Pneumonia"] and m.loc["a", "Effusion"] is False
-    assert m.loc["b", "Pneumonia"] is None and m.loc["b", "Effusion"] is None  # blank and uncertain: unlabelled
-    assert m.loc["a", "Atelectasis"] is None  # a finding the source never labels is null, not negative
+    assert m.loc["a", "Pneumonia"] and m.loc["a", "Effusion"] == False  # noqa: E712 - labels are nullable booleans
+    assert m.loc["b", "Pneumonia"] is pd.NA and m.loc["b", "Effusion"] is pd.NA  # blank and uncertain: unlabelled
+    assert m.loc["a", "Atelectasis"] is pd.NA  # a finding the source never labels is null, not negative
     assert json.loads(m.loc["a", "extra"]) == {"department": "ICU"}
     assert r.issue_counts() == {"impossible_age": 1, "missing_file": 1}
     pq.write_table(pa.Table.from_pandas(__import__("pandas").read_csv(csv, dtype=str, keep_default_na=False)), tmp_path / "site_c.parquet")
@@ -116,7 +117,11 @@ def test_generic_manifest_csv_and_parquet(tmp_path):
 def test_pooled_datasets_and_dataset_flag_errors(tmp_path, tiny_nih):
     csv = tmp_path / "other.csv"
     csv.write_text(f"image_id,path\nx,{next(tiny_nih.glob('images_001/images/*.png'))}\n")
-    r = build_manifest([DatasetSpec.parse(f"nih:{tiny_nih}"), DatasetSpec.parse(f"hospB=manifest:{csv}")], CHEXNET_FINDINGS)
+    specs = [DatasetSpec.parse(f"nih:{tiny_nih}"), DatasetSpec.parse(f"hospB=manifest:{csv}")]
+    # an absolute path outside the manifest's folder needs --allow-root (issue 12)
+    refused = build_manifest(specs, CHEXNET_FINDINGS)
+    assert refused.issues.to_pandas().reason.tolist() == ["outside_root"]
+    r = build_manifest(specs, CHEXNET_FINDINGS, allow_roots=(str(tiny_nih),))
     m = r.manifest.to_pandas()
     assert m.dataset.value_counts().to_dict() == {"nih": 40, "hospB": 1}
     assert m.row.is_unique

@@ -102,9 +102,14 @@ def test_identifiability_marks_only_significant_cells_or_says_why(full_run, tmp_
 
 def test_the_job_writes_the_report_at_the_end_of_a_run_without_labels_sites_boxes(tmp_path, tiny_nih, tiny_ckpt, capsys):
     # a generic manifest with paths only: no labels, no view, one site
+    import shutil
+
+    (tmp_path / "films").mkdir()
     paths = sorted(tiny_nih.glob("images_*/images/*.png"))[:24]
-    manifest = tmp_path / "films.csv"
-    manifest.write_text("image_id,path\n" + "".join(f"{p.name},{p}\n" for p in paths))
+    for p in paths:
+        shutil.copy(p, tmp_path / "films" / p.name)
+    manifest = tmp_path / "films.csv"  # paths relative to the manifest's folder
+    manifest.write_text("image_id,path\n" + "".join(f"{p.name},films/{p.name}\n" for p in paths))
     out = tmp_path / "out"
     assert _score(out, [f"manifest:{manifest}"], tiny_ckpt) == 0
     mv = next((out / "runs").iterdir()).name

@@ -91,7 +91,7 @@ def grid_figure(finding: str, panels: list[tuple[str, np.ndarray, np.ndarray | N
 def identifiability_figure(panels: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bytes:
     """Per target: 7x7 AUC of the single-cell probes; cells flagged significant get a black frame."""
     n = len(panels)
-    fig = new_figure(2.3 * n + 1.2, 2.7)
+    fig = new_figure(2.6 * n + 1.2, 2.9)
     axes = fig.subplots(1, n, squeeze=False)[0]
     im = None
     for ax, (title, auc, significant) in zip(axes, panels):
@@ -105,7 +105,7 @@ def identifiability_figure(panels: list[tuple[str, np.ndarray, np.ndarray | None
                 ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, ec="red", lw=1.6))
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=7)
     cb = fig.colorbar(im, ax=list(axes), fraction=0.04, pad=0.02)
     cb.set_label("AUC of the cell's probe", fontsize=7)
     cb.ax.tick_params(labelsize=7)

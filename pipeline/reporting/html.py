@@ -165,11 +165,12 @@ def section_identifiability(data: RunData) -> str:
             sig = np.zeros((7, 7), bool)
             sig[g.cell_row.to_numpy(), g.cell_col.to_numpy()] = g.significant.fillna(False).astype(bool).to_numpy()
         e = ident[(ident.target == target) & (ident.features == "embedding")]
-        glob = "" if e.empty or pd.isna(e.auc.iloc[0]) else f"\nembedding AUC {e.auc.iloc[0]:.3f} [{_fmt(e.auc_lo.iloc[0])}, {_fmt(e.auc_hi.iloc[0])}]"
+        glob = "" if e.empty or pd.isna(e.auc.iloc[0]) else f"\nAUC {e.auc.iloc[0]:.3f} [{_fmt(e.auc_lo.iloc[0])}, {_fmt(e.auc_hi.iloc[0])}]"
         panels.append((f"{target}{glob}", auc, sig))
     if panels:
         out.append(_img(identifiability_figure(panels), "identifiability maps"))
-    out.append("<p class='note'>Each cell: cross-validated AUC of a probe that sees only that cell's features (0.5 = chance). "
+    out.append("<p class='note'>Each cell: cross-validated AUC of a probe that sees only that cell's features (0.5 = chance); "
+               "each title gives the global AUC of the embedding probe with its 95% CI. "
                + ("Cells framed in red are those the run's identifiability_map.parquet marks <code>significant</code>.</p>" if has_sig else
                   "</p>" + _missing("No cell is marked: this run's identifiability_map.parquet has no 'significant' column "
                                     "(written by newer versions of the aggregate), so no per-cell test was stored.")))
@@ -184,6 +185,8 @@ def _example_findings(data: RunData) -> list[str]:
     fs = data.table("finding_summary")
     if fs is not None:
         a = fs[fs.stratum == "all"].dropna(subset=["pos_share_corners"])
+        # a finding labelled but never positive has nothing to show
+        a = a[[not data.has_labels(f) or bool(data.manifest[f].fillna(False).astype(bool).any()) for f in a.finding]]
         if len(a):
             worst = a.loc[(a.pos_share_corners + a.pos_share_ring).idxmax(), "finding"]
             if worst not in chosen:

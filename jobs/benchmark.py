@@ -78,7 +78,7 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     latest = json.loads((out / "latest.json").read_text())
     run = json.loads((out / latest["run"] / "run.json").read_text())
     assert run["counts"]["scored"] == n, run["counts"]
-    m = re.search(r"aggregates: .* in ([0-9.]+) s", proc.stdout)
+    m = re.search(r"aggregates: .* in ([0-9.]+) s", proc.stdout + proc.stderr)
     return {**run, "wall": wall, "aggregates_s": float(m.group(1)) if m else 0.0, "stdout": proc.stdout}
 
 
@@ -158,7 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--decode-workers", type=int, default=None, help="passed to the job (default: its own default)")
     p.add_argument("--skip-cache", action="store_true", help="leave out (e), the cache reruns")
-    args = p.parse_args(argv)
+    from jobs._common import add_common, setup_logging
+
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
 
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     manifest, paths = _films(args.images, work)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import threading
 
-import torch
-
 from .errors import ConfigError
+
+# torch is imported where it is used: validating --precision must not pay for importing it.
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_PRECISION = "fp32"
@@ -43,6 +43,8 @@ def run_version(weights_version: str, precision: str) -> str:
 
 def _set_cuda_tf32(on: bool) -> tuple:
     """Set TF32 for cuDNN convolutions and cuBLAS matmuls; return what was there."""
+    import torch
+
     b = torch.backends
     if hasattr(b.cudnn, "conv") and hasattr(b.cuda.matmul, "fp32_precision"):  # torch >= 2.9 API
         old = (b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision)
@@ -54,6 +56,8 @@ def _set_cuda_tf32(on: bool) -> tuple:
 
 
 def _restore_cuda_tf32(saved: tuple) -> None:
+    import torch
+
     api, old = saved
     b = torch.backends
     if api == "new":
@@ -63,7 +67,7 @@ def _restore_cuda_tf32(saved: tuple) -> None:
 
 
 @contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device):
+def precision_mode(precision: str, device: "torch.device"):
     """TF32 flags for the duration of one forward (they are process-global, so set and restored
     under a lock: two shard tasks of one worker never see each other's setting)."""
     check_precision(precision)
@@ -78,8 +82,10 @@ def precision_mode(precision: str, device: torch.device):
             _restore_cuda_tf32(saved)
 
 
-def features_autocast(precision: str, device: torch.device):
+def features_autocast(precision: str, device: "torch.device"):
     """bfloat16 autocast for the feature extractor in bf16 mode, else nothing."""
     if precision == "bf16":
+        import torch
+
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

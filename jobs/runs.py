@@ -27,7 +27,30 @@ def list_runs(out: str) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.runs", description=__doc__)
     p.add_argument("--out", required=True, metavar="URL")
+    p.add_argument("--check", action="store_true",
+                   help="check every run's shards against their records and the bookkeeping files; writes nothing. "
+                        "Exit 0: intact; 1: damage found (rerunning the scoring command repairs it)")
+    p.add_argument("--verify", action="store_true", help="with --check: rehash every output (default: sizes only)")
+    p.add_argument("--unlock", action="store_true", help="remove OUT/_lock.json left by a run that died (refused if its holder is alive here)")
     args = p.parse_args(argv)
+    if args.unlock:
+        from pipeline.errors import CxrAuditError
+        from pipeline.run_lock import force_unlock
+
+        try:
+            print(force_unlock(args.out))
+        except CxrAuditError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.check:
+        from pipeline.run_check import check_out
+
+        problems = check_out(args.out, verify=args.verify)
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} problems under {args.out}" if problems else f"{args.out}: every shard matches its record")
+        return 1 if problems else 0
     rows = list_runs(args.out)
     if not rows:
         print(f"no runs under {args.out}")

@@ -254,6 +254,9 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
         tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
     for name, table in tables.items():
         write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
+    from .aggregate_inputs import record_inputs
+
+    record_inputs(out, model_version, config, list(tables))  # after the tables: a kill leaves them stale
     return tables
 
 

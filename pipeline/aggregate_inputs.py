@@ -21,8 +21,8 @@ def inputs_digest(out: str, model_version: str, config, storage_options: dict | 
     run_url = join(out, "runs", model_version)
     h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     fs, mpath = url_to_fs(join(out, "manifest.parquet"), storage_options)
-    info = fs.info(mpath)
-    h.update(f"manifest:{info.get('size')}:{info.get('mtime') or info.get('ETag') or ''}".encode())
+    with fs.open(mpath, "rb") as f:  # its content, not its mtime: every run rewrites it
+        h.update(hashlib.sha256(f.read()).digest())
     fs, sdir = url_to_fs(join(run_url, "_shards"), storage_options)
     for p in sorted(fs.glob(posixpath.join(sdir, "shard-*.json"))):
         try:

@@ -21,7 +21,7 @@ from .cache import ShardCache, cached_decode
 from .maps_store import open_maps, write_region
 from .model import get_model
 from .runspec import RunSpec
-from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, shard_status
+from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from .shards import Shard
 from .storage import write_json_atomic, write_parquet_atomic
 
@@ -104,7 +104,11 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
-    chunks = [range(i, min(i + bs, len(shard.paths))) for i in range(0, len(shard.paths), bs)]
+    todo = list(range(len(shard.paths)))
+    plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
+    if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
+        todo, errors, modes = plan
+    chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
 
         def submit(k):

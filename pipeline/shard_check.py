@@ -168,3 +168,27 @@ def nonfinite_rows(outputs) -> np.ndarray:
     for a in (outputs.prob, outputs.cam, outputs.cell_logit, outputs.embedding):
         bad |= ~np.isfinite(np.asarray(a, np.float64)).reshape(n, -1).all(1)
     return bad
+
+
+def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok: np.ndarray):
+    """For a partial shard whose outputs match its record: fill the region arrays, prob and ok with
+    what it already scored, and return (positions to score again, errors to keep, its source modes).
+    None when the shard is to be scored whole."""
+    st = check_shard(shard, spec)
+    if st.state != "partial":
+        return None
+    so = dict(spec.storage_options)
+    g = open_maps(spec.maps_url, "r", so)
+    for name, arr in region.items():
+        arr[:] = g[name][shard.start:shard.stop]
+    fs, part = url_to_fs(spec.part_url(shard.index), so)
+    with fs.open(part, "rb") as f:
+        t = pq.read_table(f)
+    pos_of = {r: p for p, r in enumerate(shard.rows)}
+    pos = np.asarray([pos_of[r] for r in t.column("row").to_pylist()], dtype=np.int64)
+    if len(pos):
+        prob[pos] = np.stack([t.column(f).to_numpy() for f in spec.model.findings], axis=1)
+        ok[pos] = True
+    retry = set(retry_rows(st.record))
+    kept = [e for e in st.record.get("errors", []) if e["row"] not in retry]
+    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {})

@@ -257,6 +257,9 @@ def test_read_errors_make_a_partial_shard_that_a_rerun_retries(tmp_path, tiny_ni
     victim.write_bytes(keep)
     assert main(_args(data, out, tiny_ckpt)) == 0
     assert "5 shards, 1 to score" in capsys.readouterr().out
+    rj = json.loads((run / "run.json").read_text())
+    assert rj["counts"]["cache_now"] == {"hits": 0, "misses": 1}  # only the failed film was read again
+    assert rj["counts"]["source_modes"] == {"L": 40}
     assert pq.read_table(run / "errors.parquet").num_rows == 0
     _same(reference, run)
 

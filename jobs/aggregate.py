@@ -55,6 +55,10 @@ def main(argv=None) -> int:
         return 2
     for name, t in tables.items():
         print(f"{name}.parquet: {t.num_rows} rows")
+    if "identifiability_map" in tables and tables["identifiability_map"].num_rows:
+        from pipeline.identifiability import format_map
+
+        print(format_map(tables["identifiability_map"].to_pandas()))
     return 0
 
 

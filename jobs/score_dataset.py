@@ -59,6 +59,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failed-fraction", type=float, default=0.05, metavar="F",
                    help="more failed images than this share ends the run 'partial' with exit 3 (default 0.05); "
                         "no image scored is always a failure")
+    p.add_argument("--max-image-bytes", type=int, default=64 * 2**20, metavar="N",
+                   help="larger image files are not read; recorded as ImageTooLarge (default 64 MiB; real films are 0.3-10 MB)")
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+                   help="films whose header declares more pixels are not decoded (TooManyPixels; default 64,000,000)")
+    p.add_argument("--max-aspect-ratio", type=float, default=6.0, metavar="R",
+                   help="films longer than R times their width (or the reverse) are not decoded (ExtremeAspectRatio; default 6)")
+    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 60)")
+    p.add_argument("--read-retries", type=int, default=2, metavar="N",
+                   help="further attempts after a transient read error (timeout, connection, EIO), with backoff (default 2)")
+    p.add_argument("--allow-root", action="append", default=[], metavar="URL",
+                   help="repeatable: a folder or URL prefix that manifest paths may point into besides the manifest's own folder")
     return p
 
 
@@ -95,7 +106,9 @@ def config_from_args(args, argv_empty: bool):
                        high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
                        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
                        uncertain=args.uncertain, identifiability=args.identifiability, verify=args.verify,
-                       max_failed_fraction=args.max_failed_fraction)
+                       max_failed_fraction=args.max_failed_fraction,
+                       max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
+                       read_timeout=args.read_timeout, read_retries=args.read_retries, allow_roots=tuple(args.allow_root))
 
 
 def run(cfg) -> dict:
@@ -135,6 +148,7 @@ def _score(cfg) -> dict:
 
     from pipeline.cluster import load_profile, start_cluster
     from pipeline.model import resolve_device
+    from pipeline.redact import redact
     from pipeline.score_shard import score_shard
     from pipeline.scoring import _now, finalize_run, prepare_run
 
@@ -143,9 +157,9 @@ def _score(cfg) -> dict:
     spec = prep.spec
     n_issues = prep.manifest.issues.num_rows
     print(f"manifest: {prep.manifest.manifest.num_rows} images, {n_issues} metadata issues "
-          f"{prep.manifest.issue_counts() or ''} -> {cfg.out}/manifest_issues.parquet")
+          f"{prep.manifest.issue_counts() or ''} -> {redact(cfg.out)}/manifest_issues.parquet")
     for note in prep.notes:
-        print(note)
+        print(redact(note))
     print(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
     if prep.pending:
@@ -164,8 +178,8 @@ def _score(cfg) -> dict:
                     try:
                         results.append(fut.result())
                     except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
-                        failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": str(e)[:500]})
-                        print(f"shard {shard.index} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                        failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
+                        print(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
                     bar.update(len(shard.rows))
             prep.timings["score_wall"] = time.perf_counter() - t_score
         except KeyboardInterrupt:
@@ -265,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
         result = run(cfg)
     except CxrAuditError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from pipeline.redact import redact
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt as e:
+        from pipeline.redact import redact
+
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what}: finished shards are kept and the lock is released; "
-              f"rerun the same command to resume: python -m jobs.score_dataset {' '.join(argv)}", file=sys.stderr)
+              f"rerun the same command to resume: python -m jobs.score_dataset {redact(' '.join(argv))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if old_term is not None:

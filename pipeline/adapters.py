@@ -7,15 +7,21 @@ Validation common to every source lives in ``pipeline.manifest``.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import json
+import os
 import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
 import pandas as pd
 
 from .errors import ConfigError, DatasetError
+from .paths import is_local, local_path
 from .storage import to_url, url_to_fs
 
 BASE = ["image_id", "path", "patient_id", "site", "view_position", "sex", "age", "split"]
@@ -51,26 +57,84 @@ class RawDataset:
     issues: list[dict]
     listed_files: set[str] | None  # image files present where the metadata points (None: not listed)
     lists_whole_dataset: bool = False  # True when listed_files is the whole dataset (unlisted files are news)
+    roots: tuple[str, ...] = ()  # every path must lie under one of these (or an --allow-root)
+    check_exists: bool = False  # True: look each path up (after confinement) instead of listed_files
+
+
+MAX_FIELD = 131_072  # Python's csv default limit: longer fields are bad rows, reported, not lost silently
+# Bytes that are not UTF-8 are decoded to private-use marks (plane 16): pandas can carry them, and
+# the rows holding them are then found and reported. The file's own characters are never touched.
+_MARK = 0x10FF00
+_NOT_UTF8 = re.compile(f"[{chr(_MARK)}-{chr(_MARK + 255)}]")
+
+
+def _mark_bytes(err: UnicodeDecodeError):
+    return "".join(chr(_MARK + b) for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error("cxr-audit-mark", _mark_bytes)
+
+
+def _printable(text: str) -> str:
+    return _NOT_UTF8.sub(lambda m: f"\\x{ord(m.group()) - _MARK:02x}", text)
+
+
+def _read_bytes(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"metadata file {url} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - gzip/bz2/xz/zip errors have no common base
+        raise DatasetError(f"metadata file {url} cannot be read ({type(e).__name__}: {e}); a compressed file may be truncated: "
+                           "download it again, or pass the uncompressed CSV") from None
 
 
 def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
+    """A metadata CSV as strings. Lines that cannot be parsed, hold bytes that are not UTF-8 or a
+    field over MAX_FIELD characters come back as details in the second value (each one a bad_row)."""
     bad: list[str] = []
 
     def on_bad(line):  # keep a note of each malformed line rather than failing the whole file
-        bad.append(",".join(line))
+        bad.append("malformed CSV line: " + _printable(",".join(line))[:200])
         return None
 
+    data = _read_bytes(url)
+    text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", "cxr-audit-mark")
+    if not text.strip():
+        raise DatasetError(f"metadata file {url} is empty (0 bytes); it needs a header line and one line per image")
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, len(text) + 1))  # long fields are found below, not dropped silently
     try:
-        with fsspec.open(url, "rb", compression="infer") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DatasetError(f"metadata file {url} does not exist") from None
-    df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
+    except pd.errors.EmptyDataError:
+        raise DatasetError(f"metadata file {url} has no header line; it needs one (e.g. image_id,path)") from None
+    except (pd.errors.ParserError, csv.Error, ValueError) as e:
+        raise DatasetError(f"metadata file {url} is not a CSV file that can be parsed: {_printable(str(e))[:300]}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if any(_NOT_UTF8.search(str(c)) for c in df.columns):
+        raise DatasetError(f"the header of {url} is not UTF-8 ({_printable(','.join(map(str, df.columns)))[:200]}); save the file as UTF-8")
+    if len(text) > MAX_FIELD or _NOT_UTF8.search(text):
+        keep = []
+        for i, rec in enumerate(df.itertuples(index=False)):
+            why = None
+            for col, v in zip(df.columns, rec):
+                if isinstance(v, str) and len(v) > MAX_FIELD:
+                    why = f"field {col!r} has {len(v)} characters (limit {MAX_FIELD})"
+                elif isinstance(v, str) and _NOT_UTF8.search(v):
+                    why = f"bytes that are not UTF-8 in {col!r}: {_printable(v)[:120]}"
+                if why:
+                    break
+            if why:
+                bad.append(f"data row {i + 1}: {why}")
+            keep.append(why is None)
+        df = df[keep].reset_index(drop=True)
     return df, bad
 
 
 def _bad_line_issues(dataset: str, bad: list[str]) -> list[dict]:
-    return [dict(dataset=dataset, image_id=None, path=None, reason="bad_row", detail=f"malformed CSV line: {b[:200]}", action="dropped") for b in bad]
+    return [dict(dataset=dataset, image_id=None, path=None, reason="bad_row", detail=b[:300], action="dropped") for b in bad]
 
 
 # ---------------------------------------------------------------- NIH ChestX-ray14
@@ -130,7 +194,7 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None 
             issues.append(dict(dataset=spec.name, image_id=image_id, path=None, reason="unknown_label", detail=f"labels {unknown} are not findings of this model", action="kept"))
         rows.append(dict(image_id=image_id, path=images.get(image_id, ""), patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
     records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
-    return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True)
+    return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True, roots=(root,))
 
 
 # ---------------------------------------------------------------- generic manifest
@@ -152,8 +216,11 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDatas
     if not fs.exists(p):
         raise DatasetError(f"manifest {url} does not exist")
     if p.endswith(".parquet"):
-        with fs.open(p, "rb") as f:
-            df = pd.read_parquet(f).astype(str).replace({"None": "", "nan": "", "<NA>": ""})
+        try:
+            with fs.open(p, "rb") as f:
+                df = pd.read_parquet(f).astype(str).replace({"None": "", "nan": "", "<NA>": ""})
+        except Exception as e:  # noqa: BLE001 - arrow raises several types for a broken file
+            raise DatasetError(f"manifest {url} is not a readable Parquet file ({type(e).__name__}: {e}); write it again") from None
         bad: list[str] = []
     else:
         df, bad = _read_csv(url)
@@ -166,7 +233,9 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDatas
     rows = []
     for rec in df.to_dict("records"):
         path = str(rec["path"]).strip()
-        if path and "://" not in path and not path.startswith("/"):
+        if path.startswith("file://"):
+            path = posixpath.normpath(local_path(path))  # a local file, named as the rest are
+        elif path and "://" not in path and not path.startswith("/"):
             path = to_url(fs, posixpath.join(base_dir, path))  # relative to the manifest file
         extra = {c: rec[c] for c in extra_cols if str(rec[c]) != ""}
         row = dict(image_id=str(rec["image_id"]).strip(), path=path, extra=json.dumps(extra, sort_keys=True) if extra else None)
@@ -177,22 +246,38 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDatas
             row[f] = _label_value(rec[f]) if f in rec else None
         rows.append(row)
     records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
-    listed = _list_parents(records["path"].tolist())
-    return RawDataset(records, issues, listed)
+    return RawDataset(records, issues, None, roots=(to_url(fs, base_dir),), check_exists=True)
 
 
-def _list_parents(paths: list[str], max_dirs: int = 2000) -> set[str] | None:
-    """Files present in the folders the manifest points into (None when too many folders to list)."""
-    dirs = {posixpath.dirname(p) for p in paths if p}
-    if len(dirs) > max_dirs:
+def present_files(paths: list[str], storage_options: dict | None = None, max_dirs: int = 2000, max_objects: int = 5000,
+                  timeout_s: float = 10.0) -> set[str] | None:
+    """Which of ``paths`` exist. Local files: by listing their folders (one call per folder). URLs:
+    by asking for each object itself (HEAD / HeadObject, never a listing), bounded in time.
+    None when there are too many folders/objects to check; missing files then fail at read time."""
+    local = [q for q in paths if q and is_local(q)]
+    remote = [q for q in paths if q and not is_local(q)]
+    dirs = {posixpath.dirname(q) for q in local}
+    if len(dirs) > max_dirs or len(remote) > max_objects:
         return None
     present: set[str] = set()
     for d in dirs:
-        fs, dp = url_to_fs(d)
         try:
-            present.update(to_url(fs, q) for q in fs.ls(dp, detail=False))
-        except FileNotFoundError:
+            present.update(posixpath.join(d, name) for name in os.listdir(d))
+        except OSError:
             continue
+    if remote:
+        from .images import ReadLimits, source_info
+
+        limits = ReadLimits(timeout_s=timeout_s, retries=1)
+
+        def check(q):
+            try:
+                return q if source_info(q, storage_options, limits).get("type", "file") == "file" else None
+            except Exception:  # noqa: BLE001 - absent, refused or silent: not present
+                return None
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exists") as pool:
+            present.update(q for q in pool.map(check, remote) if q)
     return present
 
 

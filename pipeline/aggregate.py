@@ -268,7 +268,8 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
         prevalence_confounding_schema,
     )
 
-    from .identifiability import ProbeConfig, prevalence_confounding, run_probes
+    from .identifiability import ProbeConfig, run_probes
+    from .site_confounding import prevalence_confounding
 
     cfg = ProbeConfig(targets=config.targets)
     rows = ctx.rows

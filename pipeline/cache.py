@@ -20,8 +20,9 @@ import numpy as np
 import zarr
 
 from .errors import ImageError, OutputError
-from .images import Decoded, PreprocessConfig, decode_preprocess, read_bytes
+from .images import Decoded, PreprocessConfig, ReadLimits, decode_bytes, read_bytes
 from .maps_store import open_maps
+from .redact import redact
 from .storage import join
 
 CACHE_FORMAT = 2  # 2: content keys, one chunk per row (format 1 could mix shards' writes)
@@ -37,15 +38,17 @@ def cache_group_url(cache_url: str, pre: PreprocessConfig) -> str:
 
 
 def content_key(path: str, data: bytes) -> str:
-    """path|size|BLAKE2b-128 of the bytes: changes whenever the content does, whatever the mtime."""
-    return f"{path}|{len(data)}|b2:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+    """path|size|BLAKE2b-128 of the bytes: changes whenever the content does, whatever the mtime.
+    The path is stored redacted (the key lives in the cache)."""
+    return f"{redact(path)}|{len(data)}|b2:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
 
 
-def cached_decode(path: str, row: int, pre: PreprocessConfig, storage_options: dict, cache: "ShardCache | None"):
-    """(Decoded | ImageError, content key or None, hit): read the bytes once, serve cached pixels
-    when their content key matches, else decode."""
+def cached_decode(path: str, row: int, pre: PreprocessConfig, storage_options: dict, cache: "ShardCache | None",
+                  limits: ReadLimits = ReadLimits()):
+    """(Decoded | ImageError, content key or None, hit): read the bytes once (bounded, retried),
+    serve cached pixels when their content key matches, else decode."""
     try:
-        data = read_bytes(path, storage_options)
+        data = read_bytes(path, storage_options, limits)
     except ImageError as e:
         return e, None, False
     key = content_key(path, data) if cache is not None else None
@@ -54,7 +57,7 @@ def cached_decode(path: str, row: int, pre: PreprocessConfig, storage_options: d
         if hit is not None:
             return Decoded(hit[0], hit[1]), key, True
     try:
-        return decode_preprocess(data, pre), key, False
+        return decode_bytes(data, pre, limits), key, False
     except ImageError as e:
         return e, key, False
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
+import pickletools
 import re
+import struct
+import zipfile
 
 import fsspec
 import torch
@@ -26,20 +30,39 @@ _OLD_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:
 _PREFIXES = ("module.", "densenet121.", "model.")
 
 
+MAX_CHECKPOINT_BYTES = 4 * 2**30  # DenseNet-121 is 28 MB; a file this large is not a CAM classifier
+MAX_PICKLE_BYTES = 64 * 2**20  # a state_dict's pickle is names and shapes: kilobytes
+MAX_SAFETENSORS_HEADER = 16 * 2**20
+_FLOATING = {"F16", "BF16", "F32", "F64"}
+_STORAGE_BYTES = {"DoubleStorage": 8, "LongStorage": 8, "FloatStorage": 4, "IntStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                  "ShortStorage": 2, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "UntypedStorage": 1}
+_COUNTERS = ("num_batches_tracked",)  # BatchNorm's step counter: the one integer a state_dict holds
+
+
 def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    """Load tensors from a .safetensors or a torch file, never executing pickled code."""
+    """Load tensors from a .safetensors or a torch file, never executing pickled code. Sizes are
+    checked before anything is inflated; only finite floating-point weights are accepted."""
     try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            data = f.read()
+        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        size = fs.info(p).get("size")
+        if size is not None and size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(f"{path} has {size} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have")
+        with fs.open(p, "rb") as f:
+            data = f.read(MAX_CHECKPOINT_BYTES + 1)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check --checkpoint") from None
+    if len(data) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path} has more than the {MAX_CHECKPOINT_BYTES} bytes a checkpoint may have")
     if path.endswith(".safetensors"):
         from safetensors.torch import load as st_load
 
+        _check_safetensors_header(data, path)
         try:
-            return dict(st_load(data))
+            state = dict(st_load(data))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+        return check_tensors(state, path)
+    _check_torch_sizes(data, path)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -50,7 +73,103 @@ def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str,
         ) from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
-    return _unwrap(obj, path)
+    return check_tensors(_unwrap(obj, path), path)
+
+
+def check_tensors(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Floating-point, finite weights only (an int8 or NaN tensor would load and score nonsense)."""
+    for name, t in state.items():
+        if name.endswith(_COUNTERS) and not t.is_floating_point():
+            continue
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}; only floating-point weights are accepted "
+                                  "(quantized checkpoints must be dequantized first)")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN/Inf values of {t.numel()}; the checkpoint is corrupt")
+    return state
+
+
+def _check_safetensors_header(data: bytes, path: str) -> None:
+    """The 8-byte header length, then the header's dtypes and extents, before the library reads."""
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {len(data)} bytes")
+    n = struct.unpack("<Q", data[:8])[0]
+    if n > min(len(data) - 8, MAX_SAFETENSORS_HEADER):
+        raise CheckpointError(f"{path} is not a valid safetensors file: its header claims {n} bytes, the file has {len(data)}")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: unreadable header ({e})") from None
+    body = len(data) - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__" or not isinstance(entry, dict):
+            continue
+        dtype, (start, stop) = entry.get("dtype"), entry.get("data_offsets", (0, 0))
+        if not (0 <= start <= stop <= body):
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file ({start}..{stop} of {body} bytes)")
+        if dtype not in _FLOATING and not name.endswith(_COUNTERS):
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only floating-point weights are accepted "
+                                  "(quantized checkpoints must be dequantized first)")
+
+
+def _check_torch_sizes(data: bytes, path: str) -> None:
+    """Refuse a torch file whose parts would inflate: zip members larger than the file could hold,
+    or storages the pickle declares larger than the bytes that back them (4 MB -> 4 GiB)."""
+    if data[:4] == b"PK\x03\x04":
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+            members = zf.infolist()
+        except (zipfile.BadZipFile, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+        total = sum(m.file_size for m in members)
+        if total > len(data) + 2**20:  # torch stores members uncompressed: more inside than outside is a bomb
+            raise CheckpointError(f"{path}: its zip members inflate to {total} bytes from a {len(data)}-byte file; refused")
+        pkl = [m for m in members if m.filename.endswith("data.pkl")]
+        if len(pkl) != 1 or pkl[0].file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: expected one data.pkl of at most {MAX_PICKLE_BYTES} bytes in the torch zip file")
+        backing = total
+        pickle_bytes = zf.read(pkl[0])
+    else:
+        backing, pickle_bytes = len(data), data  # legacy format: the storages follow the pickles in the file
+    declared = _declared_storage_bytes(pickle_bytes)
+    if declared > backing:
+        raise CheckpointError(f"{path}: its pickle declares {declared} bytes of tensor storage but the file holds {backing}; refused")
+
+
+def _declared_storage_bytes(pickle_bytes: bytes) -> int:
+    """Sum of the storage sizes in the pickle's persistent ids ('storage', type, key, location, size),
+    read from the opcode stream without unpickling (memo lookups followed)."""
+    memo: dict = {}
+    last = None
+    total = 0
+    current: list | None = None
+    try:
+        for op, arg, _ in pickletools.genops(pickle_bytes):
+            name = op.name
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg if name != "MEMOIZE" else len(memo)] = last
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                last = memo.get(arg)
+            else:
+                last = arg
+            if last == "storage" and name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINGET", "LONG_BINGET", "GET"):
+                current = []
+                continue
+            if current is not None:
+                if isinstance(last, str) and last.endswith("Storage"):
+                    current.append(("type", last))
+                elif isinstance(last, int) and not isinstance(last, bool) and name not in ("PROTO", "FRAME", "BINGET", "LONG_BINGET", "GET"):
+                    current.append(("int", last))
+                if name in ("BINPERSID", "PERSID"):
+                    kind = next((v for k, v in current if k == "type"), "UntypedStorage").rsplit(".", 1)[-1].split(" ")[-1]
+                    ints = [v for k, v in current if k == "int"]
+                    total += (ints[0] if ints else 0) * _STORAGE_BYTES.get(kind, 1)
+                    current = None
+    except Exception:  # noqa: BLE001 - a stream genops cannot walk is for torch.load to reject
+        return total
+    return total
 
 
 def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str =
         raise DatasetError(f"no train.csv or valid.csv under {root}; --dataset chexpert:ROOT must point at CheXpert-v1.0[-small]")
     # 223k images in ~190k study folders: listing them all is slower than letting a missing file
     # show up as a read error during scoring.
-    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None)
+    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))
 
 
 def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "zeros") -> RawDataset:
@@ -82,4 +82,4 @@ def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "z
         rows.append(dict(image_id=dicom, path=to_url(fs, path), patient_id=sid, site=spec.name,
                          view_position=str(rec.get("ViewPosition", "")).strip() or None, sex=None, age=None,
                          split=splits.get(dicom), extra=None, **_labels(lab, findings, uncertain)))
-    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None)
+    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))

@@ -11,6 +11,9 @@ import yaml
 from .errors import ConfigError
 
 TYPES = ("local", "local-cuda", "slurm", "kubernetes", "address")
+# The dashboard's info pages have no authentication: only this machine may see them by default
+# (reach it from elsewhere through an SSH tunnel; see the README).
+DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,20 @@ def local_kwargs(opts: dict) -> dict:
     if kw.get("n_workers", "auto") == "auto":
         kw["n_workers"] = max(1, gpu_count())
     kw.setdefault("threads_per_worker", 1)
-    kw.setdefault("dashboard_address", ":8787")
+    kw.setdefault("dashboard_address", DASHBOARD_ADDRESS)
     return kw
 
 
 def cuda_kwargs(opts: dict) -> dict:
     kw = {k: v for k, v in opts.items() if v is not None}
     kw.setdefault("threads_per_worker", 1)
+    kw.setdefault("dashboard_address", DASHBOARD_ADDRESS)
     return kw
 
 
 def slurm_kwargs(opts: dict) -> tuple[dict, int]:
     kw = {k: v for k, v in opts.items() if v is not None and k != "jobs"}
+    kw["scheduler_options"] = {"dashboard_address": DASHBOARD_ADDRESS, **(kw.get("scheduler_options") or {})}
     if isinstance(kw.get("local_directory"), str):
         kw["local_directory"] = os.path.expandvars(kw["local_directory"])
     return kw, int(opts.get("jobs", 1))

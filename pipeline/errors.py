@@ -32,8 +32,11 @@ class MisalignedWriteError(OutputError):
 class ImageError(CxrAuditError):
     """One image could not be read or decoded. Recorded in errors.parquet; never stops the job."""
 
-    def __init__(self, stage: str, cause: BaseException | str):
+    def __init__(self, stage: str, cause: BaseException | str, error_class: str | None = None):
         self.stage = stage
         self.cause = cause
-        self.error_class = type(cause).__name__ if isinstance(cause, BaseException) else "ImageError"
+        self.error_class = error_class or (type(cause).__name__ if isinstance(cause, BaseException) else "ImageError")
         super().__init__(f"{stage}: {self.error_class}: {cause}")
+
+    def __reduce__(self):  # crosses process boundaries (decode workers) intact
+        return type(self), (self.stage, self.cause, self.error_class)

@@ -7,16 +7,23 @@ model and what a cache would keep); normalisation happens batched on the model's
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import pickle
+import stat
+import threading
+import time
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import functional as TF
 
 from .errors import ImageError
+from .redact import redact
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,23 +51,217 @@ class Decoded:
     source_mode: str  # PIL mode of the file: 'L', 'RGB', 'RGBA', 'I;16', ...
 
 
-def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
-    """Whole file as bytes from any fsspec URL. Raises ImageError(stage='read')."""
+class ImageTooLarge(Exception):
+    """The file is larger than --max-image-bytes."""
+
+
+class TooManyPixels(Exception):
+    """The header declares more pixels than --max-image-pixels (a decompression bomb)."""
+
+
+class ExtremeAspectRatio(Exception):
+    """The header declares a film thinner than --max-aspect-ratio (resizing it would explode)."""
+
+
+class NotARegularFile(Exception):
+    """A FIFO, device, socket or directory: reading it could block forever or never end."""
+
+
+class ReadTimeout(TimeoutError):
+    """One read took longer than --read-timeout."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what one film may cost. Not part of a run's identity: they never change the pixels
+    of a film that passes them. Real films are 0.3-0.5 MB (NIH), up to ~10 MB (16-bit PadChest)."""
+
+    max_bytes: int = 64 * 2**20
+    # 64 M pixels: far above any radiograph (PadChest ~ 4k x 4k) and below PIL's own 89 M warning.
+    max_pixels: int = 64_000_000
+    max_aspect: float = 6.0  # chest films are ~1:1.3; a 1 x 60,000 'film' would resize to 224 x 13 M
+    timeout_s: float = 60.0  # per attempt, remote reads only (local reads of regular files do not hang)
+    retries: int = 2  # further attempts after a transient error (timeout, connection, EIO)
+    backoff_s: float = 0.5  # doubled after each attempt
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_aspect < 1 or self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError(f"invalid read limits {self}: sizes must be positive, aspect >= 1, retries >= 0")
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE}
+_TRANSIENT_NAMES = {"ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError",
+                    "FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError"}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth another try: timeouts, dropped connections, I/O errors of network file systems."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _read_local(path: str, limits: ReadLimits) -> bytes:
+    p = path[len("file://"):] if path.startswith("file://") else path
+    st = os.stat(p)  # never blocks, even on a FIFO
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(f"{path} is not a regular file ({_kind(st.st_mode)}); only regular files are read")
+    if st.st_size > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has {st.st_size} bytes, more than --max-image-bytes {limits.max_bytes}")
+    # O_NONBLOCK: if the file was swapped for a FIFO since the stat, open does not wait for a writer.
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            data = f.read()
-    except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
-        raise ImageError("read", e) from e
-    if not data:
-        raise ImageError("read", EOFError(f"{path} is empty (0 bytes)"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(f"{path} is not a regular file; only regular files are read")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(limits.max_bytes + 1)  # files that grow, or lie in /proc about their size
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has more than --max-image-bytes {limits.max_bytes} bytes")
     return data
 
 
-def _open(data: bytes) -> Image.Image:
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_remote(path: str, limits: ReadLimits, storage_options: dict | None) -> bytes:
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    info = fs.info(p)  # HEAD / HeadObject on the object itself
+    if info.get("type", "file") != "file":
+        raise NotARegularFile(f"{path} is a {info.get('type')}, not an object")
+    size = info.get("size")
+    if size is not None and size > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has {size} bytes, more than --max-image-bytes {limits.max_bytes}")
+    with fs.open(p, "rb") as f:
+        data = _read_at_most(f, limits.max_bytes + 1)  # a server that sends more than it declared is cut off
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{path} sends more than --max-image-bytes {limits.max_bytes} bytes")
+    return data
+
+
+def _read_at_most(f, n: int) -> bytes:
+    """Up to n bytes: streams may return less than asked per call."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, 2**22))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _with_deadline(fn, timeout_s: float, what: str):
+    """Run fn in a daemon thread; give up after timeout_s. A hung backend call cannot be cancelled
+    from Python, so its thread is abandoned (it ends when the connection does); the film does not wait."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="cxr-read", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ReadTimeout(f"{what}: no answer within --read-timeout {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _retrying(fn, limits: ReadLimits):
+    delay = limits.backoff_s
+    for attempt in range(limits.retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - retried only when transient; the caller converts
+            if attempt < limits.retries and is_transient(e):
+                time.sleep(delay)
+                delay *= 2
+                continue
+            raise
+
+
+def source_info(path: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> dict:
+    """size and mtime/ETag of one film, as cheaply and as boundedly as its bytes are read."""
+    if _is_local(path):
+        st = os.stat(path[len("file://"):] if path.startswith("file://") else path)
+        return {"size": st.st_size, "mtime": st.st_mtime, "type": "file" if stat.S_ISREG(st.st_mode) else "other"}
+
+    def info():
+        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        return fs.info(p)
+
+    return _retrying(lambda: _with_deadline(info, limits.timeout_s, redact(path)), limits)
+
+
+def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> bytes:
+    """Whole file as bytes from a local path or an fsspec URL, within ``limits``; transient errors
+    are retried with backoff. Raises ImageError(stage='read') only."""
+    def once() -> bytes:
+        if _is_local(path):
+            return _read_local(path, limits)
+        return _with_deadline(lambda: _read_remote(path, limits, storage_options), limits.timeout_s, redact(path))
+
     try:
-        img = Image.open(io.BytesIO(data))
+        data = _retrying(once, limits)
+    except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
+        raise _read_error(e) from None
+    if not data:
+        raise ImageError("read", EOFError(f"{redact(path)} is empty (0 bytes)"))
+    return data
+
+
+def _image_error(stage: str, e: BaseException) -> ImageError:
+    """The original class name, the message without credentials (URLs end up in messages); the
+    cause is kept only when it can travel between processes as it is."""
+    msg = str(e)
+    clean = redact(msg)
+    if clean == msg:
+        try:
+            pickle.loads(pickle.dumps(e))
+            return ImageError(stage, e)
+        except Exception:  # noqa: BLE001 - e.g. exceptions holding sockets or sessions
+            pass
+    return ImageError(stage, clean, error_class=type(e).__name__)
+
+
+def _read_error(e: BaseException) -> ImageError:
+    return _image_error("read", e)
+
+
+def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # beyond PIL's own limit, refused at open
+        raise ImageError("decode", TooManyPixels(f"{e} (limit --max-image-pixels {limits.max_pixels})")) from None
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("decode", e) from e
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageError("decode", TooManyPixels(f"{w} x {h} = {w * h} pixels, more than --max-image-pixels {limits.max_pixels}"))
+    if min(w, h) < 1 or max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageError("decode", ExtremeAspectRatio(f"{w} x {h} is thinner than --max-aspect-ratio {limits.max_aspect:g}"))
+    try:
         img.load()  # PIL opens lazily; truncation only shows here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a decoder may raise anything on hostile bytes
         raise ImageError("decode", e) from e
     return img
 
@@ -70,9 +271,9 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     return TF.center_crop(TF.resize(img, size), [size, size])
 
 
-def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> Decoded:
+def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
     """Bytes of a PNG/JPEG to the uint8 (size, size, 3) array that ToTensor would see."""
-    img = _open(data)
+    img = _open(data, limits)
     mode = img.mode
     try:
         if mode in _SIXTEEN_BIT and config.high_bit_depth == "rescale":
@@ -86,13 +287,28 @@ def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()
         else:
             # RGBA: convert('RGB') drops alpha without compositing, as the reference does.
             pixels = np.array(_resize_crop(img.convert("RGB"), config.size))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - one film's failure, whatever PIL/torchvision raise
         raise ImageError("preprocess", e) from e
     return Decoded(np.ascontiguousarray(pixels, dtype=np.uint8), mode)
 
 
-def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage_options: dict | None = None) -> Decoded:
-    return decode_preprocess(read_bytes(path, storage_options), config)
+def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage_options: dict | None = None,
+               limits: ReadLimits = ReadLimits()) -> Decoded:
+    """One film, read, decoded and preprocessed. Raises ImageError only (stage read|decode|preprocess):
+    whatever goes wrong with one film is that film's error, never its shard's."""
+    return decode_bytes(read_bytes(path, storage_options, limits), config, limits)
+
+
+def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+    """decode_preprocess that raises ImageError only (the cache reads the bytes itself to hash them)."""
+    try:
+        return decode_preprocess(data, config, limits)
+    except ImageError:
+        raise
+    except MemoryError as e:  # a film that passed the limits but still does not fit
+        raise ImageError("decode", e) from None
+    except Exception as e:  # noqa: BLE001 - the agreed interface: nothing else escapes
+        raise _image_error("preprocess", e) from e
 
 
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:

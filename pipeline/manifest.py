@@ -16,7 +16,9 @@ import pyarrow as pa
 
 from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
-from .adapters import DatasetSpec, load_dataset
+from .adapters import DatasetSpec, load_dataset, present_files
+from .paths import confined
+from .redact import redact
 
 KNOWN_VIEWS = {"AP", "PA", "LL", "RL", "LATERAL", "LAT", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO", "RAO", "LPO", "XTABLE LATERAL", "SWIMMERS"}
 SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
@@ -32,6 +34,8 @@ ISSUE_REASONS = {
     "missing_file": "listed in the metadata but the image file is not there",
     "unlisted_file": "an image file is present but has no metadata row; it is not scored",
     "excluded_view": "a lateral (or otherwise unselected) view, left out by --views",
+    "outside_root": "the path leaves the dataset's folder (.., an absolute path or a URL elsewhere); allow more with --allow-root",
+    "empty_dataset": "the metadata has a header but no rows",
 }
 LATERAL_VIEWS = {"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.I)
@@ -87,10 +91,12 @@ def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
     return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
-def _validate(ds_name: str, raw, findings) -> tuple[pd.DataFrame, list[dict]]:
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
     df = raw.records.copy()
     issues = list(raw.issues)
     df["dataset"] = ds_name
+    if df.empty and not issues:
+        issues.append(_issue(ds_name, None, None, "empty_dataset", "no rows under the header", "ignored"))
     ok = df["image_id"].fillna("").str.len().gt(0)
     for r in df[~ok].itertuples():
         issues.append(_issue(ds_name, None, r.path or None, "bad_row", "no image id", "dropped"))
@@ -117,9 +123,21 @@ def _validate(ds_name: str, raw, findings) -> tuple[pd.DataFrame, list[dict]]:
         sexes.append(SEX_CODES.get(s) if s else None)
     df["age"], df["view_position"], df["sex"] = ages, views, sexes
 
+    roots = tuple(raw.roots) + tuple(allow_roots)
+    if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
+        has_path = df["path"].fillna("").str.len().gt(0)
+        outside = has_path & ~df["path"].map(lambda q: confined(str(q), roots))
+        for r in df[outside].itertuples():
+            issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
+                                 f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
+        df = df[~outside]
     no_path = df["path"].fillna("").str.len().eq(0)
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)
+    elif raw.check_exists:
+        present = present_files(df["path"][~no_path].tolist(), storage_options)
+        if present is not None:
+            no_path |= ~df["path"].isin(present)
     for r in df[no_path].itertuples():
         issues.append(_issue(ds_name, r.image_id, r.path or None, "missing_file", "no such image file", "dropped"))
     df = df[~no_path]
@@ -130,13 +148,14 @@ def _validate(ds_name: str, raw, findings) -> tuple[pd.DataFrame, list[dict]]:
 
 
 def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None,
-                   views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros") -> ManifestResult:
+                   views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros",
+                   allow_roots: tuple[str, ...] = (), storage_options: dict | None = None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
     new images get numbers after the largest one ever used, so maps.zarr rows never move."""
     frames, issues = [], []
     for spec in specs:
         raw = load_dataset(spec, findings, metadata, uncertain)
-        df, iss = _validate(spec.name, raw, findings)
+        df, iss = _validate(spec.name, raw, findings, allow_roots, storage_options)
         df = _select_views(df, spec.name, views, iss)
         if site_column:
             df["site"] = _site_from(df, site_column)

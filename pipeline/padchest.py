@@ -54,4 +54,4 @@ def load_padchest(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | 
                          patient_id=str(rec.get("PatientID", "")).strip() or None, site=spec.name,
                          view_position=PROJECTIONS.get(proj, proj or None), sex=str(rec.get("PatientSex_DICOM", "")).strip() or None,
                          age=age, split=None, extra=None, **lab))
-    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None)
+    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))

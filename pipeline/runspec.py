@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .images import PreprocessConfig
+from .images import PreprocessConfig, ReadLimits
 from .model import ModelSpec
 from .storage import join
 
@@ -26,6 +26,7 @@ class RunSpec:
     torch_threads: int | None = None  # None: the worker's cores / its task threads
     storage_options: tuple[tuple[str, str], ...] = field(default=())
     cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
+    read_limits: ReadLimits = ReadLimits()  # bounds per film (not identity: they never change pixels)
 
     @property
     def run_url(self) -> str:

@@ -20,6 +20,7 @@ from .errors import ImageError
 from .cache import ShardCache, cached_decode
 from .maps_store import open_maps, write_region
 from .model import get_model
+from .redact import redact
 from .runspec import RunSpec
 from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from .shards import Shard
@@ -48,7 +49,7 @@ def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
 
 def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
     """(Decoded | ImageError, content key or None, cache hit)."""
-    return cached_decode(path, row, spec.preprocess, dict(spec.storage_options), cache)
+    return cached_decode(path, row, spec.preprocess, dict(spec.storage_options), cache, spec.read_limits)
 
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
@@ -175,10 +176,10 @@ def _error(shard: Shard, pos: int, err: ImageError) -> dict:
     return {
         "row": shard.rows[pos],
         "image_id": shard.image_ids[pos],
-        "path": shard.paths[pos],
+        "path": redact(shard.paths[pos]),
         "stage": err.stage,
         "error_class": err.error_class,
-        "message": str(err.cause)[:500],
+        "message": redact(str(err.cause))[:500],
     }
 
 

@@ -19,14 +19,15 @@ import pipeline
 from schemas.outputs import errors_schema
 
 from .adapters import DatasetSpec
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, DatasetError, OutputError
 from .findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
-from .images import PreprocessConfig
+from .images import PreprocessConfig, ReadLimits
 from .manifest import ManifestResult, build_manifest, dataset_fingerprint
 from .bookkeeping import check_rebuilt_manifest, previous_manifest, read_json_safe
 from .maps_store import create_maps, open_maps
-from .shard_check import check_shard
+from .shard_check import check_shard, retry_rows
 from .model import ModelSpec, load_model
+from .redact import redact_columns, redact_obj
 from .runspec import RunSpec
 from .shards import Shard, plan_shards
 from .storage import check_writable, join, url_to_fs, write_json_atomic, write_parquet_atomic
@@ -58,6 +59,12 @@ class ScoreConfig:
     identifiability: bool = False  # also fit the confounder probes after scoring
     verify: bool = False  # resume: rehash every skipped shard's outputs, not just their sizes
     max_failed_fraction: float = 0.05  # more failed images than this: status failed/partial, exit 3
+    max_image_bytes: int = ReadLimits.max_bytes
+    max_image_pixels: int = ReadLimits.max_pixels
+    max_aspect_ratio: float = ReadLimits.max_aspect
+    read_timeout: float = ReadLimits.timeout_s
+    read_retries: int = ReadLimits.retries
+    allow_roots: tuple[str, ...] = ()  # further places manifests may point into (--allow-root)
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -67,6 +74,14 @@ class ScoreConfig:
             raise ConfigError("--max-failed-fraction must be between 0 and 1")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
+        try:
+            self.read_limits()
+        except ValueError as e:
+            raise ConfigError(f"--max-image-bytes/--max-image-pixels/--max-aspect-ratio/--read-timeout/--read-retries: {e}") from None
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_aspect=self.max_aspect_ratio,
+                          timeout_s=self.read_timeout, retries=self.read_retries)
 
 
 @dataclass
@@ -129,11 +144,18 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     manifest_url = join(cfg.out, "manifest.parquet")
     notes: list[str] = []
     previous, why = previous_manifest(cfg.out, so)
-    result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain)
+    result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain,
+                            allow_roots=cfg.allow_roots, storage_options=so)
+    if result.manifest.num_rows == 0:
+        # nothing written yet: an earlier manifest (and its row numbers) stays as it was
+        shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
+        raise DatasetError(f"no image to score in {', '.join(cfg.datasets)}: {result.issues.num_rows} metadata issues "
+                           f"{result.issue_counts() or ''}{' (' + shown + ')' if shown else ''}. Check the --dataset locations and their metadata.")
     if why:
         notes.append(check_rebuilt_manifest(cfg.out, result.manifest, why, so))
-    write_parquet_atomic(result.manifest, manifest_url, so)
-    write_parquet_atomic(result.issues, join(cfg.out, "manifest_issues.parquet"), so)
+    # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
+    write_parquet_atomic(redact_columns(result.manifest), manifest_url, so)
+    write_parquet_atomic(redact_columns(result.issues), join(cfg.out, "manifest_issues.parquet"), so)
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
@@ -151,6 +173,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         embedding_dim=model.embedding_dim,
         decode_threads=cfg.decode_threads,
         storage_options=tuple(sorted(so.items())),
+        read_limits=cfg.read_limits(),
     )
     previous_run, why = read_json_safe(join(spec.run_url, "run.json"), so)
     if why or not isinstance(previous_run, (dict, type(None))):
@@ -216,7 +239,7 @@ def _now() -> str:
 
 
 def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:
-    return {
+    return redact_obj({  # URLs in flags may carry credentials
         "status": status,
         "model_version": spec.model_version,
         "identity": spec.output_identity(),
@@ -230,7 +253,7 @@ def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished
         "seconds": timings,
         "failed_shards": failures or [],
         "history": history,  # earlier invocations into this run dir
-    }
+    })
 
 
 def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> dict:
@@ -253,7 +276,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
         "shards": len(prep.shards),
         "incomplete_shards": len(prep.shards) - len(records),
         "partial_shards": sum(1 for st in states if st.state == "partial"),
-        "retryable": sum(1 for r in records for e in r["errors"] if e.get("stage") == "read"),
+        "retryable": sum(len(retry_rows(r)) for r in records),
         "manifest_rows": prep.manifest.manifest.num_rows,
         "manifest_issues": prep.manifest.issue_counts(),
         "source_modes": _sum_dicts(r.get("source_modes", {}) for r in records),

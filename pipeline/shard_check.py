@@ -21,6 +21,8 @@ from .storage import join, url_to_fs
 RECORD_VERSION = 2
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
+# read errors a rerun cannot cure: the file itself is refused by the read limits
+PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError")
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,15 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
 
 def retry_rows(record: dict) -> list[int]:
     """Rows a rerun retries: those that failed at a transient stage (read errors)."""
-    return sorted(e["row"] for e in record.get("errors", []) if e.get("stage") in TRANSIENT_STAGES)
+    return sorted(e["row"] for e in record.get("errors", []) if _retryable(e))
+
+
+def _retryable(error: dict) -> bool:
+    return error.get("stage") in TRANSIENT_STAGES and error.get("error_class") not in PERMANENT_READ_ERRORS
 
 
 def shard_status(errors: list[dict]) -> str:
-    return "partial" if any(e.get("stage") in TRANSIENT_STAGES for e in errors) else "complete"
+    return "partial" if any(_retryable(e) for e in errors) else "complete"
 
 
 def nonfinite_rows(outputs) -> np.ndarray:

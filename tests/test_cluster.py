@@ -41,7 +41,7 @@ def test_kubernetes_profile_renders_a_gpu_cluster_spec():
 
 def test_local_cuda_and_address_profiles(tmp_path):
     kw = cuda_kwargs(load_profile("local-cuda", CLUSTER_YAML).options)
-    assert kw == {"threads_per_worker": 1, "device_memory_limit": 0.9}
+    assert kw == {"threads_per_worker": 1, "device_memory_limit": 0.9, "dashboard_address": "127.0.0.1:8787"}
     p = load_profile("address", CLUSTER_YAML)
     assert p.options["address"].startswith("tls://")
     sec = address_security(p.options)

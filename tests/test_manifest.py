@@ -116,7 +116,11 @@ def test_generic_manifest_csv_and_parquet(tmp_path):
 def test_pooled_datasets_and_dataset_flag_errors(tmp_path, tiny_nih):
     csv = tmp_path / "other.csv"
     csv.write_text(f"image_id,path\nx,{next(tiny_nih.glob('images_001/images/*.png'))}\n")
-    r = build_manifest([DatasetSpec.parse(f"nih:{tiny_nih}"), DatasetSpec.parse(f"hospB=manifest:{csv}")], CHEXNET_FINDINGS)
+    specs = [DatasetSpec.parse(f"nih:{tiny_nih}"), DatasetSpec.parse(f"hospB=manifest:{csv}")]
+    # an absolute path outside the manifest's folder needs --allow-root (issue 12)
+    refused = build_manifest(specs, CHEXNET_FINDINGS)
+    assert refused.issues.to_pandas().reason.tolist() == ["outside_root"]
+    r = build_manifest(specs, CHEXNET_FINDINGS, allow_roots=(str(tiny_nih),))
     m = r.manifest.to_pandas()
     assert m.dataset.value_counts().to_dict() == {"nih": 40, "hospB": 1}
     assert m.row.is_unique

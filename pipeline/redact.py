@@ -1,0 +1,53 @@
+"""Credentials never reach a file the job writes or a line it prints.
+
+Two places a URL carries secrets: user-info (``https://user:pass@host/...``) and query parameters
+of signed URLs (``?X-Amz-Signature=...``, ``?sig=...`` of an Azure SAS, ``?token=...``). Both are
+replaced by ``REDACTED`` wherever a URL appears in text; the rest of the URL stays, so a reader can
+still tell which object was meant. Credentials belong in ``storage_options`` (never written, only
+their keys) or the environment, not in URLs.
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "REDACTED"
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<info>[^/@\s?#'\"]+)@")
+# Any parameter whose name smells of a secret; X-Amz-*/X-Goog-* covers every part of a presigned URL.
+_SECRET_KEY = r"[^=&?#\s'\"]*(?:token|sig|secret|pass|pwd|key|cred|auth|session|x-amz-|x-goog-)[^=&?#\s'\"]*"
+_QUERY = re.compile(rf"(?P<lead>[?&;](?i:{_SECRET_KEY})=)(?P<value>[^&#\s'\"]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL credentials masked. Idempotent; text without URLs comes back unchanged."""
+    if not isinstance(text, str) or ("://" not in text and "=" not in text):
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    return _QUERY.sub(lambda m: f"{m['lead']}{MASK}", text)
+
+
+def redact_obj(obj):
+    """Every string inside dicts, lists and tuples redacted (keys included)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact_obj(k): redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_obj(v) for v in obj)
+    return obj
+
+
+def has_secret(text: str) -> bool:
+    return isinstance(text, str) and redact(text) != text
+
+
+def redact_columns(table, names=("path", "detail", "message")):
+    """A pyarrow table with its URL-bearing string columns redacted (schema and metadata kept)."""
+    import pyarrow as pa
+
+    for name in names:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            values = [None if v is None else redact(v) for v in table.column(name).to_pylist()]
+            table = table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+    return table

@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import datetime
 
+from jobs._common import add_common, setup_logging
 from pipeline.run_index import run_records
 from pipeline.storage import join, read_json
 
@@ -24,15 +25,24 @@ def list_runs(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["started"] or "")
 
 
+def latest_run(out: str) -> str | None:
+    """The latest complete run's folder, as latest.json names it."""
+    latest = read_json(join(out, "latest.json"))
+    return join(out, latest["run"]) if latest else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.runs", description=__doc__)
     p.add_argument("--out", required=True, metavar="URL")
+    p.add_argument("--latest", action="store_true",
+                   help="print only the latest complete run's folder (OUT/runs/<model_version>), for scripts and queries; exit 1 if none")
     p.add_argument("--check", action="store_true",
                    help="check every run's shards against their records and the bookkeeping files; writes nothing. "
                         "Exit 0: intact; 1: damage found (rerunning the scoring command repairs it)")
     p.add_argument("--verify", action="store_true", help="with --check: rehash every output (default: sizes only)")
     p.add_argument("--unlock", action="store_true", help="remove OUT/_lock.json left by a run that died (refused if its holder is alive here)")
-    args = p.parse_args(argv)
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
     if args.unlock:
         from pipeline.errors import CxrAuditError
         from pipeline.run_lock import force_unlock
@@ -51,6 +61,13 @@ def main(argv=None) -> int:
             print(line)
         print(f"{len(problems)} problems under {args.out}" if problems else f"{args.out}: every shard matches its record")
         return 1 if problems else 0
+    if args.latest:
+        latest = latest_run(args.out)
+        if latest is None:
+            print(f"error: no complete run under {args.out} (latest.json is written when a run completes)", file=sys.stderr)
+            return 1
+        print(latest)
+        return 0
     rows = list_runs(args.out)
     if not rows:
         print(f"no runs under {args.out}")

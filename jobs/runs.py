@@ -8,11 +8,18 @@ from datetime import datetime
 
 from jobs._common import add_common, setup_logging
 from pipeline.run_index import run_records
-from pipeline.storage import join, read_json
+from pipeline.storage import join
+
+
+def _latest(out: str) -> dict:
+    from pipeline.bookkeeping import read_json_safe
+
+    latest, _ = read_json_safe(join(out, "latest.json"))  # unreadable: none (--check reports it)
+    return latest if isinstance(latest, dict) else {}
 
 
 def list_runs(out: str) -> list[dict]:
-    latest = (read_json(join(out, "latest.json")) or {}).get("model_version")
+    latest = _latest(out).get("model_version")
     rows = []
     for rj in run_records(out):
         took = None
@@ -27,8 +34,8 @@ def list_runs(out: str) -> list[dict]:
 
 def latest_run(out: str) -> str | None:
     """The latest complete run's folder, as latest.json names it."""
-    latest = read_json(join(out, "latest.json"))
-    return join(out, latest["run"]) if latest else None
+    latest = _latest(out)
+    return join(out, latest["run"]) if latest.get("run") else None
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,12 @@ def _args(data, out, ckpt, *extra):
             "--shard-size", "8", "--cluster", "inprocess", *extra]
 
 
+def _said(capsys) -> str:
+    """What a job printed: results on stdout, notes and warnings on stderr."""
+    c = capsys.readouterr()
+    return c.out + c.err
+
+
 def _run_dir(out: Path) -> Path:
     return out / "runs" / json.loads((out / "latest.json").read_text())["model_version"]
 
@@ -83,7 +89,7 @@ def test_damaged_outputs_are_found_and_rescored(tmp_path, tiny_nih, tiny_ckpt, r
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # --check writes nothing
 
     assert main(_args(tiny_nih, out, tiny_ckpt, "--verify")) == 0
-    assert "5 shards, 3 to score" in capsys.readouterr().out
+    assert "5 shards, 3 to score" in _said(capsys)
     _same(reference, run)
     assert runs_main(["--out", str(out), "--check", "--verify"]) == 0
     from jobs.aggregate import main as agg_main
@@ -163,7 +169,7 @@ def test_nothing_scored_is_failed_and_never_latest(tmp_path, tiny_nih, tiny_ckpt
     latest = (out / "latest.json").read_text()
     _delete_after_manifest(monkeypatch, list(data.glob("images_*/images/*.png")))  # an unmounted share
     assert main(_args(data, out, "random:2")) == 3
-    assert "too many images failed" in capsys.readouterr().out
+    assert "too many images failed" in _said(capsys)
     assert (out / "latest.json").read_text() == latest
     failed = next(p for p in (out / "runs").iterdir() if p.name not in latest)
     run = json.loads((failed / "run.json").read_text())
@@ -228,7 +234,7 @@ def test_unreadable_bookkeeping_is_rebuilt(tmp_path, tiny_nih, tiny_ckpt, refere
     os.utime(lock, (time.time() - 3600,) * 2)
     capsys.readouterr()
     assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
-    text = capsys.readouterr().out
+    text = _said(capsys)
     for what in ("unreadable lock", "latest.json was unreadable", "manifest.parquet was unreadable", "run.json was unreadable",
                  "shard 1 damaged", "5 shards, 1 to score"):
         assert what in text, what
@@ -261,10 +267,10 @@ def test_read_errors_make_a_partial_shard_that_a_rerun_retries(tmp_path, tiny_ni
     run = _run_dir(out)
     rec = json.loads((run / "_shards" / "shard-000000.json").read_text())
     assert rec["status"] == "partial" and [e["stage"] for e in rec["errors"]] == ["read"]
-    assert "1 films had read errors" in capsys.readouterr().out
+    assert "1 films had read errors" in _said(capsys)
     victim.write_bytes(keep)
     assert main(_args(data, out, tiny_ckpt)) == 0
-    assert "5 shards, 1 to score" in capsys.readouterr().out
+    assert "5 shards, 1 to score" in _said(capsys)
     rj = json.loads((run / "run.json").read_text())
     assert rj["counts"]["cache_now"] == {"hits": 0, "misses": 1}  # only the failed film was read again
     assert rj["counts"]["source_modes"] == {"L": 40}
@@ -311,7 +317,7 @@ def test_lock_of_a_reused_pid_is_recovered(tmp_path, tiny_nih, tiny_ckpt, capsys
         (out / rl.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "start": "12",
                                                     "since": "then", "token": "x"}))
         assert main(_args(tiny_nih, out, tiny_ckpt, "--limit", "8")) == 0
-        assert "recovered the lock of a run that died" in capsys.readouterr().out
+        assert "recovered the lock of a run that died" in _said(capsys)
         assert not (out / rl.LOCK_NAME).exists()
     finally:
         other.kill()

@@ -253,22 +253,31 @@ def test_checkpoint_zip_bomb_refused_quickly(tmp_path):
     assert time.perf_counter() - t < 5
 
 
-def test_checkpoint_declaring_huge_storage_refused(tmp_path):
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_checkpoint_declaring_huge_storage_refused(tmp_path, fmt):
     b = io.BytesIO()
-    torch.save({"w": torch.zeros(30)}, b)
-    src = zipfile.ZipFile(io.BytesIO(b.getvalue()))
+    torch.save({"w": torch.zeros(30)}, b, _use_new_zipfile_serialization=fmt == "zip")
     p = tmp_path / "liar.pt"
-    with zipfile.ZipFile(p, "w") as z:
-        for m in src.infolist():
-            data = src.read(m)
-            if m.filename.endswith("data.pkl"):
-                assert b"K\x1e" in data  # BININT1 30 (the storage's numel)
-                data = data.replace(b"K\x1e", b"J" + struct.pack("<i", 2**30), 1)  # 1 G elements = 4 GiB
-            z.writestr(m, data)
+    lie = (b"K\x1e", b"J" + struct.pack("<i", 2**30))  # BININT1 30 (the storage's numel) -> 1 G elements = 4 GiB
+    if fmt == "zip":
+        src = zipfile.ZipFile(io.BytesIO(b.getvalue()))
+        with zipfile.ZipFile(p, "w") as z:
+            for m in src.infolist():
+                data = src.read(m)
+                if m.filename.endswith("data.pkl"):
+                    assert lie[0] in data
+                    data = data.replace(*lie, 1)
+                z.writestr(m, data)
+    else:  # the pre-1.6 format of the original CheXNet checkpoint: pickles, then raw storages
+        assert lie[0] in b.getvalue()
+        p.write_bytes(b.getvalue().replace(*lie, 1))
     t = time.perf_counter()
     with pytest.raises(CheckpointError, match="declares"):
         read_state_dict(str(p))
     assert time.perf_counter() - t < 5
+    honest = tmp_path / "honest.pt"
+    torch.save(_tiny_state(), honest, _use_new_zipfile_serialization=fmt == "zip")
+    assert len(read_state_dict(str(honest))) == len(_tiny_state())
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])

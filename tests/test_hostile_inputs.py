@@ -401,3 +401,13 @@ def test_image_errors_cross_process_boundaries(tmp_path):
     e = images._read_error(Unpicklable("https://u:pw@h/x.png", 2))
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.stage, e2.error_class) == ("read", "Unpicklable") and "pw" not in str(e2)
+
+
+def test_existence_check_against_a_silent_server_is_bounded(tmp_path):
+    with silent_server() as base:
+        lines = ["image_id,path"] + [f"s{i},{base}/imgs/{i}.png" for i in range(40)]
+        t = time.perf_counter()
+        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, allow_roots=(f"{base}/imgs",),
+                           read_limits=ReadLimits(timeout_s=0.3, retries=0))
+        assert time.perf_counter() - t < 5  # one batch of timeouts, then the server is not asked again
+    assert r.manifest.num_rows == 40  # kept: each fails with ReadTimeout (or is scored) when read

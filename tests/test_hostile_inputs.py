@@ -411,3 +411,12 @@ def test_existence_check_against_a_silent_server_is_bounded(tmp_path):
                            read_limits=ReadLimits(timeout_s=0.3, retries=0))
         assert time.perf_counter() - t < 5  # one batch of timeouts, then the server is not asked again
     assert r.manifest.num_rows == 40  # kept: each fails with ReadTimeout (or is scored) when read
+
+
+def test_flag_defaults_are_the_read_limits_defaults():
+    from jobs.score_dataset import parser
+
+    a, d = parser().parse_args([]), ReadLimits()
+    assert (a.max_image_bytes, a.max_image_pixels, a.max_aspect_ratio, a.read_timeout, a.read_retries) == \
+        (d.max_bytes, d.max_pixels, d.max_aspect, d.timeout_s, d.retries)
+    assert a.allow_root == []

@@ -183,8 +183,8 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None 
     for fname, split in (("train_val_list.txt", "train_val"), ("test_list.txt", "test")):
         p = posixpath.join(rootp, fname)
         if fs.exists(p):
-            with fs.open(p, "rt") as f:
-                splits.update({line.strip(): split for line in f if line.strip()})
+            with fs.open(p, "rb") as f:  # ids are ASCII; other bytes cannot match an image, so need no error
+                splits.update({line.strip(): split for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()})
 
     rows = []
     for rec in df[need].itertuples(index=False):

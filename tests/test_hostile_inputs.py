@@ -208,8 +208,10 @@ def test_nih_metadata_with_non_utf8_row(tmp_path, tiny_nih):
     shutil.copytree(tiny_nih, root)
     csv = root / "Data_Entry_2017_v2020.csv"
     csv.write_bytes(csv.read_bytes() + b"bad\xff.png,Effusion,0,1,50,F,AP,128,128,0.1,0.1\n")
+    (root / "test_list.txt").write_bytes(b"00000001_000.png\n\xff\xfe.png\n")
     r = build_manifest([DatasetSpec.parse(f"nih:{root}")], CHEXNET_FINDINGS)
     assert r.manifest.num_rows == 40
+    assert r.manifest.to_pandas().set_index("image_id").split.get("00000001_000.png") == "test"
     assert "not UTF-8" in r.issues.to_pandas().query("reason == 'bad_row'").detail.iloc[0]
 
 

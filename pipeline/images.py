@@ -29,6 +29,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HIGH_BIT_DEPTH_MODES = ("clip", "rescale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Radiograph formats only: PIL would otherwise also try EPS (which runs Ghostscript), PSD, ICO, ...
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG includes MPO (multi-picture) files
+Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,7 @@ def _read_error(e: BaseException) -> ImageError:
 
 def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:  # beyond PIL's own limit, refused at open
         raise ImageError("decode", TooManyPixels(f"{e} (limit --max-image-pixels {limits.max_pixels})")) from None
     except Exception as e:  # noqa: BLE001

@@ -422,3 +422,23 @@ def test_flag_defaults_are_the_read_limits_defaults():
     assert (a.max_image_bytes, a.max_image_pixels, a.max_aspect_ratio, a.read_timeout, a.read_retries) == \
         (d.max_bytes, d.max_pixels, d.max_aspect, d.timeout_s, d.retries)
     assert a.allow_root == []
+
+
+def test_only_radiograph_formats_are_decoded(tmp_path, rng):
+    eps = tmp_path / "film.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")  # PIL would hand this to Ghostscript
+    e = _fails(eps)
+    assert (e.stage, e.error_class) == ("decode", "UnidentifiedImageError")
+    jpg = tmp_path / "film.jpg"
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (80, 64), dtype=np.uint8)).save(jpg, "JPEG")
+    assert load_image(str(jpg), limits=FAST).source_mode == "L"
+    ztxt = io.BytesIO()  # a text chunk that inflates far beyond PIL's limit: a decode error, not memory
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(ztxt, "PNG", pnginfo=info)
+    (tmp_path / "ztxt.png").write_bytes(ztxt.getvalue())
+    assert _fails(tmp_path / "ztxt.png").stage == "decode"

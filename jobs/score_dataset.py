@@ -214,6 +214,9 @@ def summary(run: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
     try:
         cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
         result = run(cfg)

@@ -20,7 +20,7 @@ from .cache import ShardCache, source_key
 from .images import Decoded, load_image
 from .maps_store import open_maps, write_region
 from .model import get_model
-from .redact import redact
+from .redact import install_log_redaction, redact
 from .runspec import RunSpec
 from .shards import Shard
 from .storage import read_json, write_json_atomic, write_parquet_atomic
@@ -69,6 +69,7 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
     """Score a shard unless its completion record says it is done. Returns the record."""
+    install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}

@@ -442,3 +442,15 @@ def test_only_radiograph_formats_are_decoded(tmp_path, rng):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(ztxt, "PNG", pnginfo=info)
     (tmp_path / "ztxt.png").write_bytes(ztxt.getvalue())
     assert _fails(tmp_path / "ztxt.png").stage == "decode"
+
+
+def test_log_records_are_redacted(caplog):
+    import logging
+
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
+    install_log_redaction()  # idempotent
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("distributed.worker").warning("Compute Failed: %s", "https://bob:hunter2@h/x.png?sig=abc")
+    assert "hunter2" not in caplog.text and "sig=abc" not in caplog.text and "h/x.png" in caplog.text

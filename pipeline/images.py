@@ -232,8 +232,8 @@ def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimit
     return data
 
 
-def _image_error(stage: str, e: BaseException) -> ImageError:
-    """The original class name, the message without credentials (URLs end up in messages); the
+def image_error(stage: str, e: BaseException) -> ImageError:
+    """Any exception of one film as its ImageError: the original class name, the message without credentials (URLs end up in messages); the
     cause is kept only when it can travel between processes as it is."""
     msg = str(e)
     clean = redact(msg)
@@ -247,7 +247,7 @@ def _image_error(stage: str, e: BaseException) -> ImageError:
 
 
 def _read_error(e: BaseException) -> ImageError:
-    return _image_error("read", e)
+    return image_error("read", e)
 
 
 def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
@@ -306,7 +306,7 @@ def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage
     except MemoryError as e:  # a film that passed the limits but still does not fit
         raise ImageError("decode", e) from None
     except Exception as e:  # noqa: BLE001 - the agreed interface: nothing else escapes
-        raise _image_error("preprocess", e) from e
+        raise image_error("preprocess", e) from e
 
 
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:

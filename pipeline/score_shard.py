@@ -17,7 +17,7 @@ from schemas.outputs import predictions_schema
 from .cam import CELL_FEATURE_DIM, infer_batch
 from .errors import ImageError
 from .cache import ShardCache, source_key
-from .images import Decoded, load_image
+from .images import Decoded, image_error, load_image
 from .maps_store import open_maps, write_region
 from .model import get_model
 from .redact import install_log_redaction, redact
@@ -57,7 +57,7 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
         try:
             key = source_key(path, so, spec.read_limits)
         except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
-            return ImageError("read", e), None, False
+            return image_error("read", e), None, False
         hit = cache.get(row, key)
         if hit is not None:
             return Decoded(hit[0], hit[1]), key, True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .metrics import auc_delong
+from .probe_stats import holm, macro_auc_ci, within_fold_test
 from .strata import age_band
 
 DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")
@@ -36,6 +37,9 @@ class ProbeConfig:
     max_rows: int = 20_000  # per probe: a seeded, class-stratified subsample keeps 112k-image runs in minutes
     seed: int = 0
     n_boot: int = 200
+    alpha: float = 0.05  # family-wise error rate over a target's 49 cells (Holm)
+    cells: bool = True  # the per-cell probes (the 7x7 map); False skips them
+    probe: str = "logistic"  # a key of PROBES
 
 
 def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
@@ -78,18 +82,40 @@ def folds(y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> list[tuple[np.
     return list(StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, groups))
 
 
+def _logistic(x, y):
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped at 300 iterations is still a probe
+        clf.fit(x, y)
+    return clf.classes_, clf.predict_proba
+
+
+def _ridge(x, y):
+    """Closed-form least-squares probe on standardised features (one-hot targets): a small fraction
+    of the logistic fit's time, for statistical property tests."""
+    x = x.astype(np.float64)
+    mu, sd = x.mean(0), x.std(0)
+    sd[sd == 0] = 1
+    classes = np.unique(y)
+    a = np.c_[np.ones(len(x)), (x - mu) / sd]
+    reg = np.eye(a.shape[1])
+    reg[0, 0] = 0  # no penalty on the intercept
+    w = np.linalg.solve(a.T @ a + reg, a.T @ (y[:, None] == classes[None, :]))
+    return classes, lambda z: np.c_[np.ones(len(z)), (z.astype(np.float64) - mu) / sd] @ w
+
+
+PROBES = {"logistic": _logistic, "ridge": _ridge}  # name -> fit(x, y) -> (classes, scores(x)); AUCs use only the ranks
+
+
 def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig()) -> np.ndarray:
-    """Out-of-fold class probabilities for every row; each fold trains on at most cfg.max_rows of
-    its training rows (a seeded, class-stratified subsample), so large runs stay fast."""
+    """Out-of-fold class scores (probabilities for 'logistic') for every row; each fold trains on at
+    most cfg.max_rows of its training rows (a seeded, class-stratified subsample), so large runs stay fast."""
     out = np.zeros((len(y_idx), n_classes))
     for train, test in splits:
         train = train[subsample(y_idx[train], cfg)]
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped at 300 iterations is still a probe
-            clf.fit(x[train].astype(np.float32), y_idx[train])
+        classes, score = PROBES[cfg.probe](x[train].astype(np.float32), y_idx[train])
         p = np.zeros((len(test), n_classes))
-        p[:, clf.classes_] = clf.predict_proba(x[test].astype(np.float32))
+        p[:, classes] = score(x[test].astype(np.float32))
         out[test] = p
     return out
 
@@ -120,7 +146,6 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
     m = manifest.set_index("row").loc[rows]
     patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
     summary, cells, scores = [], [], []
-    cell_cfg = replace(cfg, n_boot=0)  # 49 cells x targets: no bootstrap CI for multi-class cells (binary ones get DeLong's)
     for target in cfg.targets:
         y = target_labels(m, target)
         if y is None:
@@ -143,47 +168,43 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
                 true_p = proba[np.arange(len(y_idx)), y_idx]
                 for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
                     scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
-        if cell_features is not None:
-            for c in range(cell_features.shape[1]):
-                x = cell_features[ok, c, :]
-                metrics = ({"auc": 0.5, "auc_lo": 0.5, "auc_hi": 0.5, "balanced_accuracy": 1.0 / len(classes), "chance": 1.0 / len(classes)}
-                           if _constant(x) else probe_metrics(y_idx, oof_proba(x, y_idx, splits, len(classes), cfg), cell_cfg))
-                grid = int(round(cell_features.shape[1] ** 0.5))
-                cells.append({"target": target, "cell_row": c // grid, "cell_col": c % grid, "n": base["n"], **metrics})
+        if cell_features is not None and cfg.cells:
+            cells += cell_probes(cell_features[ok], y_idx, splits, len(classes), cfg, {"target": target, "n": base["n"]})
     return summary, cells, scores
 
 
-def prevalence_confounding(manifest: pd.DataFrame, rows: np.ndarray, probs: np.ndarray, findings, cfg: ProbeConfig, min_n: int = 20) -> list[dict]:
-    """Per finding: AUC of scoring each image by its site's out-of-fold prevalence, beside the
-    model's AUC pooled and within each site (Zech et al.: site alone predicted pneumonia, AUC 0.861)."""
-    m = manifest.set_index("row").loc[rows]
-    site = m["site"].astype(str).to_numpy()
-    patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str).to_numpy()
-    out = []
-    for k, f in enumerate(findings):
-        if f not in m.columns:
-            continue
-        lab = m[f]
-        has = lab.notna().to_numpy()
-        if has.sum() < min_n:
-            continue
-        y = lab[has].astype(bool).to_numpy()
-        p = probs[has, k]
-        s = site[has]
-        if min(y.sum(), (~y).sum()) < cfg.folds:
-            continue  # too few positives (or negatives) to stratify the folds
-        site_score = np.full(len(y), np.nan)
-        for train, test in StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, patients[has]):
-            prev = pd.Series(y[train]).groupby(s[train]).mean()
-            site_score[test] = pd.Series(s[test]).map(prev).fillna(y[train].mean()).to_numpy()
-        n_sites = len(set(s))
-        out.append({"finding": f, "stratum": "all", "stratum_value": "all", "n": int(len(y)), "prevalence": float(y.mean()),
-                    "auc_site_prevalence": auc_delong(y, site_score)[0] if n_sites > 1 else None,
-                    "auc_model": auc_delong(y, p)[0]})
-        for v in sorted(set(s)):
-            sel = s == v
-            ys = y[sel]
-            ok = sel.sum() >= min_n and ys.any() and not ys.all()
-            out.append({"finding": f, "stratum": "site", "stratum_value": v, "n": int(sel.sum()), "prevalence": float(ys.mean()),
-                        "auc_site_prevalence": None, "auc_model": auc_delong(ys, p[sel])[0] if ok else None})
-    return out
+def cell_probes(cell_features: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig, base: dict) -> list[dict]:
+    """One probe per grid cell: AUC with a 95% CI, the within-fold permutation test of "above
+    chance", and Holm's correction over the cells (pipeline/probe_stats.py)."""
+    n_cells = cell_features.shape[1]
+    grid = int(round(n_cells**0.5))
+    rows = []
+    for c in range(n_cells):
+        x = cell_features[:, c, :]
+        if _constant(x):
+            metrics = {"auc": 0.5, "auc_lo": 0.5, "auc_hi": 0.5, "balanced_accuracy": 1.0 / n_classes, "z": 0.0, "p_value": 1.0}
+        else:
+            proba = oof_proba(x, y_idx, splits, n_classes, cfg)
+            auc, lo, hi = macro_auc_ci(y_idx, proba)
+            z, p = within_fold_test(y_idx, proba, splits)
+            metrics = {"auc": auc, "auc_lo": lo, "auc_hi": hi, "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))),
+                       "z": z, "p_value": p}
+        rows.append({**base, "cell_row": c // grid, "cell_col": c % grid, "chance": 1.0 / n_classes, **metrics})
+    adjusted = holm(np.array([r["p_value"] for r in rows], np.float64))
+    for r, q in zip(rows, adjusted):
+        r["p_holm"] = None if math.isnan(q) else float(q)
+        r["significant"] = bool(q <= cfg.alpha) if not math.isnan(q) else False
+    return rows
+
+
+def format_map(cells: pd.DataFrame) -> str:
+    """The 7x7 identifiability map per target as text, showing a cell's AUC only where it differs
+    from chance after Holm's correction (``significant``); '.' elsewhere, so noise is not read."""
+    lines = []
+    for target, t in cells.groupby("target", sort=True):
+        grid = int(t.cell_row.max()) + 1
+        shown = {(int(r.cell_row), int(r.cell_col)): r.auc for r in t.itertuples() if r.significant}
+        lines.append(f"identifiability map, target {target}: AUC where above chance (Holm, 49 cells), '.' elsewhere; "
+                     f"{len(shown)} of {len(t)} cells")
+        lines += ["   " + " ".join(f"{shown[(i, j)]:5.2f}" if (i, j) in shown else "    ." for j in range(grid)) for i in range(grid)]
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from .meta import with_metadata
 
-IDENT_SCHEMA_VERSION = "1.0"
+IDENT_SCHEMA_VERSION = "1.1"
 _F = pa.float64()
 _METRICS = [pa.field(s, _F) for s in ("auc", "auc_lo", "auc_hi", "balanced_accuracy", "chance")]
 
@@ -19,7 +19,10 @@ def identifiability_schema(**meta) -> pa.Schema:
 
 def identifiability_map_schema(**meta) -> pa.Schema:
     return with_metadata(pa.schema([pa.field("target", pa.string(), nullable=False), pa.field("cell_row", pa.int8(), nullable=False),
-                                    pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS),
+                                    pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS
+                                   # within-fold permutation z and one-sided p (above chance); Holm over the target's cells
+                                   + [pa.field("z", _F), pa.field("p_value", _F), pa.field("p_holm", _F),
+                                      pa.field("significant", pa.bool_(), nullable=False)]),
                          schema="identifiability_map", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 
@@ -30,8 +33,14 @@ def identifiability_scores_schema(**meta) -> pa.Schema:
                          schema="identifiability_scores", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 
+# each with _lo/_hi: percentile CIs of a bootstrap over patients (pipeline/site_confounding.py)
+PREVALENCE_CONFOUNDING_AUCS = [f"{c}{s}" for c in ("auc_site_prevalence", "auc_model", "auc_gap", "auc_model_within_site") for s in ("", "_lo", "_hi")]
+PREVALENCE_CONFOUNDING_AUCS.insert(3, "auc_site_prevalence_oof")
+
+
 def prevalence_confounding_schema(**meta) -> pa.Schema:
     return with_metadata(pa.schema([pa.field("finding", pa.string(), nullable=False), pa.field("stratum", pa.string(), nullable=False),
                                     pa.field("stratum_value", pa.string(), nullable=False), pa.field("n", pa.int64(), nullable=False),
-                                    pa.field("prevalence", _F), pa.field("auc_site_prevalence", _F), pa.field("auc_model", _F)]),
+                                    pa.field("prevalence", _F), pa.field("n_sites", pa.int64())]
+                                   + [pa.field(c, _F) for c in PREVALENCE_CONFOUNDING_AUCS]),
                          schema="prevalence_confounding", schema_version=IDENT_SCHEMA_VERSION, **meta)

@@ -50,6 +50,20 @@ def test_site_is_read_from_the_marker_cell_only(two_sites):
     assert site.loc[(0, 0), "auc"] > 0.95
     assert abs(site.loc[(6, 6), "auc"] - 0.5) < 0.1 and abs(site.loc[(3, 3), "auc"] - 0.5) < 0.1
     assert site.auc.idxmax() == (0, 0)
+    # issue 14: a CI on every cell; only the marker cell differs from chance after Holm's correction
+    assert ((site.auc_lo <= site.auc) & (site.auc <= site.auc_hi)).all()
+    assert site.loc[(0, 0), "significant"] and site.significant.sum() <= 2
+    ward = cells[cells.target == "ward"]
+    assert len(ward) == 49 and ward.significant.sum() <= 1
+
+
+def test_the_printed_map_shows_only_significant_cells(two_sites, capsys):
+    from pipeline.identifiability import format_map
+
+    cells = pq.read_table(two_sites / "identifiability_map.parquet").to_pandas()
+    text = format_map(cells[cells.target == "site"])
+    grid = text.splitlines()[1:]
+    assert len(grid) == 7 and grid[0].split()[0] != "." and grid[6].split() == ["."] * 7
 
 
 def test_a_random_label_stays_at_chance(two_sites):

@@ -452,5 +452,5 @@ def test_log_records_are_redacted(caplog):
     install_log_redaction()
     install_log_redaction()  # idempotent
     with caplog.at_level(logging.WARNING):
-        logging.getLogger("distributed.worker").warning("Compute Failed: %s", "https://bob:hunter2@h/x.png?sig=abc")
+        logging.getLogger("pipeline.hostile_test").warning("Compute Failed: %s", "https://bob:hunter2@h/x.png?sig=abc")
     assert "hunter2" not in caplog.text and "sig=abc" not in caplog.text and "h/x.png" in caplog.text

@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
                    help="films whose header declares more pixels are not decoded (TooManyPixels; default 64,000,000)")
     p.add_argument("--max-aspect-ratio", type=float, default=6.0, metavar="R",
                    help="films longer than R times their width (or the reverse) are not decoded (ExtremeAspectRatio; default 6)")
-    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 60)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 30)")
     p.add_argument("--read-retries", type=int, default=2, metavar="N",
                    help="further attempts after a transient read error (timeout, connection, EIO), with backoff (default 2)")
     p.add_argument("--allow-root", action="append", default=[], metavar="URL",
@@ -94,13 +94,13 @@ def config_from_args(args, argv_empty: bool):
     from pipeline.scoring import ScoreConfig
 
     if argv_empty:
-        from pipeline.demo import make_demo_dataset, make_demo_model
+        from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
 
-        root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
-        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"), data_root=root)
-        log.info(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
-        return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
-                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,
+        sites = make_demo_sites(os.path.join(DEMO_DIR, "data"))
+        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
+        log.info(f"demo: synthetic ChestX-ray14-layout datasets {', '.join(sites)}, demo model {ckpt}")
+        return ScoreConfig(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
+                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32, identifiability=True,
                            cluster=args.cluster or "local", cluster_file=args.cluster_file or "cluster.yaml",
                            worker_timeout=args.worker_timeout)
     if not args.dataset or not args.out or not args.checkpoint:
@@ -173,6 +173,9 @@ def _run_locked(cfg) -> dict:
                 from pipeline.drift import drift, summary_text
 
                 print(summary_text(drift(cfg.out, previous, info["model_version"])))
+            from pipeline.reporting.hook import report_after_run
+
+            info["report"] = report_after_run(cfg.out, info["model_version"])
     return info
 
 
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
     import signal
     import threading
 
@@ -364,10 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     print(summary(result))
+    if result.get("report"):
+        print(f"  report: {result['report']}")
     if result["status"] == "complete" and not argv:
-        from pipeline.report import short_report
+        from pipeline.demo import marker_cells
+        from pipeline.reporting.story import story
 
-        print(short_report(result["config"]["out"], result["model_version"]))
+        print("\n".join(["what the demo shows (read off the report's scorecard):", *story(result["config"]["out"], marker_cells())]))
     return EXIT_CODES.get(result["status"], 1)
 
 

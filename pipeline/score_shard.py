@@ -20,7 +20,7 @@ from .errors import ImageError
 from .cache import ShardCache, cached_decode
 from .maps_store import open_maps, write_region
 from .model import get_model
-from .redact import redact
+from .redact import install_log_redaction, redact
 from .runspec import RunSpec
 from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from .shards import Shard
@@ -54,6 +54,7 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
     """Score a shard unless its completion record says it is done. Returns the record."""
+    install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}

@@ -275,7 +275,18 @@ def test_read_errors_make_a_partial_shard_that_a_rerun_retries(tmp_path, tiny_ni
     assert rj["counts"]["cache_now"] == {"hits": 0, "misses": 1}  # only the failed film was read again
     assert rj["counts"]["source_modes"] == {"L": 40}
     assert pq.read_table(run / "errors.parquet").num_rows == 0
-    _same(reference, run)
+    # the retried film went through the model in a batch of its own: equal up to float rounding of
+    # the batch composition; every other row is bit-identical (it was kept, not recomputed)
+    ref_p, ref_cam, _ = _outputs(reference)
+    p, cam, _ = _outputs(run)
+    assert p.column("row").to_pylist() == list(range(40))
+    retried = rec["errors"][0]["row"]
+    others = [r for r in range(40) if r != retried]
+    assert p.take(others).equals(ref_p.take(others))
+    np.testing.assert_array_equal(cam[others], ref_cam[others])
+    np.testing.assert_allclose(p.take([retried]).drop_columns(["image_id", "model_version"]).to_pandas().to_numpy(float),
+                               ref_p.take([retried]).drop_columns(["image_id", "model_version"]).to_pandas().to_numpy(float), rtol=1e-5)
+    np.testing.assert_allclose(cam[retried], ref_cam[retried], rtol=1e-5, atol=1e-5)
 
 
 def test_lock_has_one_holder_under_racing_takeovers(tmp_path):

@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from .images import Decoded, PreprocessConfig, ReadLimits, load_image
+from .images import Decoded, PreprocessConfig, ReadLimits
 
 SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
 
@@ -57,21 +57,21 @@ class DecodeTask:
     limits: ReadLimits = ReadLimits()
 
     def __call__(self, job: FilmJob) -> tuple[Decoded | Failure | None, str | None]:
-        """(Decoded | Failure | None for a cache hit, source key or None)."""
-        from .cache import source_key
+        """(Decoded | Failure | None for a cache hit, content key or None): the bytes are read once
+        (bounded, retried); a hit needs no decoding and sends no pixels back."""
+        from .cache import content_key
         from .errors import ImageError
+        from .images import decode_bytes, read_bytes
 
         so = dict(self.storage_options)
         key = None
-        if self.use_cache:
-            try:
-                key = source_key(job.path, so, self.limits)
-            except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
-                return Failure("read", type(e).__name__, str(e)[:500]), None
-            if job.cached_key is not None and key == job.cached_key:
-                return None, key
         try:
-            return load_image(job.path, self.preprocess, so, self.limits), key
+            data = read_bytes(job.path, so, self.limits)
+            if self.use_cache:
+                key = content_key(job.path, data)
+                if job.cached_key is not None and key == job.cached_key:
+                    return None, key
+            return decode_bytes(data, self.preprocess, self.limits), key
         except ImageError as e:
             return Failure(e.stage, e.error_class, str(e.cause)[:500]), key
         except Exception as e:  # noqa: BLE001 - never let one film break the pool

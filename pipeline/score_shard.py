@@ -1,12 +1,13 @@
-"""Score one shard: films decode in this worker's decode processes (pipeline.decode_pool) while the
-model computes, then the shard writes its own Parquet part and Zarr region, then its completion
-record (in that order, so a record only exists for outputs that are complete)."""
+"""Score one shard: read and decode on a thread pool while the model computes, then write the
+shard's own Parquet part and Zarr region, then its completion record (in that order, so a record
+only exists for outputs that are complete)."""
 
 from __future__ import annotations
 
 import os
-import threading
 import time
+import threading
+from dataclasses import fields, replace
 from typing import Callable
 
 import numpy as np
@@ -22,12 +23,11 @@ from .decode_pool import DecodeTask, Failure, FilmJob, shared_pool
 from .images import Decoded
 from .maps_store import open_maps, write_region
 from .model import get_model
-from .redact import redact
+from .redact import install_log_redaction, redact
 from .runspec import RunSpec
+from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from .shards import Shard
-from .storage import read_json, write_json_atomic, write_parquet_atomic
-
-RECORD_VERSION = 1
+from .storage import write_json_atomic, write_parquet_atomic
 
 
 def _worker_cores() -> int:
@@ -46,21 +46,20 @@ def decode_workers(spec: RunSpec) -> int:
     return _worker_cores()
 
 
-def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
-    rec = read_json(spec.record_url(shard.index), dict(spec.storage_options))
-    if rec and rec.get("status") == "complete" and rec.get("digest") == shard.digest and rec.get("model_version") == spec.model_version:
-        return rec
-    return None
-
-
 # One forward at a time per process: a worker runs two shard tasks (one writes while the other
 # scores), and they share the device and torch's intra-op threads.
 _DEVICE_LOCK = threading.Lock()
 
 
+def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
+    """The record of a shard whose outputs are all present and match it (cheap check), else None."""
+    st = check_shard(shard, spec)
+    return st.record if st.state == "done" else None
+
+
 def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Score a shard unless its completion record says it is done. Returns the record.
-    ``progress(shard_index, n_images)`` is called after each batch (see pipeline.progress)."""
+    """Score a shard unless its completion record says it is done. Returns the record."""
+    install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}
@@ -95,6 +94,14 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
                     except Exception as e:  # noqa: BLE001
                         errors.append(_error(shard, p, ImageError("infer", e)))
         for pos, o in outs:
+            bad = nonfinite_rows(o)  # NaN/Inf weights or inputs: a failure, never a 'scored' image
+            for b in np.flatnonzero(bad):
+                errors.append(_error(shard, pos[b], ImageError("nonfinite", FloatingPointError("non-finite probability, map or embedding"))))
+            pos = [p for p, b in zip(pos, bad) if not b]
+            if not pos:
+                continue
+            if bad.any():
+                o = replace(o, **{f.name: getattr(o, f.name)[~bad] for f in fields(o)})
             r = np.asarray([shard.rows[p] - shard.start for p in pos])
             cam[r], cell[r], emb[r], cellf[r] = o.cam, o.cell_logit, o.embedding, o.cell_features
             prob[pos] = o.prob
@@ -105,7 +112,11 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
-    jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in range(len(shard.paths))]
+    todo = list(range(len(shard.paths)))
+    plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
+    if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
+        todo, errors, modes = plan
+    jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
     task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits)
     pool = shared_pool(workers)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
@@ -113,7 +124,10 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     window = max(4 * bs, 8 * max(1, workers))
     # Batches are fixed runs of positions (films arrive in completion order): the same films share a
     # forward pass in every run, so outputs are bit-for-bit reproducible.
-    n_chunks = (len(jobs) + bs - 1) // bs
+    n_chunks = (len(shard.paths) + bs - 1) // bs
+    chunk_size = [0] * n_chunks
+    for job in jobs:
+        chunk_size[job.pos // bs] += 1
     received = [0] * n_chunks
     ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
     n_done = 0
@@ -139,13 +153,14 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
                     cache.put(shard.rows[pos], key, item.pixels, item.source_mode)
                 modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
                 ready[k][pos] = item.pixels
-            if received[k] == min(bs, len(jobs) - k * bs):
+            if received[k] == chunk_size[k]:
                 batch, ready[k] = sorted(ready[k].items()), {}
                 if batch:
                     run_batch([p for p, _ in batch], [px for _, px in batch])
                 n_done += received[k]
                 if progress is not None:
                     progress(shard.index, n_done)
+
 
     t = time.perf_counter()
     for row, image_id in zip(shard.rows, shard.image_ids):
@@ -156,16 +171,16 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
     if cache is not None:
         cache.flush()
+    outputs = fingerprint_outputs(spec.part_url(shard.index), spec.maps_url, shard.start, so)
     t_write = time.perf_counter() - t
     record = {
         "record_version": RECORD_VERSION,
-        "status": "complete",
+        "status": shard_status(errors),  # 'partial' when it holds read errors: a rerun retries them
         "shard": shard.index,
         "start": shard.start,
         "stop": shard.stop,
         "digest": shard.digest,
         "model_version": spec.model_version,
-        "precision": spec.precision,
         "n_images": len(shard.rows),
         "n_scored": int(ok.sum()),
         "n_failed": len(errors),
@@ -177,6 +192,8 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "torch_threads": torch.get_num_threads(),
         "decode_workers": workers,
         "decode_pool_restarts": pool.restarts,
+        "precision": spec.precision,
+        "outputs": outputs,
     }
     write_json_atomic(record, spec.record_url(shard.index), so)
     return {**record, "skipped": False}

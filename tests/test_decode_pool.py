@@ -94,7 +94,12 @@ def test_a_film_that_kills_its_decode_process_is_recorded_and_the_rest_are_decod
 
 
 def test_cache_hit_is_answered_without_decoding(films):
-    from pipeline.cache import source_key
+    from pathlib import Path
+
+    from pipeline.cache import content_key
+
+    def source_key(p):
+        return content_key(p, Path(p).read_bytes())
 
     paths, _ = films
     pool = DecodePool(1)

@@ -89,13 +89,13 @@ def config_from_args(args, argv_empty: bool):
     from pipeline.scoring import ScoreConfig
 
     if argv_empty:
-        from pipeline.demo import make_demo_dataset, make_demo_model
+        from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
 
-        root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
-        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"), data_root=root)
-        log.info(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
-        return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
-                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,
+        sites = make_demo_sites(os.path.join(DEMO_DIR, "data"))
+        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
+        log.info(f"demo: synthetic ChestX-ray14-layout datasets {', '.join(sites)}, demo model {ckpt}")
+        return ScoreConfig(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
+                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32, identifiability=True,
                            cluster=args.cluster or "local", cluster_file=args.cluster_file or "cluster.yaml",
                            worker_timeout=args.worker_timeout)
     if not args.dataset or not args.out or not args.checkpoint:
@@ -163,6 +163,9 @@ def _run_locked(cfg) -> dict:
                 from pipeline.drift import drift, summary_text
 
                 print(summary_text(drift(cfg.out, previous, info["model_version"])))
+            from pipeline.reporting.hook import report_after_run
+
+            info["report"] = report_after_run(cfg.out, info["model_version"])
     return info
 
 
@@ -294,10 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     except CxrAuditError as e:
         return fail(e)  # redacted: URLs in flags may carry credentials
     print(summary(result))
+    if result.get("report"):
+        print(f"  report: {result['report']}")
     if result["status"] == "complete" and not argv:
-        from pipeline.report import short_report
+        from pipeline.demo import marker_cells
+        from pipeline.reporting.story import story
 
-        print(short_report(result["config"]["out"], result["model_version"]))
+        print("\n".join(["what the demo shows (read off the report's scorecard):", *story(result["config"]["out"], marker_cells())]))
     return 0 if result["status"] == "complete" else 1
 
 

@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="films whose header declares more pixels are not decoded (TooManyPixels; default 64,000,000)")
     p.add_argument("--max-aspect-ratio", type=float, default=6.0, metavar="R",
                    help="films longer than R times their width (or the reverse) are not decoded (ExtremeAspectRatio; default 6)")
-    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 60)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 30)")
     p.add_argument("--read-retries", type=int, default=2, metavar="N",
                    help="further attempts after a transient read error (timeout, connection, EIO), with backoff (default 2)")
     p.add_argument("--allow-root", action="append", default=[], metavar="URL",
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
     try:
         from pipeline.cluster import load_profile
         from pipeline.validate import check_cluster, validate

@@ -17,10 +17,10 @@ from schemas.outputs import predictions_schema
 from .cam import CELL_FEATURE_DIM, infer_batch
 from .errors import ImageError
 from .cache import ShardCache, source_key
-from .images import Decoded, load_image
+from .images import Decoded, image_error, load_image
 from .maps_store import open_maps, write_region
 from .model import get_model
-from .redact import redact
+from .redact import install_log_redaction, redact
 from .runspec import RunSpec
 from .shards import Shard
 from .storage import read_json, write_json_atomic, write_parquet_atomic
@@ -57,7 +57,7 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
         try:
             key = source_key(path, so, spec.read_limits)
         except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
-            return ImageError("read", e), None, False
+            return image_error("read", e), None, False
         hit = cache.get(row, key)
         if hit is not None:
             return Decoded(hit[0], hit[1]), key, True
@@ -69,6 +69,7 @@ def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
     """Score a shard unless its completion record says it is done. Returns the record."""
+    install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}

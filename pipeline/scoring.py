@@ -145,7 +145,7 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     manifest_url = join(cfg.out, "manifest.parquet")
     previous = read_parquet(manifest_url, so) if exists(manifest_url, so) else None
     result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain,
-                            allow_roots=cfg.allow_roots, storage_options=so)
+                            allow_roots=cfg.allow_roots, storage_options=so, read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())

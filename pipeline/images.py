@@ -282,8 +282,13 @@ def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage
                limits: ReadLimits = ReadLimits()) -> Decoded:
     """One film, read, decoded and preprocessed. Raises ImageError only (stage read|decode|preprocess):
     whatever goes wrong with one film is that film's error, never its shard's."""
+    return decode_bytes(read_bytes(path, storage_options, limits), config, limits)
+
+
+def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+    """decode_preprocess that raises ImageError only (the cache reads the bytes itself to hash them)."""
     try:
-        return decode_preprocess(read_bytes(path, storage_options, limits), config, limits)
+        return decode_preprocess(data, config, limits)
     except ImageError:
         raise
     except MemoryError as e:  # a film that passed the limits but still does not fit

@@ -341,7 +341,7 @@ def test_one_bad_film_never_costs_a_shard_and_secrets_are_not_written(tmp_path, 
         out = tmp_path / "out"
         code = main(["--dataset", f"manifest:{site / 'm.csv'}", "--checkpoint", tiny_ckpt, "--arch", TINY_ARCH, "--out", str(out),
                      "--shard-size", "16", "--batch-size", "4", "--cluster", "inprocess", "--allow-root", f"{base}/web",
-                     "--max-image-bytes", "100000", "--read-timeout", "5"])
+                     "--max-image-bytes", "100000", "--read-timeout", "5", "--max-failed-fraction", "1"])  # half bad on purpose
         printed = capsys.readouterr()
     assert code == 0
     run_dir = next((out / "runs").iterdir())

@@ -11,9 +11,7 @@ from .errors import MisalignedWriteError, OutputError
 
 
 def _shape(kind: str, n: int, f: int, h: int, w: int, d: int) -> tuple[int, ...]:
-    from .cam import CELL_FEATURE_DIM
-
-    return {"FHW": (n, f, h, w), "D": (n, d), "CK": (n, h * w, CELL_FEATURE_DIM), "": (n,)}[kind]
+    return {"FHW": (n, f, h, w), "D": (n, d), "CK": (n, h * w, d), "": (n,)}[kind]
 
 
 def open_maps(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
@@ -41,10 +39,10 @@ def create_maps(url: str, n_rows: int, shard_size: int, findings: tuple[str, ...
                 arr.resize(shape)
             continue
         group.create_array(name, shape=shape, chunks=chunks, dtype=str if dtype == "str" else dtype, fill_value=fill)
-    from .cam import CELL_FEATURE_SEED
+    from .cam import CELL_FEATURES
 
     group.attrs.update({**attrs, "schema_version": OUTPUT_SCHEMA_VERSION, "findings": list(findings), "shard_size": shard_size,
-                        "cell_feature_seed": CELL_FEATURE_SEED})
+                        "cell_features": CELL_FEATURES})
     return group
 
 

@@ -41,7 +41,8 @@ class ProbeConfig:
     alpha: float = 0.05  # family-wise error rate over a target's 49 cells (Holm)
     cells: bool = True  # the per-cell probes (the 7x7 map); False skips them
     probe: str = "logistic"  # a key of PROBES
-    cell_max_images: int = 6_000  # per-cell probes: a seeded subsample (AUC SE about 0.01 at this size)
+    cell_max_images: int = 4_000  # per-cell probes: a seeded subsample (AUC SE about 0.01 at this size)
+    cell_max_classes: int = 5  # no per-cell map for targets with more classes (age_band): 49 multinomial fits on 1,024 features
 
 
 def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
@@ -174,6 +175,8 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
         groups = patients[ok].to_numpy()
         splits = folds(y_idx, groups, cfg)
         counts = {c: int((y_idx == i).sum()) for i, c in enumerate(classes)}
+        if cell_features is not None and cfg.cells and len(classes) > cfg.cell_max_classes:
+            notes.append(f"no per-cell map: {len(classes)} classes > cell_max_classes ({cfg.cell_max_classes})")
         base = {"target": target, "n": int(ok.sum()), "n_per_class": str(counts), "notes": "; ".join(notes) or None}
         for name, x in features.items():
             proba = oof_proba(x[ok], y_idx, splits, len(classes), cfg)
@@ -182,7 +185,7 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
                 true_p = proba[np.arange(len(y_idx)), y_idx]
                 for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
                     scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
-        if cell_features is not None and cfg.cells:
+        if cell_features is not None and cfg.cells and len(classes) <= cfg.cell_max_classes:
             cells += _cell_map(cell_features, pos, y, patients, cfg, target)
     return summary, cells, scores
 

@@ -48,3 +48,17 @@ def test_stratum_difference_is_welch_and_covers():
             np.testing.assert_allclose(hi - lo, 2 * 1.96 * se, rtol=1e-3)
         covered += (lo[0] <= 0.2 <= hi[0])
     assert covered / trials == pytest.approx(0.95, abs=0.04)
+
+
+def test_region_contrasts_table_pairs_the_values_of_each_stratum():
+    from pipeline.aggregate import region_contrasts_table
+
+    rng = np.random.default_rng(2)
+    ap, pa = rng.normal(0.5, 1, (40, F, C)), rng.normal(0, 1, (60, F, C))
+    acc = _acc(np.concatenate([ap, pa]), ("all", "all")) + _acc(ap, ("view_position", "AP")) + _acc(pa, ("view_position", "PA"))
+    acc = acc + _acc(pa[:5], ("sex", "F"))  # too few films: no contrast
+    t = region_contrasts_table(acc, ("A", "B"), 20, {}).to_pandas()
+    assert len(t) == F * C and set(t.stratum) == {"view_position"} and (t.value_a == "AP").all() and (t.value_b == "PA").all()
+    row = t[(t.finding == "B") & (t.cell_row == 3) & (t.cell_col == 4)].iloc[0]
+    assert row["diff"] == pytest.approx(ap[:, 1, 3 * 7 + 4].mean() - pa[:, 1, 3 * 7 + 4].mean()) and row.diff_lo < row["diff"] < row.diff_hi
+    assert (row.n_a, row.n_b) == (40, 60)

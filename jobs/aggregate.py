@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from jobs._common import add_common, fail, setup_logging
 from pipeline.errors import CxrAuditError
 
 
@@ -26,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--confounder", nargs="+", default=["site", "view_position", "sex", "age_band"], metavar="COLUMN",
                    help="targets of the identifiability probes (default: site view_position sex age_band)")
     p.add_argument("--scheduler", default="threads", choices=["threads", "processes", "sync"], help="Dask scheduler (default threads)")
-    return p
+    return add_common(p)
 
 
 def config_from_args(args):
@@ -48,11 +49,11 @@ def main(argv=None) -> int:
     from pipeline.aggregate import aggregate_run
 
     args = parser().parse_args(argv)
+    setup_logging(args)
     try:
         tables = aggregate_run(args.out, args.run, config_from_args(args), scheduler=args.scheduler)
     except CxrAuditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     for name, t in tables.items():
         print(f"{name}.parquet: {t.num_rows} rows")
     if "identifiability_map" in tables and tables["identifiability_map"].num_rows:

@@ -75,7 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=64)
-    args = p.parse_args(argv)
+    from jobs._common import add_common, setup_logging
+
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
 
     from jobs.score_dataset import run
     from pipeline.scoring import ScoreConfig

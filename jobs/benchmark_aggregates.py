@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=112_120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--identifiability", action="store_true", help="time the confounder probes too (issue 4; goal 10 min, 8 GB)")
-    args = p.parse_args(argv)
+    from jobs._common import add_common, setup_logging
+
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
     work = tempfile.mkdtemp(prefix="cxr-aggbench-")
     t = time.perf_counter()
     make_synthetic_run(work, args.images)

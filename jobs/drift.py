@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._common import add_common, fail, setup_logging
 from pipeline.errors import CxrAuditError
 
 
@@ -19,12 +20,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, metavar="URL")
     p.add_argument("--from", dest="from_mv", metavar="VERSION")
     p.add_argument("--to", dest="to_mv", metavar="VERSION")
-    args = p.parse_args(argv)
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
     try:
         print(summary_text(drift(args.out, args.from_mv, args.to_mv)))
     except CxrAuditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

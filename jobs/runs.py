@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import datetime
 
+from jobs._common import add_common, setup_logging
 from pipeline.run_index import run_records
 from pipeline.storage import join, read_json
 
@@ -24,10 +25,26 @@ def list_runs(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["started"] or "")
 
 
+def latest_run(out: str) -> str | None:
+    """The latest complete run's folder, as latest.json names it."""
+    latest = read_json(join(out, "latest.json"))
+    return join(out, latest["run"]) if latest else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.runs", description=__doc__)
     p.add_argument("--out", required=True, metavar="URL")
-    args = p.parse_args(argv)
+    p.add_argument("--latest", action="store_true",
+                   help="print only the latest complete run's folder (OUT/runs/<model_version>), for scripts and queries; exit 1 if none")
+    args = add_common(p).parse_args(argv)
+    setup_logging(args)
+    if args.latest:
+        latest = latest_run(args.out)
+        if latest is None:
+            print(f"error: no complete run under {args.out} (latest.json is written when a run completes)", file=sys.stderr)
+            return 1
+        print(latest)
+        return 0
     rows = list_runs(args.out)
     if not rows:
         print(f"no runs under {args.out}")

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from jobs._common import add_common, fail, log, setup_logging
 from pipeline.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -44,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
                    help="p_baseline per finding for the ln(p_cell/p_baseline) map (default: the reference prevalences)")
     p.add_argument("--out", metavar="URL", help="output root (fsspec URL)")
     p.add_argument("--cluster", default=None, metavar="NAME", help="profile in --cluster-file (default: the file's default, 'local')")
-    p.add_argument("--cluster-file", default="cluster.yaml", metavar="PATH", help="profiles file (default: cluster.yaml)")
+    p.add_argument("--cluster-file", default=None, metavar="PATH",
+                   help="profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error")
+    p.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up when the cluster brings up no worker in this time (default: the profile's worker_timeout, "
+                        "120 s for local clusters, 1800 s for SLURM)")
     p.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard and Zarr chunk length (default 1024)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N manifest rows")
@@ -65,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
                    help="further attempts after a transient read error (timeout, connection, EIO), with backoff (default 2)")
     p.add_argument("--allow-root", action="append", default=[], metavar="URL",
                    help="repeatable: a folder or URL prefix that manifest paths may point into besides the manifest's own folder")
-    return p
+    return add_common(p)
 
 
 def _findings(text: str | None):
@@ -88,41 +93,72 @@ def config_from_args(args, argv_empty: bool):
 
         root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
         ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"), data_root=root)
-        print(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
+        log.info(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
         return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
                            arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,
-                           cluster=args.cluster or "local", cluster_file=args.cluster_file)
+                           cluster=args.cluster or "local", cluster_file=args.cluster_file or "cluster.yaml",
+                           worker_timeout=args.worker_timeout)
     if not args.dataset or not args.out or not args.checkpoint:
         raise ConfigError("--dataset, --checkpoint and --out are required (run with no arguments for the demo)")
     return ScoreConfig(datasets=tuple(args.dataset), out=args.out, checkpoint=args.checkpoint, arch=args.arch,
                        findings=_findings(args.findings), baselines=args.baselines, metadata=args.metadata,
-                       cluster=args.cluster or "", cluster_file=args.cluster_file, shard_size=args.shard_size,
+                       cluster=args.cluster or "", cluster_file=args.cluster_file or "cluster.yaml", shard_size=args.shard_size,
                        batch_size=args.batch_size, limit=args.limit, device=args.device,
                        high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
                        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
-                       uncertain=args.uncertain, identifiability=args.identifiability,
+                       uncertain=args.uncertain, identifiability=args.identifiability, worker_timeout=args.worker_timeout,
                        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
                        read_timeout=args.read_timeout, read_retries=args.read_retries, allow_roots=tuple(args.allow_root))
 
 
-def run(cfg) -> dict:
-    """Hold the --out lock, score, aggregate, then point latest.json at the run."""
+def run(cfg, validated: bool = False) -> dict:
+    """Validate, hold the --out lock, score, aggregate, then point latest.json at the run."""
+    from pipeline.run_lock import run_lock
+    from pipeline.storage import check_writable, exists, join, read_json, remove_if_empty, remove_temp_files, write_json_atomic
+
+    if not validated:
+        from pipeline.validate import validate
+
+        validate(cfg)
+    created = _first_missing(cfg.out) if not exists(cfg.out, cfg.storage_options) else None
+    try:
+        return _run_locked(cfg)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
+            remove_if_empty(created, cfg.storage_options)
+        raise
+
+
+def _first_missing(out: str) -> str:
+    """The outermost folder of a local --out that does not exist yet (what a run would create)."""
+    if "://" in out:
+        return out
+    path = os.path.abspath(out)
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def _run_locked(cfg) -> dict:
     from pipeline.run_lock import run_lock
     from pipeline.storage import check_writable, join, read_json, remove_temp_files, write_json_atomic
 
     check_writable(cfg.out, cfg.storage_options)
     with run_lock(cfg.out, cfg.storage_options) as note:
         if note:
-            print(note)
+            log.warning(note)
         removed = remove_temp_files(cfg.out, cfg.storage_options)
         if removed:
-            print(f"removed {removed} half-written temporary files left by an interrupted run")
+            log.info(f"removed {removed} half-written temporary files left by an interrupted run")
         previous = (read_json(join(cfg.out, "latest.json"), cfg.storage_options) or {}).get("model_version")
         info = _score(cfg)
         if info["status"] == "complete":
             # only a complete, aggregated run becomes 'latest'; replaced atomically
             write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
                               join(cfg.out, "latest.json"), cfg.storage_options)
+            from pipeline.query_views import write_views
+
+            write_views(cfg.out, cfg.storage_options)  # DuckDB views of the latest run: OUT/cxr_audit.sql
             if previous and previous != info["model_version"]:
                 from pipeline.drift import drift, summary_text
 
@@ -135,6 +171,8 @@ def _score(cfg) -> dict:
     from distributed import as_completed
     from tqdm import tqdm
 
+    from jobs._common import quiet_dask_logs
+
     from pipeline.cluster import load_profile, start_cluster
     from pipeline.model import resolve_device
     from pipeline.redact import redact
@@ -144,29 +182,30 @@ def _score(cfg) -> dict:
     started = _now()
     prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
     spec = prep.spec
-    n_issues = prep.manifest.issues.num_rows
-    print(f"manifest: {prep.manifest.manifest.num_rows} images, {n_issues} metadata issues "
-          f"{prep.manifest.issue_counts() or ''} -> {redact(cfg.out)}/manifest_issues.parquet")
-    print(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
+    for line in manifest_summary(prep.manifest, cfg):
+        log.info(redact(line))
+    log.info(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
     if prep.pending:
         profile = load_profile(cfg.cluster or None, cfg.cluster_file)
-        cluster, client = start_cluster(profile)
+        quiet_dask_logs()
+        cluster, client = start_cluster(profile, cfg.worker_timeout)
         try:
-            print(f"cluster {profile.name}: dashboard {client.dashboard_link}")
+            log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             if spec.device == "auto":
                 spec = _with_worker_device(client, spec)
             futures = {client.submit(score_shard, s, spec, key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}", pure=False): s
                        for s in prep.pending}
             t_score = time.perf_counter()
-            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr) as bar:
+            with tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr,
+                  disable=args_quiet()) as bar:
                 for fut in as_completed(futures):
                     shard = futures[fut]
                     try:
                         results.append(fut.result())
                     except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
                         failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
-                        print(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
+                        log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
                     bar.update(len(shard.rows))
             prep.timings["score_wall"] = time.perf_counter() - t_score
         finally:
@@ -182,8 +221,29 @@ def _score(cfg) -> dict:
         if results or not exists(join(spec.run_url, wanted), cfg.storage_options):
             t = time.perf_counter()
             tables = aggregate_run(cfg.out, spec.model_version, AggregateConfig(identifiability=cfg.identifiability))
-            print(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
+            log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
     return run_info
+
+
+def manifest_summary(result, cfg) -> list[str]:
+    """Films found per dataset ('120 of 112,120 listed films found under ROOT') and the other
+    metadata issues by reason: a partial download is one line, not thousands of issues."""
+    from pipeline.adapters import DatasetSpec
+
+    issues = result.issues.select(["dataset", "reason"]).to_pandas()
+    kept = result.manifest.column("dataset").to_pandas().value_counts()
+    lines = []
+    for spec in (DatasetSpec.parse(d) for d in cfg.datasets):
+        mine = issues[issues.dataset == spec.name].reason
+        missing, excluded = int((mine == "missing_file").sum()), int((mine == "excluded_view").sum())
+        found = int(kept.get(spec.name, 0)) + excluded
+        if missing:
+            lines.append(f"{spec.name}: {found:,} of {found + missing:,} listed films found under {spec.location} "
+                         f"(the {missing:,} others are missing_file rows in manifest_issues.parquet)")
+    other = issues[issues.reason != "missing_file"].reason.value_counts().sort_index().to_dict()
+    lines.append(f"manifest: {result.manifest.num_rows:,} images; "
+                 + (f"metadata issues {other} -> {cfg.out}/manifest_issues.parquet" if other else "no other metadata issues"))
+    return lines
 
 
 def _with_worker_device(client, spec):
@@ -196,6 +256,13 @@ def _with_worker_device(client, spec):
 
     devices = set(client.run(probe).values())
     return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
+
+
+def args_quiet() -> bool:
+    """--quiet: no progress bar either."""
+    import logging
+
+    return not log.isEnabledFor(logging.INFO)
 
 
 def summary(run: dict) -> str:
@@ -214,14 +281,18 @@ def summary(run: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    setup_logging(args)
     try:
-        cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
-        result = run(cfg)
-    except CxrAuditError as e:
-        from pipeline.redact import redact
+        from pipeline.cluster import load_profile
+        from pipeline.validate import check_cluster, validate
 
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+        # the cluster profile first: even the demo reports a wrong --cluster before building its data
+        check_cluster(load_profile(args.cluster, args.cluster_file or "cluster.yaml", required=args.cluster_file is not None))
+        cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
+        validate(cfg, cluster_file_given=args.cluster_file is not None)
+        result = run(cfg, validated=True)
+    except CxrAuditError as e:
+        return fail(e)  # redacted: URLs in flags may carry credentials
     print(summary(result))
     if result["status"] == "complete" and not argv:
         from pipeline.report import short_report

@@ -192,7 +192,8 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None 
         lab, unknown = nih_labels(labels, findings)
         if unknown:
             issues.append(dict(dataset=spec.name, image_id=image_id, path=None, reason="unknown_label", detail=f"labels {unknown} are not findings of this model", action="kept"))
-        rows.append(dict(image_id=image_id, path=images.get(image_id, ""), patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
+        # a film not on disk keeps the path it was looked for at, for its missing_file issue row
+        rows.append(dict(image_id=image_id, path=images.get(image_id) or f"{root}/images/{image_id}", patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
     records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
     return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True, roots=(root,))
 

@@ -279,7 +279,10 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     if config.identifiability:
         tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
+    from schemas.meta import with_model_version
+
     for name, table in tables.items():
+        tables[name] = table = with_model_version(table, model_version)  # so runs/*/ queries can tell runs apart
         write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
     return tables
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +13,10 @@ import yaml
 from .errors import ConfigError
 
 TYPES = ("local", "local-cuda", "slurm", "kubernetes", "address")
+# seconds to wait for a first worker (profile key `worker_timeout`, flag --worker-timeout): batch
+# schedulers queue jobs, so they get longer than a local cluster that starts in seconds
+DEFAULT_WORKER_TIMEOUT = {"local": 120, "local-cuda": 120, "slurm": 1800, "kubernetes": 900, "address": 60}
+log = logging.getLogger(__name__)
 # The dashboard's info pages have no authentication: only this machine may see them by default
 # (reach it from elsewhere through an SSH tunnel; see the README).
 DASHBOARD_ADDRESS = "127.0.0.1:8787"
@@ -21,16 +27,21 @@ class Profile:
     name: str
     type: str
     options: dict
+    worker_timeout: float = 120.0  # seconds to wait for the first worker before giving up
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, type={self.type!r})"
 
 
-def load_profile(name: str | None, path: str = "cluster.yaml") -> Profile:
+def load_profile(name: str | None, path: str = "cluster.yaml", required: bool = False) -> Profile:
+    """required: the user named the file (--cluster-file), so a missing file is an error rather
+    than a fall-back to the built-in local profiles."""
     try:
         with open(path) as f:
             doc = yaml.safe_load(f) or {}
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"--cluster-file {path} does not exist; pass an existing profiles file (see cluster.yaml in the repository)") from None
         if name in (None, "local", "inprocess"):
             doc = {"profiles": {"local": {"type": "local"}, "inprocess": {"type": "local", "processes": False}}}
         else:
@@ -43,7 +54,8 @@ def load_profile(name: str | None, path: str = "cluster.yaml") -> Profile:
     kind = opts.pop("type", "local")
     if kind not in TYPES:
         raise ConfigError(f"profile {name!r} has type {kind!r}; known types: {', '.join(TYPES)}")
-    return Profile(name, kind, opts)
+    timeout = opts.pop("worker_timeout", DEFAULT_WORKER_TIMEOUT[kind])
+    return Profile(name, kind, opts, float(timeout))
 
 
 def gpu_count() -> int:
@@ -110,8 +122,56 @@ def nanny_environ() -> dict:
     return env
 
 
-def start_cluster(profile: Profile) -> tuple[Any, Any]:
-    """Return (cluster or None, Client). The caller closes both."""
+class _LastError(logging.Handler):
+    """Keeps the last error a cluster's background tasks logged (a failed sbatch, an image pull)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{type(exc).__name__}: {exc}" if exc is not None else record.getMessage()
+        self.message = " ".join(text.split())[:500]
+
+
+def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tuple[Any, Any]:
+    """Return (cluster or None, Client) once at least one worker is up; the caller closes both.
+    A cluster that brings up no worker within worker_timeout seconds (default: the profile's) is a
+    ClusterStartError naming the last error its background tasks logged."""
+    from .errors import ClusterStartError
+
+    timeout = profile.worker_timeout if worker_timeout is None else worker_timeout
+    catcher = _LastError()
+    logging.getLogger().addHandler(catcher)
+    cluster = client = None
+    try:
+        with warnings.catch_warnings():
+            # a taken dashboard port: distributed picks a free one, and the link we print says which
+            warnings.filterwarnings("ignore", message=r"Port .* is already in use", category=UserWarning)
+            cluster, client = _make_cluster(profile)
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (TimeoutError, OSError) as e:
+            cause = catcher.message or f"{type(e).__name__}: {e}".strip()
+            raise ClusterStartError(
+                f"cluster profile {profile.name!r} ({profile.type}) brought up no worker in {timeout:.0f} s. "
+                f"Last error: {cause}. Check the profile in --cluster-file, or wait longer with --worker-timeout."
+            ) from None
+    except BaseException:
+        for thing in (client, cluster):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # noqa: BLE001 - already failing; the original error matters
+                    pass
+        raise
+    finally:
+        logging.getLogger().removeHandler(catcher)
+    return cluster, client
+
+
+def _make_cluster(profile: Profile) -> tuple[Any, Any]:
     import dask
     from distributed import Client
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy.stats import spearmanr
 
-from schemas.drift import finding_drift_schema, region_drift_schema
+from schemas.drift import finding_drift_schema, region_drift_schema, with_versions
 
 from .errors import OutputError
 from .metrics import auc_delong
@@ -73,11 +73,14 @@ def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_ce
 
     region_table = _region_drift(out, from_mv, to_mv, top_cells, meta)
     dest = join(out, "drift", f"{from_mv}__{to_mv}")
+    finding_table = with_versions(finding_table, from_mv, to_mv)
     write_parquet_atomic(finding_table, join(dest, "finding_drift.parquet"))
     if region_table is not None:
+        region_table = with_versions(region_table, from_mv, to_mv)
         write_parquet_atomic(region_table, join(dest, "region_drift.parquet"))
     ident = _identifiability_drift(out, from_mv, to_mv)
     if ident is not None:
+        ident = with_versions(ident, from_mv, to_mv)
         write_parquet_atomic(ident, join(dest, "identifiability_drift.parquet"))
     summary = {"from": from_mv, "to": to_mv, "images_compared": len(both), "top_finding_changed_share": top_changed,
                "identifiability": ("compared: identifiability_drift.parquet" if ident is not None

@@ -9,6 +9,10 @@ class ConfigError(CxrAuditError):
     """A flag, profile or configuration value is wrong."""
 
 
+class ClusterStartError(CxrAuditError):
+    """The cluster brought up no worker in time (no sbatch, no quota, an image that cannot be pulled)."""
+
+
 class DatasetError(CxrAuditError):
     """A dataset location or its metadata cannot be used at all."""
 

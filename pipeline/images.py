@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from .errors import ImageError
+from .read_limits import ReadLimits  # noqa: F401 - torch-free home, re-exported here
 from .redact import redact
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,24 +70,6 @@ class NotARegularFile(Exception):
 
 class ReadTimeout(TimeoutError):
     """One read took longer than --read-timeout."""
-
-
-@dataclass(frozen=True)
-class ReadLimits:
-    """Bounds on what one film may cost. Not part of a run's identity: they never change the pixels
-    of a film that passes them. Real films are 0.3-0.5 MB (NIH), up to ~10 MB (16-bit PadChest)."""
-
-    max_bytes: int = 64 * 2**20
-    # 64 M pixels: far above any radiograph (PadChest ~ 4k x 4k) and below PIL's own 89 M warning.
-    max_pixels: int = 64_000_000
-    max_aspect: float = 6.0  # chest films are ~1:1.3; a 1 x 60,000 'film' would resize to 224 x 13 M
-    timeout_s: float = 60.0  # per attempt, remote reads only (local reads of regular files do not hang)
-    retries: int = 2  # further attempts after a transient error (timeout, connection, EIO)
-    backoff_s: float = 0.5  # doubled after each attempt
-
-    def __post_init__(self):
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_aspect < 1 or self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ValueError(f"invalid read limits {self}: sizes must be positive, aspect >= 1, retries >= 0")
 
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE}

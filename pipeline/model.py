@@ -110,8 +110,15 @@ def _check_compatible(state, net, clf, findings, spec) -> None:
     target = net.state_dict()
     clf_key = next(n for n, p in net.named_parameters() if p is clf.weight)
     if clf_key in state and state[clf_key].shape[0] != len(findings):
+        n = state[clf_key].shape[0]
+        if n == 1000:  # an ImageNet classifier, not a chest X-ray model
+            raise CheckpointError(
+                f"{spec.checkpoint} predicts 1000 outputs: it looks like an ImageNet classifier, not a chest X-ray model. "
+                f"Use a {len(findings)}-finding chest X-ray checkpoint (such as a CheXNet reproduction), or pass "
+                "--findings with 1000 names if you really mean to audit this model."
+            )
         raise CheckpointError(
-            f"{spec.checkpoint} predicts {state[clf_key].shape[0]} findings but {len(findings)} are expected "
+            f"{spec.checkpoint} predicts {n} findings but {len(findings)} are expected "
             f"({', '.join(findings[:3])}, ...). Pass the model's own finding names with --findings."
         )
     missing = sorted(set(target) - set(state))

@@ -13,22 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 import pipeline
+from schemas.meta import with_model_version
 from schemas.outputs import errors_schema
 
 from .adapters import DatasetSpec
 from .errors import ConfigError, DatasetError, OutputError
 from .findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
-from .images import PreprocessConfig, ReadLimits
 from .manifest import ManifestResult, build_manifest, dataset_fingerprint
 from .maps_store import create_maps
-from .model import ModelSpec, load_model
+from .read_limits import ReadLimits
 from .redact import redact_columns, redact_obj
-from .runspec import RunSpec
 from .shards import Shard, plan_shards
 from .storage import check_writable, exists, join, read_json, read_parquet, write_json_atomic, write_parquet_atomic
+
+# torch and the model code are imported inside the functions that need them, so that building and
+# validating a ScoreConfig (jobs/score_dataset.py) stays fast: a config error in well under 2 s.
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ScoreConfig:
     site_column: str | None = None
     uncertain: str = "zeros"
     identifiability: bool = False  # also fit the confounder probes after scoring
+    worker_timeout: float | None = None  # seconds to wait for a first worker (None: the profile's)
     max_image_bytes: int = ReadLimits.max_bytes
     max_image_pixels: int = ReadLimits.max_pixels
     max_aspect_ratio: float = ReadLimits.max_aspect
@@ -81,7 +83,7 @@ class ScoreConfig:
 @dataclass
 class PreparedRun:
     config: ScoreConfig
-    spec: RunSpec
+    spec: "RunSpec"  # noqa: F821 - imported lazily (torch)
     shards: list[Shard]
     manifest: ManifestResult
     dataset_fingerprint: str
@@ -120,6 +122,12 @@ def resolve_baselines(cfg: ScoreConfig, manifest: pa.Table) -> tuple[float, ...]
 
 
 def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
+    import torch
+
+    from .images import PreprocessConfig
+    from .model import ModelSpec, load_model
+    from .runspec import RunSpec
+
     timings: dict[str, float] = {}
     so = cfg.storage_options
     t = time.perf_counter()
@@ -201,6 +209,8 @@ def _now() -> str:
 
 
 def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:
+    import torch
+
     return redact_obj({  # URLs in flags may carry credentials
         "status": status,
         "model_version": spec.model_version,
@@ -226,6 +236,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     records = [r for r in (shard_done(s, spec) for s in prep.shards) if r is not None]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
+    table = with_model_version(table, spec.model_version)
     write_parquet_atomic(table, join(spec.run_url, "errors.parquet"), so)
     n_images = sum(len(s.rows) for s in prep.shards)
     counts = {

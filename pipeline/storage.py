@@ -98,3 +98,15 @@ def remove_temp_files(url: str, storage_options: dict | None = None) -> int:
     for p in leftovers:
         fs.rm(p)
     return len(leftovers)
+
+
+def remove_if_empty(url: str, storage_options: dict | None = None) -> bool:
+    """Remove the folder url when no file lies anywhere under it (a run that failed before writing)."""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.exists(path) or fs.find(path):
+            return False
+        fs.rm(path, recursive=True)
+        return True
+    except OSError:
+        return False

@@ -26,3 +26,11 @@ def region_drift_schema(**meta) -> pa.Schema:
         pa.field("mean_contribution_from", _F), pa.field("mean_contribution_to", _F), pa.field("mean_contribution_delta", _F),
         pa.field("rank", pa.int32(), nullable=False),
     ]), schema="region_drift", schema_version=DRIFT_SCHEMA_VERSION, **meta)
+
+
+def with_versions(table: pa.Table, from_mv: str, to_mv: str) -> pa.Table:
+    """Every drift table names its two runs as columns, so that a query over drift/*/ can select a pair."""
+    for name, value in (("from_version", from_mv), ("to_version", to_mv)):
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, pa.string(), nullable=False), pa.array([value] * table.num_rows, pa.string()))
+    return table

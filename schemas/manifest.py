@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .meta import with_metadata
+from .meta import pandas_dtypes, with_metadata
 
 MANIFEST_SCHEMA_VERSION = "1.0"
 
@@ -27,7 +27,9 @@ def manifest_schema(findings: tuple[str, ...]) -> pa.Schema:
     fields = list(MANIFEST_BASE_FIELDS)
     fields.append(pa.field(EXTRA_FIELD, pa.string()))
     fields += [pa.field(f, pa.bool_()) for f in findings]  # null = not labelled
-    return with_metadata(pa.schema(fields), schema="manifest", schema_version=MANIFEST_SCHEMA_VERSION, findings=list(findings))
+    schema = with_metadata(pa.schema(fields), schema="manifest", schema_version=MANIFEST_SCHEMA_VERSION, findings=list(findings))
+    # pandas reads labels back as nullable 'boolean' and age as 'Int16' (not object / float)
+    return pandas_dtypes(schema, {"row": "int64", "age": "Int16", **{f: "boolean" for f in findings}})
 
 
 ISSUES_SCHEMA = pa.schema(

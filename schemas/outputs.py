@@ -42,6 +42,16 @@ def errors_schema(model_version: str) -> pa.Schema:
     )
 
 
+# Dimension names of each kind of array (Zarr v3 dimension_names, what xarray reads).
+ZARR_DIMS = {
+    "FHW": ("image", "finding", "cell_row", "cell_col"),
+    "D": ("image", "embedding_dim"),
+    "CK": ("image", "cell", "cell_feature"),
+    "": ("image",),
+}
+# Coordinate arrays written once by the driver: image (= manifest row), finding names, cell indices.
+ZARR_COORDS = ("image", "finding", "cell_row", "cell_col", "cell")
+
 # maps.zarr: arrays indexed by manifest row; chunk length along rows == shard size.
 # name -> (dtype, trailing shape kind, fill value). Rows that failed stay at the fill value.
 ZARR_ARRAYS = {

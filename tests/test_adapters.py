@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -42,10 +43,11 @@ def test_chexpert_uncertain_policies_and_views(tmp_path):
     spec = [DatasetSpec.parse(f"chexpert:{root}")]
     for policy, expected in (("zeros", False), ("ones", True), ("ignore", None)):
         m = build_manifest(spec, CHEXNET_FINDINGS, uncertain=policy).manifest.to_pandas()
-        assert m.Atelectasis.tolist()[0] is expected and len(m) == 2
+        got = m.Atelectasis.tolist()[0]  # nullable boolean: <NA> = not labelled
+        assert (pd.isna(got) if expected is None else got == expected) and len(m) == 2
     m = build_manifest(spec, CHEXNET_FINDINGS).manifest.to_pandas()
     assert m.path.iloc[0] == str(tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
-    assert m.Atelectasis.iloc[1] is None and m.Effusion.tolist() == [True, False] and m.sex.isna().iloc[1]
+    assert m.Atelectasis.iloc[1] is pd.NA and m.Effusion.tolist() == [True, False] and m.sex.isna().iloc[1]
     assert build_manifest(spec, CHEXNET_FINDINGS, views=("all",)).manifest.num_rows == 3
 
 
@@ -87,12 +89,12 @@ def test_mimic_and_padchest_layouts_pool_and_score(tmp_path, tiny_ckpt):
     r = build_manifest(specs, CHEXNET_FINDINGS)
     m = r.manifest.to_pandas().set_index("image_id")
     assert r.issue_counts()["excluded_view"] == 2  # one MIMIC lateral, one PadChest 'L'
-    assert m.loc["d001", "Atelectasis"] and m.loc["d000", "Atelectasis"] is None  # blank stays unlabelled
-    assert m.loc["d000", "Effusion"] is False  # uncertain -> zeros by default
-    assert m.loc["d000", "Pneumonia"] is False and m.loc["d000", "patient_id"] == "10000000"
+    assert m.loc["d001", "Atelectasis"] and m.loc["d000", "Atelectasis"] is pd.NA  # blank stays unlabelled
+    assert m.loc["d000", "Effusion"] == False  # noqa: E712 - uncertain -> zeros by default (not NA)
+    assert m.loc["d000", "Pneumonia"] == False and m.loc["d000", "patient_id"] == "10000000"
     assert m.loc["p1.png", "Pneumonia"] and m.loc["p1.png", "Infiltration"] and m.loc["p1.png", "view_position"] == "AP"
-    assert m.loc["p0.png", "Pneumonia"] is False and m.loc["p0.png", "age"] == 65  # 2015 - 1950
-    assert m.loc["p3.png", "Pneumonia"] is None and r.issue_counts()["bad_row"] == 1
+    assert m.loc["p0.png", "Pneumonia"] == False and m.loc["p0.png", "age"] == 65  # noqa: E712 - 2015 - 1950; nullable boolean
+    assert m.loc["p3.png", "Pneumonia"] is pd.NA and r.issue_counts()["bad_row"] == 1
     assert sorted(m.site.unique()) == ["mimic", "padchest"]
 
     out = tmp_path / "out"

@@ -79,7 +79,7 @@ def test_rerun_skips_completed_shards_and_leaves_identical_outputs(scored, tiny_
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
     capsys.readouterr()
     assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # diagnostics go through logging to stderr
     assert "3 shards, 0 to score" in text
     after = _snapshot(out)
     assert after["preds"].equals(before["preds"])

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -103,9 +104,9 @@ def test_generic_manifest_csv_and_parquet(tmp_path):
     assert list(m.index) == ["a", "b", "c"]
     assert m.loc["a", "site"] == "hospital_b" and m.loc["b", "site"] == "ward9"
     assert m.loc["b", "view_position"] == "PA" and m.loc["a", "sex"] == "F"
-    assert m.loc["a", "Pneumonia"] and m.loc["a", "Effusion"] is False
-    assert m.loc["b", "Pneumonia"] is None and m.loc["b", "Effusion"] is None  # blank and uncertain: unlabelled
-    assert m.loc["a", "Atelectasis"] is None  # a finding the source never labels is null, not negative
+    assert m.loc["a", "Pneumonia"] and m.loc["a", "Effusion"] == False  # noqa: E712 - labels are nullable booleans
+    assert m.loc["b", "Pneumonia"] is pd.NA and m.loc["b", "Effusion"] is pd.NA  # blank and uncertain: unlabelled
+    assert m.loc["a", "Atelectasis"] is pd.NA  # a finding the source never labels is null, not negative
     assert json.loads(m.loc["a", "extra"]) == {"department": "ICU"}
     assert r.issue_counts() == {"impossible_age": 1, "missing_file": 1}
     pq.write_table(pa.Table.from_pandas(__import__("pandas").read_csv(csv, dtype=str, keep_default_na=False)), tmp_path / "site_c.parquet")

@@ -37,7 +37,7 @@ def test_grown_dataset_scores_only_new_images_and_updates_aggregates(tmp_path, t
             f.write(f"{name},Effusion,0,{900 + i},50,F,AP,128,128,0.143,0.143\n")
     capsys.readouterr()
     assert main(_args(data, out, tiny_ckpt)) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # diagnostics: logging, stderr
     assert "4 shards, 2 to score" in text  # the partly filled last shard (rows 32-39) and the new one
     after = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row").to_pandas()
     assert len(after) == 50 and after.row.is_unique
@@ -60,7 +60,7 @@ def test_up_to_date_run_starts_no_cluster_and_keeps_aggregates(tmp_path, tiny_ni
     mtime = stats.stat().st_mtime_ns
     capsys.readouterr()
     assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # diagnostics: logging, stderr
     assert "0 to score" in text
     assert "dashboard" not in text  # no cluster is started when there is nothing to do
     assert stats.stat().st_mtime_ns == mtime  # aggregates kept, not recomputed

@@ -80,7 +80,7 @@ def test_crash_between_outputs_and_record_rescores_only_that_shard(tmp_path, tin
     g["cam"][16:24] = 0.0  # half-written region
     capsys.readouterr()
     assert main(args) == 0
-    assert "5 shards, 1 to score" in capsys.readouterr().out
+    assert "5 shards, 1 to score" in capsys.readouterr().err  # diagnostics: logging, stderr
     _, preds2, cam2, _ = _outputs(tmp_path)
     assert preds2.equals(preds)
     np.testing.assert_array_equal(cam2, cam)

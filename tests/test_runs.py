@@ -30,7 +30,7 @@ def test_second_writer_is_refused_and_a_dead_writer_is_recovered(tmp_path, tiny_
     dead.wait()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "2026-01-01T00:00:00+00:00"}))
     assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
-    assert "recovered the lock of a run that died" in capsys.readouterr().out
+    assert "recovered the lock of a run that died" in capsys.readouterr().err  # diagnostics: logging, stderr
     assert not lock.exists()
 
 

@@ -1,0 +1,72 @@
+"""What every job's command line shares: --version, --quiet/--verbose, logging, error exits.
+
+Program output (tables, summaries, paths) goes to stdout with print; diagnostics (what the job is
+doing, notes, warnings) go through `logging` to stderr, so `--quiet` silences them and a pipe or
+a cron log keeps only what was asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+import pipeline
+
+log = logging.getLogger("cxr_audit")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # CSI sequences (torch's messages carry bold codes)
+
+
+def plain(text: str) -> str:
+    """A message without terminal escape codes (whatever library it came from) and without the
+    credentials a URL may carry."""
+    from pipeline.redact import redact
+
+    return redact(_ANSI.sub("", str(text)))
+
+
+def add_common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--version", action="version", version=f"cxr-audit {pipeline.__version__}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    g.add_argument("-v", "--verbose", action="store_true", help="also print debugging detail (including Dask's own logs)")
+    return p
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (so pytest's capture and redirections work)."""
+
+    def emit(self, record):
+        try:
+            sys.stderr.write(plain(self.format(record)) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never break the job
+            self.handleError(record)
+
+
+def setup_logging(args) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    for h in [h for h in log.handlers if isinstance(h, _Stderr)]:
+        log.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def quiet_dask_logs() -> None:
+    """Dask's own INFO/WARNING chatter (worker start/stop, 'Worker process still alive after 4 s,
+    killing' when a normal run closes its cluster) is for --verbose only. Call after importing
+    distributed: its import sets these loggers' levels from its config."""
+    import distributed  # noqa: F401 - configures its loggers on import
+
+    verbose = log.isEnabledFor(logging.DEBUG)
+    for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "dask_cuda"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def fail(e: BaseException) -> int:
+    """Print an actionable error (no traceback) and return the configuration-error exit status."""
+    print(f"error: {plain(e)}", file=sys.stderr)
+    return 2

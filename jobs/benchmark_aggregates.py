@@ -8,7 +8,9 @@ process and reports its wall time and peak memory (goal: <= 2 min and <= 4 GB on
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -27,13 +29,13 @@ from schemas.manifest import manifest_schema
 from schemas.outputs import predictions_schema
 
 
-def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0) -> str:
+def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_paths: list[str] | None = None) -> str:
     rng = np.random.default_rng(seed)
     F = len(CHEXNET_FINDINGS)
     mv = "synthetic0000000"
     cols = {
         "row": np.arange(n), "image_id": [f"{i:08d}_000.png" for i in range(n)], "dataset": ["nih"] * n,
-        "site": rng.choice(["nih", "hospB", "hospC"], n), "path": [f"/nowhere/{i}.png" for i in range(n)],
+        "site": rng.choice(["nih", "hospB", "hospC"], n), "path": [film_paths[i % len(film_paths)] if film_paths else f"/nowhere/{i}.png" for i in range(n)],
         "patient_id": (np.arange(n) // 4).astype(str), "view_position": rng.choice(["AP", "PA"], n, p=[0.4, 0.6]),
         "sex": rng.choice(["M", "F"], n), "age": rng.integers(1, 95, n).astype(np.int16),
         "split": rng.choice(["train_val", "test"], n, p=[0.8, 0.2]), "extra": [None] * n,
@@ -71,18 +73,35 @@ def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0) -> st
     return mv
 
 
+def _films(work: str, n: int = 128, size: int = 1024) -> list[str]:
+    """Real 1024x1024 PNGs (demo films, upscaled) for the report's overlays to decode; rows share them."""
+    from PIL import Image
+
+    from pipeline.demo import synthetic_film
+
+    rng = np.random.default_rng(1)
+    os.makedirs(f"{work}/films", exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = f"{work}/films/{i:04d}.png"
+        Image.fromarray(synthetic_film(rng, 256, i % 3 == 0, i % 5 == 0)).resize((size, size), Image.BILINEAR).save(path)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark_aggregates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=112_120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--identifiability", action="store_true", help="time the confounder probes too (issue 4; goal 10 min, 8 GB)")
+    p.add_argument("--report", action="store_true", help="then time python -m jobs.report on the result (issue 10; goal 30 s)")
     from jobs._common import add_common, setup_logging
 
     args = add_common(p).parse_args(argv)
     setup_logging(args)
     work = tempfile.mkdtemp(prefix="cxr-aggbench-")
     t = time.perf_counter()
-    make_synthetic_run(work, args.images)
+    make_synthetic_run(work, args.images, film_paths=_films(work) if args.report else None)
     print(f"synthetic run: {args.images} images x {len(CHEXNET_FINDINGS)} findings x 49 cells, written in {time.perf_counter() - t:.0f} s")
     walls, peaks = [], []
     for _ in range(args.repeats):
@@ -92,6 +111,15 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "jobs.aggregate", "--out", work, *extra], check=True, stdout=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t)
         peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20)  # KiB -> GiB
+    if args.report:
+        report_walls = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "jobs.report", "--out", work], check=True, stdout=subprocess.DEVNULL)
+            report_walls.append(time.perf_counter() - t)
+        size = sum(os.path.getsize(f) for f in glob.glob(f"{work}/runs/*/report.html"))
+        print(f"report of {args.images} images: median {statistics.median(report_walls):.1f} s "
+              f"({', '.join(f'{w:.1f}' for w in report_walls)}; goal <= 30 s), {size / 2**20:.2f} MiB")
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"wall_s_median": round(statistics.median(walls), 1), "wall_s": [round(w, 1) for w in walls],
                       "peak_rss_gib_max": round(max(peaks), 2)}))

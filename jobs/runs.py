@@ -8,11 +8,18 @@ from datetime import datetime
 
 from jobs._common import add_common, setup_logging
 from pipeline.run_index import run_records
-from pipeline.storage import join, read_json
+from pipeline.storage import join
+
+
+def _latest(out: str) -> dict:
+    from pipeline.bookkeeping import read_json_safe
+
+    latest, _ = read_json_safe(join(out, "latest.json"))  # unreadable: none (--check reports it)
+    return latest if isinstance(latest, dict) else {}
 
 
 def list_runs(out: str) -> list[dict]:
-    latest = (read_json(join(out, "latest.json")) or {}).get("model_version")
+    latest = _latest(out).get("model_version")
     rows = []
     for rj in run_records(out):
         took = None
@@ -27,8 +34,8 @@ def list_runs(out: str) -> list[dict]:
 
 def latest_run(out: str) -> str | None:
     """The latest complete run's folder, as latest.json names it."""
-    latest = read_json(join(out, "latest.json"))
-    return join(out, latest["run"]) if latest else None
+    latest = _latest(out)
+    return join(out, latest["run"]) if latest.get("run") else None
 
 
 def main(argv=None) -> int:
@@ -36,8 +43,31 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, metavar="URL")
     p.add_argument("--latest", action="store_true",
                    help="print only the latest complete run's folder (OUT/runs/<model_version>), for scripts and queries; exit 1 if none")
+    p.add_argument("--check", action="store_true",
+                   help="check every run's shards against their records and the bookkeeping files; writes nothing. "
+                        "Exit 0: intact; 1: damage found (rerunning the scoring command repairs it)")
+    p.add_argument("--verify", action="store_true", help="with --check: rehash every output (default: sizes only)")
+    p.add_argument("--unlock", action="store_true", help="remove OUT/_lock.json left by a run that died (refused if its holder is alive here)")
     args = add_common(p).parse_args(argv)
     setup_logging(args)
+    if args.unlock:
+        from pipeline.errors import CxrAuditError
+        from pipeline.run_lock import force_unlock
+
+        try:
+            print(force_unlock(args.out))
+        except CxrAuditError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.check:
+        from pipeline.run_check import check_out
+
+        problems = check_out(args.out, verify=args.verify)
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} problems under {args.out}" if problems else f"{args.out}: every shard matches its record")
+        return 1 if problems else 0
     if args.latest:
         latest = latest_run(args.out)
         if latest is None:

@@ -59,13 +59,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="auto", metavar="auto|none|URL",
                    help="preprocessed-image cache (uint8 224x224 in Zarr): 'auto' = OUT/cache (default), 'none', or a URL")
     p.add_argument("--decode-threads", type=int, default=None, metavar="N", help="decode threads per worker (default: its cores)")
+    p.add_argument("--verify", action="store_true",
+                   help="on resume, rehash every finished shard's outputs against its record (default: sizes only)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.05, metavar="F",
+                   help="more failed images than this share ends the run 'partial' with exit 3 (default 0.05); "
+                        "no image scored is always a failure")
     p.add_argument("--max-image-bytes", type=int, default=64 * 2**20, metavar="N",
                    help="larger image files are not read; recorded as ImageTooLarge (default 64 MiB; real films are 0.3-10 MB)")
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
                    help="films whose header declares more pixels are not decoded (TooManyPixels; default 64,000,000)")
     p.add_argument("--max-aspect-ratio", type=float, default=6.0, metavar="R",
                    help="films longer than R times their width (or the reverse) are not decoded (ExtremeAspectRatio; default 6)")
-    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 60)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S", help="seconds per remote read attempt (ReadTimeout; default 30)")
     p.add_argument("--read-retries", type=int, default=2, metavar="N",
                    help="further attempts after a transient read error (timeout, connection, EIO), with backoff (default 2)")
     p.add_argument("--allow-root", action="append", default=[], metavar="URL",
@@ -89,13 +94,13 @@ def config_from_args(args, argv_empty: bool):
     from pipeline.scoring import ScoreConfig
 
     if argv_empty:
-        from pipeline.demo import make_demo_dataset, make_demo_model
+        from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
 
-        root = make_demo_dataset(os.path.join(DEMO_DIR, "data", "ChestX-ray14"))
-        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", "demo_model.safetensors"), data_root=root)
-        log.info(f"demo: synthetic ChestX-ray14-layout dataset at {root}, demo model {ckpt}")
-        return ScoreConfig(datasets=(f"nih:{root}",), out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
-                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32,
+        sites = make_demo_sites(os.path.join(DEMO_DIR, "data"))
+        ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
+        log.info(f"demo: synthetic ChestX-ray14-layout datasets {', '.join(sites)}, demo model {ckpt}")
+        return ScoreConfig(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
+                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32, identifiability=True,
                            cluster=args.cluster or "local", cluster_file=args.cluster_file or "cluster.yaml",
                            worker_timeout=args.worker_timeout)
     if not args.dataset or not args.out or not args.checkpoint:
@@ -107,14 +112,14 @@ def config_from_args(args, argv_empty: bool):
                        high_bit_depth=args.high_bit_depth, decode_threads=args.decode_threads, cache=args.cache,
                        views=tuple(v.strip() for v in args.views.split(",") if v.strip()), site_column=args.site_column,
                        uncertain=args.uncertain, identifiability=args.identifiability, worker_timeout=args.worker_timeout,
+                       verify=args.verify, max_failed_fraction=args.max_failed_fraction,
                        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
                        read_timeout=args.read_timeout, read_retries=args.read_retries, allow_roots=tuple(args.allow_root))
 
 
 def run(cfg, validated: bool = False) -> dict:
     """Validate, hold the --out lock, score, aggregate, then point latest.json at the run."""
-    from pipeline.run_lock import run_lock
-    from pipeline.storage import check_writable, exists, join, read_json, remove_if_empty, remove_temp_files, write_json_atomic
+    from pipeline.storage import exists, remove_if_empty
 
     if not validated:
         from pipeline.validate import validate
@@ -140,8 +145,9 @@ def _first_missing(out: str) -> str:
 
 
 def _run_locked(cfg) -> dict:
+    from pipeline.bookkeeping import read_json_safe, rebuild_latest
     from pipeline.run_lock import run_lock
-    from pipeline.storage import check_writable, join, read_json, remove_temp_files, write_json_atomic
+    from pipeline.storage import check_writable, join, remove_temp_files, write_json_atomic
 
     check_writable(cfg.out, cfg.storage_options)
     with run_lock(cfg.out, cfg.storage_options) as note:
@@ -150,7 +156,11 @@ def _run_locked(cfg) -> dict:
         removed = remove_temp_files(cfg.out, cfg.storage_options)
         if removed:
             log.info(f"removed {removed} half-written temporary files left by an interrupted run")
-        previous = (read_json(join(cfg.out, "latest.json"), cfg.storage_options) or {}).get("model_version")
+        latest, why = read_json_safe(join(cfg.out, "latest.json"), cfg.storage_options)
+        if why or (latest is not None and not isinstance(latest, dict)):
+            latest = {"model_version": rebuild_latest(cfg.out, cfg.storage_options)}
+            log.warning(f"latest.json was unreadable ({why}); rebuilt it from the runs: {latest['model_version']}")
+        previous = (latest or {}).get("model_version")
         info = _score(cfg)
         if info["status"] == "complete":
             # only a complete, aggregated run becomes 'latest'; replaced atomically
@@ -163,6 +173,9 @@ def _run_locked(cfg) -> dict:
                 from pipeline.drift import drift, summary_text
 
                 print(summary_text(drift(cfg.out, previous, info["model_version"])))
+            from pipeline.reporting.hook import report_after_run
+
+            info["report"] = report_after_run(cfg.out, info["model_version"])
     return info
 
 
@@ -184,6 +197,8 @@ def _score(cfg) -> dict:
     spec = prep.spec
     for line in manifest_summary(prep.manifest, cfg):
         log.info(redact(line))
+    for note in prep.notes:
+        log.warning(redact(note))
     log.info(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
     if prep.pending:
@@ -208,21 +223,46 @@ def _score(cfg) -> dict:
                         log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
                     bar.update(len(shard.rows))
             prep.timings["score_wall"] = time.perf_counter() - t_score
+        except KeyboardInterrupt:
+            _interrupted(prep, results, failures, started)
+            raise
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     run_info = finalize_run(prep, results, failures, started)
-    if run_info["status"] == "complete":
-        from pipeline.aggregate import AggregateConfig, aggregate_run
-        from pipeline.storage import exists, join
+    if run_info["status"] != "running":
+        return run_info  # incomplete, failed or partial: no aggregates, never latest
+    from pipeline.aggregate import AggregateConfig, aggregate_run
+    from pipeline.aggregate_inputs import stale_aggregates
+    from pipeline.scoring import finish_run
 
-        wanted = "identifiability.parquet" if cfg.identifiability else "region_stats.parquet"
-        if results or not exists(join(spec.run_url, wanted), cfg.storage_options):
+    try:
+        agg = AggregateConfig(identifiability=cfg.identifiability)
+        stale = stale_aggregates(cfg.out, spec.model_version, agg, cfg.storage_options)
+        if stale:
             t = time.perf_counter()
-            tables = aggregate_run(cfg.out, spec.model_version, AggregateConfig(identifiability=cfg.identifiability))
+            log.info(f"aggregates: computing ({stale})")
+            tables = aggregate_run(cfg.out, spec.model_version, agg)
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
-    return run_info
+        steps = {"aggregates": "done"}
+        if cfg.identifiability:
+            steps["probes"] = "done"
+    except KeyboardInterrupt:
+        finish_run(prep, run_info, "interrupted", {"aggregates": "interrupted"})
+        raise
+    return finish_run(prep, run_info, "complete", steps)
+
+
+def _interrupted(prep, results, failures, started) -> None:
+    """Ctrl-C while scoring: record what is done, mark the run interrupted (never latest)."""
+    from pipeline.scoring import finalize_run, finish_run
+
+    try:
+        run_info = finalize_run(prep, results, failures, started)
+        finish_run(prep, run_info, "interrupted", {"scoring": "interrupted"})
+    except Exception as e:  # noqa: BLE001 - the interrupt matters more than this bookkeeping
+        log.error(f"(could not record the interruption in run.json: {e})")
 
 
 def manifest_summary(result, cfg) -> list[str]:
@@ -275,13 +315,39 @@ def summary(run: dict) -> str:
     ]
     if run.get("failed_shards"):
         lines.append(f"  {len(run['failed_shards'])} shards failed; rerun the same command to retry them")
+    if run["status"] in ("failed", "partial"):
+        lines.append(f"  too many images failed ({c['failed']} of {c['images']}, limit {run['config']['max_failed_fraction']:.0%} "
+                     "by --max-failed-fraction): not made latest, no aggregates. Check the paths and mounts in errors.parquet")
+    if c.get("retryable"):
+        lines.append(f"  {c['retryable']} films had read errors; rerunning the same command retries only those shards")
     return "\n".join(lines)
+
+
+# Exit status (README "Exit status"): one per outcome, so a cron job can tell them apart.
+EXIT_CODES = {"complete": 0, "incomplete": 1, "failed": 3, "partial": 3}
+EXIT_CONFIG = 2  # configuration error or unusable bookkeeping: the message says the command to run
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: rerunning the same command resumes
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: outputs kept, lock released."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
+    import signal
+    import threading
+
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         from pipeline.cluster import load_profile
         from pipeline.validate import check_cluster, validate
@@ -292,13 +358,26 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, cluster_file_given=args.cluster_file is not None)
         result = run(cfg, validated=True)
     except CxrAuditError as e:
-        return fail(e)  # redacted: URLs in flags may carry credentials
-    print(summary(result))
-    if result["status"] == "complete" and not argv:
-        from pipeline.report import short_report
+        return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
+    except KeyboardInterrupt as e:
+        from pipeline.redact import redact
 
-        print(short_report(result["config"]["out"], result["model_version"]))
-    return 0 if result["status"] == "complete" else 1
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
+        print(f"\n{what}: finished shards are kept and the lock is released; "
+              f"rerun the same command to resume: python -m jobs.score_dataset {redact(' '.join(argv))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    print(summary(result))
+    if result.get("report"):
+        print(f"  report: {result['report']}")
+    if result["status"] == "complete" and not argv:
+        from pipeline.demo import marker_cells
+        from pipeline.reporting.story import story
+
+        print("\n".join(["what the demo shows (read off the report's scorecard):", *story(result["config"]["out"], marker_cells())]))
+    return EXIT_CODES.get(result["status"], 1)
 
 
 if __name__ == "__main__":

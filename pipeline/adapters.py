@@ -183,8 +183,8 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None 
     for fname, split in (("train_val_list.txt", "train_val"), ("test_list.txt", "test")):
         p = posixpath.join(rootp, fname)
         if fs.exists(p):
-            with fs.open(p, "rt") as f:
-                splits.update({line.strip(): split for line in f if line.strip()})
+            with fs.open(p, "rb") as f:  # ids are ASCII; other bytes cannot match an image, so need no error
+                splits.update({line.strip(): split for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()})
 
     rows = []
     for rec in df[need].itertuples(index=False):
@@ -251,10 +251,12 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDatas
 
 
 def present_files(paths: list[str], storage_options: dict | None = None, max_dirs: int = 2000, max_objects: int = 5000,
-                  timeout_s: float = 10.0) -> set[str] | None:
+                  limits=None) -> set[str] | None:
     """Which of ``paths`` exist. Local files: by listing their folders (one call per folder). URLs:
-    by asking for each object itself (HEAD / HeadObject, never a listing), bounded in time.
-    None when there are too many folders/objects to check; missing files then fail at read time."""
+    by asking for each object itself (HEAD / HeadObject, never a listing), each within the read
+    timeout. None when there are too many folders/objects to check; missing files then fail at read
+    time. A server that answers none of a first batch is not asked further: its objects are kept, and
+    each fails (ReadTimeout) or is scored when read."""
     local = [q for q in paths if q and is_local(q)]
     remote = [q for q in paths if q and not is_local(q)]
     dirs = {posixpath.dirname(q) for q in local}
@@ -267,18 +269,27 @@ def present_files(paths: list[str], storage_options: dict | None = None, max_dir
         except OSError:
             continue
     if remote:
-        from .images import ReadLimits, source_info
+        from .images import ReadLimits, ReadTimeout, source_info
 
-        limits = ReadLimits(timeout_s=timeout_s, retries=1)
+        limits = limits or ReadLimits()
 
         def check(q):
             try:
                 return q if source_info(q, storage_options, limits).get("type", "file") == "file" else None
-            except Exception:  # noqa: BLE001 - absent, refused or silent: not present
+            except ReadTimeout:
+                return ReadTimeout
+            except Exception:  # noqa: BLE001 - absent or refused: not present
                 return None
 
+        batch = 16
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exists") as pool:
-            present.update(q for q in pool.map(check, remote) if q)
+            for i in range(0, len(remote), batch):
+                part = remote[i:i + batch]
+                found = list(pool.map(check, part))
+                if i == 0 and all(f is ReadTimeout for f in found):
+                    present.update(remote)
+                    break
+                present.update(q for q, f in zip(part, found) if f is ReadTimeout or isinstance(f, str))
     return present
 
 

@@ -284,6 +284,9 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     for name, table in tables.items():
         tables[name] = table = with_model_version(table, model_version)  # so runs/*/ queries can tell runs apart
         write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
+    from .aggregate_inputs import record_inputs
+
+    record_inputs(out, model_version, config, list(tables))  # after the tables: a kill leaves them stale
     return tables
 
 

@@ -137,38 +137,46 @@ def _check_torch_sizes(data: bytes, path: str) -> None:
         raise CheckpointError(f"{path}: its pickle declares {declared} bytes of tensor storage but the file holds {backing}; refused")
 
 
-def _declared_storage_bytes(pickle_bytes: bytes) -> int:
-    """Sum of the storage sizes in the pickle's persistent ids ('storage', type, key, location, size),
-    read from the opcode stream without unpickling (memo lookups followed)."""
+def _declared_storage_bytes(pickle_bytes: bytes, max_pickles: int = 5) -> int:
+    """Sum of the storage sizes in the pickles' persistent ids ('storage', type, key, location, size),
+    read from the opcode stream without unpickling (memo lookups followed). A legacy torch file is
+    several pickles in a row (magic, protocol, sys info, the state_dict, storage keys), then data."""
+    stream = io.BytesIO(pickle_bytes)
+    total = 0
+    for _ in range(max_pickles):
+        if stream.tell() >= len(pickle_bytes):
+            break
+        try:
+            total += _scan_pickle(stream)
+        except Exception:  # noqa: BLE001 - past the pickles (raw storage bytes), or a stream for torch.load to reject
+            break
+    return total
+
+
+def _scan_pickle(stream) -> int:
     memo: dict = {}
     last = None
     total = 0
     current: list | None = None
-    try:
-        for op, arg, _ in pickletools.genops(pickle_bytes):
-            name = op.name
-            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg if name != "MEMOIZE" else len(memo)] = last
-                continue
-            if name in ("GET", "BINGET", "LONG_BINGET"):
-                last = memo.get(arg)
-            else:
-                last = arg
-            if last == "storage" and name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINGET", "LONG_BINGET", "GET"):
-                current = []
-                continue
-            if current is not None:
-                if isinstance(last, str) and last.endswith("Storage"):
-                    current.append(("type", last))
-                elif isinstance(last, int) and not isinstance(last, bool) and name not in ("PROTO", "FRAME", "BINGET", "LONG_BINGET", "GET"):
-                    current.append(("int", last))
-                if name in ("BINPERSID", "PERSID"):
-                    kind = next((v for k, v in current if k == "type"), "UntypedStorage").rsplit(".", 1)[-1].split(" ")[-1]
-                    ints = [v for k, v in current if k == "int"]
-                    total += (ints[0] if ints else 0) * _STORAGE_BYTES.get(kind, 1)
-                    current = None
-    except Exception:  # noqa: BLE001 - a stream genops cannot walk is for torch.load to reject
-        return total
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg if name != "MEMOIZE" else len(memo)] = last
+            continue
+        last = memo.get(arg) if name in ("GET", "BINGET", "LONG_BINGET") else arg
+        if last == "storage" and name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINGET", "LONG_BINGET", "GET"):
+            current = []
+            continue
+        if current is not None:
+            if isinstance(last, str) and last.endswith("Storage"):
+                current.append(("type", last))
+            elif isinstance(last, int) and not isinstance(last, bool) and name not in ("PROTO", "FRAME", "BINGET", "LONG_BINGET", "GET"):
+                current.append(("int", last))
+            if name in ("BINPERSID", "PERSID"):
+                kind = next((v for k, v in current if k == "type"), "UntypedStorage").rsplit(".", 1)[-1].split(" ")[-1]
+                ints = [v for k, v in current if k == "int"]
+                total += (ints[0] if ints else 0) * _STORAGE_BYTES.get(kind, 1)
+                current = None
     return total
 
 

@@ -30,6 +30,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HIGH_BIT_DEPTH_MODES = ("clip", "rescale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Radiograph formats only: PIL would otherwise also try EPS (which runs Ghostscript), PSD, ICO, ...
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG includes MPO (multi-picture) files
+Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,8 @@ def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimit
     return data
 
 
-def _image_error(stage: str, e: BaseException) -> ImageError:
-    """The original class name, the message without credentials (URLs end up in messages); the
+def image_error(stage: str, e: BaseException) -> ImageError:
+    """Any exception of one film as its ImageError: the original class name, the message without credentials (URLs end up in messages); the
     cause is kept only when it can travel between processes as it is."""
     msg = str(e)
     clean = redact(msg)
@@ -227,12 +230,12 @@ def _image_error(stage: str, e: BaseException) -> ImageError:
 
 
 def _read_error(e: BaseException) -> ImageError:
-    return _image_error("read", e)
+    return image_error("read", e)
 
 
 def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:  # beyond PIL's own limit, refused at open
         raise ImageError("decode", TooManyPixels(f"{e} (limit --max-image-pixels {limits.max_pixels})")) from None
     except Exception as e:  # noqa: BLE001
@@ -279,14 +282,19 @@ def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage
                limits: ReadLimits = ReadLimits()) -> Decoded:
     """One film, read, decoded and preprocessed. Raises ImageError only (stage read|decode|preprocess):
     whatever goes wrong with one film is that film's error, never its shard's."""
+    return decode_bytes(read_bytes(path, storage_options, limits), config, limits)
+
+
+def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+    """decode_preprocess that raises ImageError only (the cache reads the bytes itself to hash them)."""
     try:
-        return decode_preprocess(read_bytes(path, storage_options, limits), config, limits)
+        return decode_preprocess(data, config, limits)
     except ImageError:
         raise
     except MemoryError as e:  # a film that passed the limits but still does not fit
         raise ImageError("decode", e) from None
     except Exception as e:  # noqa: BLE001 - the agreed interface: nothing else escapes
-        raise _image_error("preprocess", e) from e
+        raise image_error("preprocess", e) from e
 
 
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
     return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
-def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None,
+              read_limits=None) -> tuple[pd.DataFrame, list[dict]]:
     df = raw.records.copy()
     issues = list(raw.issues)
     df["dataset"] = ds_name
@@ -135,7 +136,7 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)
     elif raw.check_exists:
-        present = present_files(df["path"][~no_path].tolist(), storage_options)
+        present = present_files(df["path"][~no_path].tolist(), storage_options, limits=read_limits)
         if present is not None:
             no_path |= ~df["path"].isin(present)
     for r in df[no_path].itertuples():
@@ -149,13 +150,13 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
 
 def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None,
                    views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros",
-                   allow_roots: tuple[str, ...] = (), storage_options: dict | None = None) -> ManifestResult:
+                   allow_roots: tuple[str, ...] = (), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
     new images get numbers after the largest one ever used, so maps.zarr rows never move."""
     frames, issues = [], []
     for spec in specs:
         raw = load_dataset(spec, findings, metadata, uncertain)
-        df, iss = _validate(spec.name, raw, findings, allow_roots, storage_options)
+        df, iss = _validate(spec.name, raw, findings, allow_roots, storage_options, read_limits)
         df = _select_views(df, spec.name, views, iss)
         if site_column:
             df["site"] = _site_from(df, site_column)

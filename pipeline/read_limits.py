@@ -14,7 +14,7 @@ class ReadLimits:
     # 64 M pixels: far above any radiograph (PadChest ~ 4k x 4k) and below PIL's own 89 M warning.
     max_pixels: int = 64_000_000
     max_aspect: float = 6.0  # chest films are ~1:1.3; a 1 x 60,000 'film' would resize to 224 x 13 M
-    timeout_s: float = 60.0  # per attempt, remote reads only (local reads of regular files do not hang)
+    timeout_s: float = 30.0  # per attempt, remote reads only (local reads of regular files do not hang)
     retries: int = 2  # further attempts after a transient error (timeout, connection, EIO)
     backoff_s: float = 0.5  # doubled after each attempt
 

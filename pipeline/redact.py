@@ -51,3 +51,31 @@ def redact_columns(table, names=("path", "detail", "message")):
             values = [None if v is None else redact(v) for v in table.column(name).to_pylist()]
             table = table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
     return table
+
+
+_log_redaction = False
+
+
+def install_log_redaction() -> None:
+    """Redact every log record's message in this process (Dask logs task errors, which may quote a
+    URL). Idempotent; called by the job's entry point and by each shard task on its worker."""
+    global _log_redaction
+    if _log_redaction:
+        return
+    import logging
+
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's own business
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _log_redaction = True

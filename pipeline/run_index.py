@@ -11,8 +11,11 @@ def run_records(out: str) -> list[dict]:
     fs, base = url_to_fs(join(out, "runs"))
     records = []
     for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
-        rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
-        if rj:
+        try:
+            rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
+        except (ValueError, UnicodeDecodeError):
+            continue  # unreadable: jobs.runs --check reports it, the next run into it rebuilds it
+        if isinstance(rj, dict) and "model_version" in rj:
             records.append(rj)
     return records
 

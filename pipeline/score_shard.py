@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import fields, replace
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,16 +17,14 @@ from schemas.outputs import predictions_schema
 
 from .cam import infer_batch
 from .errors import ImageError
-from .cache import ShardCache, source_key
-from .images import Decoded, load_image
+from .cache import ShardCache, cached_decode
 from .maps_store import open_maps, write_region
 from .model import get_model
-from .redact import redact
+from .redact import install_log_redaction, redact
 from .runspec import RunSpec
+from .shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from .shards import Shard
-from .storage import read_json, write_json_atomic, write_parquet_atomic
-
-RECORD_VERSION = 1
+from .storage import write_json_atomic, write_parquet_atomic
 
 
 def _worker_cores() -> tuple[int, int]:
@@ -43,32 +42,19 @@ def _worker_cores() -> tuple[int, int]:
 
 
 def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
-    rec = read_json(spec.record_url(shard.index), dict(spec.storage_options))
-    if rec and rec.get("status") == "complete" and rec.get("digest") == shard.digest and rec.get("model_version") == spec.model_version:
-        return rec
-    return None
+    """The record of a shard whose outputs are all present and match it (cheap check), else None."""
+    st = check_shard(shard, spec)
+    return st.record if st.state == "done" else None
 
 
 def _decode_task(path: str, row: int, spec: RunSpec, cache: ShardCache | None):
-    """(Decoded | ImageError, source key or None, cache hit)."""
-    so = dict(spec.storage_options)
-    key = None
-    if cache is not None:
-        try:
-            key = source_key(path, so, spec.read_limits)
-        except Exception as e:  # noqa: BLE001 - a missing file fails here, as it would on read
-            return ImageError("read", e), None, False
-        hit = cache.get(row, key)
-        if hit is not None:
-            return Decoded(hit[0], hit[1]), key, True
-    try:
-        return load_image(path, spec.preprocess, so, spec.read_limits), key, False
-    except ImageError as e:
-        return e, key, False
+    """(Decoded | ImageError, content key or None, cache hit)."""
+    return cached_decode(path, row, spec.preprocess, dict(spec.storage_options), cache, spec.read_limits)
 
 
 def score_shard(shard: Shard, spec: RunSpec) -> dict:
     """Score a shard unless its completion record says it is done. Returns the record."""
+    install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
         return {**done, "skipped": True}
@@ -102,6 +88,14 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
                 except Exception as e:  # noqa: BLE001
                     errors.append(_error(shard, p, ImageError("infer", e)))
         for pos, o in outs:
+            bad = nonfinite_rows(o)  # NaN/Inf weights or inputs: a failure, never a 'scored' image
+            for b in np.flatnonzero(bad):
+                errors.append(_error(shard, pos[b], ImageError("nonfinite", FloatingPointError("non-finite probability, map or embedding"))))
+            pos = [p for p, b in zip(pos, bad) if not b]
+            if not pos:
+                continue
+            if bad.any():
+                o = replace(o, **{f.name: getattr(o, f.name)[~bad] for f in fields(o)})
             r = np.asarray([shard.rows[p] - shard.start for p in pos])
             cam[r], cell[r], emb[r], cellf[r] = o.cam, o.cell_logit, o.embedding, o.cell_features
             prob[pos] = o.prob
@@ -112,7 +106,11 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
-    chunks = [range(i, min(i + bs, len(shard.paths))) for i in range(0, len(shard.paths), bs)]
+    todo = list(range(len(shard.paths)))
+    plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
+    if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
+        todo, errors, modes = plan
+    chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
 
         def submit(k):
@@ -149,10 +147,11 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
     write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
     if cache is not None:
         cache.flush()
+    outputs = fingerprint_outputs(spec.part_url(shard.index), spec.maps_url, shard.start, so)
     t_write = time.perf_counter() - t
     record = {
         "record_version": RECORD_VERSION,
-        "status": "complete",
+        "status": shard_status(errors),  # 'partial' when it holds read errors: a rerun retries them
         "shard": shard.index,
         "start": shard.start,
         "stop": shard.stop,
@@ -168,6 +167,7 @@ def score_shard(shard: Shard, spec: RunSpec) -> dict:
         "device": spec.device,
         "torch_threads": torch.get_num_threads(),
         "decode_threads": threads,
+        "outputs": outputs,
     }
     write_json_atomic(record, spec.record_url(shard.index), so)
     return {**record, "skipped": False}

@@ -22,11 +22,13 @@ from .adapters import DatasetSpec
 from .errors import ConfigError, DatasetError, OutputError
 from .findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
 from .manifest import ManifestResult, build_manifest, dataset_fingerprint
-from .maps_store import create_maps
+from .bookkeeping import check_rebuilt_manifest, previous_manifest, read_json_safe
+from .maps_store import create_maps, open_maps
 from .read_limits import ReadLimits
+from .shard_check import check_shard, retry_rows
 from .redact import redact_columns, redact_obj
 from .shards import Shard, plan_shards
-from .storage import check_writable, exists, join, read_json, read_parquet, write_json_atomic, write_parquet_atomic
+from .storage import check_writable, join, url_to_fs, write_json_atomic, write_parquet_atomic
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (jobs/score_dataset.py) stays fast: a config error in well under 2 s.
@@ -56,6 +58,8 @@ class ScoreConfig:
     site_column: str | None = None
     uncertain: str = "zeros"
     identifiability: bool = False  # also fit the confounder probes after scoring
+    verify: bool = False  # resume: rehash every skipped shard's outputs, not just their sizes
+    max_failed_fraction: float = 0.05  # more failed images than this: status failed/partial, exit 3
     worker_timeout: float | None = None  # seconds to wait for a first worker (None: the profile's)
     max_image_bytes: int = ReadLimits.max_bytes
     max_image_pixels: int = ReadLimits.max_pixels
@@ -68,6 +72,8 @@ class ScoreConfig:
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError("--shard-size and --batch-size must be positive")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise ConfigError("--max-failed-fraction must be between 0 and 1")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
         try:
@@ -89,6 +95,7 @@ class PreparedRun:
     dataset_fingerprint: str
     timings: dict
     pending: list[Shard]
+    notes: list[str] = field(default_factory=list)  # bookkeeping repaired while preparing
 
 
 def code_version() -> str:
@@ -143,14 +150,17 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
 
     t = time.perf_counter()
     manifest_url = join(cfg.out, "manifest.parquet")
-    previous = read_parquet(manifest_url, so) if exists(manifest_url, so) else None
+    notes: list[str] = []
+    previous, why = previous_manifest(cfg.out, so)
     result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain,
-                            allow_roots=cfg.allow_roots, storage_options=so)
+                            allow_roots=cfg.allow_roots, storage_options=so, read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
         raise DatasetError(f"no image to score in {', '.join(cfg.datasets)}: {result.issues.num_rows} metadata issues "
                            f"{result.issue_counts() or ''}{' (' + shown + ')' if shown else ''}. Check the --dataset locations and their metadata.")
+    if why:
+        notes.append(check_rebuilt_manifest(cfg.out, result.manifest, why, so))
     # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
     write_parquet_atomic(redact_columns(result.manifest), manifest_url, so)
     write_parquet_atomic(redact_columns(result.issues), join(cfg.out, "manifest_issues.parquet"), so)
@@ -173,7 +183,12 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         storage_options=tuple(sorted(so.items())),
         read_limits=cfg.read_limits(),
     )
-    previous_run = read_json(join(spec.run_url, "run.json"), so)
+    previous_run, why = read_json_safe(join(spec.run_url, "run.json"), so)
+    if why or not isinstance(previous_run, (dict, type(None))):
+        # rebuilt below from the shard records; maps.zarr's own attributes still guard the settings
+        notes.append(f"{spec.run_url}/run.json was unreadable ({why}); rebuilt it from the shard records")
+        previous_run = None
+        _check_maps_identity(spec, so)
     if previous_run and previous_run.get("identity") != spec.output_identity():
         old, new = previous_run.get("identity", {}), spec.output_identity()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -193,15 +208,38 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         cache_root = join(cfg.out, "cache") if cfg.cache == "auto" else cfg.cache
         spec = replace(spec, cache_url=create_cache(cache_root, spec.preprocess, n_rows, cfg.shard_size, so))
     shards = plan_shards(result.manifest, cfg.shard_size, n_rows, cfg.limit)
-    from .score_shard import shard_done
-
-    pending = [s for s in shards if shard_done(s, spec) is None]
+    pending = []
+    for s in shards:
+        st = check_shard(s, spec, verify=cfg.verify)
+        if st.state == "damaged":
+            # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
+            notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
+            fs, path = url_to_fs(spec.record_url(s.index), so)
+            if fs.exists(path):
+                fs.rm(path)
+        if st.state != "done":
+            pending.append(s)  # partial shards too: their read errors are retried
     fp = dataset_fingerprint(result.manifest)
     history = []
     if previous_run:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
     write_json_atomic(_run_json(cfg, spec, fp, "running", _now(), None, timings, history), join(spec.run_url, "run.json"), so)
-    return PreparedRun(cfg, spec, shards, result, fp, timings, pending)
+    return PreparedRun(cfg, spec, shards, result, fp, timings, pending, notes)
+
+
+def _check_maps_identity(spec: RunSpec, so: dict) -> None:
+    """Without run.json, maps.zarr's attributes say whether this run's settings match the stored outputs."""
+    try:
+        attrs = dict(open_maps(spec.maps_url, "r", so).attrs)
+    except Exception:  # noqa: BLE001 - no maps yet: nothing to mix with
+        return
+    stored = {"findings": attrs.get("findings"), "baselines": [attrs.get("baselines", {}).get(f) for f in spec.model.findings],
+              "shard_size": attrs.get("shard_size")}
+    want = {"findings": list(spec.model.findings), "baselines": list(spec.baselines), "shard_size": spec.shard_size}
+    diff = sorted(k for k in want if stored[k] != want[k])
+    if diff:
+        raise OutputError(f"{spec.run_url} was written with different settings ({', '.join(diff)}); its outputs would mix. "
+                          "Rerun with the original settings, or use another --out.")
 
 
 def _now() -> str:
@@ -229,11 +267,12 @@ def _run_json(cfg, spec, fp, status, started, counts, timings, history, finished
 
 
 def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> dict:
-    """Gather every shard record of this run (done now or earlier) into errors.parquet and run.json."""
+    """Gather every shard record of this run (done now or earlier) into errors.parquet and run.json.
+    The status is 'running' (scoring done, aggregates next: see finish_run), 'incomplete' (shards
+    missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction)."""
     spec, so = prep.spec, dict(prep.spec.storage_options)
-    from .score_shard import shard_done
-
-    records = [r for r in (shard_done(s, spec) for s in prep.shards) if r is not None]
+    states = [check_shard(s, spec) for s in prep.shards]
+    records = [st.record for st in states if st.usable]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
     table = with_model_version(table, spec.model_version)
@@ -247,6 +286,8 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
         "scored_shards_now": sum(1 for r in results if not r.get("skipped")),
         "shards": len(prep.shards),
         "incomplete_shards": len(prep.shards) - len(records),
+        "partial_shards": sum(1 for st in states if st.state == "partial"),
+        "retryable": sum(len(retry_rows(r)) for r in records),
         "manifest_rows": prep.manifest.manifest.num_rows,
         "manifest_issues": prep.manifest.issue_counts(),
         "source_modes": _sum_dicts(r.get("source_modes", {}) for r in records),
@@ -255,11 +296,30 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     timings = dict(prep.timings)
     for key in ("decode_wait", "forward", "write", "total"):
         timings[f"shards_{key}"] = sum(r["seconds"][key] for r in results if not r.get("skipped"))
-    status = "complete" if len(records) == len(prep.shards) else "incomplete"
-    current = read_json(join(spec.run_url, "run.json"), so) or {}
+    status = scoring_status(counts, prep.config.max_failed_fraction)
+    current, _ = read_json_safe(join(spec.run_url, "run.json"), so)
+    current = current if isinstance(current, dict) else {}
     run = _run_json(prep.config, spec, prep.dataset_fingerprint, status, started, counts, timings,
-                    current.get("history", []), finished=_now(), failures=failures)
+                    current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
+    run["steps"] = {"scoring": "done" if status == "running" else status}
     write_json_atomic(run, join(spec.run_url, "run.json"), so)
+    return run
+
+
+def scoring_status(counts: dict, max_failed_fraction: float) -> str:
+    if counts["incomplete_shards"]:
+        return "incomplete"
+    if counts["images"] and counts["scored"] == 0:
+        return "failed"  # zero images scored always counts as a failure
+    if counts["images"] and counts["failed"] / counts["images"] > max_failed_fraction:
+        return "partial"
+    return "running"
+
+
+def finish_run(prep: PreparedRun, run: dict, status: str, steps: dict) -> dict:
+    """Write the final status once every step has finished (or was interrupted)."""
+    run = {**run, "status": status, "finished": _now(), "steps": {**run.get("steps", {}), **steps}}
+    write_json_atomic(run, join(prep.spec.run_url, "run.json"), dict(prep.spec.storage_options))
     return run
 
 

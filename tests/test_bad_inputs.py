@@ -31,7 +31,8 @@ def test_bad_images_are_recorded_not_fatal(tmp_path, tiny_ckpt, rng):
     (tmp_path / "site.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     args = ["--dataset", f"manifest:{tmp_path / 'site.csv'}", "--checkpoint", tiny_ckpt, "--arch", TINY_ARCH,
-            "--out", str(out), "--shard-size", "4", "--batch-size", "3", "--cluster", "inprocess"]
+            "--out", str(out), "--shard-size", "4", "--batch-size", "3", "--cluster", "inprocess",
+            "--max-failed-fraction", "1"]  # half the films are bad on purpose
     # a file that disappears after the manifest was written fails at read time, during scoring
     from pipeline import scoring
 

@@ -155,7 +155,7 @@ def _job_modules() -> list[str]:
     import importlib.util
 
     names = {m for m, _ in COMMANDS.values()} | {"jobs.benchmark_aggregates"}
-    return sorted(m for m in names if importlib.util.find_spec(m) is not None)  # jobs.report arrives with issue 10
+    return sorted(m for m in names if importlib.util.find_spec(m) is not None)
 
 
 @pytest.mark.parametrize("module", _job_modules())

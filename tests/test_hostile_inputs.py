@@ -208,8 +208,10 @@ def test_nih_metadata_with_non_utf8_row(tmp_path, tiny_nih):
     shutil.copytree(tiny_nih, root)
     csv = root / "Data_Entry_2017_v2020.csv"
     csv.write_bytes(csv.read_bytes() + b"bad\xff.png,Effusion,0,1,50,F,AP,128,128,0.1,0.1\n")
+    (root / "test_list.txt").write_bytes(b"00000001_000.png\n\xff\xfe.png\n")
     r = build_manifest([DatasetSpec.parse(f"nih:{root}")], CHEXNET_FINDINGS)
     assert r.manifest.num_rows == 40
+    assert r.manifest.to_pandas().set_index("image_id").split.get("00000001_000.png") == "test"
     assert "not UTF-8" in r.issues.to_pandas().query("reason == 'bad_row'").detail.iloc[0]
 
 
@@ -253,22 +255,31 @@ def test_checkpoint_zip_bomb_refused_quickly(tmp_path):
     assert time.perf_counter() - t < 5
 
 
-def test_checkpoint_declaring_huge_storage_refused(tmp_path):
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_checkpoint_declaring_huge_storage_refused(tmp_path, fmt):
     b = io.BytesIO()
-    torch.save({"w": torch.zeros(30)}, b)
-    src = zipfile.ZipFile(io.BytesIO(b.getvalue()))
+    torch.save({"w": torch.zeros(30)}, b, _use_new_zipfile_serialization=fmt == "zip")
     p = tmp_path / "liar.pt"
-    with zipfile.ZipFile(p, "w") as z:
-        for m in src.infolist():
-            data = src.read(m)
-            if m.filename.endswith("data.pkl"):
-                assert b"K\x1e" in data  # BININT1 30 (the storage's numel)
-                data = data.replace(b"K\x1e", b"J" + struct.pack("<i", 2**30), 1)  # 1 G elements = 4 GiB
-            z.writestr(m, data)
+    lie = (b"K\x1e", b"J" + struct.pack("<i", 2**30))  # BININT1 30 (the storage's numel) -> 1 G elements = 4 GiB
+    if fmt == "zip":
+        src = zipfile.ZipFile(io.BytesIO(b.getvalue()))
+        with zipfile.ZipFile(p, "w") as z:
+            for m in src.infolist():
+                data = src.read(m)
+                if m.filename.endswith("data.pkl"):
+                    assert lie[0] in data
+                    data = data.replace(*lie, 1)
+                z.writestr(m, data)
+    else:  # the pre-1.6 format of the original CheXNet checkpoint: pickles, then raw storages
+        assert lie[0] in b.getvalue()
+        p.write_bytes(b.getvalue().replace(*lie, 1))
     t = time.perf_counter()
     with pytest.raises(CheckpointError, match="declares"):
         read_state_dict(str(p))
     assert time.perf_counter() - t < 5
+    honest = tmp_path / "honest.pt"
+    torch.save(_tiny_state(), honest, _use_new_zipfile_serialization=fmt == "zip")
+    assert len(read_state_dict(str(honest))) == len(_tiny_state())
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
@@ -330,7 +341,7 @@ def test_one_bad_film_never_costs_a_shard_and_secrets_are_not_written(tmp_path, 
         out = tmp_path / "out"
         code = main(["--dataset", f"manifest:{site / 'm.csv'}", "--checkpoint", tiny_ckpt, "--arch", TINY_ARCH, "--out", str(out),
                      "--shard-size", "16", "--batch-size", "4", "--cluster", "inprocess", "--allow-root", f"{base}/web",
-                     "--max-image-bytes", "100000", "--read-timeout", "5"])
+                     "--max-image-bytes", "100000", "--read-timeout", "5", "--max-failed-fraction", "1"])  # half bad on purpose
         printed = capsys.readouterr()
     assert code == 0
     run_dir = next((out / "runs").iterdir())
@@ -392,3 +403,54 @@ def test_image_errors_cross_process_boundaries(tmp_path):
     e = images._read_error(Unpicklable("https://u:pw@h/x.png", 2))
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.stage, e2.error_class) == ("read", "Unpicklable") and "pw" not in str(e2)
+
+
+def test_existence_check_against_a_silent_server_is_bounded(tmp_path):
+    with silent_server() as base:
+        lines = ["image_id,path"] + [f"s{i},{base}/imgs/{i}.png" for i in range(40)]
+        t = time.perf_counter()
+        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, allow_roots=(f"{base}/imgs",),
+                           read_limits=ReadLimits(timeout_s=0.3, retries=0))
+        assert time.perf_counter() - t < 5  # one batch of timeouts, then the server is not asked again
+    assert r.manifest.num_rows == 40  # kept: each fails with ReadTimeout (or is scored) when read
+
+
+def test_flag_defaults_are_the_read_limits_defaults():
+    from jobs.score_dataset import parser
+
+    a, d = parser().parse_args([]), ReadLimits()
+    assert (a.max_image_bytes, a.max_image_pixels, a.max_aspect_ratio, a.read_timeout, a.read_retries) == \
+        (d.max_bytes, d.max_pixels, d.max_aspect, d.timeout_s, d.retries)
+    assert a.allow_root == []
+
+
+def test_only_radiograph_formats_are_decoded(tmp_path, rng):
+    eps = tmp_path / "film.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")  # PIL would hand this to Ghostscript
+    e = _fails(eps)
+    assert (e.stage, e.error_class) == ("decode", "UnidentifiedImageError")
+    jpg = tmp_path / "film.jpg"
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (80, 64), dtype=np.uint8)).save(jpg, "JPEG")
+    assert load_image(str(jpg), limits=FAST).source_mode == "L"
+    ztxt = io.BytesIO()  # a text chunk that inflates far beyond PIL's limit: a decode error, not memory
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(ztxt, "PNG", pnginfo=info)
+    (tmp_path / "ztxt.png").write_bytes(ztxt.getvalue())
+    assert _fails(tmp_path / "ztxt.png").stage == "decode"
+
+
+def test_log_records_are_redacted(caplog):
+    import logging
+
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()
+    install_log_redaction()  # idempotent
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("pipeline.hostile_test").warning("Compute Failed: %s", "https://bob:hunter2@h/x.png?sig=abc")
+    assert "hunter2" not in caplog.text and "sig=abc" not in caplog.text and "h/x.png" in caplog.text

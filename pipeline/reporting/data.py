@@ -1,0 +1,104 @@
+"""Everything the report reads from a run's stored outputs (nothing is recomputed from the maps
+except for the handful of films it draws)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ImageError, OutputError
+from ..images import load_image
+from ..maps_store import open_maps
+from ..report import load_predictions
+from ..run_index import complete_runs
+from ..storage import exists, join, read_json, read_parquet
+
+TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identifiability", "identifiability_map",
+          "prevalence_confounding")
+
+
+@dataclass
+class RunData:
+    out: str
+    model_version: str
+    run: dict
+    manifest: pd.DataFrame
+    findings: tuple[str, ...]
+    tables: dict[str, pd.DataFrame]
+    previous: str | None = None  # previous complete run, if any
+    drift: dict[str, pd.DataFrame] = field(default_factory=dict)
+    drift_dir: str | None = None
+    _maps = None
+    _preds: pd.DataFrame | None = None
+    _films: dict = field(default_factory=dict)
+
+    @property
+    def run_url(self) -> str:
+        return join(self.out, "runs", self.model_version)
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        return self.tables.get(name)
+
+    @property
+    def maps(self):
+        if self._maps is None:
+            self._maps = open_maps(join(self.run_url, "maps.zarr"))
+        return self._maps
+
+    @property
+    def predictions(self) -> pd.DataFrame:
+        if self._preds is None:
+            self._preds = load_predictions(self.out, self.model_version)
+        return self._preds
+
+    def has_labels(self, finding: str) -> bool:
+        return finding in self.manifest and self.manifest[finding].notna().any()
+
+    def film(self, row: int) -> np.ndarray | None:
+        """The uint8 224x224 grey crop the model saw, or None when the file cannot be read."""
+        if row not in self._films:
+            path = self.manifest.set_index("row").at[row, "path"] if "path" in self.manifest else None
+            try:
+                self._films[row] = load_image(path).pixels[:, :, 0] if path else None
+            except ImageError:
+                self._films[row] = None
+        return self._films[row]
+
+    def cams(self, rows: np.ndarray, k: int | None = None) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows)
+        sel = (rows[order],) if k is None else (rows[order], k)
+        got = self.maps["cam"].get_orthogonal_selection(sel)
+        out = np.empty_like(got)
+        out[order] = got
+        return out
+
+
+def load_run(out: str, model_version: str | None = None) -> RunData:
+    runs = complete_runs(out)
+    if model_version is None:
+        if not runs:
+            raise OutputError(f"no complete run under {out}/runs; run python -m jobs.score_dataset first")
+        model_version = runs[-1]
+    run = read_json(join(out, "runs", model_version, "run.json"))
+    if run is None:
+        raise OutputError(f"no run {model_version} under {out}/runs (python -m jobs.runs --out {out} lists them)")
+    manifest = read_parquet(join(out, "manifest.parquet")).to_pandas()
+    tables = {}
+    for name in TABLES:
+        url = join(out, "runs", model_version, f"{name}.parquet")
+        if exists(url):
+            tables[name] = read_parquet(url).to_pandas()
+    findings = tuple(open_maps(join(out, "runs", model_version, "maps.zarr")).attrs["findings"])
+    data = RunData(out, model_version, run, manifest, findings, tables)
+    earlier = runs[: runs.index(model_version)] if model_version in runs else runs
+    if earlier:
+        data.previous = earlier[-1]
+        d = join(out, "drift", f"{data.previous}__{model_version}")
+        for name in ("finding_drift", "region_drift", "identifiability_drift"):
+            if exists(join(d, f"{name}.parquet")):
+                data.drift[name] = read_parquet(join(d, f"{name}.parquet")).to_pandas()
+        data.drift_dir = d if data.drift else None
+    return data

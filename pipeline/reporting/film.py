@@ -1,0 +1,36 @@
+"""One film and its maps as a PNG, for looking at a single case."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..storage import join, write_bytes_atomic
+from .figures import film_sheet
+from .data import load_run
+
+
+def write_film_png(out: str, image_id: str, finding: str | None = None, model_version: str | None = None, path: str | None = None) -> str:
+    data = load_run(out, model_version)
+    m = data.manifest
+    hit = m[m.image_id == image_id]
+    if hit.empty:
+        raise ConfigError(f"--film {image_id}: no such image_id in {out}/manifest.parquet")
+    r = hit.iloc[0]
+    if finding is not None and finding not in data.findings:
+        raise ConfigError(f"--finding {finding}: not one of the run's findings {list(data.findings)}")
+    names = [finding] if finding else list(data.findings)
+    cams = data.cams(np.array([int(r.row)]))[0]  # (F, 7, 7)
+    if not np.isfinite(cams).any():
+        raise ConfigError(f"--film {image_id}: it was not scored in run {data.model_version} (see errors.parquet)")
+    preds = data.predictions.set_index("row")
+    probs = [float(preds.at[int(r.row), n]) if int(r.row) in preds.index else None for n in names]
+    maps = np.stack([cams[data.findings.index(n)] for n in names])
+    labels = [n for n in data.findings if n in m and r[n] is True] if any(data.has_labels(f) for f in data.findings) else None
+    title = (f"{image_id} · {r.get('view_position') or '?'} · {r.get('site')} · "
+             f"labels: {'unlabelled' if labels is None else ', '.join(labels) or 'none'} · run {data.model_version}")
+    png = film_sheet(data.film(int(r.row)), maps, names, probs, title)
+    stem = image_id.rsplit(".", 1)[0] + (f"-{finding}" if finding else "")
+    path = path or join(data.run_url, "films", f"{stem}.png")
+    write_bytes_atomic(path, png)
+    return path

@@ -1,0 +1,16 @@
+"""The report written at the end of a complete run. A report that fails to build never fails the run."""
+
+from __future__ import annotations
+
+import sys
+
+
+def report_after_run(out: str, model_version: str) -> str | None:
+    try:
+        from .html import write_report
+
+        return write_report(out, model_version)
+    except Exception as e:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
+        print(f"report not written ({type(e).__name__}: {e}); rebuild it with python -m jobs.report --out {out} --run {model_version}",
+              file=sys.stderr)
+        return None

@@ -234,3 +234,23 @@ def test_demo_report_in_a_real_browser(full_run, tmp_path):
     px = np.asarray(Image.open(shot).convert("L"), float)
     assert px.shape[0] >= min(result["height"], 16000) - 1
     assert (px < 200).mean() > 0.05 and px.std() > 20  # not blank: text, tables and films drawn
+
+
+def test_demo_story_is_read_off_the_tables(full_run):
+    import pandas as pd
+
+    from pipeline.reporting.story import story
+
+    out, _, second = full_run
+    lines = story(str(out), marker_cells(size=128))
+    assert len(lines) == 5 and [line[:2] for line in lines] == ["1.", "2.", "3.", "4.", "5."]
+    met = pd.read_parquet(out / "runs" / second / "metrics.parquet")
+    pooled = met[(met.finding == "Pneumonia") & (met.stratum == "all")].auc.iloc[0]
+    assert f"Pneumonia AUC pooled {pooled:.2f}" in lines[0] and "hospA" in lines[0] and "AP" in lines[0]
+    rs = pd.read_parquet(out / "runs" / second / "region_stats.parquet")
+    g = rs[(rs.finding == "Pneumonia") & (rs.stratum == "all")]
+    on_l = g[(g.cell_row == 0) & (g.cell_col == 6)].mean_positive_part.sum() / g.mean_positive_part.sum()
+    assert f"{on_l:.0%} on the L cells (0, 6)" in lines[1]
+    ident = pd.read_parquet(out / "runs" / second / "identifiability.parquet")
+    site_auc = ident[(ident.target == "site") & (ident.features == "embedding")].auc.iloc[0]
+    assert f"site is read from the film at AUC {site_auc:.2f}" in lines[3]

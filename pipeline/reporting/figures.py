@@ -25,7 +25,7 @@ def new_figure(w: float, h: float) -> Figure:
 
 def to_png(fig: Figure, dpi: int = 80) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # legends never clipped
     return buf.getvalue()
 
 

@@ -293,7 +293,9 @@ def default_path(out: str, model_version: str) -> str:
 
 def write_report(out: str, model_version: str | None = None, path: str | None = None) -> str:
     """Build and write the report atomically; returns its path."""
-    data_mv = model_version or load_run(out).model_version
+    from ..aggregate import latest_complete_run
+
+    data_mv = model_version or latest_complete_run(out)
     page = build_report(out, data_mv)
     path = path or default_path(out, data_mv)
     write_bytes_atomic(path, page.encode())

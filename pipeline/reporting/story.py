@@ -53,6 +53,7 @@ def story(out: str, marker_cells: dict[str, tuple[tuple[int, int], ...]], findin
     ties = label_ties(data)
     tie_txt = ", ".join(f"{name} {ties[(finding, col)]:.2f}" for col, name in (("site", "site"), ("view_position", "view")) if (finding, col) in ties)
     if tie_txt:
-        lines.append(f"5. Without looking at the lungs, {finding} is predicted from {tie_txt} (AUC of the group's prevalence): "
-                     "a model that reads the markers scores well for the wrong reason.")
+        shown = ", ".join(f"the {name} at {read[col]['auc']:.2f}" for col, name in (("site", "site"), ("view_position", "view")) if col in read)
+        lines.append(f"5. Without looking at the lungs, {finding} is predicted from {tie_txt} (AUC of the group's prevalence)"
+                     + (f"; the film tells {shown}: reading a marker pays." if shown else "."))
     return lines

@@ -19,6 +19,7 @@ from schemas.aggregates import (
     FINDING_SUMMARY_SHARES,
     finding_summary_schema,
     localization_boxes_schema,
+    region_contrasts_schema,
     localization_schema,
     metrics_schema,
     region_stats_schema,
@@ -28,7 +29,7 @@ from .errors import ConfigError, OutputError
 from .localization import bootstrap_ci, box_coverage, box_scores, read_bbox_list
 from .maps_store import open_maps
 from .metrics import auc_delong, ece
-from .region_stats import RegionAccumulator, hist_quantiles
+from .region_stats import RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
 from .report import load_predictions
 from .run_index import complete_runs
 from .storage import exists, join, read_json, read_parquet, write_parquet_atomic
@@ -111,6 +112,8 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
                 "share_positive": s.n_pos[f] / n, "mean_positive_part": s.pos_part[f] / n,
                 "mean_contribution": s.contrib[f] / n, "mean_abs_contribution": s.abs_contrib[f] / n,
             }
+            stats["mean_lo"], stats["mean_hi"] = mean_ci(s, f)
+            stats["diff_rest"], stats["diff_rest_lo"], stats["diff_rest_hi"] = cell_vs_rest(s, f)
             for c in range(GRID * GRID):
                 cols["finding"].append(name)
                 cols["cell_row"].append(c // GRID)
@@ -121,6 +124,29 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
                 for k, v in stats.items():
                     cols[k].append(float(v[c]) if ok else None)
     return pa.Table.from_pydict(cols, schema=region_stats_schema(**meta))
+
+
+def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
+    """Every pair of values of each stratum column (AP vs PA, F vs M, ...), per finding and cell."""
+    cols: dict[str, list] = {k: [] for k in region_contrasts_schema().names}
+    by_stratum: dict[str, list] = {}
+    for (stratum, value) in sorted(acc.stats):
+        if stratum != "all":
+            by_stratum.setdefault(stratum, []).append(value)
+    for stratum, values in sorted(by_stratum.items()):
+        for i, a in enumerate(values):
+            for b in values[i + 1:]:
+                sa, sb = acc.stats[(stratum, a)], acc.stats[(stratum, b)]
+                for f, name in enumerate(findings):
+                    na, nb = int(sa.count[f, 0]), int(sb.count[f, 0])
+                    if na < min_n or nb < min_n:
+                        continue
+                    diff, lo, hi = stratum_difference(sa, sb, f)
+                    for c in range(GRID * GRID):
+                        for k, v in (("finding", name), ("cell_row", c // GRID), ("cell_col", c % GRID), ("stratum", stratum), ("value_a", a),
+                                     ("value_b", b), ("n_a", na), ("n_b", nb), ("diff", float(diff[c])), ("diff_lo", float(lo[c])), ("diff_hi", float(hi[c]))):
+                            cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=region_contrasts_schema(**meta))
 
 
 def finding_summary_table(acc: RegionAccumulator, findings, min_n: int, anatomy: np.ndarray | None, meta: dict) -> pa.Table:
@@ -244,6 +270,7 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool).reshape(-1)
     tables = {
         "region_stats": region_stats_table(acc, findings, config.min_n, meta),
+        "region_contrasts": region_contrasts_table(acc, findings, config.min_n, meta),
         "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta),
         "metrics": metrics_table(ctx, probs, findings, config.min_n, meta),
     }
@@ -271,15 +298,16 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
         prevalence_confounding_schema,
     )
 
-    from .identifiability import ProbeConfig, run_probes
+    from .identifiability import ProbeConfig, cell_sample, run_probes
     from .site_confounding import prevalence_confounding
 
     cfg = ProbeConfig(targets=config.targets)
     rows = ctx.rows
     features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
-    cellf = maps["cell_features"].get_orthogonal_selection((rows,)) if "cell_features" in maps else None
-    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg)
+    cell_rows = cell_sample(rows, cfg)
+    cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows)
 
     def table(rows_, schema):
         cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}

@@ -19,9 +19,10 @@ from .model import CamModel
 from .precision import DEFAULT_PRECISION, features_autocast, precision_mode
 
 
-CELL_FEATURE_DIM = 32
-CELL_FEATURE_SEED = 0
-_PROJECTIONS: dict = {}
+# What maps.zarr's cell_features holds (issue 14): each grid cell's full relu(features) vector,
+# float16. Random projections to 32-256 values and PCA to 32-512 lost 0.02-0.2 of AUC per cell on
+# the shared real films (README, "Hospital identifiability"); float16 rounding loses < 0.003.
+CELL_FEATURES = "relu(features) of each grid cell, full width, float16"
 
 
 @dataclass
@@ -30,17 +31,7 @@ class BatchOutputs:
     cam: np.ndarray  # float32 (B, F, H, W): ln(sigmoid(z) / baseline)
     cell_logit: np.ndarray  # float32 (B, F, H, W): z
     embedding: np.ndarray  # float16 (B, D)
-    cell_features: np.ndarray  # float16 (B, H*W, K): seeded random projection of each cell's features
-
-
-def cell_projection(dim: int, device, k: int = CELL_FEATURE_DIM, seed: int = CELL_FEATURE_SEED) -> torch.Tensor:
-    """(dim, k) Gaussian projection / sqrt(k), the same for every worker and run (Johnson-Lindenstrauss:
-    distances between cells' feature vectors are kept approximately, at 32 values instead of 1024)."""
-    key = (dim, k, seed, str(device))
-    if key not in _PROJECTIONS:
-        g = torch.Generator().manual_seed(seed)
-        _PROJECTIONS[key] = (torch.randn(dim, k, generator=g) / k**0.5).to(device)
-    return _PROJECTIONS[key]
+    cell_features: np.ndarray  # float16 (B, H*W, D): each cell's relu(features) vector
 
 
 def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline: torch.Tensor):
@@ -69,11 +60,11 @@ def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: t
         fmap = fmap.float()  # the CAM head always runs in float32
         log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
         prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)
-        proj = torch.einsum("bdhw,dk->bhwk", fmap, cell_projection(fmap.shape[1], device)).flatten(1, 2)
+        proj = fmap.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, D)
     return BatchOutputs(
         prob=prob.float().cpu().numpy(),
         cam=cam.float().cpu().numpy(),
         cell_logit=cell_logit.float().cpu().numpy(),
         embedding=pooled.cpu().numpy().astype(np.float16),
-        cell_features=proj.float().cpu().numpy().astype(np.float16),
+        cell_features=proj.half().cpu().numpy(),
     )

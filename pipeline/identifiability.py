@@ -2,8 +2,9 @@
 where in the film? Cross-validated logistic-regression probes, 5 folds grouped by patient.
 
 Feature sources: the pooled ``embedding``; the ``maps`` (F x 7 x 7 ln-ratio maps); and each grid
-cell alone (``cell_r_c``: its 32-dim random projection in ``cell_features``), which gives a 7x7
-identifiability map.
+cell alone (its full relu(features) vector in ``cell_features``), which gives a 7x7 identifiability
+map with a CI and a Holm-corrected test on every cell (``probe_stats``). The per-cell probes run on
+a seeded subsample of at most ``cell_max_images`` images: 49 probes on 1,024 features each.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ProbeConfig:
     alpha: float = 0.05  # family-wise error rate over a target's 49 cells (Holm)
     cells: bool = True  # the per-cell probes (the 7x7 map); False skips them
     probe: str = "logistic"  # a key of PROBES
+    cell_max_images: int = 4_000  # per-cell probes: a seeded subsample (AUC SE about 0.01 at this size)
+    cell_max_classes: int = 5  # no per-cell map for targets with more classes (age_band): 49 multinomial fits on 1,024 features
 
 
 def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
@@ -141,11 +144,23 @@ def _constant(x: np.ndarray) -> bool:
     return bool(np.all(np.nanstd(x, axis=0) == 0))
 
 
-def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_features: np.ndarray | None, cfg: ProbeConfig):
-    """Returns (summary rows, map rows, per-image score rows). ``features``: name -> (N, d) aligned with rows."""
+def cell_sample(rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
+    """The sorted rows whose cell features the per-cell probes read: all, or a seeded subsample."""
+    if len(rows) <= cfg.cell_max_images:
+        return rows
+    return np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.cell_max_images, replace=False))
+
+
+def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_features: np.ndarray | None, cfg: ProbeConfig,
+               cell_rows: np.ndarray | None = None):
+    """Returns (summary rows, map rows, per-image score rows). ``features``: name -> (N, d) aligned
+    with rows; ``cell_features`` (n, cells, D) aligned with ``cell_rows`` (default: rows)."""
     m = manifest.set_index("row").loc[rows]
     patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
     summary, cells, scores = [], [], []
+    pos = np.arange(len(rows)) if cell_rows is None else pd.Index(rows).get_indexer(cell_rows)
+    if (pos < 0).any():
+        raise ValueError("cell_rows must be a subset of rows")
     for target in cfg.targets:
         y = target_labels(m, target)
         if y is None:
@@ -160,6 +175,8 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
         groups = patients[ok].to_numpy()
         splits = folds(y_idx, groups, cfg)
         counts = {c: int((y_idx == i).sum()) for i, c in enumerate(classes)}
+        if cell_features is not None and cfg.cells and len(classes) > cfg.cell_max_classes:
+            notes.append(f"no per-cell map: {len(classes)} classes > cell_max_classes ({cfg.cell_max_classes})")
         base = {"target": target, "n": int(ok.sum()), "n_per_class": str(counts), "notes": "; ".join(notes) or None}
         for name, x in features.items():
             proba = oof_proba(x[ok], y_idx, splits, len(classes), cfg)
@@ -168,9 +185,21 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
                 true_p = proba[np.arange(len(y_idx)), y_idx]
                 for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
                     scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
-        if cell_features is not None and cfg.cells:
-            cells += cell_probes(cell_features[ok], y_idx, splits, len(classes), cfg, {"target": target, "n": base["n"]})
+        if cell_features is not None and cfg.cells and len(classes) <= cfg.cell_max_classes:
+            cells += _cell_map(cell_features, pos, y, patients, cfg, target)
     return summary, cells, scores
+
+
+def _cell_map(cell_features: np.ndarray, pos: np.ndarray, y: pd.Series, patients: pd.Series, cfg: ProbeConfig, target: str) -> list[dict]:
+    """The per-cell probes on the rows at ``pos`` (the cell sample), with their own folds."""
+    yc, pc = y.iloc[pos], patients.iloc[pos]
+    ok, _ = prepare_target(yc, pc, cfg)
+    classes = sorted(set(yc[ok]))
+    if len(classes) < 2:
+        return []
+    y_idx = np.searchsorted(classes, yc[ok].to_numpy())
+    splits = folds(y_idx, pc[ok].to_numpy(), cfg)
+    return cell_probes(cell_features[ok], y_idx, splits, len(classes), cfg, {"target": target, "n": int(ok.sum())})
 
 
 def cell_probes(cell_features: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig, base: dict) -> list[dict]:

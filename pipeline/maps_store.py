@@ -13,9 +13,7 @@ from .errors import MisalignedWriteError, OutputError
 
 
 def _shape(kind: str, n: int, f: int, h: int, w: int, d: int) -> tuple[int, ...]:
-    from .cam import CELL_FEATURE_DIM
-
-    return {"FHW": (n, f, h, w), "D": (n, d), "CK": (n, h * w, CELL_FEATURE_DIM), "": (n,)}[kind]
+    return {"FHW": (n, f, h, w), "D": (n, d), "CK": (n, h * w, d), "": (n,)}[kind]
 
 
 def open_maps(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
@@ -49,11 +47,11 @@ def create_maps(url: str, n_rows: int, shard_size: int, findings: tuple[str, ...
         arr_attrs = {"coordinates": "image_id"} if name != "image_id" else {}  # xarray: image_id is a coordinate
         group.create_array(name, shape=shape, chunks=chunks, dtype=str if dtype == "str" else dtype, fill_value=fill,
                            dimension_names=ZARR_DIMS[kind], attributes=arr_attrs)
-    from .cam import CELL_FEATURE_SEED
+    from .cam import CELL_FEATURES
 
     _write_coords(group, n_rows, shard_size, findings, h, w)
     group.attrs.update({**attrs, "schema_version": OUTPUT_SCHEMA_VERSION, "findings": list(findings), "shard_size": shard_size,
-                        "cell_feature_seed": CELL_FEATURE_SEED})
+                        "cell_features": CELL_FEATURES})
     consolidate(url, storage_options)
     return group
 

@@ -2,8 +2,17 @@
 
 A ``RegionAccumulator`` holds, for every stratum value and finding and cell: count, sum, sum of
 squares, min, max, count of map > 0, sum of max(map, 0), sum and sum of |.| of the exact
-contribution, and a fixed-bin histogram of the map. ``a + b`` merges two, so the dataset result is
-a tree reduction over shards and does not depend on how rows were split or ordered.
+contribution, a fixed-bin histogram of the map, and the sum of squares of each image's "this cell
+minus the mean of its other cells" (for the CI of a cell against the rest). ``a + b`` merges two,
+so the dataset result is a tree reduction over shards and does not depend on how rows were split or
+ordered.
+
+CIs of the "top cell" claims come from these sums alone (95%, normal approximation):
+- a cell's mean: mean +- 1.96 sd / sqrt(n);
+- a cell against the rest of the film: the per-image difference d = v_c - mean of the other 48 cells
+  is paired within an image, so its variance is (sum d^2 - n mean(d)^2) / (n - 1), from ``dev_sq``;
+- a cell between two strata (AP vs PA): independent groups, Welch's standard error
+  sqrt(s_a^2 / n_a + s_b^2 / n_b).
 
 Quantiles come from the histogram (bins of 0.02 on [-16, 8]; values outside are clamped to the edge
 bins): each reported quantile is the midpoint of the bin holding numpy's ``inverted_cdf`` quantile,
@@ -35,18 +44,19 @@ class CellStats:
     contrib: np.ndarray
     abs_contrib: np.ndarray
     hist: np.ndarray
+    dev_sq: np.ndarray  # sum over images of (v_c - mean of the image's other cells)^2
 
     @classmethod
     def empty(cls, f: int, c: int) -> "CellStats":
         z = lambda: np.zeros((f, c), np.float64)  # noqa: E731
         return cls(np.zeros((f, c), np.int64), z(), z(), np.full((f, c), np.inf), np.full((f, c), -np.inf),
-                   np.zeros((f, c), np.int64), z(), z(), z(), np.zeros((f, c, N_BINS), np.int32))
+                   np.zeros((f, c), np.int64), z(), z(), z(), np.zeros((f, c, N_BINS), np.int32), z())
 
     def __add__(self, o: "CellStats") -> "CellStats":
         return CellStats(self.count + o.count, self.total + o.total, self.total_sq + o.total_sq,
                          np.minimum(self.vmin, o.vmin), np.maximum(self.vmax, o.vmax), self.n_pos + o.n_pos,
                          self.pos_part + o.pos_part, self.contrib + o.contrib, self.abs_contrib + o.abs_contrib,
-                         self.hist + o.hist)
+                         self.hist + o.hist, self.dev_sq + o.dev_sq)
 
 
 @dataclass
@@ -83,6 +93,8 @@ class RegionAccumulator:
             s.pos_part[f] = np.maximum(v, 0).sum(0)
             s.contrib[f] = c.sum(0)
             s.abs_contrib[f] = np.abs(c).sum(0)
+            d = v - (v.sum(1, keepdims=True) - v) / max(C - 1, 1)
+            s.dev_sq[f] = (d * d).sum(0)
             bins = np.clip(((v - HIST_LO) / HIST_W).astype(np.int64), 0, N_BINS - 1)
             flats.append(((f * C + np.arange(C)) * N_BINS + bins).ravel())
         s.hist += np.bincount(np.concatenate(flats), minlength=F * C * N_BINS).reshape(F, C, N_BINS).astype(np.int32)
@@ -101,3 +113,38 @@ def hist_quantiles(hist: np.ndarray, qs=QUANTILES) -> np.ndarray:
     res = np.stack(out, axis=-1)
     res[n[..., 0] == 0] = np.nan
     return res
+
+
+Z95 = 1.959963984540054
+
+
+def _mean_var(s: CellStats, f: int) -> tuple[int, np.ndarray, np.ndarray]:
+    n = int(s.count[f, 0])
+    mean = s.total[f] / max(n, 1)
+    var = (s.total_sq[f] - n * mean**2) / (n - 1) if n > 1 else np.full_like(mean, np.nan)
+    return n, mean, np.maximum(var, 0)
+
+
+def mean_ci(s: CellStats, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """95% CI of each cell's mean map value, finding f."""
+    n, mean, var = _mean_var(s, f)
+    half = Z95 * np.sqrt(var / max(n, 1))
+    return mean - half, mean + half
+
+
+def cell_vs_rest(s: CellStats, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(difference, lo, hi) per cell: its mean minus the mean of the other cells, paired per image."""
+    n, mean, _ = _mean_var(s, f)
+    c = mean.shape[0]
+    diff = mean - (mean.sum() - mean) / max(c - 1, 1)
+    var = (s.dev_sq[f] - n * diff**2) / (n - 1) if n > 1 else np.full_like(diff, np.nan)
+    half = Z95 * np.sqrt(np.maximum(var, 0) / max(n, 1))
+    return diff, diff - half, diff + half
+
+
+def stratum_difference(a: CellStats, b: CellStats, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean_a - mean_b, lo, hi) per cell, Welch's standard error (two independent groups)."""
+    na, ma, va = _mean_var(a, f)
+    nb, mb, vb = _mean_var(b, f)
+    half = Z95 * np.sqrt(va / max(na, 1) + vb / max(nb, 1))
+    return ma - mb, ma - mb - half, ma - mb + half

@@ -16,7 +16,7 @@ import torch
 
 from schemas.outputs import predictions_schema
 
-from .cam import CELL_FEATURE_DIM, infer_batch
+from .cam import infer_batch
 from .errors import ImageError
 from .cache import ShardCache
 from .decode_pool import DecodeTask, Failure, FilmJob, shared_pool
@@ -72,7 +72,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     cam = np.full((n_region, F, H, W), np.nan, np.float32)
     cell = np.full((n_region, F, H, W), np.nan, np.float32)
     emb = np.full((n_region, D), np.nan, np.float16)
-    cellf = np.full((n_region, H * W, CELL_FEATURE_DIM), np.nan, np.float16)
+    cellf = np.full((n_region, H * W, D), np.nan, np.float16)
     prob = np.full((len(shard.rows), F), np.nan, np.float32)
     ids = np.full(n_region, "", dtype=object)
     ok = np.zeros(len(shard.rows), dtype=bool)

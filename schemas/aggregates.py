@@ -22,9 +22,20 @@ def _schema(name: str, fields: list[pa.Field], **meta) -> pa.Schema:
 
 def region_stats_schema(**meta) -> pa.Schema:
     stats = ["mean", "std", "min", "max", "p05", "p25", "p50", "p75", "p95", "share_positive", "mean_positive_part",
-             "mean_contribution", "mean_abs_contribution"]
+             "mean_contribution", "mean_abs_contribution",
+             # 95% CIs from the mergeable sums (pipeline/region_stats.py): the mean; the cell minus the mean of the
+             # image's other cells (paired per image)
+             "mean_lo", "mean_hi", "diff_rest", "diff_rest_lo", "diff_rest_hi"]
     return _schema("region_stats", [_KEYS[0], pa.field("cell_row", pa.int8(), nullable=False), pa.field("cell_col", pa.int8(), nullable=False),
                                     *_KEYS[1:], pa.field("n", pa.int64(), nullable=False)] + [pa.field(s, _F) for s in stats], **meta)
+
+
+def region_contrasts_schema(**meta) -> pa.Schema:
+    """A cell's mean map value in one stratum value minus another (AP - PA), with Welch's 95% CI."""
+    return _schema("region_contrasts", [_KEYS[0], pa.field("cell_row", pa.int8(), nullable=False), pa.field("cell_col", pa.int8(), nullable=False),
+                                        _KEYS[1], pa.field("value_a", pa.string(), nullable=False), pa.field("value_b", pa.string(), nullable=False),
+                                        pa.field("n_a", pa.int64(), nullable=False), pa.field("n_b", pa.int64(), nullable=False),
+                                        pa.field("diff", _F), pa.field("diff_lo", _F), pa.field("diff_hi", _F)], **meta)
 
 
 FINDING_SUMMARY_SHARES = ["pos_share_ring", "pos_share_corners", "pos_share_inner", "pos_share_anatomy",

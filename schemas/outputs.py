@@ -58,6 +58,6 @@ ZARR_ARRAYS = {
     "cam": ("float32", "FHW", float("nan")),  # ln(sigmoid(z) / p_baseline)
     "cell_logit": ("float32", "FHW", float("nan")),  # z = W_k . relu(F)[:, i, j] + b_k
     "embedding": ("float16", "D", float("nan")),  # mean_ij relu(F)
-    "cell_features": ("float16", "CK", float("nan")),  # (H*W, 32) seeded random projection per cell
+    "cell_features": ("float16", "CK", float("nan")),  # (H*W, D): each cell's full relu(features), for the per-cell probes
     "image_id": ("str", "", ""),
 }

@@ -236,3 +236,51 @@ def test_a_partial_download_is_one_line_and_missing_rows_keep_their_path(tmp_pat
     missing = result.issues.to_pandas()
     assert sorted(missing.path.str.rsplit("/", n=1).str[-1]) == sorted(p.name for p in gone)
     assert all(p.startswith(str(root)) for p in missing.path)
+
+
+def test_torch_messages_reach_the_user_without_escape_codes(tmp_path, tiny_nih, capsys):
+    import torch
+
+    from jobs.score_dataset import main
+    from pipeline.tiny_net import TinyCAMNet
+
+    whole = tmp_path / "whole_model.pt"
+    torch.save(TinyCAMNet(14), whole)  # a pickled whole model: refused, with torch's (bold-coded) detail
+    try:
+        torch.load(whole, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raw = str(e)
+    out = tmp_path / "out"
+    assert main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", str(whole), "--arch", TINY_ARCH, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "convert_checkpoint --trust-pickle" in err and "Weights only load failed" in err
+    assert "\x1b[" not in err, "escape codes reached the user"
+    assert "\x1b[" in raw or "Weights only" in raw  # torch's own text (with or without codes, by version)
+    assert not out.exists()
+
+
+def test_a_taken_dashboard_port_gives_no_warning():
+    import socket
+    import warnings
+
+    from pipeline.cluster import Profile, start_cluster
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))  # taken by us, or already by someone else: taken either way
+        holder.listen()
+    except OSError:
+        pass
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cluster, client = start_cluster(Profile("inprocess", "local", {"n_workers": 1, "processes": False,
+                                                                           "dashboard_address": "127.0.0.1:8787"}))
+            try:
+                assert client.dashboard_link and ":8787/" not in client.dashboard_link
+            finally:
+                client.close()
+                cluster.close()
+        assert not [w for w in seen if "already in use" in str(w.message)]
+    finally:
+        holder.close()

@@ -105,3 +105,31 @@ def test_ap_vs_pa_is_identifiable_on_real_films_with_random_densenet(tmp_path):
     # 30 AP vs 90 PA films; a plain 5-fold probe on 621 such films gives about 0.93
     assert ident.loc[("view_position", "embedding"), "auc"] > 0.75
     assert ident.loc[("view_position", "embedding"), "auc_lo"] > 0.5
+    # issue 14: the map from the stored cell features matches probes on the full float32 features
+    # of every cell, computed here by a forward pass of the same network
+    stored = pq.read_table(run_dir / "identifiability_map.parquet").to_pandas()
+    stored = stored[stored.target == "view_position"].sort_values(["cell_row", "cell_col"]).auc.to_numpy()
+    full = _full_feature_cell_aucs(out)
+    gap = np.abs(stored - full)
+    print(f"per-cell AUC, stored vs full float32 features: gap median {np.median(gap):.4f}, worst {gap.max():.4f}")
+    assert len(gap) == 49 and np.median(gap) <= 0.02 and gap.max() <= 0.04, (np.median(gap), gap.max())
+
+
+def _full_feature_cell_aucs(out) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.identifiability import run_probes
+    from pipeline.images import load_image, normalize_batch
+    from pipeline.model import ModelSpec, load_model
+
+    manifest = pq.read_table(out / "manifest.parquet").to_pandas().sort_values("row")
+    model = load_model(ModelSpec())
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(manifest), 16):
+            px = np.stack([load_image(p).pixels for p in manifest.path.iloc[i:i + 16]])
+            feats.append(F.relu(model.features(normalize_batch(torch.as_tensor(px)))).flatten(2).transpose(1, 2).numpy())
+    cells = np.concatenate(feats)  # (N, 49, 1024) float32
+    _, rows, _ = run_probes(manifest, manifest.row.to_numpy(), {}, cells, ProbeConfig(targets=("view_position",)))
+    return pd.DataFrame(rows).sort_values(["cell_row", "cell_col"]).auc.to_numpy()

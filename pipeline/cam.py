@@ -35,13 +35,20 @@ class BatchOutputs:
 
 
 def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline: torch.Tensor):
-    """fmap: relu(features) (B, D, H, W). Returns torch tensors (prob, cam, cell_logit, pooled)."""
-    pooled = F.adaptive_avg_pool2d(fmap, (1, 1)).flatten(1)  # as torchvision's forward does
-    prob = torch.sigmoid(linear(pooled))
-    cell_logit = torch.einsum("bdhw,fd->bfhw", fmap, linear.weight) + linear.bias.view(1, -1, 1, 1)
+    """fmap: relu(features) (B, D, H, W). Returns float32 torch tensors (prob, cam, cell_logit, pooled).
+
+    The head runs in float64 and is rounded once to float32: a float32 GEMM's rounding depends on
+    the batch's size, so a film rescored in another batch (a grown dataset's last shard, a retried
+    film) would differ in the last bit; in float64 the rounding to float32 is the same every time.
+    It is ~2e7 multiply-adds per batch of 32, negligible next to the feature extractor."""
+    f64 = fmap.double()
+    w, b = linear.weight.double(), linear.bias.double()
+    pooled = f64.mean((2, 3))  # as torchvision's adaptive_avg_pool2d, in float64
+    prob = torch.sigmoid(pooled @ w.T + b)
+    cell_logit = torch.einsum("bdhw,fd->bfhw", f64, w) + b.view(1, -1, 1, 1)
     # logsigmoid rather than log(sigmoid(.)): same value, no -inf for very negative logits.
-    cam = F.logsigmoid(cell_logit) - log_baseline.view(1, -1, 1, 1)
-    return prob, cam, cell_logit, pooled
+    cam = F.logsigmoid(cell_logit) - log_baseline.double().view(1, -1, 1, 1)
+    return prob.float(), cam.float(), cell_logit.float(), pooled.float()
 
 
 @torch.inference_mode()

@@ -211,14 +211,7 @@ def _failure(shard: Shard, pos: int, f: Failure) -> dict:
 
 
 def _error(shard: Shard, pos: int, err: ImageError) -> dict:
-    return {
-        "row": shard.rows[pos],
-        "image_id": shard.image_ids[pos],
-        "path": redact(shard.paths[pos]),
-        "stage": err.stage,
-        "error_class": err.error_class,
-        "message": redact(str(err.cause))[:500],
-    }
+    return _failure(shard, pos, Failure(err.stage, err.error_class, str(err.cause)))
 
 
 def _predictions_table(shard: Shard, spec: RunSpec, prob: np.ndarray, ok: np.ndarray) -> pa.Table:

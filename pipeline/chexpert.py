@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from .adapters import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
+from .source_base import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
 from .errors import DatasetError
 from .harmonise import CHEXPERT_TO_MODEL, chexpert_value
 from .storage import exists, join, to_url, url_to_fs

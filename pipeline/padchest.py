@@ -8,7 +8,7 @@ import posixpath
 
 import pandas as pd
 
-from .adapters import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
+from .source_base import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
 from .errors import DatasetError
 from .harmonise import PADCHEST_TO_MODEL
 from .storage import exists, join, to_url, url_to_fs

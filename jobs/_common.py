@@ -21,7 +21,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # CSI sequences (torch's messa
 def plain(text: str) -> str:
     """A message without terminal escape codes (whatever library it came from) and without the
     credentials a URL may carry."""
-    from pipeline.redact import redact
+    from pipeline.core.redact import redact
 
     return redact(_ANSI.sub("", str(text)))
 

@@ -8,11 +8,11 @@ import json
 import sys
 
 from jobs._common import add_common, fail, setup_logging
-from pipeline.errors import CxrAuditError
+from pipeline.core.errors import CxrAuditError
 
 
 def parser() -> argparse.ArgumentParser:
-    from pipeline.strata import DEFAULT_BY
+    from pipeline.analysis.strata import DEFAULT_BY
 
     p = argparse.ArgumentParser(prog="python -m jobs.aggregate", description=__doc__)
     p.add_argument("--out", required=True, metavar="URL", help="the scoring job's --out")
@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from pipeline.aggregate import AggregateConfig
-    from pipeline.errors import ConfigError
+    from pipeline.analysis.aggregate import AggregateConfig
+    from pipeline.core.errors import ConfigError
 
     mask = None
     if args.anatomy_mask:
@@ -46,7 +46,7 @@ def config_from_args(args):
 
 
 def main(argv=None) -> int:
-    from pipeline.aggregate import aggregate_run
+    from pipeline.analysis.aggregate import aggregate_run
 
     args = parser().parse_args(argv)
     setup_logging(args)
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for name, t in tables.items():
         print(f"{name}.parquet: {t.num_rows} rows")
     if "identifiability_map" in tables and tables["identifiability_map"].num_rows:
-        from pipeline.identifiability import format_map
+        from pipeline.analysis.identifiability import format_map
 
         print(format_map(tables["identifiability_map"].to_pandas()))
     return 0

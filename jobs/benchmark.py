@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.cam import infer_batch
+from pipeline.inference.cam import infer_batch
 from pipeline.demo import make_demo_dataset
-from pipeline.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
-from pipeline.images import load_image, reference_transform
-from pipeline.model import ModelSpec, build_arch, load_model
-from pipeline.reference import reference_image
+from pipeline.core.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
+from pipeline.inference.images import load_image, reference_transform
+from pipeline.inference.model import ModelSpec, build_arch, load_model
+from pipeline.inference.reference import reference_image
 
-ARCHS = {"densenet121": "densenet121", "tiny": "pipeline.tiny_net:tiny_cam_net"}
+ARCHS = {"densenet121": "densenet121", "tiny": "pipeline.inference.tiny_net:tiny_cam_net"}
 BASE = tuple(REFERENCE_BASELINES[f] for f in CHEXNET_FINDINGS)
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.findings import CHEXNET_FINDINGS
-from pipeline.maps_store import create_maps
-from pipeline.storage import join, write_json_atomic, write_parquet_atomic
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.store.maps_store import create_maps
+from pipeline.store.storage import join, write_json_atomic, write_parquet_atomic
 from schemas.manifest import manifest_schema
 from schemas.outputs import predictions_schema
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from jobs._common import add_common, fail, setup_logging
-from pipeline.errors import CheckpointError, CxrAuditError
+from pipeline.core.errors import CheckpointError, CxrAuditError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "://" not in args.input and not os.path.isfile(args.input):
         return fail(CheckpointError(f"{args.input}: no such file; pass the path of the pickled checkpoint to convert"))
-    from pipeline.checkpoint import save_safetensors, state_dict_from_pickle  # torch: only once the flags are right
+    from pipeline.inference.checkpoint import save_safetensors, state_dict_from_pickle  # torch: only once the flags are right
 
     try:
         state = state_dict_from_pickle(args.input)

@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from jobs._common import add_common, fail, setup_logging
-from pipeline.errors import CxrAuditError
+from pipeline.core.errors import CxrAuditError
 
 
 def main(argv=None) -> int:
-    from pipeline.drift import drift, summary_text
+    from pipeline.analysis.drift import drift, summary_text
 
     p = argparse.ArgumentParser(prog="python -m jobs.drift", description=__doc__)
     p.add_argument("--out", required=True, metavar="URL")

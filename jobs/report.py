@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from pipeline.errors import CxrAuditError
+from pipeline.core.errors import CxrAuditError
 
 
 def parser() -> argparse.ArgumentParser:

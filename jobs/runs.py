@@ -7,12 +7,12 @@ import sys
 from datetime import datetime
 
 from jobs._common import add_common, setup_logging
-from pipeline.run_index import run_records
-from pipeline.storage import join
+from pipeline.store.run_index import run_records
+from pipeline.store.storage import join
 
 
 def _latest(out: str) -> dict:
-    from pipeline.bookkeeping import read_json_safe
+    from pipeline.store.bookkeeping import read_json_safe
 
     latest, _ = read_json_safe(join(out, "latest.json"))  # unreadable: none (--check reports it)
     return latest if isinstance(latest, dict) else {}
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     args = add_common(p).parse_args(argv)
     setup_logging(args)
     if args.unlock:
-        from pipeline.errors import CxrAuditError
-        from pipeline.run_lock import force_unlock
+        from pipeline.core.errors import CxrAuditError
+        from pipeline.run.run_lock import force_unlock
 
         try:
             print(force_unlock(args.out))
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             return 2
         return 0
     if args.check:
-        from pipeline.run_check import check_out
+        from pipeline.run.run_check import check_out
 
         problems = check_out(args.out, verify=args.verify)
         for line in problems:

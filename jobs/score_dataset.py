@@ -12,7 +12,7 @@ import sys
 import time
 
 from jobs._common import add_common, fail, log, setup_logging
-from pipeline.errors import CxrAuditError
+from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
 
@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _findings(text: str | None):
-    from pipeline.findings import CHEXNET_FINDINGS
+    from pipeline.core.findings import CHEXNET_FINDINGS
 
     if not text:
         return CHEXNET_FINDINGS
@@ -95,8 +95,8 @@ def _findings(text: str | None):
 
 
 def config_from_args(args, argv_empty: bool):
-    from pipeline.errors import ConfigError
-    from pipeline.scoring import ScoreConfig
+    from pipeline.core.errors import ConfigError
+    from pipeline.run.scoring import ScoreConfig
 
     if argv_empty:
         from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
@@ -105,7 +105,7 @@ def config_from_args(args, argv_empty: bool):
         ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
         log.info(f"demo: synthetic ChestX-ray14-layout datasets {', '.join(sites)}, demo model {ckpt}")
         return ScoreConfig(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt,
-                           arch="pipeline.tiny_net:tiny_cam_net", shard_size=64, batch_size=32, identifiability=True,
+                           arch="pipeline.inference.tiny_net:tiny_cam_net", shard_size=64, batch_size=32, identifiability=True,
                            cluster=args.cluster or "local", cluster_file=args.cluster_file or "cluster.yaml",
                            worker_timeout=args.worker_timeout)
     if not args.dataset or not args.out or not args.checkpoint:
@@ -125,10 +125,10 @@ def config_from_args(args, argv_empty: bool):
 
 def run(cfg, validated: bool = False) -> dict:
     """Validate, hold the --out lock, score, aggregate, then point latest.json at the run."""
-    from pipeline.storage import exists, remove_if_empty
+    from pipeline.store.storage import exists, remove_if_empty
 
     if not validated:
-        from pipeline.validate import validate
+        from pipeline.run.validate import validate
 
         validate(cfg)
     created = _first_missing(cfg.out) if not exists(cfg.out, cfg.storage_options) else None
@@ -151,9 +151,9 @@ def _first_missing(out: str) -> str:
 
 
 def _run_locked(cfg) -> dict:
-    from pipeline.bookkeeping import read_json_safe, rebuild_latest
-    from pipeline.run_lock import run_lock
-    from pipeline.storage import check_writable, join, remove_temp_files, write_json_atomic
+    from pipeline.store.bookkeeping import read_json_safe, rebuild_latest
+    from pipeline.run.run_lock import run_lock
+    from pipeline.store.storage import check_writable, join, remove_temp_files, write_json_atomic
 
     check_writable(cfg.out, cfg.storage_options)
     with run_lock(cfg.out, cfg.storage_options) as note:
@@ -172,11 +172,11 @@ def _run_locked(cfg) -> dict:
             # only a complete, aggregated run becomes 'latest'; replaced atomically
             write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
                               join(cfg.out, "latest.json"), cfg.storage_options)
-            from pipeline.query_views import write_views
+            from pipeline.store.query_views import write_views
 
             write_views(cfg.out, cfg.storage_options)  # DuckDB views of the latest run: OUT/cxr_audit.sql
             if previous and previous != info["model_version"]:
-                from pipeline.drift import drift, summary_text
+                from pipeline.analysis.drift import drift, summary_text
 
                 print(summary_text(drift(cfg.out, previous, info["model_version"])))
             from pipeline.reporting.hook import report_after_run
@@ -192,12 +192,12 @@ def _score(cfg) -> dict:
 
     from jobs._common import quiet_dask_logs
 
-    from pipeline.cluster import load_profile, start_cluster
-    from pipeline.model import resolve_device
-    from pipeline.progress import ProgressBar, WorkerProgress, progress_topic
-    from pipeline.redact import redact
-    from pipeline.score_shard import score_shard
-    from pipeline.scoring import _now, finalize_run, prepare_run
+    from pipeline.run.cluster import load_profile, start_cluster
+    from pipeline.inference.model import resolve_device
+    from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
+    from pipeline.core.redact import redact
+    from pipeline.run.score_shard import score_shard
+    from pipeline.run.scoring import _now, finalize_run, prepare_run
 
     started = _now()
     prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
@@ -245,9 +245,9 @@ def _score(cfg) -> dict:
     run_info = finalize_run(prep, results, failures, started)
     if run_info["status"] != "running":
         return run_info  # incomplete, failed or partial: no aggregates, never latest
-    from pipeline.aggregate import AggregateConfig, aggregate_run
-    from pipeline.aggregate_inputs import stale_aggregates
-    from pipeline.scoring import finish_run
+    from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
+    from pipeline.analysis.aggregate_inputs import stale_aggregates
+    from pipeline.run.scoring import finish_run
 
     try:
         agg = AggregateConfig(identifiability=cfg.identifiability)
@@ -268,7 +268,7 @@ def _score(cfg) -> dict:
 
 def _interrupted(prep, results, failures, started) -> None:
     """Ctrl-C while scoring: record what is done, mark the run interrupted (never latest)."""
-    from pipeline.scoring import finalize_run, finish_run
+    from pipeline.run.scoring import finalize_run, finish_run
 
     try:
         run_info = finalize_run(prep, results, failures, started)
@@ -280,7 +280,7 @@ def _interrupted(prep, results, failures, started) -> None:
 def manifest_summary(result, cfg) -> list[str]:
     """Films found per dataset ('120 of 112,120 listed films found under ROOT') and the other
     metadata issues by reason: a partial download is one line, not thousands of issues."""
-    from pipeline.adapters import DatasetSpec
+    from pipeline.sources.adapters import DatasetSpec
 
     issues = result.issues.select(["dataset", "reason"]).to_pandas()
     kept = result.manifest.column("dataset").to_pandas().value_counts()
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
-    from pipeline.redact import install_log_redaction
+    from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()
     import signal
@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
-        from pipeline.cluster import load_profile
-        from pipeline.validate import check_cluster, validate
+        from pipeline.run.cluster import load_profile
+        from pipeline.run.validate import check_cluster, validate
 
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(args.cluster, args.cluster_file or "cluster.yaml", required=args.cluster_file is not None))
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except CxrAuditError as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except KeyboardInterrupt as e:
-        from pipeline.redact import redact
+        from pipeline.core.redact import redact
 
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what}: finished shards are kept and the lock is released; "

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import save_safetensors
-from .findings import CHEXNET_FINDINGS
-from .tiny_net import TinyCAMNet
+from pipeline.inference.checkpoint import save_safetensors
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.inference.tiny_net import TinyCAMNet
 
 DEMO_VERSION = "3"
 # (name, share of AP films, laterality marker, seed, first patient id)
@@ -85,7 +85,7 @@ def _markers(img: np.ndarray, ap: bool, marker_l: bool) -> np.ndarray:
 def marker_cells(size: int = 256, grid: int = 7) -> dict[str, tuple[tuple[int, int], ...]]:
     """Which cells of the model's 7x7 grid each burned-in marker touches (drawn, then preprocessed as the
     model sees it: the films are square, so Resize(224) maps the whole film onto the crop)."""
-    from .images import PreprocessConfig, decode_preprocess
+    from pipeline.inference.images import PreprocessConfig, decode_preprocess
 
     cells = {}
     blank = np.zeros((size, size), np.uint8)
@@ -152,12 +152,12 @@ def make_demo_model(path: str | os.PathLike, data_root: str | os.PathLike | list
         net = TinyCAMNet(len(CHEXNET_FINDINGS))
         if roots:
             _train(net, [Path(r) for r in roots], epochs)
-    save_safetensors(net.state_dict(), path, {"arch": "pipeline.tiny_net:tiny_cam_net", "seed": str(seed), "trained_epochs": str(epochs if roots else 0)})
+    save_safetensors(net.state_dict(), path, {"arch": "pipeline.inference.tiny_net:tiny_cam_net", "seed": str(seed), "trained_epochs": str(epochs if roots else 0)})
     return path
 
 
 def _train(net: TinyCAMNet, roots: list[Path], epochs: int) -> None:
-    from .images import load_image, normalize_batch
+    from pipeline.inference.images import load_image, normalize_batch
 
     xs, ys = [], []
     for root in roots:

@@ -23,7 +23,7 @@ def _schema(name: str, fields: list[pa.Field], **meta) -> pa.Schema:
 def region_stats_schema(**meta) -> pa.Schema:
     stats = ["mean", "std", "min", "max", "p05", "p25", "p50", "p75", "p95", "share_positive", "mean_positive_part",
              "mean_contribution", "mean_abs_contribution",
-             # 95% CIs from the mergeable sums (pipeline/region_stats.py): the mean; the cell minus the mean of the
+             # 95% CIs from the mergeable sums (pipeline/analysis/region_stats.py): the mean; the cell minus the mean of the
              # image's other cells (paired per image)
              "mean_lo", "mean_hi", "diff_rest", "diff_rest_lo", "diff_rest_hi"]
     return _schema("region_stats", [_KEYS[0], pa.field("cell_row", pa.int8(), nullable=False), pa.field("cell_col", pa.int8(), nullable=False),

@@ -33,7 +33,7 @@ def identifiability_scores_schema(**meta) -> pa.Schema:
                          schema="identifiability_scores", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 
-# each with _lo/_hi: percentile CIs of a bootstrap over patients (pipeline/site_confounding.py)
+# each with _lo/_hi: percentile CIs of a bootstrap over patients (pipeline/analysis/site_confounding.py)
 PREVALENCE_CONFOUNDING_AUCS = [f"{c}{s}" for c in ("auc_site_prevalence", "auc_model", "auc_gap", "auc_model_within_site") for s in ("", "_lo", "_hi")]
 PREVALENCE_CONFOUNDING_AUCS.insert(3, "auc_site_prevalence_oof")
 

@@ -37,7 +37,7 @@ ISSUES_SCHEMA = pa.schema(
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("image_id", pa.string()),
         pa.field("path", pa.string()),
-        pa.field("reason", pa.string(), nullable=False),  # see pipeline.manifest.ISSUE_REASONS
+        pa.field("reason", pa.string(), nullable=False),  # see pipeline.sources.manifest.ISSUE_REASONS
         pa.field("detail", pa.string()),
         pa.field("action", pa.string(), nullable=False),  # 'dropped', 'nulled', 'kept'
     ]

@@ -6,6 +6,8 @@ import pyarrow as pa
 
 from .meta import with_metadata
 
+# What maps.zarr/cell_features holds (written into the store's attributes).
+CELL_FEATURES = "relu(features) of each grid cell, full width, float16"
 OUTPUT_SCHEMA_VERSION = "1.0"
 
 

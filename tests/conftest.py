@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import save_safetensors
+from pipeline.inference.checkpoint import save_safetensors
 from pipeline.demo import make_demo_dataset
-from pipeline.findings import CHEXNET_FINDINGS
-from pipeline.tiny_net import TinyCAMNet
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.inference.tiny_net import TinyCAMNet
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NIH_SHARED = SHARED / "data" / "nih"
-TINY_ARCH = "pipeline.tiny_net:tiny_cam_net"
+TINY_ARCH = "pipeline.inference.tiny_net:tiny_cam_net"
 
 
 def shared_or_skip(path: Path = NIH_SHARED) -> Path:

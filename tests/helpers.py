@@ -5,7 +5,7 @@ import time
 import torch
 from torch import nn
 
-from pipeline.tiny_net import TinyCAMNet
+from pipeline.inference.tiny_net import TinyCAMNet
 
 
 class _Slow(nn.Sequential):

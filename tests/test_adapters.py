@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.score_dataset import main
-from pipeline.adapters import DatasetSpec
-from pipeline.findings import CHEXNET_FINDINGS
-from pipeline.manifest import build_manifest
+from pipeline.sources.adapters import DatasetSpec
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.sources.manifest import build_manifest
 
 from .conftest import SHARED, TINY_ARCH, png_bytes, shared_or_skip
 

@@ -13,10 +13,10 @@ from sklearn.metrics import roc_auc_score
 
 from jobs.aggregate import main as aggregate_main
 from jobs.score_dataset import main as score_main
-from pipeline.localization import box_coverage, box_scores
-from pipeline.metrics import auc_delong, ece
-from pipeline.region_stats import RegionAccumulator, hist_quantiles
-from pipeline.strata import StrataContext, strata_weights
+from pipeline.analysis.localization import box_coverage, box_scores
+from pipeline.analysis.metrics import auc_delong, ece
+from pipeline.analysis.region_stats import RegionAccumulator, hist_quantiles
+from pipeline.analysis.strata import StrataContext, strata_weights
 
 from .conftest import png_bytes
 
@@ -195,7 +195,7 @@ def test_localization_on_real_boxes(tmp_path):
 
     root = shared_or_skip()
     out = tmp_path / "out"
-    assert score_main(["--dataset", f"nih:{root}", "--checkpoint", "random:0", "--arch", "pipeline.tiny_net:tiny_cam_net",
+    assert score_main(["--dataset", f"nih:{root}", "--checkpoint", "random:0", "--arch", "pipeline.inference.tiny_net:tiny_cam_net",
                        "--out", str(out), "--shard-size", "64", "--cluster", "inprocess", "--limit", "120"]) == 0
     assert aggregate_main(["--out", str(out), "--bbox", str(root / "BBox_List_2017.csv.gz")]) == 0
     run_dir = next((out / "runs").iterdir())

@@ -34,7 +34,7 @@ def test_bad_images_are_recorded_not_fatal(tmp_path, tiny_ckpt, rng):
             "--out", str(out), "--shard-size", "4", "--batch-size", "3", "--cluster", "inprocess",
             "--max-failed-fraction", "1"]  # half the films are bad on purpose
     # a file that disappears after the manifest was written fails at read time, during scoring
-    from pipeline import scoring
+    from pipeline.run import scoring
 
     real = scoring.build_manifest
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cam import infer_batch
-from pipeline.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
-from pipeline.images import load_image
-from pipeline.model import ModelSpec, load_model
-from pipeline.reference import reference_image
+from pipeline.inference.cam import infer_batch
+from pipeline.core.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
+from pipeline.inference.images import load_image
+from pipeline.inference.model import ModelSpec, load_model
+from pipeline.inference.reference import reference_image
 
 from .conftest import TINY_ARCH, shared_or_skip
 
@@ -17,7 +17,7 @@ BASE = tuple(REFERENCE_BASELINES[f] for f in CHEXNET_FINDINGS)
 
 def _net(model):
     # Rebuild the full network around the loaded parts for the model's own forward.
-    from pipeline.model import build_arch
+    from pipeline.inference.model import build_arch
 
     net = build_arch(model.spec.arch, len(model.findings))
     net.features, net.classifier = model.features, model.classifier

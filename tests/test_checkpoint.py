@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchvision.models import densenet121
 
-from pipeline.checkpoint import save_safetensors
-from pipeline.errors import CheckpointError, UnsafeCheckpointError
-from pipeline.model import ModelSpec, load_model
-from pipeline.tiny_net import TinyCAMNet
+from pipeline.inference.checkpoint import save_safetensors
+from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
+from pipeline.inference.model import ModelSpec, load_model
+from pipeline.inference.tiny_net import TinyCAMNet
 
 from .conftest import TINY_ARCH
 
@@ -116,7 +116,7 @@ def test_missing_extra_and_wrong_output_count(tmp_path, tiny_ckpt):
 
 
 def test_missing_checkpoint_and_non_cam_arch(tmp_path):
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(ModelSpec(TINY_ARCH, str(tmp_path / "nope.pt")))

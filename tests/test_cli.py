@@ -95,8 +95,8 @@ def test_a_failure_after_validation_leaves_no_empty_out_folder(tmp_path, tiny_ni
     from jobs.score_dataset import main
 
     bad = tmp_path / "imagenet.safetensors"
-    from pipeline.checkpoint import save_safetensors
-    from pipeline.tiny_net import TinyCAMNet
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
 
     save_safetensors(TinyCAMNet(1000).state_dict(), str(bad))
     out = tmp_path / "new" / "out"
@@ -108,8 +108,8 @@ def test_a_failure_after_validation_leaves_no_empty_out_folder(tmp_path, tiny_ni
 
 def test_slurm_cluster_whose_jobs_never_start_is_an_error_naming_the_cause(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="the slurm extra (dask-jobqueue) is not installed")
-    from pipeline.cluster import load_profile, start_cluster
-    from pipeline.errors import ClusterStartError
+    from pipeline.run.cluster import load_profile, start_cluster
+    from pipeline.core.errors import ClusterStartError
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -130,8 +130,8 @@ def test_slurm_cluster_whose_jobs_never_start_is_an_error_naming_the_cause(tmp_p
 
 
 def test_missing_cluster_file_is_an_error_but_the_default_falls_back(tmp_path, monkeypatch):
-    from pipeline.cluster import load_profile
-    from pipeline.errors import ConfigError
+    from pipeline.run.cluster import load_profile
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile(None, str(tmp_path / "absent.yaml"), required=True)
@@ -218,11 +218,11 @@ def test_help_goes_to_stdout_and_lists_new_flags(capsys):
 
 def test_a_partial_download_is_one_line_and_missing_rows_keep_their_path(tmp_path):
     from jobs.score_dataset import manifest_summary
-    from pipeline.adapters import DatasetSpec
+    from pipeline.sources.adapters import DatasetSpec
     from pipeline.demo import make_demo_dataset
-    from pipeline.findings import CHEXNET_FINDINGS
-    from pipeline.manifest import build_manifest
-    from pipeline.scoring import ScoreConfig
+    from pipeline.core.findings import CHEXNET_FINDINGS
+    from pipeline.sources.manifest import build_manifest
+    from pipeline.run.scoring import ScoreConfig
 
     root = make_demo_dataset(tmp_path / "ChestX-ray14", n=20, size=64, seed=1)
     gone = sorted(root.rglob("*.png"))[:5]
@@ -242,7 +242,7 @@ def test_torch_messages_reach_the_user_without_escape_codes(tmp_path, tiny_nih, 
     import torch
 
     from jobs.score_dataset import main
-    from pipeline.tiny_net import TinyCAMNet
+    from pipeline.inference.tiny_net import TinyCAMNet
 
     whole = tmp_path / "whole_model.pt"
     torch.save(TinyCAMNet(14), whole)  # a pickled whole model: refused, with torch's (bold-coded) detail
@@ -263,7 +263,7 @@ def test_a_taken_dashboard_port_gives_no_warning():
     import socket
     import warnings
 
-    from pipeline.cluster import Profile, start_cluster
+    from pipeline.run.cluster import Profile, start_cluster
 
     holder = socket.socket()
     try:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import address_security, cuda_kwargs, kubernetes_spec, load_profile, local_kwargs, slurm_kwargs
-from pipeline.errors import ConfigError
+from pipeline.run.cluster import address_security, cuda_kwargs, kubernetes_spec, load_profile, local_kwargs, slurm_kwargs
+from pipeline.core.errors import ConfigError
 
 CLUSTER_YAML = str(Path(__file__).resolve().parents[1] / "cluster.yaml")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline.decode_pool import DecodePool, DecodeTask, Failure, FilmJob
-from pipeline.images import load_image
+from pipeline.run.decode_pool import DecodePool, DecodeTask, Failure, FilmJob
+from pipeline.inference.images import load_image
 
 from .conftest import png_bytes
 
@@ -96,7 +96,7 @@ def test_a_film_that_kills_its_decode_process_is_recorded_and_the_rest_are_decod
 def test_cache_hit_is_answered_without_decoding(films):
     from pathlib import Path
 
-    from pipeline.cache import content_key
+    from pipeline.run.cache import content_key
 
     def source_key(p):
         return content_key(p, Path(p).read_bytes())

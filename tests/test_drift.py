@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from jobs.aggregate import main as aggregate_main
 from jobs.drift import main as drift_main
 from jobs.score_dataset import main as score_main
-from pipeline.checkpoint import save_safetensors
-from pipeline.findings import CHEXNET_FINDINGS
+from pipeline.inference.checkpoint import save_safetensors
+from pipeline.core.findings import CHEXNET_FINDINGS
 
 from .conftest import TINY_ARCH
 

@@ -21,9 +21,9 @@ import zarr
 
 from jobs.runs import main as runs_main
 from jobs.score_dataset import main
-from pipeline import run_lock as rl
-from pipeline.checkpoint import save_safetensors
-from pipeline.tiny_net import TinyCAMNet
+from pipeline.run import run_lock as rl
+from pipeline.inference.checkpoint import save_safetensors
+from pipeline.inference.tiny_net import TinyCAMNet
 
 from .conftest import TINY_ARCH
 
@@ -148,7 +148,7 @@ def test_cache_two_workers_mismatched_shard_sizes_and_replaced_file(tmp_path, ti
 
 
 def _delete_after_manifest(monkeypatch, paths):
-    from pipeline import scoring
+    from pipeline.run import scoring
 
     real = scoring.build_manifest
 
@@ -205,7 +205,7 @@ def test_kill_between_scoring_and_aggregates_recomputes_them(tmp_path, tiny_nih,
     shutil.copytree(tiny_nih, data)
     assert main(_args(data, out, tiny_ckpt, "--limit", "24")) == 0
     run = _run_dir(out)
-    from pipeline import aggregate
+    from pipeline.analysis import aggregate
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # as if killed after scoring, before the aggregates

@@ -20,14 +20,14 @@ import pytest
 import torch
 
 from jobs.score_dataset import main
-from pipeline import images
-from pipeline.adapters import DatasetSpec
-from pipeline.checkpoint import read_state_dict, save_safetensors
-from pipeline.errors import CheckpointError, DatasetError, ImageError
-from pipeline.findings import CHEXNET_FINDINGS
-from pipeline.images import ReadLimits, load_image
-from pipeline.manifest import build_manifest
-from pipeline.redact import redact
+from pipeline.inference import images
+from pipeline.sources.adapters import DatasetSpec
+from pipeline.inference.checkpoint import read_state_dict, save_safetensors
+from pipeline.core.errors import CheckpointError, DatasetError, ImageError
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.inference.images import ReadLimits, load_image
+from pipeline.sources.manifest import build_manifest
+from pipeline.core.redact import redact
 
 from .conftest import TINY_ARCH, png_bytes
 from .hostile import http_server, png_header, silent_server
@@ -232,7 +232,7 @@ def test_unusable_manifests_exit_2_with_a_message(tmp_path, tiny_ckpt, capsys, k
 
 # ---------------------------------------------------------------- checkpoints
 def _tiny_state():
-    from pipeline.tiny_net import TinyCAMNet
+    from pipeline.inference.tiny_net import TinyCAMNet
 
     torch.manual_seed(0)
     return TinyCAMNet(14).state_dict()
@@ -378,7 +378,7 @@ def test_one_bad_film_never_costs_a_shard_and_secrets_are_not_written(tmp_path, 
 def test_dashboard_listens_on_loopback_only():
     from distributed import LocalCluster
 
-    from pipeline.cluster import load_profile, local_kwargs
+    from pipeline.run.cluster import load_profile, local_kwargs
 
     kw = local_kwargs(load_profile("inprocess", str(Path(__file__).resolve().parents[1] / "cluster.yaml")).options)
     assert kw["dashboard_address"].startswith("127.0.0.1:")
@@ -447,7 +447,7 @@ def test_only_radiograph_formats_are_decoded(tmp_path, rng):
 def test_log_records_are_redacted(caplog):
     import logging
 
-    from pipeline.redact import install_log_redaction
+    from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()
     install_log_redaction()  # idempotent

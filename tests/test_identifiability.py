@@ -7,7 +7,7 @@ import pytest
 
 from jobs.aggregate import main as aggregate_main
 from jobs.score_dataset import main as score_main
-from pipeline.identifiability import ProbeConfig, folds
+from pipeline.analysis.identifiability import ProbeConfig, folds
 
 from .conftest import png_bytes
 
@@ -58,7 +58,7 @@ def test_site_is_read_from_the_marker_cell_only(two_sites):
 
 
 def test_the_printed_map_shows_only_significant_cells(two_sites, capsys):
-    from pipeline.identifiability import format_map
+    from pipeline.analysis.identifiability import format_map
 
     cells = pq.read_table(two_sites / "identifiability_map.parquet").to_pandas()
     text = format_map(cells[cells.target == "site"])
@@ -119,9 +119,9 @@ def _full_feature_cell_aucs(out) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.identifiability import run_probes
-    from pipeline.images import load_image, normalize_batch
-    from pipeline.model import ModelSpec, load_model
+    from pipeline.analysis.identifiability import run_probes
+    from pipeline.inference.images import load_image, normalize_batch
+    from pipeline.inference.model import ModelSpec, load_model
 
     manifest = pq.read_table(out / "manifest.parquet").to_pandas().sort_values("row")
     model = load_model(ModelSpec())

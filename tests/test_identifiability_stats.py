@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.identifiability import ProbeConfig, run_probes
-from pipeline.metrics import auc_delong
-from pipeline.probe_stats import _permutation_moments, holm, macro_auc_ci
+from pipeline.analysis.identifiability import ProbeConfig, run_probes
+from pipeline.analysis.metrics import auc_delong
+from pipeline.analysis.probe_stats import _permutation_moments, holm, macro_auc_ci
 
 N, CELLS, DIM = 120, 49, 4
 

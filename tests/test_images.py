@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import ImageError
-from pipeline.images import PreprocessConfig, decode_preprocess, normalize_batch, read_bytes, reference_transform
+from pipeline.core.errors import ImageError
+from pipeline.inference.images import PreprocessConfig, decode_preprocess, normalize_batch, read_bytes, reference_transform
 
 from .conftest import png_bytes
 

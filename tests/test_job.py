@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from jobs.score_dataset import main
-from pipeline.findings import CHEXNET_FINDINGS
+from pipeline.core.findings import CHEXNET_FINDINGS
 from schemas.meta import read_metadata
 from schemas.outputs import predictions_schema
 

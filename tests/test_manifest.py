@@ -6,11 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.adapters import DatasetSpec
-from pipeline.errors import ConfigError, DatasetError
-from pipeline.findings import CHEXNET_FINDINGS
-from pipeline.manifest import build_manifest, parse_age
-from pipeline.storage import write_parquet_atomic
+from pipeline.sources.adapters import DatasetSpec
+from pipeline.core.errors import ConfigError, DatasetError
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.sources.manifest import build_manifest, parse_age
+from pipeline.store.storage import write_parquet_atomic
 from schemas.manifest import manifest_schema
 from schemas.meta import read_metadata
 

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.cam import infer_batch
-from pipeline.errors import ConfigError
-from pipeline.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
-from pipeline.images import load_image, reference_transform
-from pipeline.model import ModelSpec, build_arch, load_model
-from pipeline.precision import PARITY_TOLERANCE, PRECISIONS, precision_mode, run_version
-from pipeline.scoring import ScoreConfig, prepare_run
+from pipeline.inference.cam import infer_batch
+from pipeline.core.errors import ConfigError
+from pipeline.core.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
+from pipeline.inference.images import load_image, reference_transform
+from pipeline.inference.model import ModelSpec, build_arch, load_model
+from pipeline.inference.precision import PARITY_TOLERANCE, PRECISIONS, precision_mode, run_version
+from pipeline.run.scoring import ScoreConfig, prepare_run
 
 from .conftest import TINY_ARCH, shared_or_skip
 

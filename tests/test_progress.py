@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.progress import ProgressBar, WorkerProgress, progress_topic
-from pipeline.score_shard import score_shard
-from pipeline.scoring import ScoreConfig, prepare_run
+from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
+from pipeline.run.score_shard import score_shard
+from pipeline.run.scoring import ScoreConfig, prepare_run
 
 from .conftest import TINY_ARCH
 

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.runs import main as runs_main
 from jobs.score_dataset import main
-from pipeline.findings import CHEXNET_FINDINGS
+from pipeline.core.findings import CHEXNET_FINDINGS
 
 from .conftest import TINY_ARCH
 

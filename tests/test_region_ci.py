@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.region_stats import RegionAccumulator, cell_vs_rest, mean_ci, stratum_difference
+from pipeline.analysis.region_stats import RegionAccumulator, cell_vs_rest, mean_ci, stratum_difference
 
 F, C = 2, 49
 
@@ -51,7 +51,7 @@ def test_stratum_difference_is_welch_and_covers():
 
 
 def test_region_contrasts_table_pairs_the_values_of_each_stratum():
-    from pipeline.aggregate import region_contrasts_table
+    from pipeline.analysis.aggregate import region_contrasts_table
 
     rng = np.random.default_rng(2)
     ap, pa = rng.normal(0.5, 1, (40, F, C)), rng.normal(0, 1, (60, F, C))

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from jobs.aggregate import main as aggregate_main
 from jobs.report import main as report_main
 from jobs.score_dataset import main as score_main
-from pipeline.checkpoint import save_safetensors
+from pipeline.inference.checkpoint import save_safetensors
 from pipeline.demo import make_demo_model, make_demo_sites, marker_cells
-from pipeline.findings import CHEXNET_FINDINGS
+from pipeline.core.findings import CHEXNET_FINDINGS
 
 from .conftest import TINY_ARCH
 

@@ -35,7 +35,7 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih, tiny_
     assert main(_args(tiny_nih, ref_out, "--cluster", "inprocess")) == 0
     _, ref_preds, ref_cam, ref_emb = _outputs(ref_out)
     # last night's complete run, with another model, in the same --out
-    assert main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", "pipeline.tiny_net:tiny_cam_net",
+    assert main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", "pipeline.inference.tiny_net:tiny_cam_net",
                  "--out", str(out), "--shard-size", "4", "--cluster", "inprocess"]) == 0
     previous = json.loads((out / "latest.json").read_text())["model_version"]
 
@@ -70,7 +70,7 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih, tiny_
 
 
 def test_crash_between_outputs_and_record_rescores_only_that_shard(tmp_path, tiny_nih, tiny_ckpt, capsys):
-    args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", "pipeline.tiny_net:tiny_cam_net",
+    args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", "pipeline.inference.tiny_net:tiny_cam_net",
             "--out", str(tmp_path), "--shard-size", "8", "--cluster", "inprocess"]
     assert main(args) == 0
     run_dir, preds, cam, _ = _outputs(tmp_path)

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.identifiability import ProbeConfig
-from pipeline.site_confounding import POOLED_SITE, prevalence_confounding, site_only_auc
+from pipeline.analysis.identifiability import ProbeConfig
+from pipeline.analysis.site_confounding import POOLED_SITE, prevalence_confounding, site_only_auc
 
 
 def planted(counts: dict[str, tuple[int, int]], seed: int = 0, per_patient: int = 2, signal: float = 0.0):

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..errors import ImageError, OutputError
-from ..images import load_image
-from ..maps_store import open_maps
-from ..report import load_predictions
-from ..run_index import complete_runs
-from ..storage import exists, join, read_json, read_parquet
+from pipeline.core.errors import ImageError, OutputError
+from pipeline.inference.images import load_image
+from pipeline.store.maps_store import open_maps
+from pipeline.store.predictions import load_predictions
+from pipeline.store.run_index import complete_runs
+from pipeline.store.storage import exists, join, read_json, read_parquet
 
 TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identifiability", "identifiability_map",
           "prevalence_confounding")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..storage import join, write_bytes_atomic
-from .figures import film_sheet
-from .data import load_run
+from pipeline.core.errors import ConfigError
+from pipeline.store.storage import join, write_bytes_atomic
+from pipeline.reporting.figures import film_sheet
+from pipeline.reporting.data import load_run
 
 
 def write_film_png(out: str, image_id: str, finding: str | None = None, model_version: str | None = None, path: str | None = None) -> str:

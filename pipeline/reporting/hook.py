@@ -7,7 +7,7 @@ import sys
 
 def report_after_run(out: str, model_version: str) -> str | None:
     try:
-        from .html import write_report
+        from pipeline.reporting.html import write_report
 
         return write_report(out, model_version)
     except Exception as e:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from ..storage import join, write_bytes_atomic
-from .figures import example_figure, grid_figure, identifiability_figure
-from .data import RunData, load_run
-from .scorecard import CONFOUNDERS, RULES, readable, scorecard
+from pipeline.store.storage import join, write_bytes_atomic
+from pipeline.reporting.figures import example_figure, grid_figure, identifiability_figure
+from pipeline.reporting.data import RunData, load_run
+from pipeline.reporting.scorecard import CONFOUNDERS, RULES, readable, scorecard
 
 GROUP_FILMS = 8  # films averaged into each group's mean film
 EXAMPLES = 3  # films per example row
@@ -293,7 +293,7 @@ def default_path(out: str, model_version: str) -> str:
 
 def write_report(out: str, model_version: str | None = None, path: str | None = None) -> str:
     """Build and write the report atomically; returns its path."""
-    from ..aggregate import latest_complete_run
+    from pipeline.analysis.aggregate import latest_complete_run
 
     data_mv = model_version or latest_complete_run(out)
     page = build_report(out, data_mv)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..metrics import auc_delong
-from .data import RunData
+from pipeline.analysis.metrics import auc_delong
+from pipeline.reporting.data import RunData
 
 GRID = 7
 RING_AREA = 24 / 49

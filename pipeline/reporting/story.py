@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .data import load_run
-from .scorecard import label_ties, readable
+from pipeline.reporting.data import load_run
+from pipeline.reporting.scorecard import label_ties, readable
 
 
 def _auc(r) -> str:

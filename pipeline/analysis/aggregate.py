@@ -1,0 +1,322 @@
+"""Dataset-level aggregates of one run, from its stored outputs: region statistics, finding
+summaries, per-finding metrics and localisation against expert boxes.
+
+The region statistics are a Dask tree reduction of per-partition ``RegionAccumulator``s; each
+partition task reads only its own rows of maps.zarr, one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from schemas.aggregates import (
+    FINDING_SUMMARY_SHARES,
+    finding_summary_schema,
+    localization_boxes_schema,
+    region_contrasts_schema,
+    localization_schema,
+    metrics_schema,
+    region_stats_schema,
+)
+
+from pipeline.core.errors import ConfigError, OutputError
+from pipeline.analysis.localization import bootstrap_ci, box_coverage, box_scores, read_bbox_list
+from pipeline.store.maps_store import open_maps
+from pipeline.analysis.metrics import auc_delong, ece
+from pipeline.analysis.region_stats import RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
+from pipeline.store.predictions import load_predictions
+from pipeline.store.run_index import complete_runs
+from pipeline.store.storage import exists, join, read_json, read_parquet, write_parquet_atomic
+from pipeline.analysis.strata import DEFAULT_BY, StrataContext, build_context, strata_weights
+
+GRID = 7
+_I, _J = np.divmod(np.arange(GRID * GRID), GRID)
+RING = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)  # 24 cells
+CORNERS = ((_I == 0) | (_I == GRID - 1)) & ((_J == 0) | (_J == GRID - 1))
+INNER = ~RING  # the inner 5x5
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    by: tuple[str, ...] = DEFAULT_BY
+    min_n: int = 20
+    anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # 7x7 of 0/1
+    bbox: str | None = None  # BBox_List_2017.csv URL; default: looked up beside each nih: dataset
+    n_boot: int = 1000
+    identifiability: bool = False
+    targets: tuple[str, ...] = ("site", "view_position", "sex", "age_band")
+
+
+def latest_complete_run(out: str) -> str:
+    runs = complete_runs(out)
+    if not runs:
+        raise OutputError(f"no complete run under {out}/runs; run python -m jobs.score_dataset first")
+    return runs[-1]
+
+
+def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int) -> RegionAccumulator:
+    g = open_maps(maps_url)
+    F = len(bias)
+    acc = RegionAccumulator(F, GRID * GRID)
+    chunk_of = ctx.rows // chunk
+    for k in np.unique(chunk_of):
+        sel = np.flatnonzero(chunk_of == k)
+        part = ctx.slice(sel[0], sel[-1] + 1)  # rows are sorted, so a chunk's rows are contiguous
+        lo = int(k * chunk)
+        hi = int(part.rows[-1]) + 1
+        idx = part.rows - lo
+        cam = g["cam"][lo:hi][idx].reshape(len(idx), F, -1)
+        contrib = (g["cell_logit"][lo:hi][idx].reshape(len(idx), F, -1) - bias[None, :, None]) / cam.shape[-1]
+        for key, w in strata_weights(part, F):
+            acc.update(key, w, cam, contrib)
+    return acc
+
+
+def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int = 8, scheduler="threads") -> RegionAccumulator:
+    """Tree reduction over partitions of whole chunks; independent of partitioning by construction."""
+    chunk_of = ctx.rows // chunk
+    chunks = np.unique(chunk_of)
+    groups = [g for g in np.array_split(chunks, max(1, min(n_parts, len(chunks)))) if len(g)]
+    tasks = []
+    for grp in groups:
+        sel = np.flatnonzero(np.isin(chunk_of, grp))
+        tasks.append(dask.delayed(_partition_accumulator)(maps_url, ctx.slice(sel[0], sel[-1] + 1), bias, chunk))
+    while len(tasks) > 1:
+        tasks = [dask.delayed(lambda a, b: a + b)(tasks[i], tasks[i + 1]) if i + 1 < len(tasks) else tasks[i] for i in range(0, len(tasks), 2)]
+    if not tasks:
+        return RegionAccumulator(len(bias), GRID * GRID)
+    (acc,) = dask.compute(tasks[0], scheduler=scheduler)
+    return acc
+
+
+def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
+    cols: dict[str, list] = {k: [] for k in region_stats_schema().names}
+    for (stratum, value), s in sorted(acc.stats.items()):
+        q = hist_quantiles(s.hist)
+        for f, name in enumerate(findings):
+            n = int(s.count[f, 0])
+            if n == 0:
+                continue
+            ok = n >= min_n
+            mean = s.total[f] / n
+            var = (s.total_sq[f] - n * mean**2) / (n - 1) if n > 1 else np.full_like(mean, np.nan)
+            stats = {
+                "mean": mean, "std": np.sqrt(np.maximum(var, 0)), "min": s.vmin[f], "max": s.vmax[f],
+                "p05": q[f, :, 0], "p25": q[f, :, 1], "p50": q[f, :, 2], "p75": q[f, :, 3], "p95": q[f, :, 4],
+                "share_positive": s.n_pos[f] / n, "mean_positive_part": s.pos_part[f] / n,
+                "mean_contribution": s.contrib[f] / n, "mean_abs_contribution": s.abs_contrib[f] / n,
+            }
+            stats["mean_lo"], stats["mean_hi"] = mean_ci(s, f)
+            stats["diff_rest"], stats["diff_rest_lo"], stats["diff_rest_hi"] = cell_vs_rest(s, f)
+            for c in range(GRID * GRID):
+                cols["finding"].append(name)
+                cols["cell_row"].append(c // GRID)
+                cols["cell_col"].append(c % GRID)
+                cols["stratum"].append(stratum)
+                cols["stratum_value"].append(value)
+                cols["n"].append(n)
+                for k, v in stats.items():
+                    cols[k].append(float(v[c]) if ok else None)
+    return pa.Table.from_pydict(cols, schema=region_stats_schema(**meta))
+
+
+def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
+    """Every pair of values of each stratum column (AP vs PA, F vs M, ...), per finding and cell."""
+    cols: dict[str, list] = {k: [] for k in region_contrasts_schema().names}
+    by_stratum: dict[str, list] = {}
+    for (stratum, value) in sorted(acc.stats):
+        if stratum != "all":
+            by_stratum.setdefault(stratum, []).append(value)
+    for stratum, values in sorted(by_stratum.items()):
+        for i, a in enumerate(values):
+            for b in values[i + 1:]:
+                sa, sb = acc.stats[(stratum, a)], acc.stats[(stratum, b)]
+                for f, name in enumerate(findings):
+                    na, nb = int(sa.count[f, 0]), int(sb.count[f, 0])
+                    if na < min_n or nb < min_n:
+                        continue
+                    diff, lo, hi = stratum_difference(sa, sb, f)
+                    for c in range(GRID * GRID):
+                        for k, v in (("finding", name), ("cell_row", c // GRID), ("cell_col", c % GRID), ("stratum", stratum), ("value_a", a),
+                                     ("value_b", b), ("n_a", na), ("n_b", nb), ("diff", float(diff[c])), ("diff_lo", float(lo[c])), ("diff_hi", float(hi[c]))):
+                            cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=region_contrasts_schema(**meta))
+
+
+def finding_summary_table(acc: RegionAccumulator, findings, min_n: int, anatomy: np.ndarray | None, meta: dict) -> pa.Table:
+    regions = {"ring": RING, "corners": CORNERS, "inner": INNER, "anatomy": anatomy}
+    cols: dict[str, list] = {k: [] for k in finding_summary_schema().names}
+    for (stratum, value), s in sorted(acc.stats.items()):
+        for f, name in enumerate(findings):
+            n = int(s.count[f, 0])
+            if n == 0:
+                continue
+            cols["finding"].append(name)
+            cols["stratum"].append(stratum)
+            cols["stratum_value"].append(value)
+            cols["n"].append(n)
+            for share in FINDING_SUMMARY_SHARES:
+                kind, region = share.split("_share_")
+                arr = s.pos_part[f] if kind == "pos" else s.abs_contrib[f]
+                mask = regions[region]
+                total = arr.sum()
+                cols[share].append(float(arr[mask].sum() / total) if n >= min_n and mask is not None and total > 0 else None)
+    return pa.Table.from_pydict(cols, schema=finding_summary_schema(**meta))
+
+
+def metrics_table(ctx: StrataContext, probs: np.ndarray, findings, min_n: int, meta: dict) -> pa.Table:
+    cols: dict[str, list] = {k: [] for k in metrics_schema().names}
+    groups = [("all", "all", np.ones(len(ctx.rows), bool))]
+    for col, values in ctx.by.items():
+        groups += [(col, v, values == v) for v in sorted({x for x in values if x is not None})]
+    for f, name in enumerate(findings):
+        for stratum, value, mask in groups:
+            sel = mask & (ctx.labels[:, f] >= 0)
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            y, p = ctx.labels[sel, f].astype(bool), probs[sel, f]
+            ok = n >= min_n
+            auc, lo, hi = auc_delong(y, p) if ok else (None, None, None)
+            cols["finding"].append(name)
+            cols["stratum"].append(stratum)
+            cols["stratum_value"].append(value)
+            cols["n"].append(n)
+            cols["prevalence"].append(float(y.mean()) if ok else None)
+            for k, v in (("auc", auc), ("auc_lo", lo), ("auc_hi", hi)):
+                cols[k].append(None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+            cols["ece"].append(ece(y, p) if ok else None)
+    return pa.Table.from_pydict(cols, schema=metrics_schema(**meta))
+
+
+def _find_bbox(run: dict) -> str | None:
+    for d in run["config"]["datasets"]:
+        spec = d.split("=", 1)[1] if "=" in d.split(":", 1)[0] else d
+        adapter, loc = spec.split(":", 1)
+        if adapter == "nih":
+            for name in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz"):
+                if exists(join(loc, name)):
+                    return join(loc, name)
+    return None
+
+
+def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContext, maps, findings, n_boot: int, meta: dict):
+    from PIL import Image
+    import fsspec
+
+    boxes = read_bbox_list(bbox_url)
+    by_id = manifest.set_index("image_id")[["row", "path"]]
+    scored = set(ctx.rows.tolist())
+    boxes = boxes[boxes.image_id.isin(by_id.index) & boxes.finding.isin(findings)].copy()
+    boxes["row"] = by_id.loc[boxes.image_id, "row"].to_numpy()
+    boxes = boxes[boxes.row.isin(scored)].sort_values(["row", "finding"])
+    rows = np.unique(boxes.row.to_numpy())
+    cams = maps["cam"].get_orthogonal_selection((rows,)) if len(rows) else np.zeros((0, len(findings), GRID, GRID))
+    pos_of = {r: i for i, r in enumerate(rows)}
+    sizes: dict[int, tuple[int, int]] = {}
+    per_box: dict[str, list] = {k: [] for k in localization_boxes_schema().names}
+    for b in boxes.itertuples():
+        if b.row not in sizes:
+            with fsspec.open(by_id.loc[b.image_id, "path"], "rb") as fh:
+                sizes[b.row] = Image.open(fh).size  # reads the header only
+        cov = box_coverage((b.x, b.y, b.w, b.h), *sizes[b.row])
+        share, hit, chance, chance_pt = box_scores(cams[pos_of[b.row], findings.index(b.finding)], cov)
+        for k, v in (("row", int(b.row)), ("image_id", b.image_id), ("finding", b.finding), ("x", b.x), ("y", b.y), ("w", b.w), ("h", b.h),
+                     ("inbox_share", None if np.isnan(share) else share), ("pointing_hit", hit), ("chance", chance), ("chance_pointing", chance_pt)):
+            per_box[k].append(v)
+    box_table = pa.Table.from_pydict(per_box, schema=localization_boxes_schema(**meta))
+    df = box_table.to_pandas()
+    summary: dict[str, list] = {k: [] for k in localization_schema().names}
+    for name, g in df.groupby("finding", sort=True):
+        share = g.inbox_share.astype(float).to_numpy()
+        hits = g.pointing_hit.astype(float).to_numpy()
+        s_lo, s_hi = bootstrap_ci(share, n_boot)
+        h_lo, h_hi = bootstrap_ci(hits, n_boot)
+        for k, v in (("finding", name), ("n", len(g)), ("inbox_share", float(np.nanmean(share)) if np.isfinite(share).any() else None),
+                     ("inbox_share_lo", s_lo), ("inbox_share_hi", s_hi), ("pointing_hit_rate", float(hits.mean())),
+                     ("pointing_lo", h_lo), ("pointing_hi", h_hi), ("chance", float(g.chance.mean())), ("chance_pointing", float(g.chance_pointing.mean()))):
+            summary[k].append(None if isinstance(v, float) and math.isnan(v) else v)
+    return pa.Table.from_pydict(summary, schema=localization_schema(**meta)), box_table
+
+
+def aggregate_run(out: str, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8) -> dict[str, pa.Table]:
+    """Compute and write every aggregate of a run from its stored outputs; returns the tables."""
+    model_version = model_version or latest_complete_run(out)
+    run_url = join(out, "runs", model_version)
+    run = read_json(join(run_url, "run.json"))
+    if run is None:
+        raise OutputError(f"no run {model_version} under {out}/runs")
+    maps = open_maps(join(run_url, "maps.zarr"))
+    findings = tuple(maps.attrs["findings"])
+    if "classifier_bias" not in maps.attrs:
+        raise OutputError(f"{run_url}/maps.zarr predates exact contributions (no classifier_bias); rescore it")
+    bias = np.asarray(maps.attrs["classifier_bias"], np.float64)
+    manifest = read_parquet(join(out, "manifest.parquet")).to_pandas()
+    preds = load_predictions(out, model_version)
+    unknown = [c for c in config.by if c != "age_band" and c not in manifest.columns]
+    if unknown:
+        raise ConfigError(f"--by {unknown}: not manifest columns; choose from {sorted(manifest.columns)} or age_band")
+    ctx = build_context(manifest, preds, findings, config.by)
+    probs = preds.set_index("row").loc[ctx.rows, list(findings)].to_numpy(np.float64)
+    meta = {"findings": list(findings), "model_version": model_version, "by": list(config.by), "min_n": config.min_n}
+
+    acc = accumulate(join(run_url, "maps.zarr"), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler)
+    anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool).reshape(-1)
+    tables = {
+        "region_stats": region_stats_table(acc, findings, config.min_n, meta),
+        "region_contrasts": region_contrasts_table(acc, findings, config.min_n, meta),
+        "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta),
+        "metrics": metrics_table(ctx, probs, findings, config.min_n, meta),
+    }
+    bbox = config.bbox or _find_bbox(run)
+    if bbox:
+        tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
+    if config.identifiability:
+        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
+    from schemas.meta import with_model_version
+
+    for name, table in tables.items():
+        tables[name] = table = with_model_version(table, model_version)  # so runs/*/ queries can tell runs apart
+        write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
+    from pipeline.analysis.aggregate_inputs import record_inputs
+
+    record_inputs(out, model_version, config, list(tables))  # after the tables: a kill leaves them stale
+    return tables
+
+
+def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta) -> dict[str, pa.Table]:
+    from schemas.identifiability import (
+        identifiability_map_schema,
+        identifiability_schema,
+        identifiability_scores_schema,
+        prevalence_confounding_schema,
+    )
+
+    from pipeline.analysis.identifiability import ProbeConfig, cell_sample, run_probes
+    from pipeline.analysis.site_confounding import prevalence_confounding
+
+    cfg = ProbeConfig(targets=config.targets)
+    rows = ctx.rows
+    features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
+                "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
+    cell_rows = cell_sample(rows, cfg)
+    cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows)
+
+    def table(rows_, schema):
+        cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}
+        cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in vs] for k, vs in cols.items()}
+        return pa.Table.from_pydict(cols, schema=schema)
+
+    return {
+        "identifiability": table(summary, identifiability_schema(**meta)),
+        "identifiability_map": table(cells, identifiability_map_schema(**meta)),
+        "identifiability_scores": table(scores, identifiability_scores_schema(**meta)),
+        "prevalence_confounding": table(prevalence_confounding(manifest, rows, probs, findings, cfg, config.min_n), prevalence_confounding_schema(**meta)),
+    }

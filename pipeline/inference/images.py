@@ -1,0 +1,319 @@
+"""Read, decode and preprocess one film exactly as the CheXNet reference does.
+
+Reference: PIL ``convert('RGB')``, ``Resize(224)``, ``CenterCrop(224)``, ``ToTensor``, ImageNet
+``Normalize``. Decoding and resizing stay on the CPU and yield uint8 HWC arrays (what travels to the
+model and what a cache would keep); normalisation happens batched on the model's device.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import stat
+import threading
+import time
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from pipeline.core.errors import ImageError
+from pipeline.inference.read_limits import ReadLimits  # noqa: F401 - torch-free home, re-exported here
+from pipeline.core.redact import redact
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HIGH_BIT_DEPTH_MODES = ("clip", "rescale")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Radiograph formats only: PIL would otherwise also try EPS (which runs Ghostscript), PSD, ICO, ...
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG includes MPO (multi-picture) files
+Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that changes the pixels the model sees (part of a run's identity)."""
+
+    size: int = 224
+    # 'clip' is what the reference does to a 16-bit PNG (PIL clips values above 255, so most of the
+    # film turns white); 'rescale' maps the full 16-bit range to 8 bits first.
+    high_bit_depth: str = "clip"
+
+    def __post_init__(self):
+        if self.high_bit_depth not in HIGH_BIT_DEPTH_MODES:
+            raise ValueError(f"high_bit_depth must be one of {HIGH_BIT_DEPTH_MODES}, got {self.high_bit_depth!r}")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8, (size, size, 3)
+    source_mode: str  # PIL mode of the file: 'L', 'RGB', 'RGBA', 'I;16', ...
+
+
+class ImageTooLarge(Exception):
+    """The file is larger than --max-image-bytes."""
+
+
+class TooManyPixels(Exception):
+    """The header declares more pixels than --max-image-pixels (a decompression bomb)."""
+
+
+class ExtremeAspectRatio(Exception):
+    """The header declares a film thinner than --max-aspect-ratio (resizing it would explode)."""
+
+
+class NotARegularFile(Exception):
+    """A FIFO, device, socket or directory: reading it could block forever or never end."""
+
+
+class ReadTimeout(TimeoutError):
+    """One read took longer than --read-timeout."""
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE}
+_TRANSIENT_NAMES = {"ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError",
+                    "FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError"}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth another try: timeouts, dropped connections, I/O errors of network file systems."""
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    return any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _read_local(path: str, limits: ReadLimits) -> bytes:
+    p = path[len("file://"):] if path.startswith("file://") else path
+    st = os.stat(p)  # never blocks, even on a FIFO
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(f"{path} is not a regular file ({_kind(st.st_mode)}); only regular files are read")
+    if st.st_size > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has {st.st_size} bytes, more than --max-image-bytes {limits.max_bytes}")
+    # O_NONBLOCK: if the file was swapped for a FIFO since the stat, open does not wait for a writer.
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(f"{path} is not a regular file; only regular files are read")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(limits.max_bytes + 1)  # files that grow, or lie in /proc about their size
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has more than --max-image-bytes {limits.max_bytes} bytes")
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_remote(path: str, limits: ReadLimits, storage_options: dict | None) -> bytes:
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    info = fs.info(p)  # HEAD / HeadObject on the object itself
+    if info.get("type", "file") != "file":
+        raise NotARegularFile(f"{path} is a {info.get('type')}, not an object")
+    size = info.get("size")
+    if size is not None and size > limits.max_bytes:
+        raise ImageTooLarge(f"{path} has {size} bytes, more than --max-image-bytes {limits.max_bytes}")
+    with fs.open(p, "rb") as f:
+        data = _read_at_most(f, limits.max_bytes + 1)  # a server that sends more than it declared is cut off
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"{path} sends more than --max-image-bytes {limits.max_bytes} bytes")
+    return data
+
+
+def _read_at_most(f, n: int) -> bytes:
+    """Up to n bytes: streams may return less than asked per call."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, 2**22))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _with_deadline(fn, timeout_s: float, what: str):
+    """Run fn in a daemon thread; give up after timeout_s. A hung backend call cannot be cancelled
+    from Python, so its thread is abandoned (it ends when the connection does); the film does not wait."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="cxr-read", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ReadTimeout(f"{what}: no answer within --read-timeout {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _retrying(fn, limits: ReadLimits):
+    delay = limits.backoff_s
+    for attempt in range(limits.retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - retried only when transient; the caller converts
+            if attempt < limits.retries and is_transient(e):
+                time.sleep(delay)
+                delay *= 2
+                continue
+            raise
+
+
+def source_info(path: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> dict:
+    """size and mtime/ETag of one film, as cheaply and as boundedly as its bytes are read."""
+    if _is_local(path):
+        st = os.stat(path[len("file://"):] if path.startswith("file://") else path)
+        return {"size": st.st_size, "mtime": st.st_mtime, "type": "file" if stat.S_ISREG(st.st_mode) else "other"}
+
+    def info():
+        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        return fs.info(p)
+
+    return _retrying(lambda: _with_deadline(info, limits.timeout_s, redact(path)), limits)
+
+
+def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> bytes:
+    """Whole file as bytes from a local path or an fsspec URL, within ``limits``; transient errors
+    are retried with backoff. Raises ImageError(stage='read') only."""
+    def once() -> bytes:
+        if _is_local(path):
+            return _read_local(path, limits)
+        return _with_deadline(lambda: _read_remote(path, limits, storage_options), limits.timeout_s, redact(path))
+
+    try:
+        data = _retrying(once, limits)
+    except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
+        raise _read_error(e) from None
+    if not data:
+        raise ImageError("read", EOFError(f"{redact(path)} is empty (0 bytes)"))
+    return data
+
+
+def image_error(stage: str, e: BaseException) -> ImageError:
+    """Any exception of one film as its ImageError: the original class name, the message without credentials (URLs end up in messages); the
+    cause is kept only when it can travel between processes as it is."""
+    msg = str(e)
+    clean = redact(msg)
+    if clean == msg:
+        try:
+            pickle.loads(pickle.dumps(e))
+            return ImageError(stage, e)
+        except Exception:  # noqa: BLE001 - e.g. exceptions holding sockets or sessions
+            pass
+    return ImageError(stage, clean, error_class=type(e).__name__)
+
+
+def _read_error(e: BaseException) -> ImageError:
+    return image_error("read", e)
+
+
+def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # beyond PIL's own limit, refused at open
+        raise ImageError("decode", TooManyPixels(f"{e} (limit --max-image-pixels {limits.max_pixels})")) from None
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("decode", e) from e
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageError("decode", TooManyPixels(f"{w} x {h} = {w * h} pixels, more than --max-image-pixels {limits.max_pixels}"))
+    if min(w, h) < 1 or max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageError("decode", ExtremeAspectRatio(f"{w} x {h} is thinner than --max-aspect-ratio {limits.max_aspect:g}"))
+    try:
+        img.load()  # PIL opens lazily; truncation only shows here
+    except Exception as e:  # noqa: BLE001 - a decoder may raise anything on hostile bytes
+        raise ImageError("decode", e) from e
+    return img
+
+
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    # torchvision's own functions on PIL images: byte-identical to Resize(size) + CenterCrop(size).
+    return TF.center_crop(TF.resize(img, size), [size, size])
+
+
+def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+    """Bytes of a PNG/JPEG to the uint8 (size, size, 3) array that ToTensor would see."""
+    img = _open(data, limits)
+    mode = img.mode
+    try:
+        if mode in _SIXTEEN_BIT and config.high_bit_depth == "rescale":
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "L":
+            # Grayscale: resampling is per band with identical weights, so resizing one band and
+            # repeating it equals convert('RGB') then resize, at a third of the cost.
+            small = np.asarray(_resize_crop(img, config.size))
+            pixels = np.repeat(small[:, :, None], 3, axis=2)
+        else:
+            # RGBA: convert('RGB') drops alpha without compositing, as the reference does.
+            pixels = np.array(_resize_crop(img.convert("RGB"), config.size))
+    except Exception as e:  # noqa: BLE001 - one film's failure, whatever PIL/torchvision raise
+        raise ImageError("preprocess", e) from e
+    return Decoded(np.ascontiguousarray(pixels, dtype=np.uint8), mode)
+
+
+def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage_options: dict | None = None,
+               limits: ReadLimits = ReadLimits()) -> Decoded:
+    """One film, read, decoded and preprocessed. Raises ImageError only (stage read|decode|preprocess):
+    whatever goes wrong with one film is that film's error, never its shard's."""
+    return decode_bytes(read_bytes(path, storage_options, limits), config, limits)
+
+
+def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+    """decode_preprocess that raises ImageError only (the cache reads the bytes itself to hash them)."""
+    try:
+        return decode_preprocess(data, config, limits)
+    except ImageError:
+        raise
+    except MemoryError as e:  # a film that passed the limits but still does not fit
+        raise ImageError("decode", e) from None
+    except Exception as e:  # noqa: BLE001 - the agreed interface: nothing else escapes
+        raise image_error("preprocess", e) from e
+
+
+def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), ToTensor then Normalize, same op order."""
+    x = pixels.permute(0, 3, 1, 2).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def reference_transform(size: int = 224):
+    """The reference pipeline, verbatim, for parity tests and the benchmark's baseline (c)."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
+        ]
+    )

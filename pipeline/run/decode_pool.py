@@ -1,0 +1,343 @@
+"""Decode films in worker processes, so that the process driving the model does no decoding.
+
+Why processes: PNG decoding holds the GIL for much of its time, and every one of DenseNet's kernel
+launches needs the GIL too; decode threads in the driving process starve it (measured on an H100:
+16 decode threads 549 img/s, 16 processes 799). One pool per process (one Dask worker) is started
+once and kept alive across shards; two shard tasks of a worker share it, the older one first, so the
+next shard's films decode while the current shard finishes and writes (``DecodeStream``).
+
+Failure modes: a decode process that dies (OOM killer, a crashing codec) breaks the pool
+(``BrokenProcessPool``); the pool is restarted and every film that was in flight is resubmitted, one
+at a time, so no film is lost or scored twice; a film that kills a decode process on its own twice is
+recorded as a failure of stage ``decode``. A film that fails to read or decode is a ``Failure``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from pipeline.inference.images import Decoded, PreprocessConfig, ReadLimits
+
+SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One film's failure: only the fields errors.parquet keeps cross the process boundary."""
+
+    stage: str
+    error_class: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FilmJob:
+    pos: int  # position of the film in its shard
+    path: str
+    cached_key: str | None = None  # the cache's source key for this row (a match is a hit); None: no cache
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    """What a decode process needs besides the film (picklable, sent with each job)."""
+
+    preprocess: PreprocessConfig = PreprocessConfig()
+    storage_options: tuple[tuple[str, str], ...] = ()
+    use_cache: bool = False
+    limits: ReadLimits = ReadLimits()
+
+    def __call__(self, job: FilmJob) -> tuple[Decoded | Failure | None, str | None]:
+        """(Decoded | Failure | None for a cache hit, content key or None): the bytes are read once
+        (bounded, retried); a hit needs no decoding and sends no pixels back."""
+        from pipeline.run.cache import content_key
+        from pipeline.core.errors import ImageError
+        from pipeline.inference.images import decode_bytes, read_bytes
+
+        so = dict(self.storage_options)
+        key = None
+        try:
+            data = read_bytes(job.path, so, self.limits)
+            if self.use_cache:
+                key = content_key(job.path, data)
+                if job.cached_key is not None and key == job.cached_key:
+                    return None, key
+            return decode_bytes(data, self.preprocess, self.limits), key
+        except ImageError as e:
+            return Failure(e.stage, e.error_class, str(e.cause)[:500]), key
+        except Exception as e:  # noqa: BLE001 - never let one film break the pool
+            return Failure("decode", type(e).__name__, str(e)[:500]), key
+
+
+class DecodeWorkerDied(RuntimeError):
+    """A decode process died while decoding this film, on its own, more than once."""
+
+
+def _init_decode_process(owner_pid: int) -> None:
+    # Ctrl-C is the driver's to handle; one torch thread (decoding uses PIL, not torch ops).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    threading.Thread(target=_exit_with_owner, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _exit_with_owner(owner_pid: int) -> None:
+    """Exit when the process that owns the pool dies (killed worker, SIGKILL to the job): a decode
+    process holds its own task pipe open, so it would never see an end of input, and it keeps the
+    forkserver alive."""
+    try:
+        fd = os.pidfd_open(owner_pid)  # readable once the owner has exited (Linux >= 5.3)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        import select
+
+        select.select([fd], [], [])
+        os._exit(0)
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+
+
+def _allow_children() -> None:
+    """Dask's nanny starts worker processes as daemons, and multiprocessing refuses to let a daemon
+    start children. The flag only matters to the process itself (its parent's Process object, which
+    terminates it, is separate); our decode processes exit on their own when this process dies (their
+    task pipe closes), so clearing it is safe."""
+    me = multiprocessing.current_process()
+    if me.daemon:
+        me._config["daemon"] = False  # noqa: SLF001 - no public way to un-daemonise the current process
+
+
+class DecodePool:
+    """A pool of decode processes (``workers`` = 0: decode in the calling thread's process)."""
+
+    def __init__(self, workers: int):
+        self.workers = max(0, int(workers))
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+        self._generation = 0
+        self._streams: list[DecodeStream] = []  # registration order: the first one still submitting is the primary
+
+    def _current(self) -> tuple[ProcessPoolExecutor, int]:
+        with self._lock:
+            if self._executor is None:
+                _allow_children()
+                ctx = multiprocessing.get_context("forkserver")
+                # decode processes fork from a server that has already imported PIL and torchvision
+                ctx.set_forkserver_preload(["pipeline.run.decode_pool"])
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
+                                                     initargs=(os.getpid(),))
+            return self._executor, self._generation
+
+    def submit(self, fn: Callable, job: Any) -> tuple[Future, int]:
+        while True:
+            ex, gen = self._current()
+            try:
+                return ex.submit(fn, job), gen
+            except BrokenProcessPool:
+                self.restart(gen)
+
+    def restart(self, generation: int) -> None:
+        """Replace a broken executor (once, however many streams noticed)."""
+        with self._lock:
+            if generation != self._generation or self._executor is None:
+                return
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            self._generation += 1
+            self.restarts += 1
+
+    def pids(self) -> list[int]:
+        ex = self._executor
+        return sorted((getattr(ex, "_processes", None) or {}).keys()) if ex is not None else []
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+
+    def _is_primary(self, stream: "DecodeStream") -> bool:
+        with self._lock:
+            return bool(self._streams) and self._streams[0] is stream
+
+    def _register(self, stream: "DecodeStream") -> None:
+        with self._lock:
+            self._streams.append(stream)
+
+    def _unregister(self, stream: "DecodeStream") -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def stream(self, fn: Callable, jobs: Iterable[FilmJob], window: int, lookahead: int | None = None) -> "DecodeStream":
+        return DecodeStream(self, fn, list(jobs), window, lookahead if lookahead is not None else window)
+
+
+_SHARED: dict[int, DecodePool] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_pool(workers: int) -> DecodePool:
+    """This process's pool of ``workers`` decode processes, started once and reused by every shard."""
+    with _SHARED_LOCK:
+        pool = _SHARED.get(os.getpid())
+        if pool is None or pool.workers != workers:
+            if pool is not None:
+                pool.close()
+            pool = _SHARED[os.getpid()] = DecodePool(workers)
+        return pool
+
+
+_END = object()
+
+
+class DecodeStream:
+    """Yields (job, fn(job)) for every job exactly once, in completion order; fn returns a pair
+    (result, extra), and a film that kills decode processes gets (Failure, None). A feeder thread keeps up
+    to ``window`` films submitted or decoded-but-not-taken while this stream is the pool's oldest
+    one still submitting, ``lookahead`` films otherwise."""
+
+    def __init__(self, pool: DecodePool, fn: Callable, jobs: list[FilmJob], window: int, lookahead: int):
+        self.pool, self.fn = pool, fn
+        self.window, self.lookahead = max(1, window), max(1, lookahead)
+        self._todo: deque[FilmJob] = deque(jobs)
+        self._out: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._untaken = 0
+        self._closed = False
+        pool._register(self)
+        self._thread = threading.Thread(target=self._feed, name="decode-feeder", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[tuple[FilmJob, Any]]:
+        while True:
+            item = self._out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            with self._cond:
+                self._untaken -= 1
+                self._cond.notify_all()
+            yield item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self.pool._unregister(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _emit(self, job: FilmJob, result: Any) -> None:
+        with self._cond:
+            self._untaken += 1
+        self._out.put((job, result))
+
+    def _feed(self) -> None:
+        try:
+            if self.pool.workers == 0:
+                for job in self._todo:
+                    with self._cond:
+                        while not self._closed and self._untaken >= self.window:
+                            self._cond.wait(0.05)
+                    if self._closed:
+                        break
+                    self._emit(job, self.fn(job))
+                return
+            self._feed_pool()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._out.put(e)
+        finally:
+            self.pool._unregister(self)
+            self._out.put(_END)
+
+    def _feed_pool(self) -> None:
+        inflight: dict[Future, tuple[FilmJob, int]] = {}
+        recovering: deque[FilmJob] = deque()  # in flight when the pool broke: resubmitted one at a time
+        serial_crashes: dict[FilmJob, int] = {}
+        while self._todo or inflight or recovering:
+            with self._cond:
+                while not self._closed and (len(inflight) + self._untaken) >= self._limit() and not inflight:
+                    self._cond.wait(0.05)  # the consumer is behind: wait for it to take results
+                if self._closed:
+                    for f in inflight:
+                        f.cancel()
+                    return
+                room = self._limit() - len(inflight) - self._untaken
+            if recovering:
+                if not inflight:
+                    job = recovering.popleft()
+                    fut, gen = self.pool.submit(self.fn, job)
+                    inflight[fut] = (job, gen)
+            else:
+                while room > 0 and self._todo:
+                    job = self._todo.popleft()
+                    fut, gen = self.pool.submit(self.fn, job)
+                    inflight[fut] = (job, gen)
+                    room -= 1
+                if not self._todo:
+                    self.pool._unregister(self)  # the next stream becomes the primary now
+            if not inflight:
+                continue
+            done, _ = wait(inflight, timeout=0.1, return_when=FIRST_COMPLETED)
+            broken: list[tuple[FilmJob, int]] = []
+            for f in done:
+                job, gen = inflight.pop(f)
+                try:
+                    self._emit(job, f.result())
+                except BrokenProcessPool:
+                    broken.append((job, gen))
+            if not broken:
+                continue
+            # every other film in flight went down with the pool: wait for their futures to say so
+            if inflight:
+                wait(inflight)
+                for f, (job, gen) in list(inflight.items()):
+                    try:
+                        self._emit(job, f.result())
+                    except BrokenProcessPool:
+                        broken.append((job, gen))
+                inflight.clear()
+            for gen in {g for _, g in broken}:
+                self.pool.restart(gen)
+            was_serial = len(broken) == 1 and broken[0][0] in serial_crashes
+            for job, _ in broken:
+                if was_serial:
+                    serial_crashes[job] += 1
+                    if serial_crashes[job] >= SERIAL_CRASHES_TO_FAIL:
+                        self._emit(job, (Failure("decode", DecodeWorkerDied.__name__,
+                                                 f"a decode process died {serial_crashes[job]} times while decoding this film alone"), None))
+                        continue
+                else:
+                    serial_crashes.setdefault(job, 0)
+                recovering.append(job)
+
+    def _limit(self) -> int:
+        return self.window if self.pool._is_primary(self) else self.lookahead

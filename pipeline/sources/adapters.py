@@ -1,0 +1,195 @@
+"""Dataset adapters: each maps one source's own layout and metadata to raw manifest records.
+
+An adapter returns a DataFrame with the manifest's base columns (strings, not yet validated), one
+nullable-boolean column per finding, an ``extra`` column, and a list of issues it found itself.
+Validation common to every source lives in ``pipeline.sources.manifest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+
+from pipeline.core.errors import DatasetError
+from pipeline.sources.paths import is_local, local_path
+from pipeline.store.storage import to_url, url_to_fs
+
+from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, _bad_line_issues, _printable, _read_bytes, _read_csv  # noqa: F401 - re-exported
+
+NIH_METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
+
+
+def _list_images(root_url: str, patterns: list[str]) -> dict[str, str]:
+    """basename -> full URL of every image matching the patterns under root."""
+    fs, root = url_to_fs(root_url)
+    found: dict[str, str] = {}
+    for pat in patterns:
+        for p in sorted(fs.glob(posixpath.join(root, pat))):
+            if p.lower().endswith(IMAGE_EXTS):
+                found.setdefault(posixpath.basename(p), to_url(fs, p))
+    return found
+
+
+def nih_labels(labels: str, findings: tuple[str, ...]) -> tuple[dict[str, bool | None], list[str]]:
+    names = [s.strip() for s in labels.split("|") if s.strip()]
+    unknown = [n for n in names if n not in findings and n != "No Finding"]
+    return {f: (f in names) for f in findings}, unknown
+
+
+def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+    root = spec.location.rstrip("/")
+    fs, rootp = url_to_fs(root)
+    if not fs.exists(rootp):
+        raise DatasetError(f"NIH root {root} does not exist; --dataset nih:ROOT must point at the ChestX-ray14 folder")
+    if metadata is None:
+        for name in NIH_METADATA:
+            if fs.exists(posixpath.join(rootp, name)):
+                metadata = to_url(fs, posixpath.join(rootp, name))
+                break
+        else:
+            raise DatasetError(f"no {NIH_METADATA[0]} or {NIH_METADATA[2]} under {root}; pass --metadata URL")
+    df, bad = _read_csv(metadata)
+    issues = _bad_line_issues(spec.name, bad)
+    need = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{metadata} lacks the NIH columns {missing}; is it Data_Entry_2017?")
+    images = _list_images(root, ["images/*", "images_*/images/*"])
+    if not images:
+        raise DatasetError(f"no PNGs under {root}/images/ or {root}/images_0XX/images/")
+    splits: dict[str, str] = {}
+    for fname, split in (("train_val_list.txt", "train_val"), ("test_list.txt", "test")):
+        p = posixpath.join(rootp, fname)
+        if fs.exists(p):
+            with fs.open(p, "rb") as f:  # ids are ASCII; other bytes cannot match an image, so need no error
+                splits.update({line.strip(): split for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()})
+
+    rows = []
+    for rec in df[need].itertuples(index=False):
+        image_id, labels, pid, age, sex, view = (str(v).strip() for v in rec)
+        lab, unknown = nih_labels(labels, findings)
+        if unknown:
+            issues.append(dict(dataset=spec.name, image_id=image_id, path=None, reason="unknown_label", detail=f"labels {unknown} are not findings of this model", action="kept"))
+        # a film not on disk keeps the path it was looked for at, for its missing_file issue row
+        rows.append(dict(image_id=image_id, path=images.get(image_id) or f"{root}/images/{image_id}", patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
+    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True, roots=(root,))
+
+
+# ---------------------------------------------------------------- generic manifest
+MANIFEST_OPTIONAL = ["patient_id", "site", "view_position", "sex", "age", "split"]
+
+
+def _label_value(v) -> bool | None:
+    s = str(v).strip().lower()
+    if s in ("1", "1.0", "true", "t", "yes", "y"):
+        return True
+    if s in ("0", "0.0", "false", "f", "no", "n"):
+        return False
+    return None  # blank, -1 (uncertain) or anything else: not labelled, never silently negative
+
+
+def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDataset:
+    url = spec.location
+    fs, p = url_to_fs(url)
+    if not fs.exists(p):
+        raise DatasetError(f"manifest {url} does not exist")
+    if p.endswith(".parquet"):
+        try:
+            with fs.open(p, "rb") as f:
+                df = pd.read_parquet(f).astype(str).replace({"None": "", "nan": "", "<NA>": ""})
+        except Exception as e:  # noqa: BLE001 - arrow raises several types for a broken file
+            raise DatasetError(f"manifest {url} is not a readable Parquet file ({type(e).__name__}: {e}); write it again") from None
+        bad: list[str] = []
+    else:
+        df, bad = _read_csv(url)
+    issues = _bad_line_issues(spec.name, bad)
+    for col in ("image_id", "path"):
+        if col not in df.columns:
+            raise DatasetError(f"manifest {url} needs columns image_id and path; it has {list(df.columns)[:10]}")
+    base_dir = posixpath.dirname(p)
+    extra_cols = [c for c in df.columns if c not in ("image_id", "path", *MANIFEST_OPTIONAL, *findings)]
+    rows = []
+    for rec in df.to_dict("records"):
+        path = str(rec["path"]).strip()
+        if path.startswith("file://"):
+            path = posixpath.normpath(local_path(path))  # a local file, named as the rest are
+        elif path and "://" not in path and not path.startswith("/"):
+            path = to_url(fs, posixpath.join(base_dir, path))  # relative to the manifest file
+        extra = {c: rec[c] for c in extra_cols if str(rec[c]) != ""}
+        row = dict(image_id=str(rec["image_id"]).strip(), path=path, extra=json.dumps(extra, sort_keys=True) if extra else None)
+        for c in MANIFEST_OPTIONAL:
+            row[c] = str(rec.get(c, "")).strip() or None
+        row["site"] = row["site"] or spec.name
+        for f in findings:
+            row[f] = _label_value(rec[f]) if f in rec else None
+        rows.append(row)
+    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    return RawDataset(records, issues, None, roots=(to_url(fs, base_dir),), check_exists=True)
+
+
+def present_files(paths: list[str], storage_options: dict | None = None, max_dirs: int = 2000, max_objects: int = 5000,
+                  limits=None) -> set[str] | None:
+    """Which of ``paths`` exist. Local files: by listing their folders (one call per folder). URLs:
+    by asking for each object itself (HEAD / HeadObject, never a listing), each within the read
+    timeout. None when there are too many folders/objects to check; missing files then fail at read
+    time. A server that answers none of a first batch is not asked further: its objects are kept, and
+    each fails (ReadTimeout) or is scored when read."""
+    local = [q for q in paths if q and is_local(q)]
+    remote = [q for q in paths if q and not is_local(q)]
+    dirs = {posixpath.dirname(q) for q in local}
+    if len(dirs) > max_dirs or len(remote) > max_objects:
+        return None
+    present: set[str] = set()
+    for d in dirs:
+        try:
+            present.update(posixpath.join(d, name) for name in os.listdir(d))
+        except OSError:
+            continue
+    if remote:
+        from pipeline.inference.images import ReadLimits, ReadTimeout, source_info
+
+        limits = limits or ReadLimits()
+
+        def check(q):
+            try:
+                return q if source_info(q, storage_options, limits).get("type", "file") == "file" else None
+            except ReadTimeout:
+                return ReadTimeout
+            except Exception:  # noqa: BLE001 - absent or refused: not present
+                return None
+
+        batch = 16
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exists") as pool:
+            for i in range(0, len(remote), batch):
+                part = remote[i:i + batch]
+                found = list(pool.map(check, part))
+                if i == 0 and all(f is ReadTimeout for f in found):
+                    present.update(remote)
+                    break
+                present.update(q for q, f in zip(part, found) if f is ReadTimeout or isinstance(f, str))
+    return present
+
+
+
+
+def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None, uncertain: str = "zeros") -> RawDataset:
+    if spec.adapter == "nih":
+        return load_nih(spec, findings, metadata)
+    if spec.adapter == "chexpert":
+        from pipeline.sources.chexpert import load_chexpert
+
+        return load_chexpert(spec, findings, uncertain)
+    if spec.adapter == "mimic":
+        from pipeline.sources.chexpert import load_mimic
+
+        return load_mimic(spec, findings, uncertain)
+    if spec.adapter == "padchest":
+        from pipeline.sources.padchest import load_padchest
+
+        return load_padchest(spec, findings, metadata)
+    return load_manifest_file(spec, findings)

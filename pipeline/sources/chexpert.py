@@ -1,0 +1,85 @@
+"""CheXpert-v1.0 and -small (train.csv / valid.csv) and MIMIC-CXR-JPG adapters."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+import pandas as pd
+
+from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
+from pipeline.core.errors import DatasetError
+from pipeline.sources.harmonise import CHEXPERT_TO_MODEL, chexpert_value
+from pipeline.store.storage import exists, join, to_url, url_to_fs
+
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def _first_existing(root: str, names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if exists(join(root, n)):
+            return join(root, n)
+    return None
+
+
+def _labels(rec, findings, uncertain) -> dict:
+    out = {f: None for f in findings}
+    for src, dst in CHEXPERT_TO_MODEL.items():
+        if dst in out and src in rec:
+            out[dst] = chexpert_value(rec[src], uncertain)
+    return out
+
+
+def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "zeros") -> RawDataset:
+    root = spec.location.rstrip("/")
+    fs, rootp = url_to_fs(root)
+    rows, issues = [], []
+    found = False
+    for split in ("train", "valid"):
+        csv = _first_existing(root, (f"{split}.csv", f"{split}.csv.gz"))
+        if csv is None:
+            continue
+        found = True
+        df, bad = _read_csv(csv)
+        issues += _bad_line_issues(spec.name, bad)
+        for rec in df.to_dict("records"):
+            rel = str(rec.get("Path", "")).strip()
+            first = rel.split("/", 1)[0]
+            # Paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve from ROOT's parent.
+            base = posixpath.dirname(rootp) if first == posixpath.basename(rootp) else rootp
+            frontal = str(rec.get("Frontal/Lateral", "")).strip().lower() != "lateral"
+            m = _PATIENT.search(rel)
+            rows.append(dict(image_id=rel, path=to_url(fs, posixpath.join(base, rel)) if rel else "", patient_id=m.group(1) if m else None,
+                             site=spec.name, view_position=(str(rec.get("AP/PA", "")).strip() or None) if frontal else "LATERAL",
+                             sex=str(rec.get("Sex", "")).strip() or None, age=str(rec.get("Age", "")).strip() or None, split=split,
+                             extra=None, **_labels(rec, findings, uncertain)))
+    if not found:
+        raise DatasetError(f"no train.csv or valid.csv under {root}; --dataset chexpert:ROOT must point at CheXpert-v1.0[-small]")
+    # 223k images in ~190k study folders: listing them all is slower than letting a missing file
+    # show up as a read error during scoring.
+    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))
+
+
+def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "zeros") -> RawDataset:
+    root = spec.location.rstrip("/")
+    fs, rootp = url_to_fs(root)
+    meta_url = _first_existing(root, ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"))
+    if meta_url is None:
+        raise DatasetError(f"no mimic-cxr-2.0.0-metadata.csv.gz under {root}")
+    meta, bad = _read_csv(meta_url)
+    issues = _bad_line_issues(spec.name, bad)
+    lab_url = _first_existing(root, ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"))
+    labels = _read_csv(lab_url)[0].set_index(["subject_id", "study_id"]) if lab_url else None
+    split_url = _first_existing(root, ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"))
+    splits = dict(zip(*(_read_csv(split_url)[0][c] for c in ("dicom_id", "split")))) if split_url else {}
+    rows = []
+    for rec in meta.to_dict("records"):
+        sid, study, dicom = (str(rec.get(c, "")).strip() for c in ("subject_id", "study_id", "dicom_id"))
+        path = posixpath.join(rootp, "files", f"p{sid[:2]}", f"p{sid}", f"s{study}", f"{dicom}.jpg")
+        lab = labels.loc[(sid, study)].to_dict() if labels is not None and (sid, study) in labels.index else {}
+        if isinstance(lab, dict) and lab and isinstance(next(iter(lab.values())), dict):
+            lab = {}  # duplicated (subject, study) rows: ambiguous, leave unlabelled
+        rows.append(dict(image_id=dicom, path=to_url(fs, path), patient_id=sid, site=spec.name,
+                         view_position=str(rec.get("ViewPosition", "")).strip() or None, sex=None, age=None,
+                         split=splits.get(dicom), extra=None, **_labels(lab, findings, uncertain)))
+    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))

@@ -1,0 +1,200 @@
+"""Build OUT/manifest.parquet from one or more datasets, with stable rows and recorded issues.
+
+Problems in metadata never stop the job: each becomes a row of manifest_issues.parquet with a reason
+and what was done (dropped the record, nulled the field, or kept it as is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+
+from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
+
+from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
+from pipeline.sources.paths import confined
+from pipeline.core.redact import redact
+
+KNOWN_VIEWS = {"AP", "PA", "LL", "RL", "LATERAL", "LAT", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO", "RAO", "LPO", "XTABLE LATERAL", "SWIMMERS"}
+SEX_CODES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
+MAX_AGE = 120
+ISSUE_REASONS = {
+    "bad_row": "the metadata line could not be parsed, or lacks an image id / path",
+    "duplicate_id": "the same image id appears again in the same dataset; the first is kept",
+    "impossible_age": f"age outside 0..{MAX_AGE} years (e.g. 414 in Data_Entry_2017.csv)",
+    "bad_age": "age is not a number",
+    "unknown_view": f"view position is not one of {sorted(KNOWN_VIEWS)}",
+    "unknown_sex": "sex is not M/F",
+    "unknown_label": "a label name is not one of the model's findings",
+    "missing_file": "listed in the metadata but the image file is not there",
+    "unlisted_file": "an image file is present but has no metadata row; it is not scored",
+    "excluded_view": "a lateral (or otherwise unselected) view, left out by --views",
+    "outside_root": "the path leaves the dataset's folder (.., an absolute path or a URL elsewhere); allow more with --allow-root",
+    "empty_dataset": "the metadata has a header but no rows",
+}
+LATERAL_VIEWS = {"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"}
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.I)
+
+
+@dataclass
+class ManifestResult:
+    manifest: pa.Table
+    issues: pa.Table
+
+    def issue_counts(self) -> dict[str, int]:
+        if self.issues.num_rows == 0:
+            return {}
+        return self.issues.column("reason").to_pandas().value_counts().sort_index().to_dict()
+
+
+def _issue(dataset, image_id, path, reason, detail, action):
+    return dict(dataset=dataset, image_id=image_id, path=path, reason=reason, detail=detail, action=action)
+
+
+def parse_age(text) -> tuple[int | None, str | None]:
+    """'57' -> 57; '058Y' -> 58; '6M' -> 0. Returns (age, issue reason)."""
+    if text is None or str(text).strip() in ("", "nan", "None"):
+        return None, None
+    m = _AGE.match(str(text))
+    if not m:
+        return None, "bad_age"
+    value, unit = float(m.group(1)), m.group(2).upper()
+    years = value / {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}[unit]
+    if not (0 <= years <= MAX_AGE):
+        return None, "impossible_age"
+    return int(years), None
+
+
+def _select_views(df: pd.DataFrame, ds_name: str, views: tuple[str, ...], issues: list) -> pd.DataFrame:
+    """views: ('frontal',) drops lateral views; ('all',) keeps everything; else the listed codes."""
+    if "all" in views:
+        return df
+    if "frontal" in views:
+        keep = ~df["view_position"].isin(LATERAL_VIEWS)
+    else:
+        keep = df["view_position"].isin({v.upper() for v in views})
+    for r in df[~keep].itertuples():
+        issues.append(_issue(ds_name, r.image_id, r.path or None, "excluded_view", f"view {r.view_position}", "excluded"))
+    return df[keep]
+
+
+def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
+    if column in df.columns:
+        values = df[column]
+    else:
+        values = df[EXTRA_FIELD].map(lambda e: json.loads(e).get(column) if isinstance(e, str) else None)
+    return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
+
+
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None,
+              read_limits=None) -> tuple[pd.DataFrame, list[dict]]:
+    df = raw.records.copy()
+    issues = list(raw.issues)
+    df["dataset"] = ds_name
+    if df.empty and not issues:
+        issues.append(_issue(ds_name, None, None, "empty_dataset", "no rows under the header", "ignored"))
+    ok = df["image_id"].fillna("").str.len().gt(0)
+    for r in df[~ok].itertuples():
+        issues.append(_issue(ds_name, None, r.path or None, "bad_row", "no image id", "dropped"))
+    df = df[ok]
+    dup = df.duplicated("image_id", keep="first")
+    for r in df[dup].itertuples():
+        issues.append(_issue(ds_name, r.image_id, r.path or None, "duplicate_id", "repeated image id", "dropped"))
+    df = df[~dup]
+
+    ages, views, sexes = [], [], []
+    for r in df.itertuples():
+        age, why = parse_age(r.age)
+        if why:
+            issues.append(_issue(ds_name, r.image_id, r.path, why, f"age {r.age!r}", "nulled"))
+        ages.append(age)
+        v = None if r.view_position is None else str(r.view_position).strip().upper()
+        if v and v not in KNOWN_VIEWS:
+            issues.append(_issue(ds_name, r.image_id, r.path, "unknown_view", f"view {r.view_position!r}", "nulled"))
+            v = None
+        views.append(v or None)
+        s = None if r.sex is None else str(r.sex).strip().upper()
+        if s and s not in SEX_CODES:
+            issues.append(_issue(ds_name, r.image_id, r.path, "unknown_sex", f"sex {r.sex!r}", "nulled"))
+        sexes.append(SEX_CODES.get(s) if s else None)
+    df["age"], df["view_position"], df["sex"] = ages, views, sexes
+
+    roots = tuple(raw.roots) + tuple(allow_roots)
+    if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
+        has_path = df["path"].fillna("").str.len().gt(0)
+        outside = has_path & ~df["path"].map(lambda q: confined(str(q), roots))
+        for r in df[outside].itertuples():
+            issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
+                                 f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
+        df = df[~outside]
+    no_path = df["path"].fillna("").str.len().eq(0)
+    if raw.listed_files is not None:
+        no_path |= ~df["path"].isin(raw.listed_files)
+    elif raw.check_exists:
+        present = present_files(df["path"][~no_path].tolist(), storage_options, limits=read_limits)
+        if present is not None:
+            no_path |= ~df["path"].isin(present)
+    for r in df[no_path].itertuples():
+        issues.append(_issue(ds_name, r.image_id, r.path or None, "missing_file", "no such image file", "dropped"))
+    df = df[~no_path]
+    if raw.lists_whole_dataset and raw.listed_files is not None:
+        for p in sorted(raw.listed_files - set(df["path"])):
+            issues.append(_issue(ds_name, p.rsplit("/", 1)[-1], p, "unlisted_file", "file has no metadata row", "ignored"))
+    return df, issues
+
+
+def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None,
+                   views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros",
+                   allow_roots: tuple[str, ...] = (), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
+    """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
+    new images get numbers after the largest one ever used, so maps.zarr rows never move."""
+    frames, issues = [], []
+    for spec in specs:
+        raw = load_dataset(spec, findings, metadata, uncertain)
+        df, iss = _validate(spec.name, raw, findings, allow_roots, storage_options, read_limits)
+        df = _select_views(df, spec.name, views, iss)
+        if site_column:
+            df["site"] = _site_from(df, site_column)
+        frames.append(df)
+        issues += iss
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    df = df.sort_values(["dataset", "image_id"], kind="stable").reset_index(drop=True)
+
+    rows = pd.Series(-1, index=df.index, dtype="int64")
+    next_row = 0
+    if previous is not None and previous.num_rows:
+        old = previous.select(["dataset", "image_id", "row"]).to_pandas()
+        key = dict(zip(zip(old["dataset"], old["image_id"]), old["row"]))
+        rows = pd.Series([key.get(k, -1) for k in zip(df["dataset"], df["image_id"])], index=df.index, dtype="int64")
+        next_row = int(old["row"].max()) + 1
+    new = rows.eq(-1)
+    rows[new] = range(next_row, next_row + int(new.sum()))
+    df["row"] = rows
+    df = df.sort_values("row").reset_index(drop=True)
+
+    schema = manifest_schema(findings)
+    cols = {}
+    for field in schema:
+        if field.type == pa.bool_():
+            cols[field.name] = pa.array([None if pd.isna(v) else bool(v) for v in df[field.name]] if len(df) else [], type=pa.bool_())
+        elif field.type == pa.int16():
+            cols[field.name] = pa.array([None if v is None or pd.isna(v) else int(v) for v in df[field.name]] if len(df) else [], type=pa.int16())
+        else:
+            cols[field.name] = pa.array([None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in df[field.name]] if len(df) else [], type=field.type)
+    manifest = pa.Table.from_pydict(cols, schema=schema)
+    issue_table = pa.Table.from_pylist(issues, schema=issues_schema())
+    return ManifestResult(manifest, issue_table)
+
+
+def dataset_fingerprint(manifest: pa.Table) -> str:
+    """Hash of what would be scored: rows, ids and paths (order-independent of how it was built)."""
+    h = hashlib.sha256()
+    for col in ("row", "dataset", "image_id", "path"):
+        h.update(col.encode())
+        h.update("\x1f".join(map(str, manifest.column(col).to_pylist())).encode())
+    return h.hexdigest()[:16]

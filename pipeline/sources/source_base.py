@@ -1,0 +1,132 @@
+"""What every dataset adapter shares: the base columns, the dataset spec, the raw result and the
+bounded CSV reader (so source modules import this, never pipeline.sources.adapters: no cycle)."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import posixpath
+import re
+from dataclasses import dataclass
+
+import fsspec
+import pandas as pd
+
+from pipeline.core.errors import ConfigError, DatasetError
+
+ADAPTERS = ("nih", "manifest", "chexpert", "mimic", "padchest")
+BASE = ["image_id", "path", "patient_id", "site", "view_position", "sex", "age", "split"]
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One --dataset flag: [NAME=]ADAPTER:LOCATION."""
+
+    adapter: str
+    location: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        name = None
+        if "=" in text.split(":", 1)[0]:
+            name, text = text.split("=", 1)
+        if ":" not in text:
+            raise ConfigError(f"--dataset {text!r} must look like ADAPTER:LOCATION, e.g. nih:/data/ChestX-ray14")
+        adapter, location = text.split(":", 1)
+        if adapter not in ADAPTERS:
+            raise ConfigError(f"--dataset adapter {adapter!r} is unknown; known adapters: {', '.join(sorted(ADAPTERS))}")
+        if not name:
+            name = adapter if adapter != "manifest" else posixpath.basename(location).split(".")[0]
+        return cls(adapter, location, name)
+
+
+@dataclass
+class RawDataset:
+    records: pd.DataFrame
+    issues: list[dict]
+    listed_files: set[str] | None  # image files present where the metadata points (None: not listed)
+    lists_whole_dataset: bool = False  # True when listed_files is the whole dataset (unlisted files are news)
+    roots: tuple[str, ...] = ()  # every path must lie under one of these (or an --allow-root)
+    check_exists: bool = False  # True: look each path up (after confinement) instead of listed_files
+
+
+MAX_FIELD = 131_072  # Python's csv default limit: longer fields are bad rows, reported, not lost silently
+# Bytes that are not UTF-8 are decoded to private-use marks (plane 16): pandas can carry them, and
+# the rows holding them are then found and reported. The file's own characters are never touched.
+_MARK = 0x10FF00
+_NOT_UTF8 = re.compile(f"[{chr(_MARK)}-{chr(_MARK + 255)}]")
+
+
+def _mark_bytes(err: UnicodeDecodeError):
+    return "".join(chr(_MARK + b) for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error("cxr-audit-mark", _mark_bytes)
+
+
+def _printable(text: str) -> str:
+    return _NOT_UTF8.sub(lambda m: f"\\x{ord(m.group()) - _MARK:02x}", text)
+
+
+def _read_bytes(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"metadata file {url} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - gzip/bz2/xz/zip errors have no common base
+        raise DatasetError(f"metadata file {url} cannot be read ({type(e).__name__}: {e}); a compressed file may be truncated: "
+                           "download it again, or pass the uncompressed CSV") from None
+
+
+def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
+    """A metadata CSV as strings. Lines that cannot be parsed, hold bytes that are not UTF-8 or a
+    field over MAX_FIELD characters come back as details in the second value (each one a bad_row)."""
+    bad: list[str] = []
+
+    def on_bad(line):  # keep a note of each malformed line rather than failing the whole file
+        bad.append("malformed CSV line: " + _printable(",".join(line))[:200])
+        return None
+
+    data = _read_bytes(url)
+    text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", "cxr-audit-mark")
+    if not text.strip():
+        raise DatasetError(f"metadata file {url} is empty (0 bytes); it needs a header line and one line per image")
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, len(text) + 1))  # long fields are found below, not dropped silently
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
+    except pd.errors.EmptyDataError:
+        raise DatasetError(f"metadata file {url} has no header line; it needs one (e.g. image_id,path)") from None
+    except (pd.errors.ParserError, csv.Error, ValueError) as e:
+        raise DatasetError(f"metadata file {url} is not a CSV file that can be parsed: {_printable(str(e))[:300]}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if any(_NOT_UTF8.search(str(c)) for c in df.columns):
+        raise DatasetError(f"the header of {url} is not UTF-8 ({_printable(','.join(map(str, df.columns)))[:200]}); save the file as UTF-8")
+    if len(text) > MAX_FIELD or _NOT_UTF8.search(text):
+        keep = []
+        for i, rec in enumerate(df.itertuples(index=False)):
+            why = None
+            for col, v in zip(df.columns, rec):
+                if isinstance(v, str) and len(v) > MAX_FIELD:
+                    why = f"field {col!r} has {len(v)} characters (limit {MAX_FIELD})"
+                elif isinstance(v, str) and _NOT_UTF8.search(v):
+                    why = f"bytes that are not UTF-8 in {col!r}: {_printable(v)[:120]}"
+                if why:
+                    break
+            if why:
+                bad.append(f"data row {i + 1}: {why}")
+            keep.append(why is None)
+        df = df[keep].reset_index(drop=True)
+    return df, bad
+
+
+def _bad_line_issues(dataset: str, bad: list[str]) -> list[dict]:
+    return [dict(dataset=dataset, image_id=None, path=None, reason="bad_row", detail=b[:300], action="dropped") for b in bad]
+
+
+# ---------------------------------------------------------------- NIH ChestX-ray14

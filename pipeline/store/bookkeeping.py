@@ -1,0 +1,85 @@
+"""Self-healing bookkeeping: run.json, latest.json and manifest.parquet that cannot be read are
+rebuilt from what is on disk, or reported (exit 2) with the exact command that fixes them."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.core.errors import OutputError
+from pipeline.store.storage import join, read_parquet, url_to_fs, write_json_atomic
+
+
+class BookkeepingError(OutputError):
+    """A bookkeeping file is unreadable and cannot be rebuilt; the message gives the fix."""
+
+
+def read_json_safe(url: str, storage_options: dict | None = None) -> tuple[object | None, str | None]:
+    """(value, None); (None, None) when absent; (None, why) when present but unreadable."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read()), None
+    except FileNotFoundError:
+        return None, None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def previous_manifest(out: str, storage_options: dict | None = None) -> tuple[pa.Table | None, str | None]:
+    """The stored manifest, or (None, why) when it is unreadable (rebuilt then checked by the caller)."""
+    url = join(out, "manifest.parquet")
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return None, None
+    try:
+        t = read_parquet(url, storage_options)
+        if not {"row", "image_id", "dataset"} <= set(t.column_names):
+            raise ValueError("columns row, image_id, dataset missing")
+        return t, None
+    except Exception as e:  # noqa: BLE001 - any unreadable manifest is rebuilt the same way
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def check_rebuilt_manifest(out: str, manifest: pa.Table, why: str, storage_options: dict | None = None) -> str:
+    """A manifest rebuilt from the datasets must give every already scored row the image it had
+    (rows index maps.zarr). Returns a note, or raises BookkeepingError with the fix."""
+    from pipeline.store.maps_store import open_maps
+
+    fs, base = url_to_fs(join(out, "runs"), storage_options)
+    by_row = dict(zip(manifest.column("row").to_pylist(), manifest.column("image_id").to_pylist()))
+    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
+        mv = posixpath.basename(d)
+        try:
+            ids = np.asarray(open_maps(join(out, "runs", mv, "maps.zarr"), "r", storage_options)["image_id"][:], dtype=object)
+        except Exception:  # noqa: BLE001 - a run without maps has no rows to keep
+            continue
+        scored = np.flatnonzero(ids != "")
+        bad = [int(r) for r in scored if by_row.get(int(r)) != ids[r]]
+        if bad:
+            raise BookkeepingError(
+                f"{out}/manifest.parquet is unreadable ({why}), and rebuilding it from the datasets would move "
+                f"{len(bad)} rows already scored in runs/{mv} (e.g. row {bad[0]}). Restore it from a backup, or set the "
+                f"old runs aside and rescore: mv {join(out, 'runs')} {join(out, 'runs.unmatched')} && "
+                f"mv {join(out, 'manifest.parquet')} {join(out, 'manifest.parquet.damaged')}, then rerun the same command."
+            )
+    return f"{out}/manifest.parquet was unreadable ({why}); rebuilt it from the datasets (every scored row still holds its image)"
+
+
+def rebuild_latest(out: str, storage_options: dict | None = None) -> str | None:
+    """latest.json from the run index: the newest complete run (or removed when there is none)."""
+    from pipeline.store.run_index import run_records
+
+    done = sorted((r.get("finished") or "", r["model_version"]) for r in run_records(out) if r.get("status") == "complete")
+    url = join(out, "latest.json")
+    if done:
+        finished, mv = done[-1]
+        write_json_atomic({"model_version": mv, "run": f"runs/{mv}", "finished": finished}, url, storage_options)
+        return mv
+    fs, path = url_to_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
+    return None

@@ -1,0 +1,67 @@
+"""OUT/cxr_audit.sql: DuckDB views over an output folder, so that queries need no run version.
+
+Rewritten (atomically) each time latest.json moves. In a shell: `duckdb -init OUT/cxr_audit.sql`;
+in Python: `con.execute(open("OUT/cxr_audit.sql").read())`. Views:
+
+* `manifest`: OUT/manifest.parquet.
+* `predictions`, `region_stats`, `metrics`, ...: the latest complete run's tables (whatever it has).
+* `all_predictions`: every run's predictions, told apart by their `model_version` column.
+* `scored`: the latest run's predictions joined to the manifest on `row`, one row per scored film,
+  with every finding twice and unambiguously: `label_<finding>` (manifest; null = not labelled)
+  and `p_<finding>` (predicted probability).
+"""
+
+from __future__ import annotations
+
+import os
+
+from schemas.manifest import EXTRA_FIELD, MANIFEST_BASE_FIELDS
+
+from pipeline.store.storage import exists, join, read_json, write_bytes_atomic
+
+VIEWS_FILE = "cxr_audit.sql"
+RUN_TABLES = ("region_stats", "finding_summary", "metrics", "localization", "localization_boxes", "identifiability",
+              "identifiability_map", "identifiability_scores", "prevalence_confounding", "errors")
+
+
+def _lit(url: str) -> str:
+    return "'" + url.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def views_sql(out: str, storage_options: dict | None = None) -> str | None:
+    """The SQL text for OUT's latest run, or None when there is no complete run yet."""
+    latest = read_json(join(out, "latest.json"), storage_options)
+    if not latest:
+        return None
+    root = os.path.abspath(out) if "://" not in out else out.rstrip("/")  # absolute: the file works from any folder
+    run = join(root, latest["run"])
+    findings = (read_json(join(out, latest["run"], "run.json"), storage_options) or {}).get("identity", {}).get("findings", [])
+    lines = [
+        f"-- DuckDB views over {root}; latest run {latest['model_version']} (written by cxr-audit, rewritten after each complete run)",
+        f"-- shell: duckdb -init {join(root, VIEWS_FILE)}    python: con.execute(open(path).read())",
+        f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet({_lit(join(root, 'manifest.parquet'))});",
+        f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM read_parquet({_lit(join(run, 'predictions', '*.parquet'))});",
+        f"CREATE OR REPLACE VIEW all_predictions AS SELECT * FROM read_parquet({_lit(join(root, 'runs', '*', 'predictions', '*.parquet'))}, union_by_name = true);",
+    ]
+    for name in RUN_TABLES:
+        if exists(join(out, latest["run"], f"{name}.parquet"), storage_options):
+            lines.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_lit(join(run, name + '.parquet'))});")
+    base = ", ".join(f"m.{_ident(name)}" for name in [f.name for f in MANIFEST_BASE_FIELDS] + [EXTRA_FIELD])
+    labels = "".join(f", m.{_ident(f)} AS {_ident('label_' + f)}" for f in findings)
+    probs = "".join(f", p.{_ident(f)} AS {_ident('p_' + f)}" for f in findings)
+    lines.append(f"CREATE OR REPLACE VIEW scored AS SELECT {base}, p.model_version{labels}{probs} "
+                 "FROM predictions AS p JOIN manifest AS m USING (row);")
+    return "\n".join(lines) + "\n"
+
+
+def write_views(out: str, storage_options: dict | None = None) -> str | None:
+    text = views_sql(out, storage_options)
+    if text is None:
+        return None
+    url = join(out, VIEWS_FILE)
+    write_bytes_atomic(url, text.encode(), storage_options)
+    return url

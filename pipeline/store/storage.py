@@ -1,0 +1,112 @@
+"""fsspec helpers: every visible output appears whole (temp name, then rename) or not at all."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.errors import OutputError
+
+
+def url_to_fs(url: str, storage_options: dict | None = None):
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def to_url(fs, path: str) -> str:
+    """A path as the user can hand it back to fsspec: plain for local files, 'proto://' otherwise."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return posixpath.normpath(path) if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    # The temp name never matches '*.parquet' / '*.json', so globs and readers never see it.
+    fs, path = url_to_fs(url, storage_options)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except (OSError, PermissionError) as e:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {url}: {e}. Check that --out is writable and has free space.") from e
+
+
+def write_parquet_atomic(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(url, buf.getvalue(), storage_options)
+
+
+def write_json_atomic(obj, url: str, storage_options: dict | None = None) -> None:
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), storage_options)
+
+
+def read_json(url: str, storage_options: dict | None = None):
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def read_parquet(url: str, storage_options: dict | None = None) -> pa.Table:
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def check_writable(url: str, storage_options: dict | None = None) -> None:
+    """Fail before any work if OUT cannot take a file."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(url_to_fs(probe, storage_options)[1], "wb") as f:
+            f.write(b"ok")
+        fs.rm(url_to_fs(probe, storage_options)[1])
+    except Exception as e:  # noqa: BLE001 - any backend's failure means the same to the user
+        raise OutputError(f"--out {url} is not writable ({type(e).__name__}: {e}). Choose another --out or fix its permissions.") from e
+
+
+def remove_temp_files(url: str, storage_options: dict | None = None) -> int:
+    """Delete '*.tmp-*' files a killed writer left under url (only while holding the --out lock)."""
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return 0
+    leftovers = [p for p in fs.find(path) if ".tmp-" in posixpath.basename(p)]
+    for p in leftovers:
+        fs.rm(p)
+    return len(leftovers)
+
+
+def remove_if_empty(url: str, storage_options: dict | None = None) -> bool:
+    """Remove the folder url when no file lies anywhere under it (a run that failed before writing)."""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.exists(path) or fs.find(path):
+            return False
+        fs.rm(path, recursive=True)
+        return True
+    except OSError:
+        return False

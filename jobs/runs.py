@@ -7,21 +7,16 @@ import sys
 from datetime import datetime
 
 from jobs._common import add_common, setup_logging
+from pipeline.store.layout import OutputStore
+from pipeline.store.run_index import latest as _latest
 from pipeline.store.run_index import run_records
-from pipeline.store.storage import join
 
 
-def _latest(out: str) -> dict:
-    from pipeline.store.bookkeeping import read_json_safe
-
-    latest, _ = read_json_safe(join(out, "latest.json"))  # unreadable: none (--check reports it)
-    return latest if isinstance(latest, dict) else {}
-
-
-def list_runs(out: str) -> list[dict]:
-    latest = _latest(out).get("model_version")
+def list_runs(out, storage_options: dict | None = None) -> list[dict]:
+    store = OutputStore.of(out, storage_options)
+    latest = _latest(store).get("model_version")  # unreadable: none (--check reports it)
     rows = []
-    for rj in run_records(out):
+    for rj in run_records(store):
         took = None
         if rj.get("started") and rj.get("finished"):
             took = (datetime.fromisoformat(rj["finished"]) - datetime.fromisoformat(rj["started"])).total_seconds()
@@ -32,10 +27,11 @@ def list_runs(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["started"] or "")
 
 
-def latest_run(out: str) -> str | None:
+def latest_run(out, storage_options: dict | None = None) -> str | None:
     """The latest complete run's folder, as latest.json names it."""
-    latest = _latest(out)
-    return join(out, latest["run"]) if latest.get("run") else None
+    store = OutputStore.of(out, storage_options)
+    latest = _latest(store)
+    return store.join(latest["run"]) if latest.get("run") else None
 
 
 def main(argv=None) -> int:

@@ -125,13 +125,14 @@ def config_from_args(args, argv_empty: bool):
 
 def run(cfg, validated: bool = False) -> dict:
     """Validate, hold the --out lock, score, aggregate, then point latest.json at the run."""
-    from pipeline.store.storage import exists, remove_if_empty
+    from pipeline.store.layout import OutputStore
+    from pipeline.store.storage import remove_if_empty
 
     if not validated:
         from pipeline.run.validate import validate
 
         validate(cfg)
-    created = _first_missing(cfg.out) if not exists(cfg.out, cfg.storage_options) else None
+    created = _first_missing(cfg.out) if not OutputStore.of(cfg.out, cfg.storage_options).exists() else None
     try:
         return _run_locked(cfg)
     except BaseException:
@@ -151,37 +152,37 @@ def _first_missing(out: str) -> str:
 
 
 def _run_locked(cfg) -> dict:
-    from pipeline.store.bookkeeping import read_json_safe, rebuild_latest
+    from pipeline.store.bookkeeping import rebuild_latest
+    from pipeline.store.layout import OutputStore
     from pipeline.run.run_lock import run_lock
-    from pipeline.store.storage import check_writable, join, remove_temp_files, write_json_atomic
 
-    check_writable(cfg.out, cfg.storage_options)
-    with run_lock(cfg.out, cfg.storage_options) as note:
+    store = OutputStore.of(cfg.out, cfg.storage_options)
+    store.check_writable()
+    with run_lock(store) as note:
         if note:
             log.warning(note)
-        removed = remove_temp_files(cfg.out, cfg.storage_options)
+        removed = store.remove_temp_files()
         if removed:
             log.info(f"removed {removed} half-written temporary files left by an interrupted run")
-        latest, why = read_json_safe(join(cfg.out, "latest.json"), cfg.storage_options)
+        latest, why = store.read_json_safe(store.latest)
         if why or (latest is not None and not isinstance(latest, dict)):
-            latest = {"model_version": rebuild_latest(cfg.out, cfg.storage_options)}
+            latest = {"model_version": rebuild_latest(store)}
             log.warning(f"latest.json was unreadable ({why}); rebuilt it from the runs: {latest['model_version']}")
         previous = (latest or {}).get("model_version")
         info = _score(cfg)
         if info["status"] == "complete":
             # only a complete, aggregated run becomes 'latest'; replaced atomically
-            write_json_atomic({"model_version": info["model_version"], "run": f"runs/{info['model_version']}", "finished": info["finished"]},
-                              join(cfg.out, "latest.json"), cfg.storage_options)
+            store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
             from pipeline.store.query_views import write_views
 
-            write_views(cfg.out, cfg.storage_options)  # DuckDB views of the latest run: OUT/cxr_audit.sql
+            write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
             if previous and previous != info["model_version"]:
                 from pipeline.analysis.drift import drift, summary_text
 
-                print(summary_text(drift(cfg.out, previous, info["model_version"])))
+                print(summary_text(drift(store, previous, info["model_version"])))
             from pipeline.reporting.hook import report_after_run
 
-            info["report"] = report_after_run(cfg.out, info["model_version"])
+            info["report"] = report_after_run(store, info["model_version"])
     return info
 
 
@@ -251,11 +252,11 @@ def _score(cfg) -> dict:
 
     try:
         agg = AggregateConfig(identifiability=cfg.identifiability)
-        stale = stale_aggregates(cfg.out, spec.model_version, agg, cfg.storage_options)
+        stale = stale_aggregates(spec.store, spec.model_version, agg)
         if stale:
             t = time.perf_counter()
             log.info(f"aggregates: computing ({stale})")
-            tables = aggregate_run(cfg.out, spec.model_version, agg)
+            tables = aggregate_run(spec.store, spec.model_version, agg)
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
         steps = {"aggregates": "done"}
         if cfg.identifiability:

@@ -32,7 +32,8 @@ from pipeline.analysis.metrics import auc_delong, ece
 from pipeline.analysis.region_stats import RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
-from pipeline.store.storage import exists, join, read_json, read_parquet, write_parquet_atomic
+from pipeline.store.layout import OutputStore
+from pipeline.store.storage import exists, join
 from pipeline.analysis.strata import DEFAULT_BY, StrataContext, build_context, strata_weights
 
 GRID = 7
@@ -53,15 +54,16 @@ class AggregateConfig:
     targets: tuple[str, ...] = ("site", "view_position", "sex", "age_band")
 
 
-def latest_complete_run(out: str) -> str:
-    runs = complete_runs(out)
+def latest_complete_run(out, storage_options: dict | None = None) -> str:
+    store = OutputStore.of(out, storage_options)
+    runs = complete_runs(store)
     if not runs:
-        raise OutputError(f"no complete run under {out}/runs; run python -m jobs.score_dataset first")
+        raise OutputError(f"no complete run under {store.runs_root}; run python -m jobs.score_dataset first")
     return runs[-1]
 
 
-def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int) -> RegionAccumulator:
-    g = open_maps(maps_url)
+def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, storage_options: dict | None = None) -> RegionAccumulator:
+    g = open_maps(maps_url, "r", storage_options)
     F = len(bias)
     acc = RegionAccumulator(F, GRID * GRID)
     chunk_of = ctx.rows // chunk
@@ -78,15 +80,17 @@ def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, 
     return acc
 
 
-def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int = 8, scheduler="threads") -> RegionAccumulator:
-    """Tree reduction over partitions of whole chunks; independent of partitioning by construction."""
+def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int = 8, scheduler="threads",
+               storage_options: dict | None = None) -> RegionAccumulator:
+    """Tree reduction over partitions of whole chunks; independent of partitioning by construction.
+    scheduler: a dask scheduler name, or a Dask client's ``get`` to run on its cluster."""
     chunk_of = ctx.rows // chunk
     chunks = np.unique(chunk_of)
     groups = [g for g in np.array_split(chunks, max(1, min(n_parts, len(chunks)))) if len(g)]
     tasks = []
     for grp in groups:
         sel = np.flatnonzero(np.isin(chunk_of, grp))
-        tasks.append(dask.delayed(_partition_accumulator)(maps_url, ctx.slice(sel[0], sel[-1] + 1), bias, chunk))
+        tasks.append(dask.delayed(_partition_accumulator)(maps_url, ctx.slice(sel[0], sel[-1] + 1), bias, chunk, storage_options))
     while len(tasks) > 1:
         tasks = [dask.delayed(lambda a, b: a + b)(tasks[i], tasks[i + 1]) if i + 1 < len(tasks) else tasks[i] for i in range(0, len(tasks), 2)]
     if not tasks:
@@ -245,20 +249,25 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
     return pa.Table.from_pydict(summary, schema=localization_schema(**meta)), box_table
 
 
-def aggregate_run(out: str, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8) -> dict[str, pa.Table]:
-    """Compute and write every aggregate of a run from its stored outputs; returns the tables."""
-    model_version = model_version or latest_complete_run(out)
-    run_url = join(out, "runs", model_version)
-    run = read_json(join(run_url, "run.json"))
+def aggregate_run(out, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8,
+                  storage_options: dict | None = None, map_fn=None) -> dict[str, pa.Table]:
+    """Compute and write every aggregate of a run from its stored outputs; returns the tables.
+
+    out: an OutputStore, or a URL opened with storage_options. scheduler: where the region
+    statistics' tree reduction runs (a dask scheduler name, or a client's ``get``); map_fn: how the
+    identifiability probes map their fits (``map_fn(fn, items) -> list``; default: in this process)."""
+    store = OutputStore.of(out, storage_options)
+    model_version = model_version or latest_complete_run(store)
+    run = store.read_json(store.run_json(model_version))
     if run is None:
-        raise OutputError(f"no run {model_version} under {out}/runs")
-    maps = open_maps(join(run_url, "maps.zarr"))
+        raise OutputError(f"no run {model_version} under {store.runs_root}")
+    maps = store.open_maps(store.maps(model_version))
     findings = tuple(maps.attrs["findings"])
     if "classifier_bias" not in maps.attrs:
-        raise OutputError(f"{run_url}/maps.zarr predates exact contributions (no classifier_bias); rescore it")
+        raise OutputError(f"{store.maps(model_version)} predates exact contributions (no classifier_bias); rescore it")
     bias = np.asarray(maps.attrs["classifier_bias"], np.float64)
-    manifest = read_parquet(join(out, "manifest.parquet")).to_pandas()
-    preds = load_predictions(out, model_version)
+    manifest = store.read_parquet(store.manifest).to_pandas()
+    preds = load_predictions(store, model_version)
     unknown = [c for c in config.by if c != "age_band" and c not in manifest.columns]
     if unknown:
         raise ConfigError(f"--by {unknown}: not manifest columns; choose from {sorted(manifest.columns)} or age_band")
@@ -266,7 +275,7 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     probs = preds.set_index("row").loc[ctx.rows, list(findings)].to_numpy(np.float64)
     meta = {"findings": list(findings), "model_version": model_version, "by": list(config.by), "min_n": config.min_n}
 
-    acc = accumulate(join(run_url, "maps.zarr"), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler)
+    acc = accumulate(store.maps(model_version), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler, store.options)
     anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool).reshape(-1)
     tables = {
         "region_stats": region_stats_table(acc, findings, config.min_n, meta),
@@ -278,19 +287,19 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     if config.identifiability:
-        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
+        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
     from schemas.meta import with_model_version
 
     for name, table in tables.items():
         tables[name] = table = with_model_version(table, model_version)  # so runs/*/ queries can tell runs apart
-        write_parquet_atomic(table, join(run_url, f"{name}.parquet"))
+        store.write_parquet(store.table(model_version, name), table)
     from pipeline.analysis.aggregate_inputs import record_inputs
 
-    record_inputs(out, model_version, config, list(tables))  # after the tables: a kill leaves them stale
+    record_inputs(store, model_version, config, list(tables))  # after the tables: a kill leaves them stale
     return tables
 
 
-def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta) -> dict[str, pa.Table]:
+def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta, map_fn=None) -> dict[str, pa.Table]:
     from schemas.identifiability import (
         identifiability_map_schema,
         identifiability_schema,
@@ -307,7 +316,9 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
     cell_rows = cell_sample(rows, cfg)
     cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
-    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows)
+    # map_fn (OWNERS.md): the per-cell fits as independent tasks on the caller's cluster
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows,
+                                        **({"map_fn": map_fn} if map_fn is not None else {}))
 
     def table(rows_, schema):
         cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}

@@ -12,19 +12,18 @@ import json
 import posixpath
 from dataclasses import asdict
 
-from pipeline.store.storage import join, url_to_fs, write_json_atomic
+from pipeline.store.layout import AGGREGATE_INPUTS as INPUTS_NAME
+from pipeline.store.layout import OutputStore
 
-INPUTS_NAME = "_aggregates.json"
 
-
-def inputs_digest(out: str, model_version: str, config, storage_options: dict | None = None) -> str:
-    run_url = join(out, "runs", model_version)
+def inputs_digest(out, model_version: str, config, storage_options: dict | None = None) -> str:
+    store = OutputStore.of(out, storage_options)
     h = hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode())
-    fs, mpath = url_to_fs(join(out, "manifest.parquet"), storage_options)
+    fs, mpath = store.fs(store.manifest)
     with fs.open(mpath, "rb") as f:  # its content, not its mtime: every run rewrites it
         h.update(hashlib.sha256(f.read()).digest())
-    fs, sdir = url_to_fs(join(run_url, "_shards"), storage_options)
-    for p in sorted(fs.glob(posixpath.join(sdir, "shard-*.json"))):
+    fs, pattern = store.fs(store.records_glob(model_version))
+    for p in sorted(fs.glob(pattern)):
         try:
             with fs.open(p, "rb") as f:
                 rec = json.loads(f.read())
@@ -37,23 +36,21 @@ def inputs_digest(out: str, model_version: str, config, storage_options: dict | 
     return h.hexdigest()[:32]
 
 
-def record_inputs(out: str, model_version: str, config, tables: list[str], storage_options: dict | None = None) -> None:
-    write_json_atomic({"inputs": inputs_digest(out, model_version, config, storage_options), "tables": sorted(tables),
-                       "config": asdict(config)}, join(out, "runs", model_version, INPUTS_NAME), storage_options)
+def record_inputs(out, model_version: str, config, tables: list[str], storage_options: dict | None = None) -> None:
+    store = OutputStore.of(out, storage_options)
+    store.write_json(store.aggregate_inputs(model_version), {"inputs": inputs_digest(store, model_version, config), "tables": sorted(tables),
+                                                             "config": asdict(config)})
 
 
-def stale_aggregates(out: str, model_version: str, config, storage_options: dict | None = None) -> str | None:
+def stale_aggregates(out, model_version: str, config, storage_options: dict | None = None) -> str | None:
     """Why the aggregates must be recomputed, or None when they are current."""
-    from pipeline.store.bookkeeping import read_json_safe
-
-    run_url = join(out, "runs", model_version)
-    stored, why = read_json_safe(join(run_url, INPUTS_NAME), storage_options)
+    store = OutputStore.of(out, storage_options)
+    stored, why = store.read_json_safe(store.aggregate_inputs(model_version))
     if not isinstance(stored, dict):
         return f"{INPUTS_NAME} unreadable" if why else "none computed yet"
-    fs, _ = url_to_fs(run_url, storage_options)
-    missing = [t for t in stored.get("tables", []) if not fs.exists(url_to_fs(join(run_url, f"{t}.parquet"), storage_options)[1])]
+    missing = [t for t in stored.get("tables", []) if not store.exists(store.table(model_version, t))]
     if missing or not stored.get("tables"):
         return f"missing {', '.join(missing) or 'tables'}"
-    if stored.get("inputs") != inputs_digest(out, model_version, config, storage_options):
+    if stored.get("inputs") != inputs_digest(store, model_version, config):
         return "their inputs changed since they were computed"
     return None

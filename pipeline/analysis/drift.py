@@ -16,7 +16,7 @@ from pipeline.core.errors import OutputError
 from pipeline.analysis.metrics import auc_delong
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
-from pipeline.store.storage import exists, join, read_parquet, write_json_atomic, write_parquet_atomic
+from pipeline.store.layout import OutputStore
 
 
 def _logit(p):
@@ -35,16 +35,20 @@ def _paired_auc_delta_ci(y, a, b, n_boot=500, seed=0):
     return (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if len(deltas) > 10 else (math.nan, math.nan)
 
 
-def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = 500) -> dict:
-    runs = complete_runs(out)
+def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = 500,
+          storage_options: dict | None = None) -> dict:
+    """Compare two runs of OUT (an OutputStore, or a URL opened with storage_options) and write
+    OUT/drift/<from>__<to>/."""
+    store = OutputStore.of(out, storage_options)
+    runs = complete_runs(store)
     if from_mv is None or to_mv is None:
         if len(runs) < 2:
-            raise OutputError(f"drift needs two complete runs under {out}/runs; found {len(runs)}")
+            raise OutputError(f"drift needs two complete runs under {store.runs_root}; found {len(runs)}")
         from_mv, to_mv = from_mv or runs[-2], to_mv or runs[-1]
-    a, b = load_predictions(out, from_mv), load_predictions(out, to_mv)
+    a, b = load_predictions(store, from_mv), load_predictions(store, to_mv)
     findings = [c for c in a.columns if c not in ("row", "image_id", "model_version") and c in b.columns]
     both = a.merge(b, on=["row", "image_id"], suffixes=("_from", "_to"))
-    manifest = read_parquet(join(out, "manifest.parquet")).to_pandas().set_index("row")
+    manifest = store.read_parquet(store.manifest).to_pandas().set_index("row")
     cols: dict[str, list] = {k: [] for k in finding_drift_schema().names}
     for f in findings:
         pa_, pb_ = both[f + "_from"].to_numpy(np.float64), both[f + "_to"].to_numpy(np.float64)
@@ -71,30 +75,30 @@ def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_ce
     top_b = both[[f + "_to" for f in findings]].to_numpy().argmax(1)
     top_changed = float((top_a != top_b).mean()) if len(both) else math.nan
 
-    region_table = _region_drift(out, from_mv, to_mv, top_cells, meta)
-    dest = join(out, "drift", f"{from_mv}__{to_mv}")
+    region_table = _region_drift(store, from_mv, to_mv, top_cells, meta)
+    dest = store.drift_dir(from_mv, to_mv)
     finding_table = with_versions(finding_table, from_mv, to_mv)
-    write_parquet_atomic(finding_table, join(dest, "finding_drift.parquet"))
+    store.write_parquet(store.drift_table(from_mv, to_mv, "finding_drift"), finding_table)
     if region_table is not None:
         region_table = with_versions(region_table, from_mv, to_mv)
-        write_parquet_atomic(region_table, join(dest, "region_drift.parquet"))
-    ident = _identifiability_drift(out, from_mv, to_mv)
+        store.write_parquet(store.drift_table(from_mv, to_mv, "region_drift"), region_table)
+    ident = _identifiability_drift(store, from_mv, to_mv)
     if ident is not None:
         ident = with_versions(ident, from_mv, to_mv)
-        write_parquet_atomic(ident, join(dest, "identifiability_drift.parquet"))
+        store.write_parquet(store.drift_table(from_mv, to_mv, "identifiability_drift"), ident)
     summary = {"from": from_mv, "to": to_mv, "images_compared": len(both), "top_finding_changed_share": top_changed,
                "identifiability": ("compared: identifiability_drift.parquet" if ident is not None
                                    else "not compared: both runs need identifiability.parquet (jobs.aggregate --identifiability)")}
-    write_json_atomic(summary, join(dest, "summary.json"))
+    store.write_json(store.drift_summary(from_mv, to_mv), summary)
     return {"findings": finding_table, "regions": region_table, "summary": summary, "dest": dest}
 
 
-def _region_drift(out, from_mv, to_mv, top_cells, meta):
-    ua, ub = (join(out, "runs", mv, "region_stats.parquet") for mv in (from_mv, to_mv))
-    if not (exists(ua) and exists(ub)):
+def _region_drift(store: OutputStore, from_mv, to_mv, top_cells, meta):
+    ua, ub = (store.table(mv, "region_stats") for mv in (from_mv, to_mv))
+    if not (store.exists(ua) and store.exists(ub)):
         return None
     keys = ["finding", "cell_row", "cell_col", "stratum", "stratum_value"]
-    ra, rb = (read_parquet(u).to_pandas() for u in (ua, ub))
+    ra, rb = (store.read_parquet(u).to_pandas() for u in (ua, ub))
     ra, rb = (r[r.stratum.isin(["all", "view_position"])] for r in (ra, rb))
     m = ra[keys + ["n", "mean", "mean_contribution"]].merge(rb[keys + ["mean", "mean_contribution"]], on=keys, suffixes=("_from", "_to"))
     m["mean_delta"] = m.mean_to - m.mean_from
@@ -108,12 +112,12 @@ def _region_drift(out, from_mv, to_mv, top_cells, meta):
     return pa.Table.from_pydict(cols, schema=region_drift_schema(**meta))
 
 
-def _identifiability_drift(out, from_mv, to_mv) -> pa.Table | None:
-    ua, ub = (join(out, "runs", mv, "identifiability.parquet") for mv in (from_mv, to_mv))
-    if not (exists(ua) and exists(ub)):
+def _identifiability_drift(store: OutputStore, from_mv, to_mv) -> pa.Table | None:
+    ua, ub = (store.table(mv, "identifiability") for mv in (from_mv, to_mv))
+    if not (store.exists(ua) and store.exists(ub)):
         return None
     keys = ["target", "features"]
-    a, b = (read_parquet(u).to_pandas()[keys + ["n", "auc", "balanced_accuracy"]] for u in (ua, ub))
+    a, b = (store.read_parquet(u).to_pandas()[keys + ["n", "auc", "balanced_accuracy"]] for u in (ua, ub))
     m = a.merge(b, on=keys, suffixes=("_from", "_to"))
     m["auc_delta"] = m.auc_to - m.auc_from
     m["balanced_accuracy_delta"] = m.balanced_accuracy_to - m.balanced_accuracy_from

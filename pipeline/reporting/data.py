@@ -10,10 +10,9 @@ import pandas as pd
 
 from pipeline.core.errors import ImageError, OutputError
 from pipeline.inference.images import load_image
-from pipeline.store.maps_store import open_maps
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
-from pipeline.store.storage import exists, join, read_json, read_parquet
+from pipeline.store.layout import OutputStore
 
 TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identifiability", "identifiability_map",
           "prevalence_confounding")
@@ -21,7 +20,7 @@ TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identif
 
 @dataclass
 class RunData:
-    out: str
+    store: OutputStore
     model_version: str
     run: dict
     manifest: pd.DataFrame
@@ -35,8 +34,12 @@ class RunData:
     _films: dict = field(default_factory=dict)
 
     @property
+    def out(self) -> str:
+        return self.store.url
+
+    @property
     def run_url(self) -> str:
-        return join(self.out, "runs", self.model_version)
+        return self.store.run_dir(self.model_version)
 
     def table(self, name: str) -> pd.DataFrame | None:
         return self.tables.get(name)
@@ -44,13 +47,13 @@ class RunData:
     @property
     def maps(self):
         if self._maps is None:
-            self._maps = open_maps(join(self.run_url, "maps.zarr"))
+            self._maps = self.store.open_maps(self.store.maps(self.model_version))
         return self._maps
 
     @property
     def predictions(self) -> pd.DataFrame:
         if self._preds is None:
-            self._preds = load_predictions(self.out, self.model_version)
+            self._preds = load_predictions(self.store, self.model_version)
         return self._preds
 
     def has_labels(self, finding: str) -> bool:
@@ -76,29 +79,31 @@ class RunData:
         return out
 
 
-def load_run(out: str, model_version: str | None = None) -> RunData:
-    runs = complete_runs(out)
+def load_run(out, model_version: str | None = None, storage_options: dict | None = None) -> RunData:
+    """A run's stored outputs; out is an OutputStore, or a URL opened with storage_options."""
+    store = OutputStore.of(out, storage_options)
+    runs = complete_runs(store)
     if model_version is None:
         if not runs:
-            raise OutputError(f"no complete run under {out}/runs; run python -m jobs.score_dataset first")
+            raise OutputError(f"no complete run under {store.runs_root}; run python -m jobs.score_dataset first")
         model_version = runs[-1]
-    run = read_json(join(out, "runs", model_version, "run.json"))
+    run = store.read_json(store.run_json(model_version))
     if run is None:
-        raise OutputError(f"no run {model_version} under {out}/runs (python -m jobs.runs --out {out} lists them)")
-    manifest = read_parquet(join(out, "manifest.parquet")).to_pandas()
+        raise OutputError(f"no run {model_version} under {store.runs_root} (python -m jobs.runs --out {store.url} lists them)")
+    manifest = store.read_parquet(store.manifest).to_pandas()
     tables = {}
     for name in TABLES:
-        url = join(out, "runs", model_version, f"{name}.parquet")
-        if exists(url):
-            tables[name] = read_parquet(url).to_pandas()
-    findings = tuple(open_maps(join(out, "runs", model_version, "maps.zarr")).attrs["findings"])
-    data = RunData(out, model_version, run, manifest, findings, tables)
+        url = store.table(model_version, name)
+        if store.exists(url):
+            tables[name] = store.read_parquet(url).to_pandas()
+    findings = tuple(store.open_maps(store.maps(model_version)).attrs["findings"])
+    data = RunData(store, model_version, run, manifest, findings, tables)
     earlier = runs[: runs.index(model_version)] if model_version in runs else runs
     if earlier:
         data.previous = earlier[-1]
-        d = join(out, "drift", f"{data.previous}__{model_version}")
         for name in ("finding_drift", "region_drift", "identifiability_drift"):
-            if exists(join(d, f"{name}.parquet")):
-                data.drift[name] = read_parquet(join(d, f"{name}.parquet")).to_pandas()
-        data.drift_dir = d if data.drift else None
+            url = store.drift_table(data.previous, model_version, name)
+            if store.exists(url):
+                data.drift[name] = store.read_parquet(url).to_pandas()
+        data.drift_dir = store.drift_dir(data.previous, model_version) if data.drift else None
     return data

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.errors import ConfigError
-from pipeline.store.storage import join, write_bytes_atomic
 from pipeline.reporting.figures import film_sheet
 from pipeline.reporting.data import load_run
 
 
-def write_film_png(out: str, image_id: str, finding: str | None = None, model_version: str | None = None, path: str | None = None) -> str:
-    data = load_run(out, model_version)
+def write_film_png(out, image_id: str, finding: str | None = None, model_version: str | None = None, path: str | None = None,
+                   storage_options: dict | None = None) -> str:
+    data = load_run(out, model_version, storage_options)
     m = data.manifest
     hit = m[m.image_id == image_id]
     if hit.empty:
-        raise ConfigError(f"--film {image_id}: no such image_id in {out}/manifest.parquet")
+        raise ConfigError(f"--film {image_id}: no such image_id in {data.store.manifest}")
     r = hit.iloc[0]
     if finding is not None and finding not in data.findings:
         raise ConfigError(f"--finding {finding}: not one of the run's findings {list(data.findings)}")
@@ -31,6 +31,6 @@ def write_film_png(out: str, image_id: str, finding: str | None = None, model_ve
              f"labels: {'unlabelled' if labels is None else ', '.join(labels) or 'none'} · run {data.model_version}")
     png = film_sheet(data.film(int(r.row)), maps, names, probs, title)
     stem = image_id.rsplit(".", 1)[0] + (f"-{finding}" if finding else "")
-    path = path or join(data.run_url, "films", f"{stem}.png")
-    write_bytes_atomic(path, png)
+    path = path or data.store.film(data.model_version, stem)
+    data.store.write_bytes(path, png)
     return path

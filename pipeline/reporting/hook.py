@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 
-def report_after_run(out: str, model_version: str) -> str | None:
+def report_after_run(out, model_version: str, storage_options: dict | None = None) -> str | None:
     try:
         from pipeline.reporting.html import write_report
 
-        return write_report(out, model_version)
+        return write_report(out, model_version, storage_options=storage_options)
     except Exception as e:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
         print(f"report not written ({type(e).__name__}: {e}); rebuild it with python -m jobs.report --out {out} --run {model_version}",
               file=sys.stderr)

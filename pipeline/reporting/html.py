@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from pipeline.store.storage import join, write_bytes_atomic
+from pipeline.store.layout import OutputStore
 from pipeline.reporting.figures import example_figure, grid_figure, identifiability_figure
 from pipeline.reporting.data import RunData, load_run
 from pipeline.reporting.scorecard import CONFOUNDERS, RULES, readable, scorecard
@@ -275,28 +275,30 @@ def footer(data: RunData, seconds: float) -> str:
 SECTIONS = (section_scorecard, section_grids, section_identifiability, section_examples, section_drift)
 
 
-def build_report(out: str, model_version: str | None = None) -> str:
+def build_report(out, model_version: str | None = None, storage_options: dict | None = None) -> str:
     t = time.perf_counter()
-    data = load_run(out, model_version)
+    data = load_run(out, model_version, storage_options)
     body = [s(data) for s in SECTIONS]
     title = f"cxr-audit report: run {data.model_version}"
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p class='note'>Output <code>{html.escape(out)}</code>; {len(data.findings)} findings. "
+            f"<h1>{html.escape(title)}</h1><p class='note'>Output <code>{html.escape(data.out)}</code>; {len(data.findings)} findings. "
             "Maps are ln(p_cell / p_baseline) per 7x7 cell (Zech et al., PLOS Medicine 2018).</p>"
             + "\n".join(body) + footer(data, time.perf_counter() - t) + "</body></html>")
 
 
-def default_path(out: str, model_version: str) -> str:
-    return join(out, "runs", model_version, "report.html")
+def default_path(out, model_version: str) -> str:
+    return OutputStore.of(out).report(model_version)
 
 
-def write_report(out: str, model_version: str | None = None, path: str | None = None) -> str:
-    """Build and write the report atomically; returns its path."""
+def write_report(out, model_version: str | None = None, path: str | None = None, storage_options: dict | None = None) -> str:
+    """Build and write the report atomically; returns its path. out: an OutputStore, or a URL
+    opened with storage_options (a given path is written with the same options)."""
     from pipeline.analysis.aggregate import latest_complete_run
 
-    data_mv = model_version or latest_complete_run(out)
-    page = build_report(out, data_mv)
-    path = path or default_path(out, data_mv)
-    write_bytes_atomic(path, page.encode())
+    store = OutputStore.of(out, storage_options)
+    data_mv = model_version or latest_complete_run(store)
+    page = build_report(store, data_mv)
+    path = path or store.report(data_mv)
+    store.write_bytes(path, page.encode())
     return path

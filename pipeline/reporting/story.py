@@ -14,8 +14,9 @@ def _auc(r) -> str:
     return f"{r.auc:.2f} [{r.auc_lo:.2f}, {r.auc_hi:.2f}]" if pd.notna(r.auc_lo) else f"{r.auc:.2f}"
 
 
-def story(out: str, marker_cells: dict[str, tuple[tuple[int, int], ...]], finding: str = "Pneumonia", model_version: str | None = None) -> list[str]:
-    data = load_run(out, model_version)
+def story(out, marker_cells: dict[str, tuple[tuple[int, int], ...]], finding: str = "Pneumonia", model_version: str | None = None,
+          storage_options: dict | None = None) -> list[str]:
+    data = load_run(out, model_version, storage_options)
     lines = []
     met = data.table("metrics")
     if met is not None and (met.finding == finding).any():

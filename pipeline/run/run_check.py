@@ -3,32 +3,28 @@ without writing anything."""
 
 from __future__ import annotations
 
-import posixpath
-
-from pipeline.store.bookkeeping import previous_manifest, read_json_safe
+from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
 from pipeline.inference.model import ModelSpec
 from pipeline.run.runspec import RunSpec
 from pipeline.store.shard_check import check_shard
 from pipeline.run.shards import plan_shards
-from pipeline.store.storage import join, url_to_fs
+from pipeline.store.layout import LATEST, LOCK, OutputStore
 
 
-def check_out(out: str, verify: bool = False, storage_options: dict | None = None) -> list[str]:
-    so = storage_options or {}
+def check_out(out, verify: bool = False, storage_options: dict | None = None) -> list[str]:
+    store = OutputStore.of(out, storage_options)
     problems = []
-    for name in ("latest.json", "_lock.json"):
-        _, why = read_json_safe(join(out, name), so)
+    for name, url in ((LATEST, store.latest), (LOCK, store.lock)):
+        _, why = store.read_json_safe(url)
         if why:
-            problems.append(f"{name}: unreadable ({why}); the next run rebuilds it" if name == "latest.json"
-                            else f"{name}: unreadable ({why}); python -m jobs.runs --out {out} --unlock")
-    manifest, why = previous_manifest(out, so)
+            problems.append(f"{name}: unreadable ({why}); the next run rebuilds it" if name == LATEST
+                            else f"{name}: unreadable ({why}); python -m jobs.runs --out {store.url} --unlock")
+    manifest, why = previous_manifest(store)
     if why:
         problems.append(f"manifest.parquet: unreadable ({why}); the next run rebuilds it from the datasets")
-    fs, base = url_to_fs(join(out, "runs"), so)
-    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
-        mv = posixpath.basename(d)
-        run, why = read_json_safe(join(out, "runs", mv, "run.json"), so)
+    for mv in store.model_versions():
+        run, why = store.read_json_safe(store.run_json(mv))
         if why or not isinstance(run, dict):
             problems.append(f"runs/{mv}/run.json: unreadable ({why}); the next run into it rebuilds it")
             continue
@@ -37,9 +33,10 @@ def check_out(out: str, verify: bool = False, storage_options: dict | None = Non
         ident = run.get("identity") or {}
         cfg = run.get("config") or {}
         try:
-            spec = RunSpec(out=out.rstrip("/"), model=ModelSpec(cfg.get("arch", ""), cfg.get("checkpoint", ""), tuple(ident["findings"])),
+            spec = RunSpec(out=store.url, model=ModelSpec(cfg.get("arch", ""), cfg.get("checkpoint", ""), tuple(ident["findings"]),
+                                                          storage_options=store.storage_options),
                            model_version=mv, baselines=tuple(ident["baselines"]), preprocess=PreprocessConfig(**ident["preprocess"]),
-                           shard_size=int(ident["shard_size"]), storage_options=tuple(sorted(so.items())))
+                           shard_size=int(ident["shard_size"]), storage_options=store.storage_options)
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"runs/{mv}/run.json: no usable identity ({type(e).__name__})")
             continue

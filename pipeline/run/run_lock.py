@@ -11,23 +11,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import posixpath
 import socket
 import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from fsspec.implementations.local import LocalFileSystem
-
 from pipeline.core.errors import OutputError
-from pipeline.store.storage import join, url_to_fs
-
-LOCK_NAME = "_lock.json"
+from pipeline.store.layout import LOCK as LOCK_NAME  # noqa: F401 - the name tests and callers know
+from pipeline.store.layout import OutputStore
 UNREADABLE_GRACE_S = 60  # an unreadable lock older than this is debris from a kill, not a starter
 
 
@@ -78,30 +73,6 @@ def holder_alive(holder: dict) -> bool | None:
     return process_start(pid) == holder["start"]
 
 
-def _create_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create path holding data, whole, only if it does not exist. False if it exists."""
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic, fails if path exists
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-
-
 def _read(fs, path: str) -> tuple[bytes | None, dict | None]:
     try:
         with fs.open(path, "rb") as f:
@@ -126,43 +97,43 @@ def _age_s(fs, path: str) -> float:
     return time.time() - float(m) if m else float("inf")
 
 
-def _unlock_command(out: str) -> str:
-    return f"python -m jobs.runs --out {out} --unlock"
+def _unlock_command(store: OutputStore) -> str:
+    return f"python -m jobs.runs --out {store.url} --unlock"
 
 
-def acquire(out: str, storage_options: dict | None = None) -> tuple[dict, str | None]:
+def acquire(out, storage_options: dict | None = None) -> tuple[dict, str | None]:
     """Take the lock or raise LockError. Returns (my identity, note about a recovered lock)."""
-    fs, path = url_to_fs(join(out, LOCK_NAME), storage_options)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    store = OutputStore.of(out, storage_options)
+    fs, path = store.fs(store.lock)
     me = my_identity()
     data = json.dumps(me).encode()
     note = None
     for _ in range(3):
-        if _create_exclusive(fs, path, data):
+        if store.create_exclusive(store.lock, data):
             return me, note
         raw, holder = _read(fs, path)
         if raw is None:
             continue  # released meanwhile: try again
         if holder is None:
             if _age_s(fs, path) < UNREADABLE_GRACE_S:
-                raise LockError(f"{join(out, LOCK_NAME)} is unreadable and new: another run may be starting. "
-                                f"Wait a minute and rerun; if no run is starting, {_unlock_command(out)}")
+                raise LockError(f"{store.lock} is unreadable and new: another run may be starting. "
+                                f"Wait a minute and rerun; if no run is starting, {_unlock_command(store)}")
             why = "an unreadable lock (a run killed while taking it)"
         else:
             alive = holder_alive(holder)
             if alive is None:
-                raise LockError(f"another run is writing to {out} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}). "
-                                f"Wait for it to finish; if it is dead, {_unlock_command(out)} on any machine, then rerun.")
+                raise LockError(f"another run is writing to {store.url} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}). "
+                                f"Wait for it to finish; if it is dead, {_unlock_command(store)} on any machine, then rerun.")
             if alive:
-                raise LockError(f"another run is writing to {out} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}). "
+                raise LockError(f"another run is writing to {store.url} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}). "
                                 "Wait for it to finish, then rerun.")
             why = f"the lock of a run that died (pid {holder.get('pid')}, since {holder.get('since')})"
         # Break exactly this stale lock: one breaker per stale content, created exclusively.
-        breaker = f"{path}.break-{hashlib.sha256(raw).hexdigest()[:16]}"
-        if not _create_exclusive(fs, breaker, data):
-            if _age_s(fs, breaker) < UNREADABLE_GRACE_S:
-                raise LockError(f"another run is taking over {join(out, LOCK_NAME)} right now; rerun when it has finished")
-            fs.rm(breaker)  # a taker that died mid-takeover
+        breaker = store.lock_breaker(hashlib.sha256(raw).hexdigest()[:16])
+        if not store.create_exclusive(breaker, data):
+            if _age_s(fs, store.fs(breaker)[1]) < UNREADABLE_GRACE_S:
+                raise LockError(f"another run is taking over {store.lock} right now; rerun when it has finished")
+            store.remove(breaker)  # a taker that died mid-takeover
             continue
         try:
             raw2, _ = _read(fs, path)
@@ -170,34 +141,37 @@ def acquire(out: str, storage_options: dict | None = None) -> tuple[dict, str | 
                 fs.rm(path)
                 note = f"recovered {why}; its finished shards are kept"
         finally:
-            fs.rm(breaker)
-    raise LockError(f"could not take {join(out, LOCK_NAME)} (it changed hands while we tried); rerun")
+            store.remove(breaker)
+    raise LockError(f"could not take {store.lock} (it changed hands while we tried); rerun")
 
 
-def release(out: str, me: dict, storage_options: dict | None = None) -> None:
-    fs, path = url_to_fs(join(out, LOCK_NAME), storage_options)
+def release(out, me: dict, storage_options: dict | None = None) -> None:
+    store = OutputStore.of(out, storage_options)
+    fs, path = store.fs(store.lock)
     _, holder = _read(fs, path)
     if holder is not None and holder.get("token") == me["token"]:  # never remove another run's lock
         fs.rm(path)
 
 
-def force_unlock(out: str, storage_options: dict | None = None) -> str:
+def force_unlock(out, storage_options: dict | None = None) -> str:
     """Remove the lock unless its holder is alive on this host (jobs.runs --unlock)."""
-    fs, path = url_to_fs(join(out, LOCK_NAME), storage_options)
+    store = OutputStore.of(out, storage_options)
+    fs, path = store.fs(store.lock)
     raw, holder = _read(fs, path)
     if raw is None:
-        return f"no lock under {out}"
+        return f"no lock under {store.url}"
     if holder is not None and holder_alive(holder):
         raise LockError(f"the lock's holder (pid {holder.get('pid')}) is alive on this host; stop it first")
     fs.rm(path)
-    return f"removed {join(out, LOCK_NAME)} (held by {holder or 'an unreadable lock'})"
+    return f"removed {store.lock} (held by {holder or 'an unreadable lock'})"
 
 
 @contextmanager
-def run_lock(out: str, storage_options: dict | None = None):
+def run_lock(out, storage_options: dict | None = None):
     """Hold OUT/_lock.json for the duration. Yields a note when a crashed run's lock was recovered."""
-    me, note = acquire(out, storage_options)
+    store = OutputStore.of(out, storage_options)
+    me, note = acquire(store)
     try:
         yield note
     finally:
-        release(out, me, storage_options)
+        release(store, me)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.inference.images import PreprocessConfig, ReadLimits
 from pipeline.inference.model import ModelSpec
-from pipeline.store.storage import join
+from pipeline.store.layout import OutputStore
 
 
 @dataclass(frozen=True)
@@ -31,18 +31,23 @@ class RunSpec:
     read_limits: ReadLimits = ReadLimits()  # bounds per film (not identity: they never change pixels)
 
     @property
+    def store(self) -> OutputStore:
+        """The output folder with the options that open it (every path below comes from it)."""
+        return OutputStore(self.out, self.storage_options)
+
+    @property
     def run_url(self) -> str:
-        return join(self.out, "runs", self.model_version)
+        return self.store.run_dir(self.model_version)
 
     @property
     def maps_url(self) -> str:
-        return join(self.run_url, "maps.zarr")
+        return self.store.maps(self.model_version)
 
     def part_url(self, shard_index: int) -> str:
-        return join(self.run_url, "predictions", f"part-{shard_index:06d}.parquet")
+        return self.store.part(self.model_version, shard_index)
 
     def record_url(self, shard_index: int) -> str:
-        return join(self.run_url, "_shards", f"shard-{shard_index:06d}.json")
+        return self.store.record(self.model_version, shard_index)
 
     def output_identity(self) -> dict:
         """What makes two runs' outputs comparable; a rerun into the same run dir must match it."""

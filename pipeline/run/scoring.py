@@ -22,14 +22,14 @@ from pipeline.sources.adapters import DatasetSpec
 from pipeline.core.errors import ConfigError, DatasetError, OutputError
 from pipeline.core.findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
 from pipeline.sources.manifest import ManifestResult, build_manifest, dataset_fingerprint
-from pipeline.store.bookkeeping import check_rebuilt_manifest, previous_manifest, read_json_safe
-from pipeline.store.maps_store import create_maps, open_maps
+from pipeline.store.bookkeeping import check_rebuilt_manifest, previous_manifest
+from pipeline.store.maps_store import create_maps
 from pipeline.inference.precision import check_precision, run_version
 from pipeline.inference.read_limits import ReadLimits
 from pipeline.store.shard_check import check_shard, retry_rows
 from pipeline.core.redact import redact_columns, redact_obj
 from pipeline.run.shards import Shard, plan_shards
-from pipeline.store.storage import check_writable, join, url_to_fs, write_json_atomic, write_parquet_atomic
+from pipeline.store.layout import OutputStore
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (jobs/score_dataset.py) stays fast: a config error in well under 2 s.
@@ -142,39 +142,38 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     from pipeline.run.runspec import RunSpec
 
     timings: dict[str, float] = {}
-    so = cfg.storage_options
+    store = OutputStore.of(cfg.out, cfg.storage_options)
     t = time.perf_counter()
-    check_writable(cfg.out, so)
+    store.check_writable()
     specs = [DatasetSpec.parse(d) for d in cfg.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
-    mspec = ModelSpec(cfg.arch, cfg.checkpoint, tuple(cfg.findings))
+    mspec = ModelSpec(cfg.arch, cfg.checkpoint, tuple(cfg.findings), storage_options=store.storage_options)
     model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
         grid = tuple(model.features(torch.zeros(1, 3, 224, 224)).shape[-2:])
     timings["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    manifest_url = join(cfg.out, "manifest.parquet")
     notes: list[str] = []
-    previous, why = previous_manifest(cfg.out, so)
+    previous, why = previous_manifest(store)
     result = build_manifest(specs, mspec.findings, previous, cfg.metadata, cfg.views, cfg.site_column, cfg.uncertain,
-                            allow_roots=cfg.allow_roots, storage_options=so, read_limits=cfg.read_limits())
+                            allow_roots=cfg.allow_roots, storage_options=store.options, read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
         raise DatasetError(f"no image to score in {', '.join(cfg.datasets)}: {result.issues.num_rows} metadata issues "
                            f"{result.issue_counts() or ''}{' (' + shown + ')' if shown else ''}. Check the --dataset locations and their metadata.")
     if why:
-        notes.append(check_rebuilt_manifest(cfg.out, result.manifest, why, so))
+        notes.append(check_rebuilt_manifest(store, result.manifest, why))
     # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
-    write_parquet_atomic(redact_columns(result.manifest), manifest_url, so)
-    write_parquet_atomic(redact_columns(result.issues), join(cfg.out, "manifest_issues.parquet"), so)
+    store.write_parquet(store.manifest, redact_columns(result.manifest))
+    store.write_parquet(store.manifest_issues, redact_columns(result.issues))
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
     spec = RunSpec(
-        out=cfg.out.rstrip("/"),
+        out=store.url,
         model=mspec,
         model_version=run_version(model.version, cfg.precision),
         baselines=resolve_baselines(cfg, result.manifest),
@@ -188,15 +187,15 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         decode_threads=cfg.decode_threads,
         decode_workers=cfg.decode_workers,
         precision=cfg.precision,
-        storage_options=tuple(sorted(so.items())),
+        storage_options=store.storage_options,
         read_limits=cfg.read_limits(),
     )
-    previous_run, why = read_json_safe(join(spec.run_url, "run.json"), so)
+    previous_run, why = store.read_json_safe(store.run_json(spec.model_version))
     if why or not isinstance(previous_run, (dict, type(None))):
         # rebuilt below from the shard records; maps.zarr's own attributes still guard the settings
         notes.append(f"{spec.run_url}/run.json was unreadable ({why}); rebuilt it from the shard records")
         previous_run = None
-        _check_maps_identity(spec, so)
+        _check_maps_identity(spec)
     if previous_run and {"precision": "fp32", **previous_run.get("identity", {})} != spec.output_identity():
         old, new = {"precision": "fp32", **previous_run.get("identity", {})}, spec.output_identity()  # runs before --precision were fp32
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -207,14 +206,14 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     create_maps(spec.maps_url, n_rows, cfg.shard_size, mspec.findings, grid, model.embedding_dim,
                 {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version,
                  # b_k, for the exact cell contributions (z_ij - b_k) / (H*W)
-                 "classifier_bias": model.classifier.bias.detach().double().tolist()}, so)
+                 "classifier_bias": model.classifier.bias.detach().double().tolist()}, store.options)
     if cfg.cache != "none":
         from dataclasses import replace
 
         from pipeline.run.cache import create_cache
 
-        cache_root = join(cfg.out, "cache") if cfg.cache == "auto" else cfg.cache
-        spec = replace(spec, cache_url=create_cache(cache_root, spec.preprocess, n_rows, cfg.shard_size, so))
+        cache_root = store.cache_root if cfg.cache == "auto" else cfg.cache
+        spec = replace(spec, cache_url=create_cache(cache_root, spec.preprocess, n_rows, cfg.shard_size, store.options))
     shards = plan_shards(result.manifest, cfg.shard_size, n_rows, cfg.limit)
     pending = []
     for s in shards:
@@ -222,23 +221,21 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
-            fs, path = url_to_fs(spec.record_url(s.index), so)
-            if fs.exists(path):
-                fs.rm(path)
+            store.remove(spec.record_url(s.index))
         if st.state != "done":
             pending.append(s)  # partial shards too: their read errors are retried
     fp = dataset_fingerprint(result.manifest)
     history = []
     if previous_run:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
-    write_json_atomic(_run_json(cfg, spec, fp, "running", _now(), None, timings, history), join(spec.run_url, "run.json"), so)
+    store.write_json(store.run_json(spec.model_version), _run_json(cfg, spec, fp, "running", _now(), None, timings, history))
     return PreparedRun(cfg, spec, shards, result, fp, timings, pending, notes)
 
 
-def _check_maps_identity(spec: RunSpec, so: dict) -> None:
+def _check_maps_identity(spec: "RunSpec") -> None:  # noqa: F821 - imported lazily (torch)
     """Without run.json, maps.zarr's attributes say whether this run's settings match the stored outputs."""
     try:
-        attrs = dict(open_maps(spec.maps_url, "r", so).attrs)
+        attrs = dict(spec.store.open_maps(spec.maps_url).attrs)
     except Exception:  # noqa: BLE001 - no maps yet: nothing to mix with
         return
     stored = {"findings": attrs.get("findings"), "baselines": [attrs.get("baselines", {}).get(f) for f in spec.model.findings],
@@ -279,13 +276,13 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     """Gather every shard record of this run (done now or earlier) into errors.parquet and run.json.
     The status is 'running' (scoring done, aggregates next: see finish_run), 'incomplete' (shards
     missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction)."""
-    spec, so = prep.spec, dict(prep.spec.storage_options)
+    spec, store = prep.spec, prep.spec.store
     states = [check_shard(s, spec) for s in prep.shards]
     records = [st.record for st in states if st.usable]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
     table = with_model_version(table, spec.model_version)
-    write_parquet_atomic(table, join(spec.run_url, "errors.parquet"), so)
+    store.write_parquet(store.errors(spec.model_version), table)
     n_images = sum(len(s.rows) for s in prep.shards)
     counts = {
         "images": n_images,
@@ -306,12 +303,12 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     for key in ("decode_wait", "forward", "write", "total"):
         timings[f"shards_{key}"] = sum(r["seconds"][key] for r in results if not r.get("skipped"))
     status = scoring_status(counts, prep.config.max_failed_fraction)
-    current, _ = read_json_safe(join(spec.run_url, "run.json"), so)
+    current, _ = store.read_json_safe(store.run_json(spec.model_version))
     current = current if isinstance(current, dict) else {}
     run = _run_json(prep.config, spec, prep.dataset_fingerprint, status, started, counts, timings,
                     current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
     run["steps"] = {"scoring": "done" if status == "running" else status}
-    write_json_atomic(run, join(spec.run_url, "run.json"), so)
+    store.write_json(store.run_json(spec.model_version), run)
     return run
 
 
@@ -328,7 +325,7 @@ def scoring_status(counts: dict, max_failed_fraction: float) -> str:
 def finish_run(prep: PreparedRun, run: dict, status: str, steps: dict) -> dict:
     """Write the final status once every step has finished (or was interrupted)."""
     run = {**run, "status": status, "finished": _now(), "steps": {**run.get("steps", {}), **steps}}
-    write_json_atomic(run, join(prep.spec.run_url, "run.json"), dict(prep.spec.storage_options))
+    prep.spec.store.write_json(prep.spec.store.run_json(prep.spec.model_version), run)
     return run
 
 

@@ -4,13 +4,13 @@ rebuilt from what is on disk, or reported (exit 2) with the exact command that f
 from __future__ import annotations
 
 import json
-import posixpath
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import OutputError
-from pipeline.store.storage import join, read_parquet, url_to_fs, write_json_atomic
+from pipeline.store.layout import OutputStore
+from pipeline.store.storage import url_to_fs
 
 
 class BookkeepingError(OutputError):
@@ -29,14 +29,13 @@ def read_json_safe(url: str, storage_options: dict | None = None) -> tuple[objec
         return None, f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def previous_manifest(out: str, storage_options: dict | None = None) -> tuple[pa.Table | None, str | None]:
+def previous_manifest(out, storage_options: dict | None = None) -> tuple[pa.Table | None, str | None]:
     """The stored manifest, or (None, why) when it is unreadable (rebuilt then checked by the caller)."""
-    url = join(out, "manifest.parquet")
-    fs, path = url_to_fs(url, storage_options)
-    if not fs.exists(path):
+    store = OutputStore.of(out, storage_options)
+    if not store.exists(store.manifest):
         return None, None
     try:
-        t = read_parquet(url, storage_options)
+        t = store.read_parquet(store.manifest)
         if not {"row", "image_id", "dataset"} <= set(t.column_names):
             raise ValueError("columns row, image_id, dataset missing")
         return t, None
@@ -44,42 +43,37 @@ def previous_manifest(out: str, storage_options: dict | None = None) -> tuple[pa
         return None, f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def check_rebuilt_manifest(out: str, manifest: pa.Table, why: str, storage_options: dict | None = None) -> str:
+def check_rebuilt_manifest(out, manifest: pa.Table, why: str, storage_options: dict | None = None) -> str:
     """A manifest rebuilt from the datasets must give every already scored row the image it had
     (rows index maps.zarr). Returns a note, or raises BookkeepingError with the fix."""
-    from pipeline.store.maps_store import open_maps
-
-    fs, base = url_to_fs(join(out, "runs"), storage_options)
+    store = OutputStore.of(out, storage_options)
     by_row = dict(zip(manifest.column("row").to_pylist(), manifest.column("image_id").to_pylist()))
-    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
-        mv = posixpath.basename(d)
+    for mv in store.model_versions():
         try:
-            ids = np.asarray(open_maps(join(out, "runs", mv, "maps.zarr"), "r", storage_options)["image_id"][:], dtype=object)
+            ids = np.asarray(store.open_maps(store.maps(mv))["image_id"][:], dtype=object)
         except Exception:  # noqa: BLE001 - a run without maps has no rows to keep
             continue
         scored = np.flatnonzero(ids != "")
         bad = [int(r) for r in scored if by_row.get(int(r)) != ids[r]]
         if bad:
             raise BookkeepingError(
-                f"{out}/manifest.parquet is unreadable ({why}), and rebuilding it from the datasets would move "
+                f"{store.manifest} is unreadable ({why}), and rebuilding it from the datasets would move "
                 f"{len(bad)} rows already scored in runs/{mv} (e.g. row {bad[0]}). Restore it from a backup, or set the "
-                f"old runs aside and rescore: mv {join(out, 'runs')} {join(out, 'runs.unmatched')} && "
-                f"mv {join(out, 'manifest.parquet')} {join(out, 'manifest.parquet.damaged')}, then rerun the same command."
+                f"old runs aside and rescore: mv {store.runs_root} {store.runs_root}.unmatched && "
+                f"mv {store.manifest} {store.manifest}.damaged, then rerun the same command."
             )
-    return f"{out}/manifest.parquet was unreadable ({why}); rebuilt it from the datasets (every scored row still holds its image)"
+    return f"{store.manifest} was unreadable ({why}); rebuilt it from the datasets (every scored row still holds its image)"
 
 
-def rebuild_latest(out: str, storage_options: dict | None = None) -> str | None:
+def rebuild_latest(out, storage_options: dict | None = None) -> str | None:
     """latest.json from the run index: the newest complete run (or removed when there is none)."""
     from pipeline.store.run_index import run_records
 
-    done = sorted((r.get("finished") or "", r["model_version"]) for r in run_records(out) if r.get("status") == "complete")
-    url = join(out, "latest.json")
+    store = OutputStore.of(out, storage_options)
+    done = sorted((r.get("finished") or "", r["model_version"]) for r in run_records(store) if r.get("status") == "complete")
     if done:
         finished, mv = done[-1]
-        write_json_atomic({"model_version": mv, "run": f"runs/{mv}", "finished": finished}, url, storage_options)
+        store.write_json(store.latest, store.latest_entry(mv, finished))
         return mv
-    fs, path = url_to_fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path)
+    store.remove(store.latest)
     return None

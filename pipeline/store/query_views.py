@@ -13,13 +13,9 @@ in Python: `con.execute(open("OUT/cxr_audit.sql").read())`. Views:
 
 from __future__ import annotations
 
-import os
-
 from schemas.manifest import EXTRA_FIELD, MANIFEST_BASE_FIELDS
 
-from pipeline.store.storage import exists, join, read_json, write_bytes_atomic
-
-VIEWS_FILE = "cxr_audit.sql"
+from pipeline.store.layout import OutputStore
 RUN_TABLES = ("region_stats", "finding_summary", "metrics", "localization", "localization_boxes", "identifiability",
               "identifiability_map", "identifiability_scores", "prevalence_confounding", "errors")
 
@@ -32,24 +28,25 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def views_sql(out: str, storage_options: dict | None = None) -> str | None:
+def views_sql(out, storage_options: dict | None = None) -> str | None:
     """The SQL text for OUT's latest run, or None when there is no complete run yet."""
-    latest = read_json(join(out, "latest.json"), storage_options)
+    store = OutputStore.of(out, storage_options)
+    latest = store.read_json(store.latest)
     if not latest:
         return None
-    root = os.path.abspath(out) if "://" not in out else out.rstrip("/")  # absolute: the file works from any folder
-    run = join(root, latest["run"])
-    findings = (read_json(join(out, latest["run"], "run.json"), storage_options) or {}).get("identity", {}).get("findings", [])
+    mv = latest["model_version"]
+    root = store.absolute()  # absolute: the file works from any folder
+    findings = (store.read_json(store.run_json(mv)) or {}).get("identity", {}).get("findings", [])
     lines = [
-        f"-- DuckDB views over {root}; latest run {latest['model_version']} (written by cxr-audit, rewritten after each complete run)",
-        f"-- shell: duckdb -init {join(root, VIEWS_FILE)}    python: con.execute(open(path).read())",
-        f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet({_lit(join(root, 'manifest.parquet'))});",
-        f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM read_parquet({_lit(join(run, 'predictions', '*.parquet'))});",
-        f"CREATE OR REPLACE VIEW all_predictions AS SELECT * FROM read_parquet({_lit(join(root, 'runs', '*', 'predictions', '*.parquet'))}, union_by_name = true);",
+        f"-- DuckDB views over {root.url}; latest run {mv} (written by cxr-audit, rewritten after each complete run)",
+        f"-- shell: duckdb -init {root.views}    python: con.execute(open(path).read())",
+        f"CREATE OR REPLACE VIEW manifest AS SELECT * FROM read_parquet({_lit(root.manifest)});",
+        f"CREATE OR REPLACE VIEW predictions AS SELECT * FROM read_parquet({_lit(root.parts_glob(mv))});",
+        f"CREATE OR REPLACE VIEW all_predictions AS SELECT * FROM read_parquet({_lit(root.parts_glob('*'))}, union_by_name = true);",
     ]
     for name in RUN_TABLES:
-        if exists(join(out, latest["run"], f"{name}.parquet"), storage_options):
-            lines.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_lit(join(run, name + '.parquet'))});")
+        if store.exists(store.table(mv, name)):  # errors.parquet is named like the aggregates
+            lines.append(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_lit(root.table(mv, name))});")
     base = ", ".join(f"m.{_ident(name)}" for name in [f.name for f in MANIFEST_BASE_FIELDS] + [EXTRA_FIELD])
     labels = "".join(f", m.{_ident(f)} AS {_ident('label_' + f)}" for f in findings)
     probs = "".join(f", p.{_ident(f)} AS {_ident('p_' + f)}" for f in findings)
@@ -58,10 +55,10 @@ def views_sql(out: str, storage_options: dict | None = None) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def write_views(out: str, storage_options: dict | None = None) -> str | None:
-    text = views_sql(out, storage_options)
+def write_views(out, storage_options: dict | None = None) -> str | None:
+    store = OutputStore.of(out, storage_options)
+    text = views_sql(store)
     if text is None:
         return None
-    url = join(out, VIEWS_FILE)
-    write_bytes_atomic(url, text.encode(), storage_options)
-    return url
+    store.write_bytes(store.views, text.encode())
+    return store.views

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import posixpath
-
-from pipeline.store.storage import join, read_json, url_to_fs
+from pipeline.store.layout import OutputStore
 
 
-def run_records(out: str) -> list[dict]:
-    fs, base = url_to_fs(join(out, "runs"))
+def run_records(out, storage_options: dict | None = None) -> list[dict]:
+    store = OutputStore.of(out, storage_options)
     records = []
-    for d in sorted(fs.ls(base, detail=False)) if fs.exists(base) else []:
+    for mv in store.model_versions():
         try:
-            rj = read_json(join(out, "runs", posixpath.basename(d), "run.json"))
+            rj = store.read_json(store.run_json(mv))
         except (ValueError, UnicodeDecodeError):
             continue  # unreadable: jobs.runs --check reports it, the next run into it rebuilds it
         if isinstance(rj, dict) and "model_version" in rj:
@@ -20,7 +18,14 @@ def run_records(out: str) -> list[dict]:
     return records
 
 
-def complete_runs(out: str) -> list[str]:
+def complete_runs(out, storage_options: dict | None = None) -> list[str]:
     """Model versions of complete runs, oldest finished first."""
-    done = [(r.get("finished") or "", r["model_version"]) for r in run_records(out) if r.get("status") == "complete"]
+    done = [(r.get("finished") or "", r["model_version"]) for r in run_records(out, storage_options) if r.get("status") == "complete"]
     return [mv for _, mv in sorted(done)]
+
+
+def latest(out, storage_options: dict | None = None) -> dict:
+    """latest.json's content ({} when absent or unreadable: jobs.runs --check reports that)."""
+    store = OutputStore.of(out, storage_options)
+    value, _ = store.read_json_safe(store.latest)
+    return value if isinstance(value, dict) else {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import multiprocessing
 import os
 import platform
@@ -41,6 +40,7 @@ from pipeline.core.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
 from pipeline.inference.images import load_image, reference_transform
 from pipeline.inference.model import ModelSpec, build_arch, load_model
 from pipeline.inference.reference import reference_image
+from pipeline.store.layout import OutputStore
 
 ARCHS = {"densenet121": "densenet121", "tiny": "pipeline.inference.tiny_net:tiny_cam_net"}
 BASE = tuple(REFERENCE_BASELINES[f] for f in CHEXNET_FINDINGS)
@@ -75,8 +75,8 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"the job failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    latest = json.loads((out / "latest.json").read_text())
-    run = json.loads((out / latest["run"] / "run.json").read_text())
+    store = OutputStore(str(out))
+    run = store.read_json(store.run_json(store.read_json(store.latest)["model_version"]))
     assert run["counts"]["scored"] == n, run["counts"]
     m = re.search(r"aggregates: .* in ([0-9.]+) s", proc.stdout + proc.stderr)
     return {**run, "wall": wall, "aggregates_s": float(m.group(1)) if m else 0.0, "stdout": proc.stdout}
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             assert run["counts"]["cache_now"]["hits"] == n, run["counts"]["cache_now"]
             cold_rates.append(rates[0])
             warm_rates.append(rates[1])
-            cache_bytes = sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())
+            cache_bytes = sum(f.stat().st_size for f in Path(OutputStore(str(out)).cache_root).rglob("*") if f.is_file())
             shutil.rmtree(out)
         cold, warm = statistics.median(cold_rates), statistics.median(warm_rates)
 

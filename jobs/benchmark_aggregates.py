@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.store.maps_store import create_maps
-from pipeline.store.storage import join, write_json_atomic, write_parquet_atomic
+from pipeline.store.layout import OutputStore
 from schemas.manifest import manifest_schema
 from schemas.outputs import predictions_schema
 
@@ -44,10 +44,10 @@ def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_
     labels = rng.random((n, F)) < prev
     for k, f in enumerate(CHEXNET_FINDINGS):
         cols[f] = labels[:, k]
-    write_parquet_atomic(pa.Table.from_pydict(cols, schema=manifest_schema(CHEXNET_FINDINGS)), join(out, "manifest.parquet"))
-    run = join(out, "runs", mv)
+    store = OutputStore(out)
+    store.write_parquet(store.manifest, pa.Table.from_pydict(cols, schema=manifest_schema(CHEXNET_FINDINGS)))
     bias = rng.normal(-3, 0.5, F)
-    g = create_maps(join(run, "maps.zarr"), n, shard, CHEXNET_FINDINGS, (7, 7), 1024,
+    g = create_maps(store.maps(mv), n, shard, CHEXNET_FINDINGS, (7, 7), 1024,
                     {"baselines": dict(zip(CHEXNET_FINDINGS, prev.tolist())), "model_version": mv, "classifier_bias": bias.tolist()})
     pool = np.maximum(rng.normal(0, 1, (1024, 49, 1024)), 0).astype(np.float16)
     for k, lo in enumerate(range(0, n, shard)):
@@ -68,8 +68,8 @@ def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_
         p = 1 / (1 + np.exp(-z.mean(axis=(2, 3))))
         pc = {"row": np.arange(lo, hi), "image_id": cols["image_id"][lo:hi], "model_version": [mv] * (hi - lo)}
         pc.update({f: p[:, j].astype(np.float32) for j, f in enumerate(CHEXNET_FINDINGS)})
-        write_parquet_atomic(pa.Table.from_pydict(pc, schema=predictions_schema(CHEXNET_FINDINGS, mv)), join(run, "predictions", f"part-{k:06d}.parquet"))
-    write_json_atomic({"status": "complete", "model_version": mv, "finished": "now", "config": {"datasets": ["manifest:synthetic"]}}, join(run, "run.json"))
+        store.write_parquet(store.part(mv, k), pa.Table.from_pydict(pc, schema=predictions_schema(CHEXNET_FINDINGS, mv)))
+    store.write_json(store.run_json(mv), {"status": "complete", "model_version": mv, "finished": "now", "config": {"datasets": ["manifest:synthetic"]}})
     return mv
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "jobs.report", "--out", work], check=True, stdout=subprocess.DEVNULL)
             report_walls.append(time.perf_counter() - t)
-        size = sum(os.path.getsize(f) for f in glob.glob(f"{work}/runs/*/report.html"))
+        size = sum(os.path.getsize(f) for f in glob.glob(OutputStore(work).report("*")))
         print(f"report of {args.images} images: median {statistics.median(report_walls):.1f} s "
               f"({', '.join(f'{w:.1f}' for w in report_walls)}; goal <= 30 s), {size / 2**20:.2f} MiB")
     shutil.rmtree(work, ignore_errors=True)

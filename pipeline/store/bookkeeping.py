@@ -3,30 +3,16 @@ rebuilt from what is on disk, or reported (exit 2) with the exact command that f
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import OutputError
 from pipeline.store.layout import OutputStore
-from pipeline.store.storage import url_to_fs
+from pipeline.store.storage import read_json_safe  # noqa: F401 - callers import it from here
 
 
 class BookkeepingError(OutputError):
     """A bookkeeping file is unreadable and cannot be rebuilt; the message gives the fix."""
-
-
-def read_json_safe(url: str, storage_options: dict | None = None) -> tuple[object | None, str | None]:
-    """(value, None); (None, None) when absent; (None, why) when present but unreadable."""
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read()), None
-    except FileNotFoundError:
-        return None, None
-    except (ValueError, UnicodeDecodeError, OSError) as e:
-        return None, f"{type(e).__name__}: {str(e)[:120]}"
 
 
 def previous_manifest(out, storage_options: dict | None = None) -> tuple[pa.Table | None, str | None]:

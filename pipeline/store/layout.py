@@ -216,9 +216,7 @@ class OutputStore:
 
     def read_json_safe(self, url: str):
         """(value, None); (None, None) when absent; (None, why) when present but unreadable."""
-        from pipeline.store.bookkeeping import read_json_safe
-
-        return read_json_safe(url, self.options)
+        return storage.read_json_safe(url, self.options)
 
     def read_parquet(self, url: str):
         return storage.read_parquet(url, self.options)

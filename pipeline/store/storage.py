@@ -65,6 +65,18 @@ def read_json(url: str, storage_options: dict | None = None):
         return json.loads(f.read())
 
 
+def read_json_safe(url: str, storage_options: dict | None = None) -> tuple[object | None, str | None]:
+    """(value, None); (None, None) when absent; (None, why) when present but unreadable."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read()), None
+    except FileNotFoundError:
+        return None, None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
 def exists(url: str, storage_options: dict | None = None) -> bool:
     fs, path = url_to_fs(url, storage_options)
     return fs.exists(path)

@@ -55,17 +55,6 @@ def setup_logging(args) -> None:
     log.propagate = False
 
 
-def quiet_dask_logs() -> None:
-    """Dask's own INFO/WARNING chatter (worker start/stop, 'Worker process still alive after 4 s,
-    killing' when a normal run closes its cluster) is for --verbose only. Call after importing
-    distributed: its import sets these loggers' levels from its config."""
-    import distributed  # noqa: F401 - configures its loggers on import
-
-    verbose = log.isEnabledFor(logging.DEBUG)
-    for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "dask_cuda"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
-
-
 def fail(e: BaseException) -> int:
     """Print an actionable error (no traceback) and return the configuration-error exit status."""
     print(f"error: {plain(e)}", file=sys.stderr)

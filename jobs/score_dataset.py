@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from jobs._common import add_common, fail, log, setup_logging
 from pipeline.core.errors import CxrAuditError
@@ -123,201 +122,6 @@ def config_from_args(args, argv_empty: bool):
                        read_timeout=args.read_timeout, read_retries=args.read_retries, allow_roots=tuple(args.allow_root))
 
 
-def run(cfg, validated: bool = False) -> dict:
-    """Validate, hold the --out lock, score, aggregate, then point latest.json at the run."""
-    from pipeline.store.layout import OutputStore
-    from pipeline.store.storage import remove_if_empty
-
-    if not validated:
-        from pipeline.run.validate import validate
-
-        validate(cfg)
-    created = _first_missing(cfg.out) if not OutputStore.of(cfg.out, cfg.storage_options).exists() else None
-    try:
-        return _run_locked(cfg)
-    except BaseException:
-        if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
-            remove_if_empty(created, cfg.storage_options)
-        raise
-
-
-def _first_missing(out: str) -> str:
-    """The outermost folder of a local --out that does not exist yet (what a run would create)."""
-    if "://" in out:
-        return out
-    path = os.path.abspath(out)
-    while not os.path.exists(os.path.dirname(path)):
-        path = os.path.dirname(path)
-    return path
-
-
-def _run_locked(cfg) -> dict:
-    from pipeline.store.bookkeeping import rebuild_latest
-    from pipeline.store.layout import OutputStore
-    from pipeline.run.run_lock import run_lock
-
-    store = OutputStore.of(cfg.out, cfg.storage_options)
-    store.check_writable()
-    with run_lock(store) as note:
-        if note:
-            log.warning(note)
-        removed = store.remove_temp_files()
-        if removed:
-            log.info(f"removed {removed} half-written temporary files left by an interrupted run")
-        latest, why = store.read_json_safe(store.latest)
-        if why or (latest is not None and not isinstance(latest, dict)):
-            latest = {"model_version": rebuild_latest(store)}
-            log.warning(f"latest.json was unreadable ({why}); rebuilt it from the runs: {latest['model_version']}")
-        previous = (latest or {}).get("model_version")
-        info = _score(cfg)
-        if info["status"] == "complete":
-            # only a complete, aggregated run becomes 'latest'; replaced atomically
-            store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
-            from pipeline.store.query_views import write_views
-
-            write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
-            if previous and previous != info["model_version"]:
-                from pipeline.analysis.drift import drift, summary_text
-
-                print(summary_text(drift(store, previous, info["model_version"])))
-            from pipeline.reporting.hook import report_after_run
-
-            info["report"] = report_after_run(store, info["model_version"])
-    return info
-
-
-def _score(cfg) -> dict:
-    """The graph: one task per pending shard, gathered as they finish; then finalize and aggregate."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    from jobs._common import quiet_dask_logs
-
-    from pipeline.run.cluster import load_profile, start_cluster
-    from pipeline.inference.model import resolve_device
-    from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
-    from pipeline.core.redact import redact
-    from pipeline.run.score_shard import score_shard
-    from pipeline.run.scoring import _now, finalize_run, prepare_run
-
-    started = _now()
-    prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
-    spec = prep.spec
-    for line in manifest_summary(prep.manifest, cfg):
-        log.info(redact(line))
-    for note in prep.notes:
-        log.warning(redact(note))
-    log.info(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
-    results, failures = [], []
-    if prep.pending:
-        profile = load_profile(cfg.cluster or None, cfg.cluster_file)
-        quiet_dask_logs()
-        t_cluster = time.perf_counter()
-        cluster, client = start_cluster(profile, cfg.worker_timeout)
-        prep.timings["cluster_start"] = time.perf_counter() - t_cluster
-        try:
-            log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
-            if spec.device == "auto":
-                spec = _with_worker_device(client, spec)
-            topic = progress_topic(spec.model_version)
-            bar = tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr, disable=args_quiet())
-            progress = ProgressBar(client, bar, topic)  # advances per batch, from the workers' events
-            futures = {client.submit(score_shard, s, spec, WorkerProgress(topic), key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}",
-                                     pure=False): s for s in prep.pending}
-            t_score = time.perf_counter()
-            with bar:
-                for fut in as_completed(futures):
-                    shard = futures[fut]
-                    try:
-                        results.append(fut.result())
-                    except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
-                        failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
-                        log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
-                    progress.shard_finished(shard.index, len(shard.rows))
-            progress.close()
-            prep.timings["score_wall"] = time.perf_counter() - t_score
-        except KeyboardInterrupt:
-            _interrupted(prep, results, failures, started)
-            raise
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    run_info = finalize_run(prep, results, failures, started)
-    if run_info["status"] != "running":
-        return run_info  # incomplete, failed or partial: no aggregates, never latest
-    from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
-    from pipeline.analysis.aggregate_inputs import stale_aggregates
-    from pipeline.run.scoring import finish_run
-
-    try:
-        agg = AggregateConfig(identifiability=cfg.identifiability)
-        stale = stale_aggregates(spec.store, spec.model_version, agg)
-        if stale:
-            t = time.perf_counter()
-            log.info(f"aggregates: computing ({stale})")
-            tables = aggregate_run(spec.store, spec.model_version, agg)
-            log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {time.perf_counter() - t:.1f} s")
-        steps = {"aggregates": "done"}
-        if cfg.identifiability:
-            steps["probes"] = "done"
-    except KeyboardInterrupt:
-        finish_run(prep, run_info, "interrupted", {"aggregates": "interrupted"})
-        raise
-    return finish_run(prep, run_info, "complete", steps)
-
-
-def _interrupted(prep, results, failures, started) -> None:
-    """Ctrl-C while scoring: record what is done, mark the run interrupted (never latest)."""
-    from pipeline.run.scoring import finalize_run, finish_run
-
-    try:
-        run_info = finalize_run(prep, results, failures, started)
-        finish_run(prep, run_info, "interrupted", {"scoring": "interrupted"})
-    except Exception as e:  # noqa: BLE001 - the interrupt matters more than this bookkeeping
-        log.error(f"(could not record the interruption in run.json: {e})")
-
-
-def manifest_summary(result, cfg) -> list[str]:
-    """Films found per dataset ('120 of 112,120 listed films found under ROOT') and the other
-    metadata issues by reason: a partial download is one line, not thousands of issues."""
-    from pipeline.sources.adapters import DatasetSpec
-
-    issues = result.issues.select(["dataset", "reason"]).to_pandas()
-    kept = result.manifest.column("dataset").to_pandas().value_counts()
-    lines = []
-    for spec in (DatasetSpec.parse(d) for d in cfg.datasets):
-        mine = issues[issues.dataset == spec.name].reason
-        missing, excluded = int((mine == "missing_file").sum()), int((mine == "excluded_view").sum())
-        found = int(kept.get(spec.name, 0)) + excluded
-        if missing:
-            lines.append(f"{spec.name}: {found:,} of {found + missing:,} listed films found under {spec.location} "
-                         f"(the {missing:,} others are missing_file rows in manifest_issues.parquet)")
-    other = issues[issues.reason != "missing_file"].reason.value_counts().sort_index().to_dict()
-    lines.append(f"manifest: {result.manifest.num_rows:,} images; "
-                 + (f"metadata issues {other} -> {cfg.out}/manifest_issues.parquet" if other else "no other metadata issues"))
-    return lines
-
-
-def _with_worker_device(client, spec):
-    from dataclasses import replace
-
-    def probe():
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    devices = set(client.run(probe).values())
-    return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
-
-
-def args_quiet() -> bool:
-    """--quiet: no progress bar either."""
-    import logging
-
-    return not log.isEnabledFor(logging.INFO)
-
-
 def summary(run: dict) -> str:
     c = run["counts"]
     lines = [
@@ -369,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         check_cluster(load_profile(args.cluster, args.cluster_file or "cluster.yaml", required=args.cluster_file is not None))
         cfg = config_from_args(args, argv_empty=not any(a.startswith("--dataset") or a.startswith("--out") or a.startswith("--checkpoint") for a in argv))
         validate(cfg, cluster_file_given=args.cluster_file is not None)
+        from pipeline.run.lifecycle import run
+
         result = run(cfg, validated=True)
     except CxrAuditError as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
@@ -382,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    if result.get("drift_text"):
+        print(result["drift_text"])
     print(summary(result))
     if result.get("report"):
         print(f"  report: {result['report']}")

@@ -217,7 +217,7 @@ def test_help_goes_to_stdout_and_lists_new_flags(capsys):
 
 
 def test_a_partial_download_is_one_line_and_missing_rows_keep_their_path(tmp_path):
-    from jobs.score_dataset import manifest_summary
+    from pipeline.run.lifecycle import manifest_summary
     from pipeline.sources.adapters import DatasetSpec
     from pipeline.demo import make_demo_dataset
     from pipeline.core.findings import CHEXNET_FINDINGS

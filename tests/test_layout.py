@@ -143,12 +143,12 @@ def test_guarded_filesystem_refuses_without_its_option(guarded):
 def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tiny_nih, tiny_ckpt):
     """Score two model versions on a filesystem that needs its storage option, then aggregate,
     compare, report, list and check them with the store: any step that dropped the options fails."""
-    from jobs.score_dataset import run
     from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
     from pipeline.analysis.aggregate_inputs import stale_aggregates
     from pipeline.analysis.drift import drift
     from pipeline.reporting.html import write_report
     from pipeline.run.run_check import check_out
+    from pipeline.run.lifecycle import run
     from pipeline.run.scoring import ScoreConfig
     from pipeline.store.run_index import complete_runs, run_records
 

@@ -228,7 +228,8 @@ def prepare_run(cfg: ScoreConfig, device: str) -> PreparedRun:
     history = []
     if previous_run:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
-    store.write_json(store.run_json(spec.model_version), _run_json(cfg, spec, fp, "running", _now(), None, timings, history))
+    store.write_json(store.run_json(spec.model_version), {**_run_json(cfg, spec, fp, "running", _now(), None, timings, history),
+                                                          "steps": {"prepare": "done"}})
     return PreparedRun(cfg, spec, shards, result, fp, timings, pending, notes)
 
 
@@ -307,7 +308,7 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     current = current if isinstance(current, dict) else {}
     run = _run_json(prep.config, spec, prep.dataset_fingerprint, status, started, counts, timings,
                     current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
-    run["steps"] = {"scoring": "done" if status == "running" else status}
+    run["steps"] = {**current.get("steps", {}), "scoring": "done" if status == "running" else status}
     store.write_json(store.run_json(spec.model_version), run)
     return run
 

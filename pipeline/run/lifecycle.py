@@ -1,0 +1,331 @@
+"""One scoring run from start to end, each step recorded in run.json's ``steps``.
+
+    lock -> clean temporaries -> prepare -> execute (shard tasks on the cluster) -> finalize
+         -> aggregate (region statistics and probes on the same cluster) -> publish latest.json
+         -> drift against the previous latest -> report
+
+``run(cfg)`` is what ``python -m jobs.score_dataset`` calls; each step is also a function of its
+own, so tests and other entry points (the benchmark) call them without parsing printed text. The
+cluster is started once, lazily (a run with nothing to score or aggregate starts none), and closed
+only after the aggregates: scoring, the region statistics' tree reduction and the probes' fits all
+run on its workers, never on the submit node's threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+
+from pipeline.core.redact import redact
+from pipeline.store.layout import OutputStore
+
+log = logging.getLogger("cxr_audit")
+
+
+def quiet_dask_logs() -> None:
+    """Dask's own INFO/WARNING chatter (worker start/stop, 'Worker process still alive after 4 s,
+    killing' when a normal run closes its cluster) is for --verbose only. Call after importing
+    distributed: its import sets these loggers' levels from its config."""
+    import distributed  # noqa: F401 - configures its loggers on import
+
+    verbose = log.isEnabledFor(logging.DEBUG)
+    for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "dask_cuda"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+class RunCluster:
+    """The run's Dask cluster, started on first use and closed when the run ends.
+
+    Given a client (tests, notebooks), it uses that one and leaves it open."""
+
+    def __init__(self, cfg, client=None):
+        self.cfg = cfg
+        self._client = client
+        self._cluster = None
+        self._owned = client is None
+        self.start_seconds: float | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from pipeline.run.cluster import load_profile, start_cluster
+
+            profile = load_profile(self.cfg.cluster or None, self.cfg.cluster_file)
+            quiet_dask_logs()
+            t = time.perf_counter()
+            self._cluster, self._client = start_cluster(profile, self.cfg.worker_timeout)
+            self.start_seconds = time.perf_counter() - t
+            log.info(f"cluster {profile.name}: dashboard {self._client.dashboard_link}")
+        return self._client
+
+    def map(self, fn, items) -> list:
+        """fn over items as independent tasks on the cluster, results in order (the probes' map_fn)."""
+        items = list(items)
+        if not items:
+            return []
+        return self.client.gather(self.client.map(fn, items, pure=False))
+
+    def close(self) -> None:
+        if self._owned and self._client is not None:
+            self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+            self._client = self._cluster = None
+
+    def __enter__(self) -> "RunCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- the whole run -------------------------------------------------------------------------------
+
+def run(cfg, validated: bool = False, client=None) -> dict:
+    """Validate, hold the --out lock, score, aggregate, then point latest.json at the run, compare it
+    with the previous latest and write its report. Returns run.json's content (plus ``report`` and
+    ``drift_text`` when written)."""
+    from pipeline.store.storage import remove_if_empty
+
+    if not validated:
+        from pipeline.run.validate import validate
+
+        validate(cfg)
+    store = OutputStore.of(cfg.out, cfg.storage_options)
+    created = first_missing(cfg.out) if not store.exists() else None
+    try:
+        return run_locked(cfg, store, client)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
+            remove_if_empty(created, store.options)
+        raise
+
+
+def first_missing(out: str) -> str:
+    """The outermost folder of a local --out that does not exist yet (what a run would create)."""
+    if "://" in out:
+        return out
+    path = os.path.abspath(out)
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def run_locked(cfg, store: OutputStore, client=None) -> dict:
+    from pipeline.run.run_lock import run_lock
+
+    store.check_writable()
+    with run_lock(store) as note:
+        if note:
+            log.warning(note)
+        clean_temporaries(store)
+        previous = previous_latest(store)
+        with RunCluster(cfg, client) as cluster:
+            prep, info = score(cfg, store, cluster)
+            if info["status"] == "running":  # every shard done: aggregates next, on the same cluster
+                info = aggregate(cfg, prep, info, cluster)
+        if info["status"] == "complete":
+            publish(store, info)
+            info["drift_text"] = drift_step(store, previous, info)
+            info["report"] = report_step(store, info)
+    return info
+
+
+# ---- the steps -------------------------------------------------------------------------------------
+
+def clean_temporaries(store: OutputStore) -> int:
+    """Delete the *.tmp-* files an interrupted writer left (only while holding the lock)."""
+    removed = store.remove_temp_files()
+    if removed:
+        log.info(f"removed {removed} half-written temporary files left by an interrupted run")
+    return removed
+
+
+def previous_latest(store: OutputStore) -> str | None:
+    """The model version latest.json names now (rebuilt from the runs when it is unreadable)."""
+    from pipeline.store.bookkeeping import rebuild_latest
+
+    latest, why = store.read_json_safe(store.latest)
+    if why or (latest is not None and not isinstance(latest, dict)):
+        latest = {"model_version": rebuild_latest(store)}
+        log.warning(f"latest.json was unreadable ({why}); rebuilt it from the runs: {latest['model_version']}")
+    return (latest or {}).get("model_version")
+
+
+def score(cfg, store: OutputStore, cluster: RunCluster):
+    """prepare -> execute -> finalize. Returns the prepared run and run.json ('running' when every
+    shard is done; 'incomplete', 'failed' or 'partial' otherwise: no aggregates, never latest)."""
+    from pipeline.inference.model import resolve_device
+    from pipeline.run.scoring import _now, finalize_run, finish_run, prepare_run
+
+    started = _now()
+    prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
+    for line in manifest_summary(prep.manifest, cfg, store):
+        log.info(redact(line))
+    for note in prep.notes:
+        log.warning(redact(note))
+    log.info(f"model {prep.spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
+    results: list[dict] = []
+    failures: list[dict] = []
+    try:
+        execute(prep, cluster, results, failures)
+    except KeyboardInterrupt:
+        try:  # record what is done, mark the run interrupted (never latest)
+            finish_run(prep, finalize_run(prep, results, failures, started), "interrupted", {"scoring": "interrupted"})
+        except Exception as e:  # noqa: BLE001 - the interrupt matters more than this bookkeeping
+            log.error(f"(could not record the interruption in run.json: {e})")
+        raise
+    return prep, finalize_run(prep, results, failures, started)
+
+
+def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
+    """One task per pending shard on the cluster, gathered as they finish. A failed shard is recorded
+    and does not stop the others; results and failures are filled in place (kept on Ctrl-C)."""
+    if not prep.pending:
+        return
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
+    from pipeline.run.score_shard import score_shard
+
+    client = cluster.client
+    if cluster.start_seconds is not None:
+        prep.timings["cluster_start"] = cluster.start_seconds
+    spec = prep.spec
+    if spec.device == "auto":
+        prep.spec = spec = with_worker_device(client, spec)
+    topic = progress_topic(spec.model_version)
+    bar = tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr,
+               disable=not log.isEnabledFor(logging.INFO))  # --quiet: no progress bar either
+    progress = ProgressBar(client, bar, topic)  # advances per batch, from the workers' events
+    futures = {client.submit(score_shard, s, spec, WorkerProgress(topic), key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}",
+                             pure=False): s for s in prep.pending}
+    t = time.perf_counter()
+    with bar:
+        for fut in as_completed(futures):
+            shard = futures[fut]
+            try:
+                results.append(fut.result())
+            except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
+                failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
+                log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
+            progress.shard_finished(shard.index, len(shard.rows))
+    progress.close()
+    prep.timings["score_wall"] = time.perf_counter() - t
+
+
+def with_worker_device(client, spec):
+    """--device auto: cuda when every worker has one, else cpu."""
+
+    def probe():
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    devices = set(client.run(probe).values())
+    return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
+
+
+def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
+    """Recompute stale aggregates on the run's cluster (the region statistics' reduction as its tasks;
+    the probes' fits through map_fn, e.g. ``cluster.map``); the run becomes 'complete'."""
+    from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
+    from pipeline.analysis.aggregate_inputs import stale_aggregates
+    from pipeline.run.scoring import finish_run
+
+    spec = prep.spec
+    try:
+        agg = AggregateConfig(identifiability=cfg.identifiability)
+        stale = stale_aggregates(spec.store, spec.model_version, agg)
+        if stale:
+            t = time.perf_counter()
+            log.info(f"aggregates: computing ({stale})")
+            client = cluster.client
+            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn)
+            seconds = time.perf_counter() - t
+            info = {**info, "seconds": {**info.get("seconds", {}), "aggregates": seconds}}
+            log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")
+        steps = {"aggregates": "done"}
+        if cfg.identifiability:
+            steps["probes"] = "done"
+    except KeyboardInterrupt:
+        finish_run(prep, info, "interrupted", {"aggregates": "interrupted"})
+        raise
+    return finish_run(prep, info, "complete", steps)
+
+
+def publish(store: OutputStore, info: dict) -> None:
+    """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views."""
+    from pipeline.store.query_views import write_views
+
+    store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
+    write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
+    record_step(store, info, "publish", "done")
+
+
+def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | None:
+    """Compare the run with the previous latest (when it is another model); returns the summary text.
+    A failed comparison is recorded and logged with the command that redoes it; the run stays complete."""
+    mv = info["model_version"]
+    if not previous or previous == mv:
+        return None
+    from pipeline.analysis.drift import drift, summary_text
+
+    try:
+        text = summary_text(drift(store, previous, mv))
+    except Exception as e:  # noqa: BLE001 - the run and latest.json are already written
+        log.error(f"drift {previous} -> {mv} not written ({type(e).__name__}: {redact(str(e))}); "
+                  f"redo it with python -m jobs.drift --out {redact(store.url)} --from {previous} --to {mv}")
+        record_step(store, info, "drift", "failed")
+        return None
+    record_step(store, info, "drift", "done")
+    return text
+
+
+def report_step(store: OutputStore, info: dict) -> str | None:
+    """The run's HTML report (a report that fails to build never fails the run)."""
+    from pipeline.reporting.hook import report_after_run
+
+    path = report_after_run(store, info["model_version"])
+    record_step(store, info, "report", "done" if path else "failed")
+    return path
+
+
+def record_step(store: OutputStore, info: dict, step: str, status: str) -> None:
+    """Add one step's status to run.json (and to info), rewriting it atomically."""
+    info.setdefault("steps", {})[step] = status
+    url = store.run_json(info["model_version"])
+    current, _ = store.read_json_safe(url)
+    current = current if isinstance(current, dict) else {k: v for k, v in info.items() if k not in ("report", "drift_text")}
+    current["steps"] = {**current.get("steps", {}), step: status}
+    store.write_json(url, current)
+
+
+def manifest_summary(result, cfg, store: OutputStore | None = None) -> list[str]:
+    """Films found per dataset ('120 of 112,120 listed films found under ROOT') and the other
+    metadata issues by reason: a partial download is one line, not thousands of issues."""
+    from pipeline.sources.adapters import DatasetSpec
+
+    store = store or OutputStore.of(cfg.out, cfg.storage_options)
+    issues = result.issues.select(["dataset", "reason"]).to_pandas()
+    kept = result.manifest.column("dataset").to_pandas().value_counts()
+    lines = []
+    for spec in (DatasetSpec.parse(d) for d in cfg.datasets):
+        mine = issues[issues.dataset == spec.name].reason
+        missing, excluded = int((mine == "missing_file").sum()), int((mine == "excluded_view").sum())
+        found = int(kept.get(spec.name, 0)) + excluded
+        if missing:
+            lines.append(f"{spec.name}: {found:,} of {found + missing:,} listed films found under {spec.location} "
+                         f"(the {missing:,} others are missing_file rows in manifest_issues.parquet)")
+    other = issues[issues.reason != "missing_file"].reason.value_counts().sort_index().to_dict()
+    lines.append(f"manifest: {result.manifest.num_rows:,} images; "
+                 + (f"metadata issues {other} -> {store.manifest_issues}" if other else "no other metadata issues"))
+    return lines

@@ -1,0 +1,105 @@
+"""The run's lifecycle (pipeline/run/lifecycle.py), called as functions: the steps it records in
+run.json, aggregation on the scoring cluster, a cluster only when there is work, and steps after
+'complete' that cannot undo it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pipeline.run.score_shard
+from pipeline.run import lifecycle
+from pipeline.run.scoring import ScoreConfig
+from pipeline.store.layout import OutputStore
+
+from .conftest import TINY_ARCH
+
+CLUSTER_FILE = str(Path(__file__).resolve().parents[1] / "cluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from pipeline.run.cluster import Profile, start_cluster
+
+    cluster, client = start_cluster(Profile("test", "local", {"n_workers": 1, "threads_per_worker": 2, "processes": False,
+                                                              "dashboard_address": None}))
+    yield client
+    client.close()
+    cluster.close()
+
+
+_REAL_SCORE_SHARD = pipeline.run.score_shard.score_shard
+
+
+def _second_shard_fails(shard, *a, **k):  # module level: the task is pickled to the worker
+    if shard.index == 1:
+        raise OSError("worker lost its mount")
+    return _REAL_SCORE_SHARD(shard, *a, **k)
+
+
+def _cfg(data, out, seed, **kw) -> ScoreConfig:
+    return ScoreConfig(datasets=(f"nih:{data}",), out=str(out), checkpoint=f"random:{seed}", arch=TINY_ARCH, cluster="inprocess",
+                       cluster_file=CLUSTER_FILE, shard_size=8, batch_size=8, limit=16, **kw)
+
+
+def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, tiny_nih, client):
+    from distributed import get_task_stream
+
+    out = OutputStore(str(tmp_path / "out"))
+    with get_task_stream(client) as stream:
+        first = lifecycle.run(_cfg(tiny_nih, out.url, 1), client=client)
+    assert first["status"] == "complete" and first["drift_text"] is None
+    mv1 = first["model_version"]
+    rj = out.read_json(out.run_json(mv1))
+    assert rj["steps"] == {"prepare": "done", "scoring": "done", "aggregates": "done", "publish": "done", "report": "done"}
+    assert rj["seconds"]["aggregates"] > 0 and rj["seconds"]["score_wall"] > 0
+    prefixes = {t["key"].split("-")[0] for t in stream.data}
+    assert "score" in prefixes and "_partition_accumulator" in prefixes  # both on the same cluster
+    assert client.status == "running"  # a client handed in stays open
+
+    second = lifecycle.run(_cfg(tiny_nih, out.url, 2), client=client)
+    mv2 = second["model_version"]
+    assert mv2 != mv1 and second["drift_text"].startswith(f"drift {mv1} -> {mv2}: 16 images compared")
+    assert out.read_json(out.run_json(mv2))["steps"]["drift"] == "done"
+    assert out.exists(out.drift_summary(mv1, mv2)) and out.read_json(out.latest)["model_version"] == mv2
+
+
+def test_nothing_to_do_starts_no_cluster(tmp_path, tiny_nih, client, monkeypatch):
+    out = tmp_path / "out"
+    assert lifecycle.run(_cfg(tiny_nih, out, 3), client=client)["status"] == "complete"
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a run with nothing to score or aggregate started a cluster")
+
+    import pipeline.run.cluster
+
+    monkeypatch.setattr(pipeline.run.cluster, "start_cluster", no_cluster)
+    again = lifecycle.run(_cfg(tiny_nih, out, 3))
+    assert again["status"] == "complete" and again["counts"]["skipped_shards"] == 2
+
+
+def test_a_failed_drift_is_recorded_and_the_run_stays_complete(tmp_path, tiny_nih, client, monkeypatch, caplog):
+    out = OutputStore(str(tmp_path / "out"))
+    mv1 = lifecycle.run(_cfg(tiny_nih, out.url, 4), client=client)["model_version"]
+    import pipeline.analysis.drift
+
+    def broken(*a, **k):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(pipeline.analysis.drift, "drift", broken)
+    info = lifecycle.run(_cfg(tiny_nih, out.url, 5), client=client)
+    assert info["status"] == "complete" and info["drift_text"] is None
+    assert out.read_json(out.run_json(info["model_version"]))["steps"]["drift"] == "failed"
+    assert out.read_json(out.latest)["model_version"] == info["model_version"] != mv1
+    assert f"python -m jobs.drift --out {out.url} --from {mv1} --to {info['model_version']}" in caplog.text
+
+
+def test_an_incomplete_run_is_never_aggregated_or_published(tmp_path, tiny_nih, client, monkeypatch):
+    out = OutputStore(str(tmp_path / "out"))
+    monkeypatch.setattr(pipeline.run.score_shard, "score_shard", _second_shard_fails)
+    info = lifecycle.run(_cfg(tiny_nih, out.url, 6), client=client)
+    assert info["status"] == "incomplete" and info["failed_shards"][0]["shard"] == 1
+    rj = out.read_json(out.run_json(info["model_version"]))
+    assert rj["steps"] == {"prepare": "done", "scoring": "incomplete"}
+    assert not out.exists(out.latest) and not out.exists(out.table(info["model_version"], "region_stats"))

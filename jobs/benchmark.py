@@ -20,7 +20,6 @@ import glob
 import multiprocessing
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -78,8 +77,7 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     store = OutputStore(str(out))
     run = store.read_json(store.run_json(store.read_json(store.latest)["model_version"]))
     assert run["counts"]["scored"] == n, run["counts"]
-    m = re.search(r"aggregates: .* in ([0-9.]+) s", proc.stdout + proc.stderr)
-    return {**run, "wall": wall, "aggregates_s": float(m.group(1)) if m else 0.0, "stdout": proc.stdout}
+    return {**run, "wall": wall, "aggregates_s": run["seconds"].get("aggregates", 0.0), "stdout": proc.stdout}
 
 
 def _median_rate(fn, n_images: int, repeats: int) -> float:

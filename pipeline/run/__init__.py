@@ -1,8 +1,10 @@
 """One scoring run: configuration, shards, the Dask tasks, resume, locks, the cluster.
 
-Owns: the run's identity (``runspec``), shards (``shards``), the per-shard task (``score_shard``)
-and its decode processes (``decode_pool``), scoring a dataset on a client (``scoring``), the
-content-hash cache (``cache``), the lock (``run_lock``), run checks (``run_check``), cluster
-profiles (``cluster``), progress events (``progress``) and early validation (``validate``).
-May import every other layer of ``pipeline``; nothing outside ``jobs`` imports it.
+Owns: the run's lifecycle (``lifecycle``: lock, prepare, execute, finalize, aggregate, publish,
+drift, report), the run's identity (``runspec``), shards (``shards``), the per-shard task
+(``score_shard``) and its decode processes (``decode_pool``), preparing and finalizing a run
+(``scoring``), the content-hash cache (``cache``), the lock (``run_lock``), run checks
+(``run_check``), cluster profiles (``cluster``), progress events (``progress``) and early
+validation (``validate``). May import every other layer of ``pipeline``; nothing outside ``jobs``
+imports it.
 """

@@ -43,8 +43,11 @@ def _cfg(data, out, seed, **kw) -> ScoreConfig:
                        cluster_file=CLUSTER_FILE, shard_size=8, batch_size=8, limit=16, **kw)
 
 
-def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, tiny_nih, client):
+def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, tiny_nih, client, monkeypatch, caplog):
     from distributed import get_task_stream
+
+    import pipeline.analysis.drift
+    import pipeline.run.cluster
 
     out = OutputStore(str(tmp_path / "out"))
     with get_task_stream(client) as stream:
@@ -58,41 +61,30 @@ def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, 
     assert "score" in prefixes and "_partition_accumulator" in prefixes  # both on the same cluster
     assert client.status == "running"  # a client handed in stays open
 
+    def no_cluster(*a, **k):
+        raise AssertionError("a run with nothing to score or aggregate started a cluster")
+
+    with monkeypatch.context() as m:  # the same run again: nothing to do, so no cluster at all
+        m.setattr(pipeline.run.cluster, "start_cluster", no_cluster)
+        again = lifecycle.run(_cfg(tiny_nih, out.url, 1))
+    assert again["status"] == "complete" and again["counts"]["skipped_shards"] == 2
+
     second = lifecycle.run(_cfg(tiny_nih, out.url, 2), client=client)
     mv2 = second["model_version"]
     assert mv2 != mv1 and second["drift_text"].startswith(f"drift {mv1} -> {mv2}: 16 images compared")
     assert out.read_json(out.run_json(mv2))["steps"]["drift"] == "done"
     assert out.exists(out.drift_summary(mv1, mv2)) and out.read_json(out.latest)["model_version"] == mv2
 
-
-def test_nothing_to_do_starts_no_cluster(tmp_path, tiny_nih, client, monkeypatch):
-    out = tmp_path / "out"
-    assert lifecycle.run(_cfg(tiny_nih, out, 3), client=client)["status"] == "complete"
-
-    def no_cluster(*a, **k):
-        raise AssertionError("a run with nothing to score or aggregate started a cluster")
-
-    import pipeline.run.cluster
-
-    monkeypatch.setattr(pipeline.run.cluster, "start_cluster", no_cluster)
-    again = lifecycle.run(_cfg(tiny_nih, out, 3))
-    assert again["status"] == "complete" and again["counts"]["skipped_shards"] == 2
-
-
-def test_a_failed_drift_is_recorded_and_the_run_stays_complete(tmp_path, tiny_nih, client, monkeypatch, caplog):
-    out = OutputStore(str(tmp_path / "out"))
-    mv1 = lifecycle.run(_cfg(tiny_nih, out.url, 4), client=client)["model_version"]
-    import pipeline.analysis.drift
-
     def broken(*a, **k):
         raise OSError("the disk went away")
 
-    monkeypatch.setattr(pipeline.analysis.drift, "drift", broken)
-    info = lifecycle.run(_cfg(tiny_nih, out.url, 5), client=client)
-    assert info["status"] == "complete" and info["drift_text"] is None
-    assert out.read_json(out.run_json(info["model_version"]))["steps"]["drift"] == "failed"
-    assert out.read_json(out.latest)["model_version"] == info["model_version"] != mv1
-    assert f"python -m jobs.drift --out {out.url} --from {mv1} --to {info['model_version']}" in caplog.text
+    monkeypatch.setattr(pipeline.analysis.drift, "drift", broken)  # a failed drift: recorded, the run stays complete
+    third = lifecycle.run(_cfg(tiny_nih, out.url, 3), client=client)
+    mv3 = third["model_version"]
+    assert third["status"] == "complete" and third["drift_text"] is None
+    assert out.read_json(out.run_json(mv3))["steps"]["drift"] == "failed"
+    assert out.read_json(out.latest)["model_version"] == mv3
+    assert f"python -m jobs.drift --out {out.url} --from {mv2} --to {mv3}" in caplog.text
 
 
 def test_an_incomplete_run_is_never_aggregated_or_published(tmp_path, tiny_nih, client, monkeypatch):

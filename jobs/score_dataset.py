@@ -111,7 +111,7 @@ def _findings(text: str) -> tuple[str, ...]:
     return _comma_list(text)
 
 
-def demo_config(cfg):
+def demo_config():
     """The demo (no dataset, checkpoint or output given anywhere): builds (once) its data and model."""
     from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
     from pipeline.run.config import ScoreConfig
@@ -127,13 +127,14 @@ def is_demo(cfg) -> bool:
     return not (cfg.data.datasets or cfg.output.out or cfg.model.checkpoint)
 
 
-def config_from_args(args):
-    """Defaults, then the demo's settings (when nothing says what to score), then --config, then the flags."""
+def config_from_args(args, cfg=None):
+    """Defaults, then the demo's settings (when nothing says what to score), then --config, then the
+    flags. ``cfg``: the configuration without the demo, if already built."""
     from pipeline.core.errors import ConfigError
 
-    cfg = job_config(args)
+    cfg = cfg or job_config(args)
     if is_demo(cfg):
-        return job_config(args, base=demo_config(cfg))
+        return job_config(args, base=demo_config())
     if not cfg.data.datasets or not cfg.output.out or not cfg.model.checkpoint:
         raise ConfigError("--dataset, --checkpoint and --out are required (run with no arguments for the demo)")
     return cfg
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         user = job_config(args)  # --config and the flags: no side effects yet
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, user)
         validate(cfg)
         result = run(cfg, validated=True)
     except CxrAuditError as e:

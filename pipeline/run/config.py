@@ -243,13 +243,15 @@ assert len(FLAT_KEYS) == sum(len(fields(c)) for c in SECTIONS.values()), "flat k
 # The flag that sets each key (for messages); keys without a flag are named by their path.
 FLAGS = {
     "datasets": "--dataset", "allow_roots": "--allow-root", "cluster": "--cluster", "cluster_file": "--cluster-file",
-    "targets": "--confounder", "decode_threads": "--decode-threads",
+    "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": None,
 }
+_COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split on commas, as the flag's value is
 
 
 def flag_of(section: str, name: str) -> str:
     key = _FLAT_NAMES.get((section, name), name)
-    return f"{FLAGS.get(key, '--' + key.replace('_', '-'))} ({section}.{name})"
+    flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+    return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
 
 
 def load_yaml(path: str) -> dict:
@@ -366,7 +368,7 @@ def _check_values(cfg: ScoreConfig) -> None:
         raise ConfigError("--worker-timeout must be positive")
     a = cfg.aggregate
     if a.min_n < 1 or a.n_boot < 1:
-        raise ConfigError("--min-n and aggregate.n_boot must be positive")
+        raise ConfigError(f"{flag_of('aggregate', 'min_n')} and {flag_of('aggregate', 'n_boot')} must be positive")
     if a.anatomy_mask is not None and (len(a.anatomy_mask) != 7 or any(len(r) != 7 or set(r) - {0, 1} for r in a.anatomy_mask)):
         raise ConfigError("--anatomy-mask must be 7 rows of 7 zeros and ones")
     try:
@@ -444,7 +446,7 @@ def _coerce(section: str, name: str, value, hint):
     if get_origin(base) is tuple:
         inner = get_args(base)[0]
         if isinstance(value, str):
-            value = (value,)
+            value = tuple(v.strip() for v in value.split(",") if v.strip()) if (section, name) in _COMMA_LISTS else (value,)
         if isinstance(value, (list, tuple)):
             return tuple(_coerce(section, name, v, inner) if get_origin(inner) is tuple else v for v in value)
     if base is float and isinstance(value, int) and not isinstance(value, bool):

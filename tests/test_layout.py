@@ -157,7 +157,7 @@ def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tin
     cluster_file = str(Path(__file__).resolve().parents[1] / "cluster.yaml")
     infos = []
     for seed in (1, 2):
-        cfg = ScoreConfig(datasets=(f"nih:{tiny_nih}",), out=guarded.url, checkpoint=f"random:{seed}", arch=TINY_ARCH,
+        cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=guarded.url, checkpoint=f"random:{seed}", arch=TINY_ARCH,
                           cluster="inprocess", cluster_file=cluster_file, shard_size=8, batch_size=8, limit=16,
                           storage_options=dict(guarded.options))
         infos.append(run(cfg))

@@ -39,7 +39,7 @@ def _second_shard_fails(shard, *a, **k):  # module level: the task is pickled to
 
 
 def _cfg(data, out, seed, **kw) -> ScoreConfig:
-    return ScoreConfig(datasets=(f"nih:{data}",), out=str(out), checkpoint=f"random:{seed}", arch=TINY_ARCH, cluster="inprocess",
+    return ScoreConfig.of(datasets=(f"nih:{data}",), out=str(out), checkpoint=f"random:{seed}", arch=TINY_ARCH, cluster="inprocess",
                        cluster_file=CLUSTER_FILE, shard_size=8, batch_size=8, limit=16, **kw)
 
 

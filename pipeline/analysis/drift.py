@@ -19,12 +19,15 @@ from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
 
 
+DRIFT_BOOT = 500  # resamples for the paired AUC-delta CIs (see AggregateConfig for the other bootstraps)
+
+
 def _logit(p):
     p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
     return np.log(p) - np.log1p(-p)
 
 
-def _paired_auc_delta_ci(y, a, b, n_boot=500, seed=0):
+def _paired_auc_delta_ci(y, a, b, n_boot=DRIFT_BOOT, seed=0):
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(n_boot):
@@ -35,7 +38,7 @@ def _paired_auc_delta_ci(y, a, b, n_boot=500, seed=0):
     return (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if len(deltas) > 10 else (math.nan, math.nan)
 
 
-def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = 500,
+def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = DRIFT_BOOT,
           storage_options: dict | None = None) -> dict:
     """Compare two runs of OUT (an OutputStore, or a URL opened with storage_options) and write
     OUT/drift/<from>__<to>/."""

@@ -1,7 +1,8 @@
 """One scoring run: configuration, shards, the Dask tasks, resume, locks, the cluster.
 
-Owns: the run's lifecycle (``lifecycle``: lock, prepare, execute, finalize, aggregate, publish,
-drift, report), the run's identity (``runspec``), shards (``shards``), the per-shard task
+Owns: the one configuration of a run and its resolution (``config``), the run's lifecycle
+(``lifecycle``: lock, prepare, execute, finalize, aggregate, publish, drift, report), the shard
+spec derived from the configuration (``runspec``), shards (``shards``), the per-shard task
 (``score_shard``) and its decode processes (``decode_pool``), preparing and finalizing a run
 (``scoring``), the content-hash cache (``cache``), the lock (``run_lock``), run checks
 (``run_check``), cluster profiles (``cluster``), progress events (``progress``) and early

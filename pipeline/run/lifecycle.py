@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 
 from pipeline.core.redact import redact
 from pipeline.store.layout import OutputStore
@@ -57,10 +56,10 @@ class RunCluster:
         if self._client is None:
             from pipeline.run.cluster import load_profile, start_cluster
 
-            profile = load_profile(self.cfg.cluster or None, self.cfg.cluster_file)
+            profile = load_profile(self.cfg.cluster.profile or None, self.cfg.cluster.path)
             quiet_dask_logs()
             t = time.perf_counter()
-            self._cluster, self._client = start_cluster(profile, self.cfg.worker_timeout)
+            self._cluster, self._client = start_cluster(profile, self.cfg.cluster.worker_timeout)
             self.start_seconds = time.perf_counter() - t
             log.info(f"cluster {profile.name}: dashboard {self._client.dashboard_link}")
         return self._client
@@ -98,8 +97,8 @@ def run(cfg, validated: bool = False, client=None) -> dict:
         from pipeline.run.validate import validate
 
         validate(cfg)
-    store = OutputStore.of(cfg.out, cfg.storage_options)
-    created = first_missing(cfg.out) if not store.exists() else None
+    store = cfg.output.store()
+    created = first_missing(store.url) if not store.exists() else None
     try:
         return run_locked(cfg, store, client)
     except BaseException:
@@ -162,16 +161,15 @@ def previous_latest(store: OutputStore) -> str | None:
 def score(cfg, store: OutputStore, cluster: RunCluster):
     """prepare -> execute -> finalize. Returns the prepared run and run.json ('running' when every
     shard is done; 'incomplete', 'failed' or 'partial' otherwise: no aggregates, never latest)."""
-    from pipeline.inference.model import resolve_device
     from pipeline.run.scoring import _now, finalize_run, finish_run, prepare_run
 
     started = _now()
-    prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
+    prep = prepare_run(cfg)
     for line in manifest_summary(prep.manifest, cfg, store):
         log.info(redact(line))
     for note in prep.notes:
         log.warning(redact(note))
-    log.info(f"model {prep.spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
+    log.info(f"model {prep.spec.model_version} ({cfg.model.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results: list[dict] = []
     failures: list[dict] = []
     try:
@@ -200,8 +198,6 @@ def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
     if cluster.start_seconds is not None:
         prep.timings["cluster_start"] = cluster.start_seconds
     spec = prep.spec
-    if spec.device == "auto":
-        prep.spec = spec = with_worker_device(client, spec)
     topic = progress_topic(spec.model_version)
     bar = tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr,
                disable=not log.isEnabledFor(logging.INFO))  # --quiet: no progress bar either
@@ -222,28 +218,16 @@ def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
     prep.timings["score_wall"] = time.perf_counter() - t
 
 
-def with_worker_device(client, spec):
-    """--device auto: cuda when every worker has one, else cpu."""
-
-    def probe():
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    devices = set(client.run(probe).values())
-    return replace(spec, device="cuda" if devices == {"cuda"} else "cpu")
-
-
 def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
     """Recompute stale aggregates on the run's cluster (the region statistics' reduction as its tasks;
     the probes' fits through map_fn, e.g. ``cluster.map``); the run becomes 'complete'."""
-    from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
+    from pipeline.analysis.aggregate import aggregate_run
     from pipeline.analysis.aggregate_inputs import stale_aggregates
     from pipeline.run.scoring import finish_run
 
     spec = prep.spec
     try:
-        agg = AggregateConfig(identifiability=cfg.identifiability)
+        agg = cfg.aggregate
         stale = stale_aggregates(spec.store, spec.model_version, agg)
         if stale:
             t = time.perf_counter()
@@ -254,7 +238,7 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
             info = {**info, "seconds": {**info.get("seconds", {}), "aggregates": seconds}}
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")
         steps = {"aggregates": "done"}
-        if cfg.identifiability:
+        if agg.identifiability:
             steps["probes"] = "done"
     except KeyboardInterrupt:
         finish_run(prep, info, "interrupted", {"aggregates": "interrupted"})
@@ -314,11 +298,11 @@ def manifest_summary(result, cfg, store: OutputStore | None = None) -> list[str]
     metadata issues by reason: a partial download is one line, not thousands of issues."""
     from pipeline.sources.adapters import DatasetSpec
 
-    store = store or OutputStore.of(cfg.out, cfg.storage_options)
+    store = store or cfg.output.store()
     issues = result.issues.select(["dataset", "reason"]).to_pandas()
     kept = result.manifest.column("dataset").to_pandas().value_counts()
     lines = []
-    for spec in (DatasetSpec.parse(d) for d in cfg.datasets):
+    for spec in (DatasetSpec.parse(d) for d in cfg.data.datasets):
         mine = issues[issues.dataset == spec.name].reason
         missing, excluded = int((mine == "missing_file").sum()), int((mine == "excluded_view").sum())
         found = int(kept.get(spec.name, 0)) + excluded

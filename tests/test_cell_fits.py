@@ -109,3 +109,25 @@ def test_cells_run_as_independent_tasks_through_map_fn():
     t = cell_target("label", m.label, m.patient_id, cfg)
     alone = fit_cell(x[:, 0], (t,), cfg.cell_ridge)[0]
     assert alone["auc"] == pytest.approx(cells[0]["auc"], abs=1e-12) and alone["p_value"] == pytest.approx(cells[0]["p_value"], abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_vectorised_bootstrap_is_the_roc_auc_score_loop(k):
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.analysis.probe_stats import bootstrap_macro_auc
+
+    rng = np.random.default_rng(k)
+    n = 60
+    y = rng.integers(0, k, n)
+    a = rng.integers(1, 4, (n, k)).astype(np.float64)
+    p = a / a.sum(1, keepdims=True)  # probabilities with many tied scores
+    draws = [rng.integers(0, n, n) for _ in range(60)]
+    fast = bootstrap_macro_auc(y, p, draws, block=7)
+    for d, f in zip(draws, fast):
+        if len(np.unique(y[d])) < k:
+            assert np.isnan(f)  # a replicate that misses a class is dropped, as before
+        else:
+            ref = roc_auc_score(y[d], p[d][:, 1] if k == 2 else p[d], multi_class="ovr", labels=np.arange(k))
+            assert f == pytest.approx(ref, abs=1e-12)
+    assert np.isfinite(fast).sum() >= 20

@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.analysis.cell_fits import CellTarget, cell_metrics, constant_metrics, fit_cell
 from pipeline.analysis.metrics import auc_delong
-from pipeline.analysis.probe_stats import holm
+from pipeline.analysis.probe_stats import bootstrap_macro_auc, holm
 from pipeline.analysis.strata import age_band
 
 DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")
@@ -136,12 +136,9 @@ def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, cfg: ProbeConfig) -> dic
     else:
         auc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro", labels=np.arange(k)))
         rng = np.random.default_rng(cfg.seed)
-        boots = []
-        for _ in range(cfg.n_boot):
-            i = rng.integers(0, len(y_idx), len(y_idx))
-            if len(np.unique(y_idx[i])) == k:
-                boots.append(roc_auc_score(y_idx[i], proba[i], multi_class="ovr", average="macro", labels=np.arange(k)))
-        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (math.nan, math.nan)
+        boots = bootstrap_macro_auc(y_idx, proba, (rng.integers(0, len(y_idx), len(y_idx)) for _ in range(cfg.n_boot)))
+        boots = boots[~np.isnan(boots)]
+        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if len(boots) else (math.nan, math.nan)
     return {"auc": float(auc), "auc_lo": lo, "auc_hi": hi,
             "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))), "chance": 1.0 / k}
 

@@ -30,7 +30,8 @@ def test_shared_gram_ridge_is_the_fold_by_fold_ridge(n, d, k):
     y, fold = rng.integers(0, k, n), rng.integers(0, 5, n)
     fold[:9] = -1  # rows a target does not use (missing label, dropped class)
     fold2 = np.where(np.arange(n) < n // 2 + 5, rng.integers(0, 5, n), -1)  # a target on about half the rows
-    targets = (CellTarget("a", np.where(fold >= 0, y, -1), fold, k), CellTarget("b", np.where(fold2 >= 0, y % 2, -1), fold2, 2))
+    targets = (CellTarget("a", np.where(fold >= 0, y, -1), fold, k), CellTarget("b", np.where(fold2 >= 0, y % 2, -1), fold2, 2),
+               CellTarget("c", np.where(fold >= 0, (y + 1) % 2, -1), fold, 2))  # shares a's folds, so a's solves
     for lam in (1.0, 4.0):
         for t, fast in zip(targets, ridge_oof(x, targets, lam)):
             np.testing.assert_allclose(fast, _fold_by_fold(x, t, lam), rtol=0, atol=1e-8)
@@ -59,7 +60,7 @@ def test_ridge_map_agrees_with_the_logistic_map():
             maps[probe] = pd.DataFrame(cells).sort_values(["cell_row", "cell_col"])
         gaps.append(np.abs(maps["ridge"].auc.to_numpy() - maps["logistic"].auc.to_numpy()))
         flags.append((maps["ridge"].significant.to_numpy(), maps["logistic"].significant.to_numpy()))
-        assert maps["ridge"].probe.iloc[0] == "ridge(lam=4)" and maps["logistic"].probe.iloc[0] == "logistic"
+        assert maps["ridge"].probe.iloc[0] == "ridge(lam=16)" and maps["logistic"].probe.iloc[0] == "logistic"
     gaps = np.concatenate(gaps)
     assert np.median(gaps) <= 0.01 and gaps.max() <= 0.03, (np.median(gaps), gaps.max())
     for ridge, logistic in flags:
@@ -131,3 +132,4 @@ def test_vectorised_bootstrap_is_the_roc_auc_score_loop(k):
             ref = roc_auc_score(y[d], p[d][:, 1] if k == 2 else p[d], multi_class="ovr", labels=np.arange(k))
             assert f == pytest.approx(ref, abs=1e-12)
     assert np.isfinite(fast).sum() >= 20
+

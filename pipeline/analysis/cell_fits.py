@@ -55,15 +55,22 @@ class CellTarget:
 
 
 def ridge_oof(x: np.ndarray, targets: tuple[CellTarget, ...], lam: float) -> list[np.ndarray]:
-    """Out-of-fold ridge scores, one (n_used, K) array per target, for one cell's features x (n, D)."""
+    """Out-of-fold ridge scores, one (n_used, K) array per target, for one cell's features x (n, D).
+    Targets with the same folds (the same rows in each training set) share each fold's
+    factorisation: their one-hot labels are right-hand sides of one solve."""
     x = np.asarray(x, np.float64)
-    n, d = x.shape
+    d = x.shape[1]
+    shared: dict[bytes, list[int]] = {}
+    for i, t in enumerate(targets):
+        shared.setdefault(t.fold.tobytes(), []).append(i)
     gram_all = sum_all = None
-    out = []
-    for t in targets:
-        used = t.used
-        xu, yu, fu = x[used], np.eye(t.n_classes)[t.y[used]], t.fold[used]
-        if used.all() or (~used).sum() < used.sum():
+    out: list[np.ndarray | None] = [None] * len(targets)
+    for members in shared.values():
+        fold = targets[members[0]].fold
+        used = fold >= 0
+        xu, fu = x[used], fold[used]
+        yu = np.concatenate([np.eye(targets[i].n_classes)[targets[i].y[used]] for i in members], axis=1)
+        if (~used).sum() < used.sum():  # the Gram of the used rows as a downdate of the Gram of all
             if gram_all is None:
                 gram_all, sum_all = x.T @ x, x.sum(0)
             xn = x[~used]
@@ -86,9 +93,12 @@ def ridge_oof(x: np.ndarray, targets: tuple[CellTarget, ...], lam: float) -> lis
             r = cov / np.outer(sd, sd)
             rhs = ((base_xy - xt.T @ yt) - n_tr * np.outer(mu, ybar)) / sd[:, None]
             r[np.diag_indices(d)] += lam
-            v = cho_solve(cho_factor(r, check_finite=False), rhs, check_finite=False)
+            v = cho_solve(cho_factor(r, overwrite_a=True, check_finite=False), rhs, check_finite=False)
             scores[test] = ybar + ((xt - mu) / sd) @ v
-        out.append(scores)
+        col = 0
+        for i in members:
+            out[i] = scores[:, col:col + targets[i].n_classes]
+            col += targets[i].n_classes
     return out
 
 

@@ -1,5 +1,5 @@
 """The run's lifecycle (pipeline/run/lifecycle.py), called as functions: the steps it records in
-run.json, aggregation on the scoring cluster, a cluster only when there is work, and steps after
+run.json, aggregation and probes on the scoring cluster, a cluster only when there is work, and steps after
 'complete' that cannot undo it."""
 
 from __future__ import annotations
@@ -51,14 +51,16 @@ def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, 
 
     out = OutputStore(str(tmp_path / "out"))
     with get_task_stream(client) as stream:
-        first = lifecycle.run(_cfg(tiny_nih, out.url, 1), client=client)
+        first = lifecycle.run(cfg1 := _cfg(tiny_nih, out.url, 1, identifiability=True), client=client)
     assert first["status"] == "complete" and first["drift_text"] is None
     mv1 = first["model_version"]
     rj = out.read_json(out.run_json(mv1))
-    assert rj["steps"] == {"prepare": "done", "scoring": "done", "aggregates": "done", "publish": "done", "report": "done"}
+    assert rj["steps"] == {"prepare": "done", "scoring": "done", "aggregates": "done", "probes": "done", "publish": "done",
+                           "report": "done"}
     assert rj["seconds"]["aggregates"] > 0 and rj["seconds"]["score_wall"] > 0
     prefixes = {t["key"].split("-")[0] for t in stream.data}
-    assert "score" in prefixes and "_partition_accumulator" in prefixes  # both on the same cluster
+    # scoring, the region statistics' reduction and the per-cell probe fits: all on the same cluster
+    assert {"score", "_partition_accumulator", "fit_cell"} <= prefixes
     assert client.status == "running"  # a client handed in stays open
 
     def no_cluster(*a, **k):
@@ -66,7 +68,7 @@ def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, 
 
     with monkeypatch.context() as m:  # the same run again: nothing to do, so no cluster at all
         m.setattr(pipeline.run.cluster, "start_cluster", no_cluster)
-        again = lifecycle.run(_cfg(tiny_nih, out.url, 1))
+        again = lifecycle.run(cfg1)  # (another aggregate section would make the aggregates stale)
     assert again["status"] == "complete" and again["counts"]["skipped_shards"] == 2
 
     second = lifecycle.run(_cfg(tiny_nih, out.url, 2), client=client)

@@ -243,8 +243,9 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     """Compute and write every aggregate of a run from its stored outputs; returns the tables.
 
     out: an OutputStore, or a URL opened with storage_options. scheduler: where the region
-    statistics' tree reduction runs (a dask scheduler name, or a client's ``get``); map_fn: how the
-    identifiability probes map their fits (``map_fn(fn, items) -> list``; default: in this process)."""
+    statistics' tree reduction runs (a dask scheduler name, or a client's ``get``); ``map_fn(fn,
+    iterable)`` runs the per-cell identifiability fits (default: in process; the lifecycle passes
+    one that runs them on the scoring cluster)."""
     store = OutputStore.of(out, storage_options)
     model_version = model_version or latest_complete_run(store)
     run = store.read_json(store.run_json(model_version))
@@ -305,9 +306,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
     cell_rows = cell_sample(rows, cfg)
     cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
-    # map_fn (OWNERS.md): the per-cell fits as independent tasks on the caller's cluster
-    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows,
-                                        **({"map_fn": map_fn} if map_fn is not None else {}))
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows, map_fn=map_fn)
 
     def table(rows_, schema):
         cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}

@@ -69,7 +69,8 @@ class RunCluster:
         items = list(items)
         if not items:
             return []
-        return self.client.gather(self.client.map(fn, items, pure=False))
+        client = self.client
+        return client.gather(client.map(fn, client.scatter(items), pure=False))  # each item sent once, not in the graph
 
     def close(self) -> None:
         if self._owned and self._client is not None:
@@ -129,7 +130,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         with RunCluster(cfg, client) as cluster:
             prep, info = score(cfg, store, cluster)
             if info["status"] == "running":  # every shard done: aggregates next, on the same cluster
-                info = aggregate(cfg, prep, info, cluster)
+                info = aggregate(cfg, prep, info, cluster, map_fn=cluster.map)
         if info["status"] == "complete":
             publish(store, info)
             info["drift_text"] = drift_step(store, previous, info)

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pipeline.inference.images import Decoded, PreprocessConfig, ReadLimits
 
 SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
+PRELOAD = ["pipeline.run.decode_pool", "pipeline.run.cache"]  # what the decode processes' forkserver imports once
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,17 @@ class DecodeWorkerDied(RuntimeError):
 
 
 def _init_decode_process(owner_pid: int) -> None:
-    # Ctrl-C is the driver's to handle; one torch thread (decoding uses PIL, not torch ops).
+    # Ctrl-C is the driver's to handle. Decoding uses PIL, not torch: torch is not imported here
+    # (about 1.2 s of CPU per process); should something have imported it, one thread.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(1)
-    except ImportError:
-        pass
     threading.Thread(target=_exit_with_owner, args=(owner_pid,), name="owner-watch", daemon=True).start()
+
+
+def _ready(_job: Any) -> None:
+    """A no-op task: submitting one per process makes the executor start them all."""
 
 
 def _exit_with_owner(owner_pid: int) -> None:
@@ -136,6 +140,7 @@ class DecodePool:
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
         self._generation = 0
+        self._started = False
         self._streams: list[DecodeStream] = []  # registration order: the first one still submitting is the primary
 
     def _current(self) -> tuple[ProcessPoolExecutor, int]:
@@ -143,11 +148,32 @@ class DecodePool:
             if self._executor is None:
                 _allow_children()
                 ctx = multiprocessing.get_context("forkserver")
-                # decode processes fork from a server that has already imported PIL and torchvision
-                ctx.set_forkserver_preload(["pipeline.run.decode_pool"])
+                # decode processes fork from a server that has already imported PIL, numpy, fsspec
+                # and zarr (the cache's content keys), but not torch: see pipeline.inference.images
+                ctx.set_forkserver_preload(PRELOAD)
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
                                                      initargs=(os.getpid(),))
             return self._executor, self._generation
+
+    def start(self) -> None:
+        """Start every decode process now (forkserver, preload, fork) rather than at the first film:
+        the first shard task calls it in a thread so the start overlaps the model's load."""
+        if self.workers == 0 or self._started:
+            return
+        self._started = True
+        futures = [self.submit(_ready, None)[0] for _ in range(self.workers)]
+        wait(futures)
+
+    def start_in_background(self) -> threading.Thread:
+        t = threading.Thread(target=self._start_quietly, name="decode-pool-start", daemon=True)
+        t.start()
+        return t
+
+    def _start_quietly(self) -> None:
+        try:
+            self.start()
+        except Exception:  # noqa: BLE001 - a pool that fails to start fails again, visibly, at the first film
+            pass
 
     def submit(self, fn: Callable, job: Any) -> tuple[Future, int]:
         while True:

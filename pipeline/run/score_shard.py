@@ -64,6 +64,9 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     if done is not None:
         return {**done, "skipped": True}
     t0 = time.perf_counter()
+    workers = decode_workers(spec)
+    pool = shared_pool(workers)
+    pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
     cores = _worker_cores()
     torch.set_num_threads(spec.torch_threads or cores)  # forwards are serialised (_DEVICE_LOCK)
     model = get_model(spec.model, spec.device)
@@ -108,7 +111,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             ok[pos] = True
         t_forward += time.perf_counter() - t
 
-    workers = decode_workers(spec)
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
@@ -118,7 +120,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         todo, errors, modes = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
     task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits)
-    pool = shared_pool(workers)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
     # this worker keeps `lookahead` films decoding while this one finishes and writes.
     window = max(4 * bs, 8 * max(1, workers))

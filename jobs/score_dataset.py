@@ -187,12 +187,17 @@ def _run_locked(cfg) -> dict:
 
 def _score(cfg) -> dict:
     """The graph: one task per pending shard, gathered as they finish; then finalize and aggregate."""
+    from jobs._common import quiet_dask_logs
+    from pipeline.run.cluster import ClusterStarter, load_profile
+
+    quiet_dask_logs()
+    # a local cluster comes up, and its worker starts its decode processes and imports the scoring
+    # code, while this process imports torch and prepares the run (issue 8: fixed cost)
+    profile = load_profile(cfg.cluster or None, cfg.cluster_file)
+    starter = ClusterStarter(profile, cfg.worker_timeout, warm=(cfg.decode_workers, cfg.decode_threads, ("pipeline.run.score_shard",)))
     from distributed import as_completed
     from tqdm import tqdm
 
-    from jobs._common import quiet_dask_logs
-
-    from pipeline.run.cluster import load_profile, start_cluster
     from pipeline.inference.model import resolve_device
     from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
     from pipeline.core.redact import redact
@@ -200,7 +205,11 @@ def _score(cfg) -> dict:
     from pipeline.run.scoring import _now, finalize_run, prepare_run
 
     started = _now()
-    prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
+    try:
+        prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
+    except BaseException:
+        starter.close()
+        raise
     spec = prep.spec
     for line in manifest_summary(prep.manifest, cfg):
         log.info(redact(line))
@@ -208,12 +217,13 @@ def _score(cfg) -> dict:
         log.warning(redact(note))
     log.info(f"model {spec.model_version} ({cfg.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
-    if prep.pending:
-        profile = load_profile(cfg.cluster or None, cfg.cluster_file)
-        quiet_dask_logs()
+    if not prep.pending:
+        starter.close()
+    else:
         t_cluster = time.perf_counter()
-        cluster, client = start_cluster(profile, cfg.worker_timeout)
-        prep.timings["cluster_start"] = time.perf_counter() - t_cluster
+        cluster, client = starter.result()
+        prep.timings["cluster_start"] = time.perf_counter() - t_cluster  # the wait for it, after prepare_run
+        prep.timings["cluster_up"] = starter.seconds or 0.0  # how long it took to come up
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             if spec.device == "auto":

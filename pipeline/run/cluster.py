@@ -192,6 +192,10 @@ class ClusterStarter:
         if profile.type in EARLY_TYPES:
             self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def _start(self) -> None:
         worker_timeout, warm = self._args
         t = time.perf_counter()

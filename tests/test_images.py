@@ -61,6 +61,23 @@ def test_decoding_imports_no_torch():
     assert out.strip() == "[]"
 
 
+def test_normalize_batch_table_is_the_operations_bit_for_bit(rng):
+    """On the CPU normalize_batch gathers from a table of the 256 values; it must be the reference's
+    operations exactly, for every value and channel, whatever the batch and its memory layout."""
+    from pipeline.inference.images import normalize_ops
+
+    every = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(2, 16, 16, 3).contiguous()
+    batch = torch.from_numpy(rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8))
+    strided = torch.from_numpy(rng.integers(0, 256, (3, 40, 50, 6), dtype=np.uint8))[..., ::2]  # not contiguous
+    for px in (every, batch, strided):
+        got, want = normalize_batch(px), normalize_ops(px)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():  # as infer_batch calls it
+        assert torch.equal(normalize_batch(batch), normalize_ops(batch))
+
+
 def test_rgb_and_rgba_match_reference(rng):
     rgba = rng.integers(0, 256, (240, 260, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent: the reference ignores alpha, so must we

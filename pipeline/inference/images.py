@@ -308,14 +308,44 @@ def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), lim
         raise image_error("preprocess", e) from e
 
 
-def normalize_batch(pixels: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), ToTensor then Normalize, same op order."""
+def normalize_ops(pixels: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+    """The definition: uint8 (N, H, W, 3) -> float32 (N, 3, H, W), ToTensor then Normalize, the
+    reference's op order (the result keeps the input's channels-last memory layout)."""
     import torch
 
     x = pixels.permute(0, 3, 1, 2).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+_LUT: list = []  # (3, 256) float32: normalize_ops of every uint8 value, per channel
+
+
+def _lut() -> np.ndarray:
+    if not _LUT:
+        import torch
+
+        values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3).contiguous()
+        _LUT.append(np.ascontiguousarray(normalize_ops(values)[0, :, 0, :].numpy()))
+    return _LUT[0]
+
+
+def normalize_batch(pixels: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in channels-last memory, ToTensor then Normalize.
+
+    On the CPU every output element is a function of one uint8 value and its channel, so a table of
+    normalize_ops over the 256 values gives bit-identical results in one gather instead of four
+    passes (half the CPU time, which the decode processes share on a CPU worker)."""
+    import torch
+
+    if pixels.device.type != "cpu" or pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+        return normalize_ops(pixels)
+    lut, px = _lut(), pixels.numpy()
+    out = np.empty(px.shape, np.float32)
+    for c in range(3):
+        out[..., c] = lut[c][px[..., c]]
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 def reference_transform(size: int = 224):

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Literal, get_args
 
 from pipeline.core.errors import ConfigError
 
 # torch is imported where it is used: validating --precision must not pay for importing it.
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-DEFAULT_PRECISION = "fp32"
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEFAULT_PRECISION: Precision = "fp32"
 
 # Tolerances the tests hold each mode to, max |difference| against the float64 reference (DenseNet-121,
 # random weights, real films); the README quotes the measured values.

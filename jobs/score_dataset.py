@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from jobs._common import add_common, add_config, fail, job_config, log, setup_logging
+from jobs._common import add_common, add_config, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    skip_final_gc()  # issue 8: part of every run's fixed cost
     from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()

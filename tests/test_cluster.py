@@ -68,14 +68,15 @@ def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_pa
     assert not remote.started
     remote.close()  # nothing was started, nothing to wait for
 
+    from pipeline.run import decode_pool
+
+    decode_pool._close_shared()  # an earlier test's in-process worker may have left this process a pool
     starter = ClusterStarter(Profile("inprocess", "local", {"n_workers": 1, "processes": False, "dashboard_address": ":0"}),
                              warm=(1, None, ("json",)))
     assert starter.started
     cluster, client = starter.result()
     try:
         assert starter.seconds is not None and starter.seconds > 0
-        from pipeline.run import decode_pool
-
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not _pool_pids(decode_pool):
             time.sleep(0.05)

@@ -190,6 +190,11 @@ class ClusterStarter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, name="cluster-start", daemon=True)
         if profile.type in EARLY_TYPES:
+            if profile.type == "local-cuda":
+                try:  # imported here, in the caller's thread, in case its import touches signal handlers
+                    import dask_cuda  # noqa: F401
+                except ImportError:
+                    pass  # _make_cluster says what to install
             self._thread.start()
 
     @property
@@ -214,10 +219,13 @@ class ClusterStarter:
                 log.debug(f"worker warm-up failed: {e}")
 
     def result(self) -> tuple[Any, Any]:
-        """(cluster or None, client) once a worker is up; raises what the start raised."""
+        """(cluster or None, client) once a worker is up; raises what the start raised. A deferred
+        start runs here, in the caller's thread (dask-jobqueue sets a signal handler on import,
+        which only the main thread may do)."""
         if self._thread.ident is None:
-            self._thread.start()
-        self._thread.join()
+            self._start()
+        else:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -225,9 +233,8 @@ class ClusterStarter:
 
     def close(self) -> None:
         """Close whatever was started (waits for a start in progress to finish first)."""
-        if self._thread.ident is None:
-            return
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         for thing in reversed(self._result or ()):
             if thing is not None:
                 try:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from jobs._common import add_common, add_config, fail, job_config, log, setup_logging
+from jobs._common import add_common, add_config, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    skip_final_gc()  # issue 8: part of every run's fixed cost
     from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()

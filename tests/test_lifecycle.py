@@ -1,6 +1,6 @@
 """The run's lifecycle (pipeline/run/lifecycle.py), called as functions: the steps it records in
-run.json, aggregation and probes on the scoring cluster, a cluster only when there is work, and steps after
-'complete' that cannot undo it."""
+run.json, aggregation and probes on the scoring cluster, no wait for a cluster without work, and
+steps after "complete" that cannot undo it."""
 
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ def test_steps_are_recorded_and_aggregates_run_on_the_scoring_cluster(tmp_path, 
     assert client.status == "running"  # a client handed in stays open
 
     def no_cluster(*a, **k):
-        raise AssertionError("a run with nothing to score or aggregate started a cluster")
+        raise AssertionError("a run with nothing to score or aggregate waited for a cluster")
 
-    with monkeypatch.context() as m:  # the same run again: nothing to do, so no cluster at all
-        m.setattr(pipeline.run.cluster, "start_cluster", no_cluster)
+    with monkeypatch.context() as m:  # the same run again: nothing to do, so it never waits for a cluster
+        m.setattr(pipeline.run.cluster.ClusterStarter, "result", no_cluster)
         again = lifecycle.run(cfg1)  # (another aggregate section would make the aggregates stale)
     assert again["status"] == "complete" and again["counts"]["skipped_shards"] == 2
 

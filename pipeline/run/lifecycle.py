@@ -36,32 +36,36 @@ def quiet_dask_logs() -> None:
 
 
 class RunCluster:
-    """The run's Dask cluster, started on first use and closed when the run ends.
+    """The run's Dask cluster, from the start of the run until its aggregates are written.
 
-    Given a client (tests, notebooks), it uses that one and leaves it open."""
+    A local cluster comes up in the background, and its worker starts its decode processes and
+    imports the scoring code, while the driver prepares the run (issue 8: fixed cost); batch
+    schedulers are asked for workers only when the run first needs them (``client``). A run with
+    nothing to score or aggregate never waits for it. Given a client (tests, notebooks), it uses
+    that one and leaves it open."""
 
     def __init__(self, cfg, client=None):
-        self.cfg = cfg
         self._client = client
         self._cluster = None
-        self._owned = client is None
-        self.start_seconds: float | None = None
+        self._starter = None
+        self.wait_seconds: float | None = None  # how long the run waited for it (after prepare)
+        self.up_seconds: float | None = None  # how long it took to come up (overlapping prepare)
+        if client is None:
+            from pipeline.run.cluster import ClusterStarter, load_profile
 
-    @property
-    def started(self) -> bool:
-        return self._client is not None
+            quiet_dask_logs()
+            self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
+            self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout,
+                                           warm=(cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.run.score_shard",)))
 
     @property
     def client(self):
         if self._client is None:
-            from pipeline.run.cluster import load_profile, start_cluster
-
-            profile = load_profile(self.cfg.cluster.profile or None, self.cfg.cluster.path)
-            quiet_dask_logs()
             t = time.perf_counter()
-            self._cluster, self._client = start_cluster(profile, self.cfg.cluster.worker_timeout)
-            self.start_seconds = time.perf_counter() - t
-            log.info(f"cluster {profile.name}: dashboard {self._client.dashboard_link}")
+            self._cluster, self._client = self._starter.result()
+            self.wait_seconds = time.perf_counter() - t
+            self.up_seconds = self._starter.seconds or 0.0
+            log.info(f"cluster {self.profile.name}: dashboard {self._client.dashboard_link}")
         return self._client
 
     def map(self, fn, items) -> list:
@@ -73,11 +77,10 @@ class RunCluster:
         return client.gather(client.map(fn, client.scatter(items), pure=False))  # each item sent once, not in the graph
 
     def close(self) -> None:
-        if self._owned and self._client is not None:
-            self._client.close()
-            if self._cluster is not None:
-                self._cluster.close()
-            self._client = self._cluster = None
+        """Close what this run started (whatever it was used for); a client handed in stays open."""
+        if self._starter is not None:
+            self._starter.close()
+            self._starter = None
 
     def __enter__(self) -> "RunCluster":
         return self
@@ -196,8 +199,9 @@ def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
     from pipeline.run.score_shard import score_shard
 
     client = cluster.client
-    if cluster.start_seconds is not None:
-        prep.timings["cluster_start"] = cluster.start_seconds
+    if cluster.wait_seconds is not None:
+        prep.timings["cluster_start"] = cluster.wait_seconds  # the wait for it, after prepare_run
+        prep.timings["cluster_up"] = cluster.up_seconds  # how long it took to come up
     spec = prep.spec
     topic = progress_topic(spec.model_version)
     bar = tqdm(total=sum(len(s.rows) for s in prep.pending), unit="img", desc="scoring", file=sys.stderr,

@@ -198,6 +198,8 @@ def _score(cfg) -> dict:
     from pipeline.core.redact import redact
     from pipeline.run.score_shard import score_shard
     from pipeline.run.scoring import _now, finalize_run, prepare_run
+    from pipeline.run.worker_logs import install_worker_logs
+    from pipeline.store.storage import join
 
     started = _now()
     prep = prepare_run(cfg, resolve_device(cfg.device) if cfg.device != "auto" else "auto")
@@ -214,6 +216,7 @@ def _score(cfg) -> dict:
         t_cluster = time.perf_counter()
         cluster, client = start_cluster(profile, cfg.worker_timeout)
         prep.timings["cluster_start"] = time.perf_counter() - t_cluster
+        worker_logs = install_worker_logs(client, join(cfg.out, "logs"), cfg.storage_options)  # OUT/logs/worker-<name>.log
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             if spec.device == "auto":
@@ -239,6 +242,7 @@ def _score(cfg) -> dict:
             _interrupted(prep, results, failures, started)
             raise
         finally:
+            worker_logs.close()
             client.close()
             if cluster is not None:
                 cluster.close()

@@ -22,7 +22,6 @@ import zarr
 from jobs.runs import main as runs_main
 from jobs.score_dataset import main
 from pipeline.run import run_lock as rl
-from pipeline.inference.checkpoint import save_safetensors
 from pipeline.inference.tiny_net import TinyCAMNet
 
 from .conftest import TINY_ARCH
@@ -301,7 +300,7 @@ def test_lock_has_one_holder_under_racing_takeovers(tmp_path):
         won, errors = [], []
         barrier = threading.Barrier(4)
 
-        def start():
+        def start(barrier=barrier, won=won, out=out, errors=errors):  # this trial's objects (threads joined below)
             barrier.wait()
             try:
                 won.append(rl.acquire(str(out)))

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported where it is used: validating --precision must not pay for importing it.
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,9 @@ from pipeline.store.shard_check import check_shard, retry_rows
 from pipeline.core.redact import redact_columns, redact_obj
 from pipeline.run.shards import Shard, plan_shards
 from pipeline.store.storage import check_writable, join, url_to_fs, write_json_atomic, write_parquet_atomic
+
+if TYPE_CHECKING:
+    from pipeline.run.runspec import RunSpec  # imported lazily at run time (it imports torch)
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (jobs/score_dataset.py) stays fast: a config error in well under 2 s.
@@ -95,7 +99,7 @@ class ScoreConfig:
 @dataclass
 class PreparedRun:
     config: ScoreConfig
-    spec: "RunSpec"  # noqa: F821 - imported lazily (torch)
+    spec: RunSpec
     shards: list[Shard]
     manifest: ManifestResult
     dataset_fingerprint: str

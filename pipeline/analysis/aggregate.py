@@ -51,6 +51,7 @@ class AggregateConfig:
     n_boot: int = 1000
     identifiability: bool = False
     targets: tuple[str, ...] = ("site", "view_position", "sex", "age_band")
+    cell_probes: bool = True  # False: no per-cell probes (the 7x7 identifiability map), only embedding and maps
 
 
 def latest_complete_run(out: str) -> str:
@@ -301,7 +302,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
     from pipeline.analysis.identifiability import ProbeConfig, cell_sample, run_probes
     from pipeline.analysis.site_confounding import prevalence_confounding
 
-    cfg = ProbeConfig(targets=config.targets)
+    cfg = ProbeConfig(targets=config.targets, cells=config.cell_probes)
     rows = ctx.rows
     features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}

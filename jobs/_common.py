@@ -26,6 +26,42 @@ def plain(text: str) -> str:
     return redact(_ANSI.sub("", str(text)))
 
 
+def add_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config FILE.yaml: the configuration's sections from a file; flags given override it.
+
+    The job's configuration flags default to argparse.SUPPRESS, so the namespace holds only the
+    flags given on the command line (``overrides``) and every default stays in pipeline.run.config."""
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="settings from a YAML file, nested by section (data, model, images, compute, cluster, output, "
+                        "aggregate; keys as the flags, e.g. compute: {shard_size: 512}); flags given here override it; "
+                        "an unknown key is an error. See the README")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The configuration keys the command line set (flags defaulting to argparse.SUPPRESS)."""
+    from pipeline.run.config import FLAT_KEYS
+
+    return {k: v for k, v in vars(args).items() if k in FLAT_KEYS}
+
+
+def job_config(args: argparse.Namespace, base=None):
+    """The configuration: ``base`` (default: the defaults), then --config's file, then the flags given."""
+    from pipeline.run.config import load_config
+
+    return load_config(getattr(args, "config", None), overrides(args), base)
+
+
+def out_from_args(args: argparse.Namespace) -> str:
+    """--out, else output.out of --config's file: for the jobs that read a run's outputs."""
+    from pipeline.core.errors import ConfigError
+
+    out = job_config(args).output.out
+    if not out:
+        raise ConfigError("--out is required (or output.out in --config)")
+    return out
+
+
 def add_common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cxr-audit {pipeline.__version__}")
     g = p.add_mutually_exclusive_group()

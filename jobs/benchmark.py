@@ -39,10 +39,10 @@ from pipeline.inference.cam import infer_batch
 from pipeline.demo import make_demo_dataset
 from pipeline.core.findings import CHEXNET_FINDINGS, REFERENCE_BASELINES
 from pipeline.inference.images import load_image, reference_transform
+from pipeline.inference.architectures import ARCHITECTURES, DEFAULT_ARCH
 from pipeline.inference.model import ModelSpec, build_arch, load_model
 from pipeline.inference.reference import reference_image
 
-ARCHS = {"densenet121": "densenet121", "tiny": "pipeline.inference.tiny_net:tiny_cam_net"}
 BASE = tuple(REFERENCE_BASELINES[f] for f in CHEXNET_FINDINGS)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,8 @@ def decode_ceiling_processes(paths, workers: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(ARCHS), default="densenet121")
+    p.add_argument("--arch", choices=ARCHITECTURES.names(), default=DEFAULT_ARCH,
+                   help=f"a registered architecture, the names jobs.score_dataset --arch takes (default {DEFAULT_ARCH})")
     p.add_argument("--images", type=int, default=120, help="films (the 120 real ones repeat beyond 120)")
     p.add_argument("--reference-images", type=int, default=6, help="images for (c), which is slow")
     p.add_argument("--repeats", type=int, default=3)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     manifest, paths = _films(args.images, work)
     n = len(paths)
-    arch = ARCHS[args.arch]
+    arch = args.arch  # passed to the job as its --arch: the same registry
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(ModelSpec(arch, "random:0"))
     net = build_arch(arch, 14)

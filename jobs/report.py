@@ -16,7 +16,7 @@ from pipeline.core.errors import CxrAuditError
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="URL", help="output root of the job")
+    p.add_argument("--out", default=argparse.SUPPRESS, metavar="URL", help="output root of the job (or output.out in --config)")
     p.add_argument("--run", metavar="VERSION", help="model version of the run (default: the latest complete run)")
     p.add_argument("--html", metavar="PATH", help="where to write the report (default OUT/runs/<version>/report.html)")
     p.add_argument("--film", metavar="IMAGE_ID", help="instead of the report, write one PNG: this film and its maps")
@@ -26,11 +26,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs._common import add_common, fail, setup_logging
+    from jobs._common import add_common, add_config, fail, out_from_args, setup_logging
 
-    args = add_common(parser()).parse_args(argv)
+    args = add_common(add_config(parser())).parse_args(argv)
     setup_logging(args)
     try:
+        args.out = out_from_args(args)
         if args.film:
             from pipeline.reporting.film import write_film_png
 

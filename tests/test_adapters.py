@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.score_dataset import main
-from pipeline.sources.adapters import DatasetSpec
+from pipeline.sources.adapters import DatasetSpec, SourceOptions
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.sources.manifest import build_manifest
 
@@ -42,13 +42,13 @@ def test_chexpert_uncertain_policies_and_views(tmp_path):
     )
     spec = [DatasetSpec.parse(f"chexpert:{root}")]
     for policy, expected in (("zeros", False), ("ones", True), ("ignore", None)):
-        m = build_manifest(spec, CHEXNET_FINDINGS, uncertain=policy).manifest.to_pandas()
+        m = build_manifest(spec, CHEXNET_FINDINGS, options=SourceOptions(uncertain=policy)).manifest.to_pandas()
         got = m.Atelectasis.tolist()[0]  # nullable boolean: <NA> = not labelled
         assert (pd.isna(got) if expected is None else got == expected) and len(m) == 2
     m = build_manifest(spec, CHEXNET_FINDINGS).manifest.to_pandas()
     assert m.path.iloc[0] == str(tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
     assert m.Atelectasis.iloc[1] is pd.NA and m.Effusion.tolist() == [True, False] and m.sex.isna().iloc[1]
-    assert build_manifest(spec, CHEXNET_FINDINGS, views=("all",)).manifest.num_rows == 3
+    assert build_manifest(spec, CHEXNET_FINDINGS, options=SourceOptions(views=("all",))).manifest.num_rows == 3
 
 
 def _gz_csv(path: Path, text: str):
@@ -109,5 +109,5 @@ def test_site_column_from_extra_manifest_columns(tmp_path):
     for n in ("a", "b"):
         (tmp_path / f"{n}.png").write_bytes(png_bytes(np.zeros((16, 16), np.uint8)))
     (tmp_path / "m.csv").write_text("image_id,path,department\na,a.png,ICU\nb,b.png,\n")
-    m = build_manifest([DatasetSpec.parse(f"manifest:{tmp_path / 'm.csv'}")], CHEXNET_FINDINGS, site_column="department").manifest.to_pandas()
+    m = build_manifest([DatasetSpec.parse(f"manifest:{tmp_path / 'm.csv'}")], CHEXNET_FINDINGS, options=SourceOptions(site_column="department")).manifest.to_pandas()
     assert m.set_index("image_id").site.to_dict() == {"a": "ICU", "b": "m"}

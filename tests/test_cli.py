@@ -228,8 +228,8 @@ def test_a_partial_download_is_one_line_and_missing_rows_keep_their_path(tmp_pat
     gone = sorted(root.rglob("*.png"))[:5]
     for p in gone:
         p.unlink()
-    cfg = ScoreConfig(datasets=(f"nih:{root}",), out=str(tmp_path / "out"), checkpoint="random:0")
-    result = build_manifest([DatasetSpec.parse(d) for d in cfg.datasets], CHEXNET_FINDINGS)
+    cfg = ScoreConfig.of(datasets=(f"nih:{root}",), out=str(tmp_path / "out"), checkpoint="random:0")
+    result = build_manifest([DatasetSpec.parse(d) for d in cfg.data.datasets], CHEXNET_FINDINGS)
     lines = manifest_summary(result, cfg)
     assert lines[0] == f"nih: 15 of 20 listed films found under {root} (the 5 others are missing_file rows in manifest_issues.parquet)"
     assert lines[1] == "manifest: 15 images; no other metadata issues"

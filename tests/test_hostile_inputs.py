@@ -21,7 +21,7 @@ import torch
 
 from jobs.score_dataset import main
 from pipeline.inference import images
-from pipeline.sources.adapters import DatasetSpec
+from pipeline.sources.adapters import DatasetSpec, SourceOptions
 from pipeline.inference.checkpoint import read_state_dict, save_safetensors
 from pipeline.core.errors import CheckpointError, DatasetError, ImageError
 from pipeline.core.findings import CHEXNET_FINDINGS
@@ -171,7 +171,7 @@ def test_paths_stay_under_the_manifest_folder_unless_allowed(tmp_path, rng):
     issues = r.issues.to_pandas().set_index("image_id")
     assert set(issues.index) == {"up", "abs", "proc", "url", "b", "sneaky", "web"}
     assert (issues.reason == "outside_root").all() and (issues.action == "dropped").all()
-    allowed = build_manifest([spec], CHEXNET_FINDINGS, allow_roots=(str(elsewhere),))
+    allowed = build_manifest([spec], CHEXNET_FINDINGS, options=SourceOptions(allow_roots=(str(elsewhere),)))
     assert sorted(allowed.manifest.column("image_id").to_pylist()) == ["a", "a2", "b", "sneaky"]
 
 
@@ -180,7 +180,7 @@ def test_url_existence_uses_the_object_not_a_listing(tmp_path, rng):
     with http_server({"/imgs/a.png": film}) as (base, log):
         host = base.split("//", 1)[1]
         lines = ["image_id,path", f"a,http://user:pw@{host}/imgs/a.png", f"b,{base}/imgs/b.png", f"c,{base}/other/c.png"]
-        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, allow_roots=(f"{base}/imgs",))
+        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, options=SourceOptions(allow_roots=(f"{base}/imgs",)))
     assert r.manifest.column("image_id").to_pylist() == ["a"]
     reasons = r.issues.to_pandas().set_index("image_id").reason.to_dict()
     assert reasons == {"b": "missing_file", "c": "outside_root"}
@@ -409,19 +409,20 @@ def test_existence_check_against_a_silent_server_is_bounded(tmp_path):
     with silent_server() as base:
         lines = ["image_id,path"] + [f"s{i},{base}/imgs/{i}.png" for i in range(40)]
         t = time.perf_counter()
-        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, allow_roots=(f"{base}/imgs",),
+        r = build_manifest([_manifest(tmp_path, lines)], CHEXNET_FINDINGS, options=SourceOptions(allow_roots=(f"{base}/imgs",)),
                            read_limits=ReadLimits(timeout_s=0.3, retries=0))
         assert time.perf_counter() - t < 5  # one batch of timeouts, then the server is not asked again
     assert r.manifest.num_rows == 40  # kept: each fails with ReadTimeout (or is scored) when read
 
 
 def test_flag_defaults_are_the_read_limits_defaults():
+    from jobs._common import job_config
     from jobs.score_dataset import parser
 
-    a, d = parser().parse_args([]), ReadLimits()
+    a, d = job_config(parser().parse_args([])).images, ReadLimits()  # flags carry no defaults: the configuration's
     assert (a.max_image_bytes, a.max_image_pixels, a.max_aspect_ratio, a.read_timeout, a.read_retries) == \
         (d.max_bytes, d.max_pixels, d.max_aspect, d.timeout_s, d.retries)
-    assert a.allow_root == []
+    assert job_config(parser().parse_args([])).data.allow_roots == ()
 
 
 def test_only_radiograph_formats_are_decoded(tmp_path, rng):

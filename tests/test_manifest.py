@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources.adapters import DatasetSpec
+from pipeline.sources.adapters import DatasetSpec, SourceOptions
 from pipeline.core.errors import ConfigError, DatasetError
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.sources.manifest import build_manifest, parse_age
@@ -121,7 +121,7 @@ def test_pooled_datasets_and_dataset_flag_errors(tmp_path, tiny_nih):
     # an absolute path outside the manifest's folder needs --allow-root (issue 12)
     refused = build_manifest(specs, CHEXNET_FINDINGS)
     assert refused.issues.to_pandas().reason.tolist() == ["outside_root"]
-    r = build_manifest(specs, CHEXNET_FINDINGS, allow_roots=(str(tiny_nih),))
+    r = build_manifest(specs, CHEXNET_FINDINGS, options=SourceOptions(allow_roots=(str(tiny_nih),)))
     m = r.manifest.to_pandas()
     assert m.dataset.value_counts().to_dict() == {"nih": 40, "hospB": 1}
     assert m.row.is_unique

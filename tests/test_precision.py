@@ -76,16 +76,16 @@ def test_run_version_and_bad_precision():
     with pytest.raises(ConfigError, match="--precision"):
         run_version("v", "fp16")
     with pytest.raises(ConfigError, match="--precision"):
-        ScoreConfig(datasets=("nih:x",), out="o", checkpoint="random:0", precision="half")
+        ScoreConfig.of(datasets=("nih:x",), out="o", checkpoint="random:0", precision="half")
 
 
 def test_precision_is_part_of_the_run_identity(tiny_nih, tiny_ckpt, tmp_path):
     out = str(tmp_path / "out")
     runs = {}
     for precision in ("fp32", "bf16"):
-        cfg = ScoreConfig(datasets=(f"nih:{tiny_nih}",), out=out, checkpoint=tiny_ckpt, arch=TINY_ARCH, shard_size=16,
-                          precision=precision, cache="none")
-        runs[precision] = prepare_run(cfg, "cpu")
+        cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=out, checkpoint=tiny_ckpt, arch=TINY_ARCH, shard_size=16,
+                          precision=precision, cache="none", device="cpu")
+        runs[precision] = prepare_run(cfg)
     a, b = runs["fp32"].spec, runs["bf16"].spec
     assert a.run_url != b.run_url and b.model_version == a.model_version + "-bf16"
     assert a.output_identity()["precision"] == "fp32" and b.output_identity()["precision"] == "bf16"

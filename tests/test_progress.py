@@ -40,9 +40,9 @@ def test_counts_are_absolute_so_late_or_reordered_events_do_not_over_count():
 
 def test_a_shard_task_reports_after_every_batch(tiny_nih, tiny_ckpt, tmp_path):
     distributed = pytest.importorskip("distributed")
-    cfg = ScoreConfig(datasets=(f"nih:{tiny_nih}",), out=str(tmp_path / "out"), checkpoint=tiny_ckpt, arch=TINY_ARCH,
-                      shard_size=16, batch_size=4, cache="none", decode_workers=1)
-    prep = prepare_run(cfg, "cpu")
+    cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=str(tmp_path / "out"), checkpoint=tiny_ckpt, arch=TINY_ARCH,
+                      shard_size=16, batch_size=4, cache="none", decode_workers=1, device="cpu")
+    prep = prepare_run(cfg)
     shard = prep.shards[0]
     assert len(shard.rows) == 16
     topic = progress_topic(prep.spec.model_version)

@@ -8,7 +8,6 @@ partition task reads only its own rows of maps.zarr, one chunk at a time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import dask
 import numpy as np
@@ -33,25 +32,14 @@ from pipeline.analysis.region_stats import RegionAccumulator, cell_vs_rest, hist
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.storage import exists, join, read_json, read_parquet, write_parquet_atomic
-from pipeline.analysis.strata import DEFAULT_BY, StrataContext, build_context, strata_weights
+from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
+from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
 GRID = 7
 _I, _J = np.divmod(np.arange(GRID * GRID), GRID)
 RING = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)  # 24 cells
 CORNERS = ((_I == 0) | (_I == GRID - 1)) & ((_J == 0) | (_J == GRID - 1))
 INNER = ~RING  # the inner 5x5
-
-
-@dataclass(frozen=True)
-class AggregateConfig:
-    by: tuple[str, ...] = DEFAULT_BY
-    min_n: int = 20
-    anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # 7x7 of 0/1
-    bbox: str | None = None  # BBox_List_2017.csv URL; default: looked up beside each nih: dataset
-    n_boot: int = 1000
-    identifiability: bool = False
-    targets: tuple[str, ...] = ("site", "view_position", "sex", "age_band")
-    cell_probes: bool = True  # False: no per-cell probes (the 7x7 identifiability map), only embedding and maps
 
 
 def latest_complete_run(out: str) -> str:

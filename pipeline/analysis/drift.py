@@ -19,12 +19,15 @@ from pipeline.store.run_index import complete_runs
 from pipeline.store.storage import exists, join, read_parquet, write_json_atomic, write_parquet_atomic
 
 
+DRIFT_BOOT = 500  # resamples for the paired AUC-delta CIs (see AggregateConfig for the other bootstraps)
+
+
 def _logit(p):
     p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
     return np.log(p) - np.log1p(-p)
 
 
-def _paired_auc_delta_ci(y, a, b, n_boot=500, seed=0):
+def _paired_auc_delta_ci(y, a, b, n_boot=DRIFT_BOOT, seed=0):
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(n_boot):
@@ -35,7 +38,7 @@ def _paired_auc_delta_ci(y, a, b, n_boot=500, seed=0):
     return (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if len(deltas) > 10 else (math.nan, math.nan)
 
 
-def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = 500) -> dict:
+def drift(out: str, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = DRIFT_BOOT) -> dict:
     runs = complete_runs(out)
     if from_mv is None or to_mv is None:
         if len(runs) < 2:

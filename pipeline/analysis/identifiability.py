@@ -27,7 +27,7 @@ from pipeline.analysis.metrics import auc_delong
 from pipeline.analysis.probe_stats import holm, macro_auc_ci, within_fold_test
 from pipeline.analysis.strata import age_band
 
-DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")
+from pipeline.analysis.settings import DEFAULT_TARGETS  # noqa: E402 - one home for the default targets
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis.settings import AggregateConfig
+
 BBOX_LABELS = {"Infiltrate": "Infiltration"}
 
 
@@ -58,7 +60,7 @@ def box_scores(cam: np.ndarray, coverage: np.ndarray) -> tuple[float, bool, floa
     return share, hit, float(coverage.mean()), float((coverage > 0).mean())
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, n_boot: int = AggregateConfig.n_boot, seed: int = 0) -> tuple[float, float]:
     v = np.asarray(values, np.float64)
     v = v[~np.isnan(v)]
     if len(v) < 2:

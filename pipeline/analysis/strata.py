@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-DEFAULT_BY = ("view_position", "site", "sex", "age_band", "split")
+from pipeline.analysis.settings import DEFAULT_BY  # noqa: E402,F401 - one home for the default strata
 LABEL_NAMES = {1: "positive", 0: "negative"}
 
 

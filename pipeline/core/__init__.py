@@ -2,5 +2,6 @@
 
 Owns: ``errors`` (one exception type per failure, each saying what to do), ``findings`` (the
 14 CheXNet findings and their order, which every output carries), ``redact`` (credentials never
-reach a log or an output). May import: nothing from ``pipeline`` (``schemas`` only).
+reach a log or an output), ``registry`` (name -> implementation tables that list their names).
+May import: nothing from ``pipeline`` (``schemas`` only).
 """

@@ -23,30 +23,15 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from pipeline.core.errors import ImageError
-from pipeline.inference.read_limits import ReadLimits  # noqa: F401 - torch-free home, re-exported here
+from pipeline.inference.read_limits import HIGH_BIT_DEPTH_MODES, PreprocessConfig, ReadLimits  # noqa: F401 - torch-free home, re-exported here
 from pipeline.core.redact import redact
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HIGH_BIT_DEPTH_MODES = ("clip", "rescale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Radiograph formats only: PIL would otherwise also try EPS (which runs Ghostscript), PSD, ICO, ...
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG includes MPO (multi-picture) files
 Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything that changes the pixels the model sees (part of a run's identity)."""
-
-    size: int = 224
-    # 'clip' is what the reference does to a 16-bit PNG (PIL clips values above 255, so most of the
-    # film turns white); 'rescale' maps the full 16-bit range to 8 bits first.
-    high_bit_depth: str = "clip"
-
-    def __post_init__(self):
-        if self.high_bit_depth not in HIGH_BIT_DEPTH_MODES:
-            raise ValueError(f"high_bit_depth must be one of {HIGH_BIT_DEPTH_MODES}, got {self.high_bit_depth!r}")
 
 
 @dataclass(frozen=True)

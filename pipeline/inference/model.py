@@ -6,13 +6,13 @@ whose first layer is one); the score is ``sigmoid(classifier(mean_ij relu(featur
 
 from __future__ import annotations
 
-import importlib
 import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pipeline.inference.architectures import DEFAULT_ARCH, build_arch  # noqa: F401 - build_arch re-exported
 from pipeline.inference.checkpoint import fingerprint, normalize_keys, read_state_dict
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.core.findings import CHEXNET_FINDINGS
@@ -22,7 +22,7 @@ from pipeline.core.findings import CHEXNET_FINDINGS
 class ModelSpec:
     """What identifies a model to load: picklable and hashable, so it travels in task specs."""
 
-    arch: str = "densenet121"
+    arch: str = DEFAULT_ARCH
     checkpoint: str = "random:0"  # a path/URL, or 'random:SEED' for seeded random weights
     findings: tuple[str, ...] = CHEXNET_FINDINGS
     storage_options: tuple[tuple[str, str], ...] = field(default=())
@@ -43,24 +43,6 @@ class CamModel:
         self.features.to(device, memory_format=torch.channels_last)
         self.classifier.to(device)
         return self
-
-
-def build_arch(arch: str, num_classes: int) -> nn.Module:
-    if arch == "densenet121":
-        from torchvision.models import densenet121
-
-        return densenet121(weights=None, num_classes=num_classes)
-    if ":" not in arch:
-        raise ConfigError(f"unknown --arch {arch!r}: use 'densenet121' or 'package.module:callable'")
-    mod_name, fn_name = arch.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--arch {arch!r} cannot be imported ({e}); is the module on PYTHONPATH?") from e
-    try:
-        return fn(num_classes=num_classes)
-    except TypeError:
-        return fn()
 
 
 def cam_head(net: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
@@ -143,15 +125,18 @@ _LOCK = threading.Lock()
 
 
 def get_model(spec: ModelSpec, device: str) -> CamModel:
-    """Load once per process (one Dask worker) and reuse across that worker's shard tasks."""
+    """Load once per process (one Dask worker) and reuse across that worker's shard tasks.
+    ``device`` is the run's policy ('auto', 'cpu', 'cuda[:N]'), resolved here, on the worker."""
     key = (spec, device)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = load_model(spec).to(torch.device(device))
+            _CACHE[key] = load_model(spec).to(torch.device(resolve_device(device)))
         return _CACHE[key]
 
 
 def resolve_device(device: str) -> str:
+    """The one place a device policy becomes a device: 'auto' is CUDA where this process sees a
+    GPU, else the CPU. Called where the model is placed (each worker), not on the submit host."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pipeline.core.errors import ConfigError
 
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 # torch is imported where it is used: validating --precision must not pay for importing it.
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-DEFAULT_PRECISION = "fp32"
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEFAULT_PRECISION: Precision = "fp32"
 
 # Tolerances the tests hold each mode to, max |difference| against the float64 reference (DenseNet-121,
 # random weights, real films); the README quotes the measured values.

@@ -1,8 +1,12 @@
-"""Bounds on what reading one film may cost (no torch here: ScoreConfig uses it for its defaults)."""
+"""Bounds on what reading one film may cost, and the settings that change its pixels.
+
+No torch here: the run configuration (pipeline.run.config) takes its defaults from these classes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 
 @dataclass(frozen=True)
@@ -21,3 +25,21 @@ class ReadLimits:
     def __post_init__(self):
         if self.max_bytes < 1 or self.max_pixels < 1 or self.max_aspect < 1 or self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise ValueError(f"invalid read limits {self}: sizes must be positive, aspect >= 1, retries >= 0")
+
+
+HighBitDepth = Literal["clip", "rescale"]
+HIGH_BIT_DEPTH_MODES: tuple[str, ...] = get_args(HighBitDepth)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that changes the pixels the model sees (part of a run's identity)."""
+
+    size: int = 224
+    # 'clip' is what the reference does to a 16-bit PNG (PIL clips values above 255, so most of the
+    # film turns white); 'rescale' maps the full 16-bit range to 8 bits first.
+    high_bit_depth: HighBitDepth = "clip"
+
+    def __post_init__(self):
+        if self.high_bit_depth not in HIGH_BIT_DEPTH_MODES:
+            raise ValueError(f"high_bit_depth must be one of {HIGH_BIT_DEPTH_MODES}, got {self.high_bit_depth!r}")

@@ -191,7 +191,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "cache": {"hits": hits, "misses": misses} if cache is not None else None,
         "errors": errors,
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
-        "device": spec.device,
+        "device": str(model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it
         "torch_threads": torch.get_num_threads(),
         "decode_workers": workers,
         "decode_pool_restarts": pool.restarts,

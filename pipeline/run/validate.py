@@ -1,20 +1,21 @@
 """Check a scoring configuration before anything slow or anything written.
 
 Runs in well under a second: it imports neither torch nor the cluster classes, reads no image and
-creates no folder. Every problem it can see from the flags alone is a ConfigError here rather than
-after a manifest build, a model load or a cluster start.
+creates no folder. The values themselves were checked when the ScoreConfig was built
+(pipeline.run.config); here, what the environment says about them (files, modules, the cluster) is
+a ConfigError rather than a failure after a manifest build, a model load or a cluster start.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 
 from pipeline.core.errors import ConfigError
+from pipeline.inference.architectures import check_arch
+from pipeline.run.config import BASELINE_MODES
 
-DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # what each cluster type needs installed, and how to get it
 _NEEDS_MODULE = {"local-cuda": ("dask_cuda", "cuda"), "slurm": ("dask_jobqueue", "slurm"), "kubernetes": ("dask_kubernetes", "kubernetes")}
 
@@ -32,20 +33,6 @@ def _must_exist(url: str | None, flag: str, what: str) -> None:
         raise ConfigError(f"{flag} {url}: no such file. Pass the path of {what}.")
 
 
-def _check_arch(arch: str) -> None:
-    if ":" not in arch:
-        if arch != "densenet121":  # the one built-in name (pipeline.inference.model.build_arch)
-            raise ConfigError(f"unknown --arch {arch!r}: use 'densenet121' or 'package.module:callable'")
-        return
-    module = arch.split(":", 1)[0]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(f"--arch {arch!r}: module {module!r} cannot be found on the Python path")
-
-
 def check_cluster(profile) -> None:
     """The profile's cluster class is installed and its scheduler tools are on PATH."""
     if profile.type == "slurm" and shutil.which("sbatch") is None:
@@ -56,41 +43,35 @@ def check_cluster(profile) -> None:
         raise ConfigError(f"profile {profile.name!r} (type {profile.type}) needs {need[0]}: pip install 'cxr-audit[{need[1]}]'")
 
 
-def validate(cfg, cluster_file_given: bool | None = None):
-    """Raise ConfigError for anything wrong in cfg (a ScoreConfig); return the cluster Profile.
-    cluster_file_given: the user named the profiles file, so it must exist (default: when it is not
-    the default ./cluster.yaml, which falls back to the built-in local profiles)."""
-    if cluster_file_given is None:
-        cluster_file_given = cfg.cluster_file != "cluster.yaml"
+def validate(cfg):
+    """Raise ConfigError for anything in cfg (a ScoreConfig, whose values were checked when it was
+    built) that the environment rules out: missing files, unimportable modules, a cluster profile
+    that cannot start here. Returns the cluster Profile. A profiles file the configuration names
+    must exist; without one, ./cluster.yaml or the built-in local profiles are used."""
     from pipeline.sources.adapters import DatasetSpec
     from pipeline.run.cluster import load_profile
 
-    if not cfg.datasets:
+    d, m = cfg.data, cfg.model
+    if not d.datasets:
         raise ConfigError("--dataset is required (run with no arguments for the demo)")
-    specs = [DatasetSpec.parse(d) for d in cfg.datasets]
+    if not m.checkpoint or not cfg.output.out:
+        raise ConfigError("--checkpoint and --out are required (run with no arguments for the demo)")
+    specs = [DatasetSpec.parse(x) for x in d.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
     for s in specs:
         root = _local_path(s.location)
         if root is not None and not os.path.exists(root):
             raise ConfigError(f"--dataset {s.adapter}:{s.location}: {root} does not exist")
-    if not cfg.checkpoint.startswith("random:"):
-        _must_exist(cfg.checkpoint, "--checkpoint", "a .safetensors or .pt/.pth state_dict")
-    elif not cfg.checkpoint[len("random:"):].isdigit():
-        raise ConfigError(f"--checkpoint {cfg.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
-    _check_arch(cfg.arch)
-    if not cfg.findings or len(set(cfg.findings)) != len(cfg.findings):
-        raise ConfigError("--findings must name each output once")
-    if cfg.baselines not in ("reference", "from-labels"):
-        _must_exist(cfg.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
-    _must_exist(cfg.metadata, "--metadata", "the metadata CSV")
-    if not DEVICES.match(cfg.device):
-        raise ConfigError(f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
-    if cfg.decode_threads is not None and cfg.decode_threads < 1:
-        raise ConfigError("--decode-threads must be at least 1")
-    out = _local_path(cfg.out)
+    if not m.checkpoint.startswith("random:"):
+        _must_exist(m.checkpoint, "--checkpoint", "a .safetensors or .pt/.pth state_dict")
+    check_arch(m.arch)  # a module:callable must be importable
+    if m.baselines not in BASELINE_MODES:
+        _must_exist(m.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
+    _must_exist(d.metadata, "--metadata", "the metadata CSV")
+    out = _local_path(cfg.output.out)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {cfg.out} is a file; --out must be a folder (it is created if absent)")
-    profile = load_profile(cfg.cluster or None, cfg.cluster_file, required=cluster_file_given)
+        raise ConfigError(f"--out {cfg.output.out} is a file; --out must be a folder (it is created if absent)")
+    profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path, required=cfg.cluster.file is not None)
     check_cluster(profile)
     return profile

@@ -18,7 +18,7 @@ from pipeline.core.errors import DatasetError
 from pipeline.sources.paths import is_local, local_path
 from pipeline.store.storage import to_url, url_to_fs
 
-from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, _bad_line_issues, _printable, _read_bytes, _read_csv  # noqa: F401 - re-exported
+from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _printable, _read_bytes, _read_csv  # noqa: F401 - re-exported
 
 NIH_METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
 
@@ -40,7 +40,8 @@ def nih_labels(labels: str, findings: tuple[str, ...]) -> tuple[dict[str, bool |
     return {f: (f in names) for f in findings}, unknown
 
 
-def load_nih(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    metadata = options.metadata
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
     if not fs.exists(rootp):
@@ -93,7 +94,7 @@ def _label_value(v) -> bool | None:
     return None  # blank, -1 (uncertain) or anything else: not labelled, never silently negative
 
 
-def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...]) -> RawDataset:
+def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
     url = spec.location
     fs, p = url_to_fs(url)
     if not fs.exists(p):
@@ -176,20 +177,6 @@ def present_files(paths: list[str], storage_options: dict | None = None, max_dir
 
 
 
-
-def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None, uncertain: str = "zeros") -> RawDataset:
-    if spec.adapter == "nih":
-        return load_nih(spec, findings, metadata)
-    if spec.adapter == "chexpert":
-        from pipeline.sources.chexpert import load_chexpert
-
-        return load_chexpert(spec, findings, uncertain)
-    if spec.adapter == "mimic":
-        from pipeline.sources.chexpert import load_mimic
-
-        return load_mimic(spec, findings, uncertain)
-    if spec.adapter == "padchest":
-        from pipeline.sources.padchest import load_padchest
-
-        return load_padchest(spec, findings, metadata)
-    return load_manifest_file(spec, findings)
+def load_dataset(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    """The raw records of one --dataset, by the loader its adapter name is registered to."""
+    return ADAPTERS[spec.adapter](spec, findings, options)

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
+from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import CHEXPERT_TO_MODEL, chexpert_value
 from pipeline.store.storage import exists, join, to_url, url_to_fs
@@ -30,7 +30,8 @@ def _labels(rec, findings, uncertain) -> dict:
     return out
 
 
-def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "zeros") -> RawDataset:
+def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    uncertain = options.uncertain
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
     rows, issues = [], []
@@ -60,7 +61,8 @@ def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str =
     return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))
 
 
-def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], uncertain: str = "zeros") -> RawDataset:
+def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    uncertain = options.uncertain
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
     meta_url = _first_existing(root, ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"))

@@ -17,6 +17,7 @@ import pyarrow as pa
 from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
+from pipeline.sources.source_base import SourceOptions
 from pipeline.sources.paths import confined
 from pipeline.core.redact import redact
 
@@ -148,18 +149,17 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
     return df, issues
 
 
-def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None, metadata: str | None = None,
-                   views: tuple[str, ...] = ("frontal",), site_column: str | None = None, uncertain: str = "zeros",
-                   allow_roots: tuple[str, ...] = (), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
+def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None,
+                   options: SourceOptions = SourceOptions(), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
     new images get numbers after the largest one ever used, so maps.zarr rows never move."""
     frames, issues = [], []
     for spec in specs:
-        raw = load_dataset(spec, findings, metadata, uncertain)
-        df, iss = _validate(spec.name, raw, findings, allow_roots, storage_options, read_limits)
-        df = _select_views(df, spec.name, views, iss)
-        if site_column:
-            df["site"] = _site_from(df, site_column)
+        raw = load_dataset(spec, findings, options)
+        df, iss = _validate(spec.name, raw, findings, options.allow_roots, storage_options, read_limits)
+        df = _select_views(df, spec.name, options.views, iss)
+        if options.site_column:
+            df["site"] = _site_from(df, options.site_column)
         frames.append(df)
         issues += iss
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -8,7 +8,7 @@ import posixpath
 
 import pandas as pd
 
-from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, _bad_line_issues, _read_csv
+from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import PADCHEST_TO_MODEL
 from pipeline.store.storage import exists, join, to_url, url_to_fs
@@ -25,7 +25,8 @@ def parse_labels(text: str) -> list[str] | None:
     return [str(v).strip().lower() for v in value] if isinstance(value, list) else None
 
 
-def load_padchest(spec: DatasetSpec, findings: tuple[str, ...], metadata: str | None = None) -> RawDataset:
+def load_padchest(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    metadata = options.metadata
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
     csv = metadata or next((join(root, n) for n in (DEFAULT_CSV, DEFAULT_CSV + ".gz") if exists(join(root, n))), None)

@@ -1,5 +1,6 @@
-"""What every dataset adapter shares: the base columns, the dataset spec, the raw result and the
-bounded CSV reader (so source modules import this, never pipeline.sources.adapters: no cycle)."""
+"""What every dataset adapter shares: the adapter registry, the base columns, the dataset spec, the
+read options, the raw result and the bounded CSV reader (so source modules import this, never
+pipeline.sources.adapters: no cycle)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,24 @@ import io
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import fsspec
 import pandas as pd
 
 from pipeline.core.errors import ConfigError, DatasetError
+from pipeline.core.registry import Registry
 
-ADAPTERS = ("nih", "manifest", "chexpert", "mimic", "padchest")
+# name -> loader(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions) -> RawDataset.
+# Add a dataset: write its loader in a module of pipeline.sources and register it here (or call
+# ADAPTERS.register from your own module before the job parses --dataset).
+ADAPTERS = Registry("dataset adapter", "--dataset")
+ADAPTERS.register("nih", "pipeline.sources.adapters:load_nih", help="ChestX-ray14 layout (ROOT/images*/..., Data_Entry_2017*.csv)")
+ADAPTERS.register("chexpert", "pipeline.sources.chexpert:load_chexpert", help="CheXpert (ROOT/train.csv, valid.csv)")
+ADAPTERS.register("mimic", "pipeline.sources.chexpert:load_mimic", help="MIMIC-CXR-JPG")
+ADAPTERS.register("padchest", "pipeline.sources.padchest:load_padchest", help="PadChest")
+ADAPTERS.register("manifest", "pipeline.sources.adapters:load_manifest_file",
+                  help="a CSV/Parquet with image_id, path and optional base/finding columns")
 BASE = ["image_id", "path", "patient_id", "site", "view_position", "sex", "age", "split"]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -37,10 +49,27 @@ class DatasetSpec:
             raise ConfigError(f"--dataset {text!r} must look like ADAPTER:LOCATION, e.g. nih:/data/ChestX-ray14")
         adapter, location = text.split(":", 1)
         if adapter not in ADAPTERS:
-            raise ConfigError(f"--dataset adapter {adapter!r} is unknown; known adapters: {', '.join(sorted(ADAPTERS))}")
+            raise ConfigError(f"--dataset adapter {adapter!r} is unknown; registered adapters: {', '.join(ADAPTERS)}")
         if not name:
             name = adapter if adapter != "manifest" else posixpath.basename(location).split(".")[0]
         return cls(adapter, location, name)
+
+
+Uncertain = Literal["zeros", "ones", "ignore"]  # CheXpert/MIMIC -1 labels: negative, positive, unlabelled
+UNCERTAIN_MODES: tuple[str, ...] = get_args(Uncertain)
+VIEW_CHOICES = ("frontal", "all")  # or a list of view codes (AP, PA, LL, ...)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How every adapter reads its dataset (the --metadata, --views, --site-column, --uncertain and
+    --allow-root flags). The defaults here are the job's defaults."""
+
+    metadata: str | None = None  # NIH/PadChest metadata CSV, if not the one found under ROOT
+    views: tuple[str, ...] = ("frontal",)
+    site_column: str | None = None  # take 'site' from this column (default: the dataset's name)
+    uncertain: Uncertain = "zeros"
+    allow_roots: tuple[str, ...] = ()  # further places manifest paths may point into
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""The settings of the dataset-level aggregates, importable without numpy, pandas or scikit-learn
+(the run configuration, ``pipeline.run.config``, embeds ``AggregateConfig`` as its ``aggregate``
+section and must validate in well under a second)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BY = ("view_position", "site", "sex", "age_band", "split")  # strata: alone and crossed with the label
+DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")  # targets of the identifiability probes
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """What ``aggregate_run`` computes (flags of jobs.aggregate; ``--identifiability`` of the scoring job).
+
+    Three bootstraps, three counts, each written once: ``n_boot`` here (the localisation CIs),
+    ``ProbeConfig.n_boot`` (identifiability AUC CIs, pipeline.analysis.identifiability) and
+    ``DRIFT_BOOT`` (paired AUC deltas, pipeline.analysis.drift)."""
+
+    by: tuple[str, ...] = DEFAULT_BY
+    min_n: int = 20
+    anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # 7x7 of 0/1
+    bbox: str | None = None  # BBox_List_2017.csv URL; default: looked up beside each nih: dataset
+    n_boot: int = 1000
+    identifiability: bool = False
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    cell_probes: bool = True  # False: no per-cell probes (the 7x7 identifiability map), only embedding and maps

@@ -234,7 +234,7 @@ def _score(cfg) -> dict:
         t_cluster = time.perf_counter()
         cluster, client = start_cluster(profile, cfg.cluster.worker_timeout)
         prep.timings["cluster_start"] = time.perf_counter() - t_cluster
-        worker_logs = install_worker_logs(client, join(cfg.out, "logs"), cfg.storage_options)  # OUT/logs/worker-<name>.log
+        worker_logs = install_worker_logs(client, join(cfg.output.out, "logs"), cfg.output.storage_options)  # OUT/logs/worker-<name>.log
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             topic = progress_topic(spec.model_version)

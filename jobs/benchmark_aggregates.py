@@ -3,6 +3,11 @@ this machine. Writes synthetic outputs of the real sizes, then times ``jobs.aggr
 process and reports its wall time and peak memory (goal: <= 2 min and <= 4 GB on 2 cores).
 
     python -m jobs.benchmark_aggregates [--images 112120] [--repeats 3]
+    python -m jobs.benchmark_aggregates --cell-probes [--baseline-cells 2]
+
+``--cell-probes`` times only the per-cell identifiability probes on one cell sample of the
+production size (4,000 images x 49 cells x 1,024 features, the synthetic rows of the full benchmark),
+the shared-Gram ridge against the previous per-fold logistic fits on a few cells, in this process.
 """
 
 from __future__ import annotations
@@ -73,6 +78,43 @@ def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_
     return mv
 
 
+def cell_probe_sample(n: int = 4_000, seed: int = 0):
+    """A manifest and (n, 49, 1024) float16 cell features drawn as make_synthetic_run draws them."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    pool = np.maximum(rng.normal(0, 1, (1024, 49, 1024)), 0).astype(np.float16)
+    site = rng.choice(["nih", "hospB", "hospC"], n)
+    x = pool[rng.integers(0, len(pool), n)]
+    x[:, 0, :4] += (2 * (site == "hospB")[:, None]).astype(np.float16)
+    m = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:08d}_000.png" for i in range(n)], "patient_id": (np.arange(n) // 4).astype(str),
+                      "site": site, "view_position": rng.choice(["AP", "PA"], n, p=[0.4, 0.6]), "sex": rng.choice(["M", "F"], n),
+                      "age": rng.integers(1, 95, n)})
+    return m, x
+
+
+def bench_cell_probes(baseline_cells: int, repeats: int) -> dict:
+    """Seconds for the whole per-cell map (49 cells, every target) with the shared-Gram ridge, and per
+    cell for the previous logistic fits (targets of <= 5 classes, as that path ran) on the same sample."""
+    from pipeline.analysis.identifiability import ProbeConfig, run_probes
+
+    m, x = cell_probe_sample()
+    rows = m.row.to_numpy()
+    new, old = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _, cells, _ = run_probes(m, rows, {}, x, ProbeConfig())
+        new.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        # the previous code: per-fold logistic fits, cells one after the other, BLAS threads as they come
+        run_probes(m, rows, {}, x[:, :baseline_cells], ProbeConfig(targets=("site", "view_position", "sex"), cell_probe="logistic"), map_fn=map)
+        old.append((time.perf_counter() - t) / baseline_cells)
+    ridge_s, logistic_s = statistics.median(new), statistics.median(old)
+    return {"ridge_map_s": [round(w, 1) for w in new], "logistic_per_cell_s": [round(w, 1) for w in old],
+            "logistic_map_s_estimated": round(49 * logistic_s, 1), "ratio": round(49 * logistic_s / ridge_s, 1),
+            "targets_in_ridge_map": sorted({c["target"] for c in cells}), "load_average_1_5_15": [round(v, 1) for v in os.getloadavg()]}
+
+
 def _films(work: str, n: int = 128, size: int = 1024) -> list[str]:
     """Real 1024x1024 PNGs (demo films, upscaled) for the report's overlays to decode; rows share them."""
     from PIL import Image
@@ -95,10 +137,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--identifiability", action="store_true", help="time the confounder probes too (issue 4; goal 10 min, 8 GB)")
     p.add_argument("--report", action="store_true", help="then time python -m jobs.report on the result (issue 10; goal 30 s)")
+    p.add_argument("--cell-probes", action="store_true", help="time only the per-cell probes: shared-Gram ridge vs the previous logistic fits (issue 14)")
+    p.add_argument("--baseline-cells", type=int, default=2, help="with --cell-probes: cells the slow logistic baseline fits (its time is per cell)")
     from jobs._common import add_common, setup_logging
 
     args = add_common(p).parse_args(argv)
     setup_logging(args)
+    if args.cell_probes:
+        r = bench_cell_probes(args.baseline_cells, args.repeats)
+        print(json.dumps(r))
+        print(f"per-cell map of 4,000 images x 49 cells x 1,024 features: ridge {statistics.median(r['ridge_map_s']):.1f} s "
+              f"(targets {', '.join(r['targets_in_ridge_map'])}); previous logistic fits {r['logistic_map_s_estimated']:.0f} s "
+              f"(49 x the median per cell, without age_band): {r['ratio']}x")
+        return 0
     work = tempfile.mkdtemp(prefix="cxr-aggbench-")
     t = time.perf_counter()
     make_synthetic_run(work, args.images, film_paths=_films(work) if args.report else None)

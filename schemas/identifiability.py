@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from .meta import with_metadata
 
-IDENT_SCHEMA_VERSION = "1.1"
+IDENT_SCHEMA_VERSION = "1.2"  # 1.2: identifiability_map.probe
 _F = pa.float64()
 _METRICS = [pa.field(s, _F) for s in ("auc", "auc_lo", "auc_hi", "balanced_accuracy", "chance")]
 
@@ -22,7 +22,8 @@ def identifiability_map_schema(**meta) -> pa.Schema:
                                     pa.field("cell_col", pa.int8(), nullable=False), pa.field("n", pa.int64(), nullable=False)] + _METRICS
                                    # within-fold permutation z and one-sided p (above chance); Holm over the target's cells
                                    + [pa.field("z", _F), pa.field("p_value", _F), pa.field("p_holm", _F),
-                                      pa.field("significant", pa.bool_(), nullable=False)]),
+                                      pa.field("significant", pa.bool_(), nullable=False),
+                                      pa.field("probe", pa.string())]),  # the per-cell estimator, e.g. "ridge(lam=4)"
                          schema="identifiability_map", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 

@@ -234,8 +234,10 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
     return pa.Table.from_pydict(summary, schema=localization_schema(**meta)), box_table
 
 
-def aggregate_run(out: str, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8) -> dict[str, pa.Table]:
-    """Compute and write every aggregate of a run from its stored outputs; returns the tables."""
+def aggregate_run(out: str, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8,
+                  map_fn=None) -> dict[str, pa.Table]:
+    """Compute and write every aggregate of a run from its stored outputs; returns the tables.
+    ``map_fn(fn, iterable)`` runs the per-cell identifiability fits (default: in process)."""
     model_version = model_version or latest_complete_run(out)
     run_url = join(out, "runs", model_version)
     run = read_json(join(run_url, "run.json"))
@@ -267,7 +269,7 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     if config.identifiability:
-        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta))
+        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
     from schemas.meta import with_model_version
 
     for name, table in tables.items():
@@ -279,7 +281,7 @@ def aggregate_run(out: str, model_version: str | None = None, config: AggregateC
     return tables
 
 
-def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta) -> dict[str, pa.Table]:
+def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta, map_fn=None) -> dict[str, pa.Table]:
     from schemas.identifiability import (
         identifiability_map_schema,
         identifiability_schema,
@@ -296,7 +298,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}
     cell_rows = cell_sample(rows, cfg)
     cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
-    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows)
+    summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows, map_fn=map_fn)
 
     def table(rows_, schema):
         cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}

@@ -4,15 +4,20 @@ where in the film? Cross-validated logistic-regression probes, 5 folds grouped b
 Feature sources: the pooled ``embedding``; the ``maps`` (F x 7 x 7 ln-ratio maps); and each grid
 cell alone (its full relu(features) vector in ``cell_features``), which gives a 7x7 identifiability
 map with a CI and a Holm-corrected test on every cell (``probe_stats``). The per-cell probes run on
-a seeded subsample of at most ``cell_max_images`` images: 49 probes on 1,024 features each.
+a seeded subsample of at most ``cell_max_images`` images, as one independent task per cell
+(``cell_fits.fit_cell``: closed-form ridge sharing one Gram matrix over targets and folds), sent
+through ``map_fn`` (default: ``threads_map``, in process).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -22,9 +27,11 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
+from pipeline.analysis.cell_fits import CellTarget, cell_metrics, constant_metrics, fit_cell
 from pipeline.analysis.metrics import auc_delong
-from pipeline.analysis.probe_stats import holm, macro_auc_ci, within_fold_test
+from pipeline.analysis.probe_stats import bootstrap_macro_auc, holm
 from pipeline.analysis.strata import age_band
 
 from pipeline.analysis.settings import DEFAULT_TARGETS  # noqa: E402 - one home for the default targets
@@ -40,9 +47,11 @@ class ProbeConfig:
     n_boot: int = 200
     alpha: float = 0.05  # family-wise error rate over a target's 49 cells (Holm)
     cells: bool = True  # the per-cell probes (the 7x7 map); False skips them
-    probe: str = "logistic"  # a key of PROBES
+    probe: str = "logistic"  # a key of PROBES: the embedding and maps probes
+    cell_probe: str = "ridge"  # a key of PROBES: the per-cell probes ("ridge": the shared-Gram fit of cell_fits)
+    cell_ridge: float = 16.0  # the per-cell ridge penalty on standardised features (README: why 16)
     cell_max_images: int = 4_000  # per-cell probes: a seeded subsample (AUC SE about 0.01 at this size)
-    cell_max_classes: int = 5  # no per-cell map for targets with more classes (age_band): 49 multinomial fits on 1,024 features
+    cell_max_classes: int = 20  # no per-cell map for targets with more classes (one-vs-rest: one right-hand side per class)
 
 
 def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
@@ -93,15 +102,15 @@ def _logistic(x, y):
     return clf.classes_, clf.predict_proba
 
 
-def _ridge(x, y):
-    """Closed-form least-squares probe on standardised features (one-hot targets): a small fraction
-    of the logistic fit's time, for statistical property tests."""
+def _ridge(x, y, lam: float = 1.0):
+    """Closed-form least-squares probe on standardised features (one-hot targets, unpenalised
+    intercept): the per-cell probe, fitted one fold at a time (cell_fits.ridge_oof is the same fit)."""
     x = x.astype(np.float64)
     mu, sd = x.mean(0), x.std(0)
     sd[sd == 0] = 1
     classes = np.unique(y)
     a = np.c_[np.ones(len(x)), (x - mu) / sd]
-    reg = np.eye(a.shape[1])
+    reg = lam * np.eye(a.shape[1])
     reg[0, 0] = 0  # no penalty on the intercept
     w = np.linalg.solve(a.T @ a + reg, a.T @ (y[:, None] == classes[None, :]))
     return classes, lambda z: np.c_[np.ones(len(z)), (z.astype(np.float64) - mu) / sd] @ w
@@ -110,13 +119,13 @@ def _ridge(x, y):
 PROBES = {"logistic": _logistic, "ridge": _ridge}  # name -> fit(x, y) -> (classes, scores(x)); AUCs use only the ranks
 
 
-def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig()) -> np.ndarray:
+def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig(), probe: str | None = None) -> np.ndarray:
     """Out-of-fold class scores (probabilities for 'logistic') for every row; each fold trains on at
     most cfg.max_rows of its training rows (a seeded, class-stratified subsample), so large runs stay fast."""
     out = np.zeros((len(y_idx), n_classes))
     for train, test in splits:
         train = train[subsample(y_idx[train], cfg)]
-        classes, score = PROBES[cfg.probe](x[train].astype(np.float32), y_idx[train])
+        classes, score = PROBES[probe or cfg.probe](x[train].astype(np.float32), y_idx[train])
         p = np.zeros((len(test), n_classes))
         p[:, classes] = score(x[test].astype(np.float32))
         out[test] = p
@@ -130,18 +139,11 @@ def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, cfg: ProbeConfig) -> dic
     else:
         auc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro", labels=np.arange(k)))
         rng = np.random.default_rng(cfg.seed)
-        boots = []
-        for _ in range(cfg.n_boot):
-            i = rng.integers(0, len(y_idx), len(y_idx))
-            if len(np.unique(y_idx[i])) == k:
-                boots.append(roc_auc_score(y_idx[i], proba[i], multi_class="ovr", average="macro", labels=np.arange(k)))
-        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (math.nan, math.nan)
+        boots = bootstrap_macro_auc(y_idx, proba, (rng.integers(0, len(y_idx), len(y_idx)) for _ in range(cfg.n_boot)))
+        boots = boots[~np.isnan(boots)]
+        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if len(boots) else (math.nan, math.nan)
     return {"auc": float(auc), "auc_lo": lo, "auc_hi": hi,
             "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))), "chance": 1.0 / k}
-
-
-def _constant(x: np.ndarray) -> bool:
-    return bool(np.all(np.nanstd(x, axis=0) == 0))
 
 
 def cell_sample(rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
@@ -152,12 +154,13 @@ def cell_sample(rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
 
 
 def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_features: np.ndarray | None, cfg: ProbeConfig,
-               cell_rows: np.ndarray | None = None):
+               cell_rows: np.ndarray | None = None, map_fn=None):
     """Returns (summary rows, map rows, per-image score rows). ``features``: name -> (N, d) aligned
-    with rows; ``cell_features`` (n, cells, D) aligned with ``cell_rows`` (default: rows)."""
+    with rows; ``cell_features`` (n, cells, D) aligned with ``cell_rows`` (default: rows).
+    ``map_fn(fn, iterable)`` runs the per-cell tasks (default: ``threads_map``; see ``cell_map``)."""
     m = manifest.set_index("row").loc[rows]
     patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
-    summary, cells, scores = [], [], []
+    summary, scores, cell_targets = [], [], []
     pos = np.arange(len(rows)) if cell_rows is None else pd.Index(rows).get_indexer(cell_rows)
     if (pos < 0).any():
         raise ValueError("cell_rows must be a subset of rows")
@@ -186,44 +189,77 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
                 for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
                     scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
         if cell_features is not None and cfg.cells and len(classes) <= cfg.cell_max_classes:
-            cells += _cell_map(cell_features, pos, y, patients, cfg, target)
+            t = cell_target(target, y.iloc[pos], patients.iloc[pos], cfg)
+            if t is not None:
+                cell_targets.append(t)
+    cells = cell_map(cell_features, cell_targets, cfg, map_fn) if cell_targets else []
     return summary, cells, scores
 
 
-def _cell_map(cell_features: np.ndarray, pos: np.ndarray, y: pd.Series, patients: pd.Series, cfg: ProbeConfig, target: str) -> list[dict]:
-    """The per-cell probes on the rows at ``pos`` (the cell sample), with their own folds."""
-    yc, pc = y.iloc[pos], patients.iloc[pos]
-    ok, _ = prepare_target(yc, pc, cfg)
-    classes = sorted(set(yc[ok]))
+def cell_target(target: str, y: pd.Series, patients: pd.Series, cfg: ProbeConfig) -> CellTarget | None:
+    """A target's labels and its own folds (stratified by it, grouped by patient) over the cell
+    sample; None: < 2 classes there. (Folds shared by all targets would let a cell share one
+    factorisation per fold, but unstratified folds moved the per-cell AUCs of the 120 real films by
+    0.03-0.05 (median) from the stratified ones, at 120 films the fold split matters.)"""
+    ok, _ = prepare_target(y, patients, cfg)
+    classes = sorted(set(y[ok]))
     if len(classes) < 2:
-        return []
-    y_idx = np.searchsorted(classes, yc[ok].to_numpy())
-    splits = folds(y_idx, pc[ok].to_numpy(), cfg)
-    return cell_probes(cell_features[ok], y_idx, splits, len(classes), cfg, {"target": target, "n": int(ok.sum())})
+        return None
+    y_idx = np.full(len(y), -1, np.int64)
+    y_idx[ok] = np.searchsorted(classes, y[ok].to_numpy())
+    fold = np.full(len(y), -1, np.int64)
+    for k, (_, test) in enumerate(folds(y_idx[ok], patients[ok].to_numpy(), cfg)):
+        fold[np.flatnonzero(ok)[test]] = k
+    return CellTarget(target, y_idx, fold, len(classes))
 
 
-def cell_probes(cell_features: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig, base: dict) -> list[dict]:
-    """One probe per grid cell: AUC with a 95% CI, the within-fold permutation test of "above
-    chance", and Holm's correction over the cells (pipeline/analysis/probe_stats.py)."""
+def cell_map(cell_features, targets: list[CellTarget], cfg: ProbeConfig, map_fn=None) -> list[dict]:
+    """The identifiability map of every target: one task per grid cell, given that cell's features
+    (n, D) over the cell sample and every target, so each cell's features are read once and sent
+    once. ``map_fn(fn, iterable)`` -> results in order: ``threads_map`` by default (in process);
+    on a Dask cluster e.g. ``lambda f, xs: client.gather(client.map(f, client.scatter(list(xs))))``. Then
+    Holm's correction over each target's cells (pipeline/analysis/probe_stats.py)."""
     n_cells = cell_features.shape[1]
     grid = int(round(n_cells**0.5))
+    targets = tuple(targets)
+    if cfg.cell_probe == "ridge":
+        fn, label = partial(fit_cell, targets=targets, lam=cfg.cell_ridge), f"ridge(lam={cfg.cell_ridge:g})"
+    else:
+        fn, label = partial(fit_cell_with_probe, targets=targets, cfg=cfg), cfg.cell_probe
+    results = list((map_fn or threads_map)(fn, (cell_features[:, c, :] for c in range(n_cells))))
     rows = []
-    for c in range(n_cells):
-        x = cell_features[:, c, :]
-        if _constant(x):
-            metrics = {"auc": 0.5, "auc_lo": 0.5, "auc_hi": 0.5, "balanced_accuracy": 1.0 / n_classes, "z": 0.0, "p_value": 1.0}
-        else:
-            proba = oof_proba(x, y_idx, splits, n_classes, cfg)
-            auc, lo, hi = macro_auc_ci(y_idx, proba)
-            z, p = within_fold_test(y_idx, proba, splits)
-            metrics = {"auc": auc, "auc_lo": lo, "auc_hi": hi, "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))),
-                       "z": z, "p_value": p}
-        rows.append({**base, "cell_row": c // grid, "cell_col": c % grid, "chance": 1.0 / n_classes, **metrics})
-    adjusted = holm(np.array([r["p_value"] for r in rows], np.float64))
-    for r, q in zip(rows, adjusted):
-        r["p_holm"] = None if math.isnan(q) else float(q)
-        r["significant"] = bool(q <= cfg.alpha) if not math.isnan(q) else False
+    for i, t in enumerate(targets):
+        trows = [{"target": t.name, "n": int(t.used.sum()), "cell_row": c // grid, "cell_col": c % grid, "chance": 1.0 / t.n_classes,
+                  "probe": label, **results[c][i]} for c in range(n_cells)]
+        adjusted = holm(np.array([r["p_value"] for r in trows], np.float64))
+        for r, q in zip(trows, adjusted):
+            r["p_holm"] = None if math.isnan(q) else float(q)
+            r["significant"] = bool(q <= cfg.alpha) if not math.isnan(q) else False
+        rows += trows
     return rows
+
+
+def threads_map(fn, items) -> list:
+    """The default ``map_fn``: in process, a thread per core, BLAS on one thread each. The cells'
+    work is BLAS, which releases the GIL; a multi-threaded BLAS per task instead oversubscribes the
+    cores (measured: 4-5x slower per cell on a loaded 2-core machine). Dask's workers already
+    start with OPENBLAS_NUM_THREADS=1."""
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(fn, items))
+
+
+def fit_cell_with_probe(x: np.ndarray, targets: tuple[CellTarget, ...], cfg: ProbeConfig) -> list[dict]:
+    """``cell_fits.fit_cell`` with any probe of PROBES, one fold at a time (``cell_probe="logistic"``:
+    the probe of the first per-cell maps; about 50x slower than the shared-Gram ridge)."""
+    out = []
+    for t in targets:
+        xt = x[t.used]
+        if bool(np.all(np.nanstd(xt, axis=0) == 0)):
+            out.append(constant_metrics(t.n_classes))
+            continue
+        y_idx, splits = t.y[t.used], t.splits()
+        out.append(cell_metrics(y_idx, oof_proba(xt, y_idx, splits, t.n_classes, cfg, probe=cfg.cell_probe), splits))
+    return out
 
 
 def format_map(cells: pd.DataFrame) -> str:

@@ -115,3 +115,32 @@ def holm(p: np.ndarray) -> np.ndarray:
     adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
     out[order] = adj
     return out
+
+
+def bootstrap_macro_auc(y_idx: np.ndarray, proba: np.ndarray, draws, block: int = 25) -> np.ndarray:
+    """Macro one-vs-rest AUC of each bootstrap replicate, ``block`` replicates at a time: replicate b
+    takes rows ``draws[b]`` (with repeats), i.e. weights ``w_b = bincount(draws[b])``, and its AUC is
+    the weighted Mann-Whitney statistic over one sort of each class's scores (ties count one half),
+    the value of ``roc_auc_score(y[draws[b]], proba[draws[b]], multi_class="ovr")``. NaN where a
+    replicate misses a class."""
+    n, k = proba.shape
+    classes = [1] if k == 2 else list(range(k))
+    sorted_ = []
+    for c in classes:
+        order = np.argsort(proba[:, c], kind="stable")
+        s = proba[order, c]
+        sorted_.append((order, np.flatnonzero(np.r_[True, s[1:] != s[:-1]]), (y_idx[order] == c)))  # groups of tied scores
+    out, draws = [], list(draws)
+    for b in range(0, len(draws), block):
+        w = np.stack([np.bincount(d, minlength=n) for d in draws[b:b + block]]).astype(np.float64)  # (B, n)
+        aucs = np.zeros(len(w))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a replicate without a class: NaN, dropped by the caller
+            for order, start, pos in sorted_:
+                wo = w[:, order]
+                wp = np.add.reduceat(np.where(pos, wo, 0.0), start, axis=1)  # (B, groups): positive weight per score value
+                wn = np.add.reduceat(np.where(pos, 0.0, wo), start, axis=1)
+                below = np.cumsum(wn, axis=1) - wn  # negative weight strictly below each group
+                aucs += (wp * (below + 0.5 * wn)).sum(1) / (wp.sum(1) * wn.sum(1))
+        present = np.stack([w[:, y_idx == c].sum(1) > 0 for c in range(k)], 1).all(1)
+        out.append(np.where(present, aucs / len(classes), np.nan))
+    return np.concatenate(out) if out else np.zeros(0)

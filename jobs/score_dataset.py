@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
         argument_default=S,
     )
     add_config(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration (defaults, --config, flags) as a --config YAML file and exit")
     p.add_argument("--dataset", dest="datasets", action="append", metavar="[NAME=]ADAPTER:LOCATION",
                    help=f"repeatable. Adapters: {', '.join(f'{n} ({ADAPTERS.help(n)})' for n in ADAPTERS)}. "
                         "Locations are fsspec URLs (local path, file://, s3://, memory://).")
@@ -385,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run.validate import check_cluster, validate
 
         user = job_config(args)  # --config and the flags: no side effects yet
+        if getattr(args, "print_config", False):
+            import yaml
+
+            print(yaml.safe_dump(user.to_dict(), sort_keys=False), end="")
+            return 0
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))
         cfg = config_from_args(args, user)

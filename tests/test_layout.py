@@ -140,7 +140,7 @@ def test_guarded_filesystem_refuses_without_its_option(guarded):
         OutputStore(guarded.url).read_json(guarded.latest)
 
 
-def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tiny_nih, tiny_ckpt):
+def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tiny_nih, tiny_ckpt, report_after_run):
     """Score two model versions on a filesystem that needs its storage option, then aggregate,
     compare, report, list and check them with the store: any step that dropped the options fails."""
     from pipeline.analysis.aggregate import AggregateConfig, aggregate_run

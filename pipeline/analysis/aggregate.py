@@ -300,7 +300,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
     from pipeline.analysis.identifiability import ProbeConfig, cell_sample, run_probes
     from pipeline.analysis.site_confounding import prevalence_confounding
 
-    cfg = ProbeConfig(targets=config.targets)
+    cfg = ProbeConfig(targets=config.targets, cells=config.cell_probes)
     rows = ctx.rows
     features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}

@@ -50,6 +50,8 @@ class RunCluster:
         self._starter = None
         self.wait_seconds: float | None = None  # how long the run waited for it (after prepare)
         self.up_seconds: float | None = None  # how long it took to come up (overlapping prepare)
+        self._worker_logs = None
+        self._store = cfg.output.store()
         if client is None:
             from pipeline.run.cluster import ClusterStarter, load_profile
 
@@ -66,6 +68,10 @@ class RunCluster:
             self.wait_seconds = time.perf_counter() - t
             self.up_seconds = self._starter.seconds or 0.0
             log.info(f"cluster {self.profile.name}: dashboard {self._client.dashboard_link}")
+            from pipeline.run.worker_logs import install_worker_logs
+
+            # OUT/logs/worker-<name>.log
+            self._worker_logs = install_worker_logs(self._client, self._store.logs, self._store.options)
         return self._client
 
     def map(self, fn, items) -> list:
@@ -78,6 +84,9 @@ class RunCluster:
 
     def close(self) -> None:
         """Close what this run started (whatever it was used for); a client handed in stays open."""
+        if self._worker_logs is not None:
+            self._worker_logs.close()  # before the client closes
+            self._worker_logs = None
         if self._starter is not None:
             self._starter.close()
             self._starter = None

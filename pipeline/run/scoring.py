@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -29,6 +30,9 @@ from pipeline.run.config import Resolved, ScoreConfig, resolve
 from pipeline.run.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
 
+if TYPE_CHECKING:
+    from pipeline.run.runspec import RunSpec  # imported lazily at run time (it imports torch)
+
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (pipeline.run.config) stays fast: a config error in well under 2 s.
 
@@ -37,7 +41,7 @@ from pipeline.store.layout import OutputStore
 class PreparedRun:
     config: ScoreConfig
     resolved: Resolved
-    spec: "RunSpec"  # noqa: F821 - imported lazily (torch)
+    spec: RunSpec
     shards: list[Shard]
     manifest: ManifestResult
     dataset_fingerprint: str

@@ -11,6 +11,7 @@ fixed cost of a run, and the two CPU proxy ratios of issue 8.
     python -m jobs.benchmark                                   # 120 real films from ../shared, DenseNet-121
     python -m jobs.benchmark --arch tiny --images 960          # the decode-bound proxy (films repeat)
     python -m jobs.benchmark --arch tiny --images 64 --repeats 1   # a quick smoke run
+    python -m jobs.benchmark --proxies                         # only issue 8's two CPU proxies + fixed cost
 """
 
 from __future__ import annotations
@@ -63,23 +64,61 @@ def _films(n: int, workdir: Path) -> tuple[str, list[str]]:
 
 
 def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache: str = "none") -> dict:
-    """The job as a user runs it, in its own process tree; returns run.json plus wall and stdout."""
+    """The job as a user runs it, in its own process tree; returns run.json plus wall, stdout and
+    where the time outside scoring went (``fixed``)."""
     cmd = [sys.executable, "-m", "jobs.score_dataset", "--dataset", f"films=manifest:{manifest}", "--views", "all",
            "--allow-root", str(Path(manifest).parent.parent), "--allow-root", str(ROOT.parent / "shared"),
            "--checkpoint", f"random:{seed}", "--arch", arch, "--out", str(out), "--shard-size", str(args.shard_size),
            "--batch-size", str(args.batch_size), "--limit", str(n), "--precision", args.precision, "--cache", cache]
     if args.decode_workers is not None:
         cmd += ["--decode-workers", str(args.decode_workers)]
-    t = time.perf_counter()
+    t, launched = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    wall, ended = time.perf_counter() - t, time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"the job failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     latest = json.loads((out / "latest.json").read_text())
     run = json.loads((out / latest["run"] / "run.json").read_text())
     assert run["counts"]["scored"] == n, run["counts"]
     m = re.search(r"aggregates: .* in ([0-9.]+) s", proc.stdout + proc.stderr)
-    return {**run, "wall": wall, "aggregates_s": float(m.group(1)) if m else 0.0, "stdout": proc.stdout}
+    aggregates = float(m.group(1)) if m else 0.0
+    report = out / latest["run"] / "report.html"
+    return {**run, "wall": wall, "aggregates_s": aggregates, "stdout": proc.stdout,
+            "fixed": fixed_cost(run, wall, launched, ended, aggregates, report.stat().st_mtime if report.exists() else None)}
+
+
+def fixed_cost(run: dict, wall: float, launched: float, ended: float, aggregates: float, report_mtime: float | None) -> dict:
+    """Where a run's time outside its scoring phase went, from run.json's clock readings and the
+    report's mtime (no instrumentation of the job itself): interpreter start, imports and checks up
+    to run.json's 'started'; model check, manifest, the wait for the cluster; after scoring: cluster
+    close, finalize and aggregates up to 'finished'; then latest.json, views, drift and the report,
+    and the process's exit."""
+    from datetime import datetime
+
+    sec = run["seconds"]
+    started = datetime.fromisoformat(run["started"]).timestamp()
+    finished = datetime.fromisoformat(run["finished"]).timestamp()
+    in_run = finished - started  # prepare + cluster wait + scoring + close + finalize + aggregates
+    known = sec.get("load_model", 0.0) + sec.get("manifest", 0.0) + sec.get("cluster_start", 0.0) + sec["score_wall"] + aggregates
+    after = (report_mtime if report_mtime is not None else ended) - finished
+    return {
+        "startup": started - launched,
+        "load_model": sec.get("load_model", 0.0),
+        "manifest": sec.get("manifest", 0.0),
+        "cluster_wait": sec.get("cluster_start", 0.0),
+        "cluster_up": sec.get("cluster_up", sec.get("cluster_start", 0.0)),  # overlapped with the above
+        "aggregates": aggregates,
+        "other_in_run": in_run - known,  # stores, shard checks, run.json, cluster close, finalize
+        "report_etc": after,  # latest.json, DuckDB views, drift, report.html
+        "exit": ended - (report_mtime if report_mtime is not None else ended),
+        "outside_scoring": wall - sec["score_wall"],
+    }
+
+
+def print_fixed(fixed: list[dict]) -> None:
+    med = {k: statistics.median(f[k] for f in fixed) for k in fixed[0]}
+    print("fixed cost per run (s, median): " + ", ".join(f"{k} {v:.1f}" for k, v in med.items())
+          + "  [cluster_up overlaps startup..manifest]")
 
 
 def _median_rate(fn, n_images: int, repeats: int) -> float:
@@ -147,6 +186,57 @@ def decode_ceiling_processes(paths, workers: int, repeats: int) -> float:
         return _median_rate(lambda: list(pool.imap_unordered(_decode_pixels, paths, chunksize=4)), len(paths), repeats)
 
 
+def _dataloader_net(arch: str, device):
+    """The network (f) runs: the job's seeded random weights, channels_last, on the device."""
+    model = load_model(ModelSpec(arch, "random:0"))
+    net = build_arch(arch, 14)
+    net.features, net.classifier = model.features, model.classifier
+    net_cl = build_arch(arch, 14)
+    net_cl.load_state_dict(net.state_dict())
+    return net_cl.eval().to(memory_format=torch.channels_last).to(device)
+
+
+def proxies(args, work: Path, cores: int, device) -> int:
+    """--proxies: only what issue 8's two CPU proxies need, each baseline measured right after each
+    job run (so that a change of load on a shared machine hits both sides of a ratio alike):
+    the tiny network on --proxy-images films against the decode ceiling with processes, and
+    DenseNet-121 on the 120 real films against the DataLoader loop; plus each run's fixed cost."""
+    for name, n, goal in (("tiny", args.proxy_images, 0.85), ("densenet121", 120, 0.9)):
+        d = work / name
+        d.mkdir()
+        manifest, paths = _films(n, d)
+        arch = name  # a registered architecture, passed to the job as its --arch
+        if name == "tiny":
+            what = f"decode ceiling, {cores} processes"
+
+            def baseline():
+                return decode_ceiling_processes(paths, cores, 1)
+        else:
+            what = f"DataLoader loop, {cores} worker processes"
+            net = _dataloader_net(arch, device)
+
+            def baseline():
+                return _median_rate(lambda: dataloader_loop(net, net.classifier, paths, args.batch_size, cores, device), n, 1)
+        phase, total, base, fixed = [], [], [], []
+        for r in range(args.repeats):
+            run = run_job(manifest, d / f"out{r}", n, arch, 0, args)
+            shutil.rmtree(d / f"out{r}")
+            phase.append(n / run["seconds"]["score_wall"])
+            total.append(n / run["wall"])
+            fixed.append(run["fixed"])
+            base.append(baseline())
+        ratios = [a / b for a, b in zip(phase, base)]
+        print(f"{name}, {n} films ({len(set(paths))} distinct), median of {args.repeats}:")
+        print(f"  job, scoring phase {statistics.median(phase):8.2f} img/s;  end to end {statistics.median(total):8.2f} img/s;  "
+              f"{what} {statistics.median(base):8.2f} img/s")
+        print("  ", end="")
+        print_fixed(fixed)
+        print(f"  proxy ({name}): job scoring phase / {what} = {statistics.median(ratios):.2f} "
+              f"(per run {', '.join(f'{x:.2f}' for x in ratios)}; goal >= {goal}); end to end "
+              f"{statistics.median([t / b for t, b in zip(total, base)]):.2f}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=ARCHITECTURES.names(), default=DEFAULT_ARCH,
@@ -159,12 +249,27 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--decode-workers", type=int, default=None, help="passed to the job (default: its own default)")
     p.add_argument("--skip-cache", action="store_true", help="leave out (e), the cache reruns")
+    p.add_argument("--proxies", action="store_true",
+                   help="only issue 8's two CPU proxies (tiny network vs the decode ceiling, DenseNet-121 vs the DataLoader "
+                        "loop) and the fixed cost; each baseline right after each job run")
+    p.add_argument("--proxy-images", type=int, default=1920, help="films for the tiny-network proxy (default 1920)")
     from jobs._common import add_common, setup_logging
 
     args = add_common(p).parse_args(argv)
     setup_logging(args)
 
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+    if args.proxies:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cores)
+        print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
+              f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu, no CUDA device'}; load average {os.getloadavg()[0]:.1f}")
+        try:
+            return proxies(args, work, cores, device)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"load average at the end {os.getloadavg()[0]:.1f}")
     manifest, paths = _films(args.images, work)
     n = len(paths)
     arch = args.arch  # passed to the job as its --arch: the same registry
@@ -185,8 +290,7 @@ def main(argv=None) -> int:
         run = run_job(manifest, out, n, arch, 0, args)
         job_rates.append(n / run["wall"])
         phase_rates.append(n / run["seconds"]["score_wall"])
-        fixed.append({**{k: v for k, v in run["seconds"].items() if not k.startswith("shards_") and k != "score_wall"},
-                      "aggregates": run["aggregates_s"], "outside_scoring": run["wall"] - run["seconds"]["score_wall"]})
+        fixed.append(run["fixed"])
         shutil.rmtree(out)
     a_total, a = statistics.median(job_rates), statistics.median(phase_rates)
 
@@ -249,8 +353,7 @@ def main(argv=None) -> int:
             print(f"{name:66s} {rate:8.2f} img/s")
     if cold:
         print(f"cache speed-up warm/cold = {warm / cold:.2f};  cache size {cache_bytes / n / 1024:.0f} KiB per image")
-    med = {k: statistics.median(f[k] for f in fixed) for k in fixed[0]}
-    print("fixed cost per run (s, median): " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+    print_fixed(fixed)
     print(f"proxy (tiny network, decode bound): job scoring phase / decode ceiling with processes = {a / decode_proc:.2f} "
           f"(goal >= 0.85; end to end {a_total / decode_proc:.2f}){'' if args.arch == 'tiny' else '  [run with --arch tiny]'}")
     print(f"proxy (DenseNet-121): job scoring phase / DataLoader loop = {a / dl:.2f} (goal >= 0.9; end to end {a_total / dl:.2f})"

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from jobs._common import add_common, add_config, fail, job_config, log, setup_logging
+from jobs._common import add_common, add_config, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -206,19 +206,29 @@ def _run_locked(cfg) -> dict:
 
 def _score(cfg) -> dict:
     """The graph: one task per pending shard, gathered as they finish; then finalize and aggregate."""
+    from jobs._common import quiet_dask_logs
+    from pipeline.run.cluster import ClusterStarter, load_profile
+
+    quiet_dask_logs()
+    # a local cluster comes up, and its worker starts its decode processes and imports the scoring
+    # code, while this process imports torch and prepares the run (issue 8: fixed cost)
+    profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
+    starter = ClusterStarter(profile, cfg.cluster.worker_timeout,
+                             warm=(cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.run.score_shard",)))
     from distributed import as_completed
     from tqdm import tqdm
 
-    from jobs._common import quiet_dask_logs
-
-    from pipeline.run.cluster import load_profile, start_cluster
     from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
     from pipeline.core.redact import redact
     from pipeline.run.score_shard import score_shard
     from pipeline.run.scoring import _now, finalize_run, prepare_run
 
     started = _now()
-    prep = prepare_run(cfg)
+    try:
+        prep = prepare_run(cfg)
+    except BaseException:
+        starter.close()
+        raise
     spec = prep.spec
     for line in manifest_summary(prep.manifest, cfg):
         log.info(redact(line))
@@ -226,12 +236,13 @@ def _score(cfg) -> dict:
         log.warning(redact(note))
     log.info(f"model {spec.model_version} ({cfg.model.arch}); {len(prep.shards)} shards, {len(prep.pending)} to score")
     results, failures = [], []
-    if prep.pending:
-        profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
-        quiet_dask_logs()
+    if not prep.pending:
+        starter.close()
+    else:
         t_cluster = time.perf_counter()
-        cluster, client = start_cluster(profile, cfg.cluster.worker_timeout)
-        prep.timings["cluster_start"] = time.perf_counter() - t_cluster
+        cluster, client = starter.result()
+        prep.timings["cluster_start"] = time.perf_counter() - t_cluster  # the wait for it, after prepare_run
+        prep.timings["cluster_up"] = starter.seconds or 0.0  # how long it took to come up
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             topic = progress_topic(spec.model_version)
@@ -357,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     setup_logging(args)
+    skip_final_gc()  # issue 8: part of every run's fixed cost
     from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()

@@ -54,3 +54,50 @@ def test_unknown_profile_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile("slurm", str(tmp_path / "none.yaml"))
     assert load_profile(None, str(tmp_path / "none.yaml")).type == "local"
+
+
+def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_path):
+    """A local cluster starts while the driver prepares the run, and its worker starts its decode
+    processes without waiting for a shard; SLURM/Kubernetes/address clusters are only asked for once
+    the run has shards to score."""
+    import time
+
+    from pipeline.run.cluster import ClusterStarter, Profile
+
+    remote = ClusterStarter(Profile("remote", "address", {"address": "tcp://127.0.0.1:9"}))
+    assert not remote.started
+    remote.close()  # nothing was started, nothing to wait for
+
+    from pipeline.run import decode_pool
+
+    decode_pool._close_shared()  # an earlier test's in-process worker may have left this process a pool
+    starter = ClusterStarter(Profile("inprocess", "local", {"n_workers": 1, "processes": False, "dashboard_address": ":0"}),
+                             warm=(1, None, ("json",)))
+    assert starter.started
+    cluster, client = starter.result()
+    try:
+        assert starter.seconds is not None and starter.seconds > 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _pool_pids(decode_pool):
+            time.sleep(0.05)
+        assert len(_pool_pids(decode_pool)) == 1  # the worker (threads of this process) has its decode process
+    finally:
+        starter.close()
+        decode_pool._close_shared()
+    assert cluster.status.name == "closed"
+
+
+def _pool_pids(decode_pool) -> list[int]:
+    import os
+
+    pool = decode_pool._SHARED.get(os.getpid())
+    return pool.pids() if pool is not None else []
+
+
+def test_cluster_starter_raises_the_start_error_in_the_caller():
+    from pipeline.run.cluster import ClusterStarter, Profile
+
+    starter = ClusterStarter(Profile("bad", "local", {"n_workers": 1, "processes": False, "no_such_option": 1}))
+    with pytest.raises(TypeError):
+        starter.result()
+    starter.close()

@@ -174,3 +174,38 @@ def _running(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _own_a_shared_pool(path: str, q) -> None:
+    from pipeline.run.decode_pool import shared_pool
+
+    pool = shared_pool(2)
+    pool.start()
+    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=2) as s:
+        assert [job.pos for job, _ in s] == [0]
+    q.put(pool.pids())
+    # returns with the pool open, as a Dask worker process does when its nanny closes it
+
+
+def test_a_process_owning_the_shared_pool_exits_promptly(films):
+    """At a multiprocessing child's exit, multiprocessing joins its children (the decode processes)
+    before the interpreter's shutdown would stop them: without the pool's exit finalizer that join
+    waited forever (a Dask nanny killed the worker after its timeout: cluster.close() took 4 s)."""
+    paths, _ = films
+    ctx = multiprocessing.get_context("spawn")  # like a Dask nanny's worker process
+    q = ctx.Queue()
+    child = ctx.Process(target=_own_a_shared_pool, args=(paths[0], q))
+    child.start()
+    decode_pids = q.get(timeout=120)
+    child.join(60)  # generous for a loaded machine; without the fix it never exits on its own
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung, "the pool's owner hung at exit, joining its own decode processes"
+    assert child.exitcode == 0 and len(decode_pids) == 2
+    for pid in decode_pids:  # and the decode processes are gone with it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}")

@@ -22,6 +22,62 @@ def test_grayscale_matches_reference_exactly(rng, shape):
     assert torch.equal(ours, _reference(Image.fromarray(arr)))
 
 
+# sizes around the edge cases of torchvision's arithmetic: already 224 on the short side, odd
+# margins (the crop box's rounding), portrait and landscape, extreme aspect, smaller than 224
+@pytest.mark.parametrize("size", [(224, 224), (224, 301), (301, 224), (225, 225), (223, 640), (1023, 1024),
+                                  (2500, 2048), (97, 33), (17, 1900), (1, 1), (450, 449)])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_resize_crop_is_torchvisions_byte_for_byte(rng, size, mode):
+    """Decoding no longer imports torchvision (decode processes start faster); its own Resize +
+    CenterCrop on PIL images are the definition we must match, pixel for pixel."""
+    from torchvision.transforms import functional as TF
+
+    from pipeline.inference.images import _resize_crop
+
+    w, h = size
+    arr = rng.integers(0, 256, (h, w) if mode == "L" else (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(arr, mode)
+    want = np.asarray(TF.center_crop(TF.resize(img, 224), [224, 224]))
+    got = np.asarray(_resize_crop(img, 224))
+    assert got.shape == want.shape == ((224, 224) if mode == "L" else (224, 224, 3))
+    assert np.array_equal(got, want)
+
+
+def test_decoding_imports_no_torch():
+    """The decode processes' forkserver preloads the decode module: importing torch there cost
+    about 2.5 s of CPU per run on the 2-core machine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.run.decode_pool, pipeline.inference.images as m; "
+            "m.decode_bytes(open(sys.argv[1], 'rb').read()); "
+            "print(sorted(k for k in ('torch', 'torchvision') if k in sys.modules))")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        f.write(png_bytes(np.zeros((300, 260), np.uint8)))
+        f.flush()
+        out = subprocess.run([sys.executable, "-c", code, f.name], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_normalize_batch_table_is_the_operations_bit_for_bit(rng):
+    """On the CPU normalize_batch gathers from a table of the 256 values; it must be the reference's
+    operations exactly, for every value and channel, whatever the batch and its memory layout."""
+    from pipeline.inference.images import normalize_ops
+
+    every = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(2, 16, 16, 3).contiguous()
+    batch = torch.from_numpy(rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8))
+    strided = torch.from_numpy(rng.integers(0, 256, (3, 40, 50, 6), dtype=np.uint8))[..., ::2]  # not contiguous
+    for px in (every, batch, strided):
+        got, want = normalize_batch(px), normalize_ops(px)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():  # as infer_batch calls it
+        assert torch.equal(normalize_batch(batch), normalize_ops(batch))
+
+
 def test_rgb_and_rgba_match_reference(rng):
     rgba = rng.integers(0, 256, (240, 260, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent: the reference ignores alpha, so must we

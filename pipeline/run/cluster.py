@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +171,76 @@ def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tupl
     finally:
         logging.getLogger().removeHandler(catcher)
     return cluster, client
+
+
+EARLY_TYPES = ("local", "local-cuda")  # cheap to start, and nothing is queued or billed if unused
+
+
+class ClusterStarter:
+    """Brings the cluster up in a background thread while the driver prepares the run (manifest,
+    checkpoint check, stores), then warms its workers: decode processes started, scoring code
+    imported. Batch schedulers (SLURM, Kubernetes) are only asked for workers once the run is known
+    to have shards to score (``result()``), as before."""
+
+    def __init__(self, profile: Profile, worker_timeout: float | None = None, warm: tuple = ()):
+        self.profile = profile
+        self.seconds: float | None = None  # how long the start took, wherever it overlapped
+        self._args = (worker_timeout, warm)
+        self._result: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="cluster-start", daemon=True)
+        if profile.type in EARLY_TYPES:
+            if profile.type == "local-cuda":
+                try:  # imported here, in the caller's thread, in case its import touches signal handlers
+                    import dask_cuda  # noqa: F401
+                except ImportError:
+                    pass  # _make_cluster says what to install
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def _start(self) -> None:
+        worker_timeout, warm = self._args
+        t = time.perf_counter()
+        try:
+            self._result = start_cluster(self.profile, worker_timeout)
+            self.seconds = time.perf_counter() - t
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._error = e
+            return
+        if warm:
+            from pipeline.run.decode_pool import warm_up
+
+            try:
+                self._result[1].run(warm_up, *warm)
+            except Exception as e:  # noqa: BLE001 - only a head start: the shards do the same work
+                log.debug(f"worker warm-up failed: {e}")
+
+    def result(self) -> tuple[Any, Any]:
+        """(cluster or None, client) once a worker is up; raises what the start raised. A deferred
+        start runs here, in the caller's thread (dask-jobqueue sets a signal handler on import,
+        which only the main thread may do)."""
+        if self._thread.ident is None:
+            self._start()
+        else:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def close(self) -> None:
+        """Close whatever was started (waits for a start in progress to finish first)."""
+        if self._thread.ident is not None:
+            self._thread.join()
+        for thing in reversed(self._result or ()):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # noqa: BLE001 - closing an unused cluster must not mask the caller's error
+                    pass
 
 
 def _make_cluster(profile: Profile) -> tuple[Any, Any]:

@@ -4,7 +4,6 @@ only exists for outputs that are complete)."""
 
 from __future__ import annotations
 
-import os
 import time
 import threading
 from dataclasses import fields, replace
@@ -19,7 +18,7 @@ from schemas.outputs import predictions_schema
 from pipeline.inference.cam import infer_batch
 from pipeline.core.errors import ImageError
 from pipeline.run.cache import ShardCache
-from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, shared_pool
+from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, decode_process_count, shared_pool, worker_cores
 from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
 from pipeline.inference.model import get_model
@@ -30,20 +29,10 @@ from pipeline.run.shards import Shard
 from pipeline.store.storage import write_json_atomic, write_parquet_atomic
 
 
-def _worker_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def decode_workers(spec: RunSpec) -> int:
     """Decode processes for this worker: --decode-workers, else the deprecated --decode-threads, else
     one per core of the worker (its CPU affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
-    for n in (spec.decode_workers, spec.decode_threads):
-        if n is not None:
-            return n
-    return _worker_cores()
+    return decode_process_count(spec.decode_workers, spec.decode_threads)
 
 
 # One forward at a time per process: a worker runs two shard tasks (one writes while the other
@@ -64,7 +53,10 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     if done is not None:
         return {**done, "skipped": True}
     t0 = time.perf_counter()
-    cores = _worker_cores()
+    workers = decode_workers(spec)
+    pool = shared_pool(workers)
+    pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
+    cores = worker_cores()
     torch.set_num_threads(spec.torch_threads or cores)  # forwards are serialised (_DEVICE_LOCK)
     model = get_model(spec.model, spec.device)
     F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
@@ -108,7 +100,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             ok[pos] = True
         t_forward += time.perf_counter() - t
 
-    workers = decode_workers(spec)
     cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
     hits = misses = 0
     bs = spec.batch_size
@@ -118,7 +109,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         todo, errors, modes = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
     task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits)
-    pool = shared_pool(workers)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
     # this worker keeps `lookahead` films decoding while this one finishes and writes.
     window = max(4 * bs, 8 * max(1, workers))

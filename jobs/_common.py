@@ -89,6 +89,16 @@ def setup_logging(args) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    # The library's own records (`pipeline.*`) reach the same stderr: warnings always, their INFO
+    # detail (per-shard lines of in-process workers, ...) only with --verbose; worker processes
+    # write theirs to OUT/logs/ (pipeline.run.worker_logs).
+    lib = logging.getLogger("pipeline")
+    for h in [h for h in lib.handlers if isinstance(h, _Stderr)]:
+        lib.removeHandler(h)
+    lib_handler = _Stderr(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
+    lib_handler.setFormatter(handler.formatter)
+    lib.addHandler(lib_handler)
+    lib.setLevel(logging.DEBUG if level == logging.DEBUG else logging.INFO)
 
 
 def quiet_dask_logs() -> None:

@@ -209,13 +209,13 @@ def proxies(args, work: Path, cores: int, device) -> int:
         if name == "tiny":
             what = f"decode ceiling, {cores} processes"
 
-            def baseline():
+            def baseline(paths=paths):  # this proxy's films (bound now, not at the loop's end)
                 return decode_ceiling_processes(paths, cores, 1)
         else:
             what = f"DataLoader loop, {cores} worker processes"
             net = _dataloader_net(arch, device)
 
-            def baseline():
+            def baseline(net=net, paths=paths, n=n):  # this proxy's network and films (bound now)
                 return _median_rate(lambda: dataloader_loop(net, net.classifier, paths, args.batch_size, cores, device), n, 1)
         phase, total, base, fixed = [], [], [], []
         for r in range(args.repeats):

@@ -18,6 +18,7 @@ COMMANDS = {  # command -> (module, one line)
     "report": ("jobs.report", "write the HTML report of a run"),
     "convert-checkpoint": ("jobs.convert_checkpoint", "convert a trusted pickled checkpoint to safetensors"),
     "benchmark": ("jobs.benchmark", "throughput benchmark (see README)"),
+    "benchmark-aggregates": ("jobs.benchmark_aggregates", "aggregation / identifiability benchmark on a synthetic run (see README)"),
 }
 
 

@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
         argument_default=S,
     )
     add_config(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration (defaults, --config, flags) as a --config YAML file and exit")
     p.add_argument("--dataset", dest="datasets", action="append", metavar="[NAME=]ADAPTER:LOCATION",
                    help=f"repeatable. Adapters: {', '.join(f'{n} ({ADAPTERS.help(n)})' for n in ADAPTERS)}. "
                         "Locations are fsspec URLs (local path, file://, s3://, memory://).")
@@ -222,6 +224,8 @@ def _score(cfg) -> dict:
     from pipeline.core.redact import redact
     from pipeline.run.score_shard import score_shard
     from pipeline.run.scoring import _now, finalize_run, prepare_run
+    from pipeline.run.worker_logs import install_worker_logs
+    from pipeline.store.storage import join
 
     started = _now()
     try:
@@ -243,6 +247,7 @@ def _score(cfg) -> dict:
         cluster, client = starter.result()
         prep.timings["cluster_start"] = time.perf_counter() - t_cluster  # the wait for it, after prepare_run
         prep.timings["cluster_up"] = starter.seconds or 0.0  # how long it took to come up
+        worker_logs = install_worker_logs(client, join(cfg.output.out, "logs"), cfg.output.storage_options)  # OUT/logs/worker-<name>.log
         try:
             log.info(f"cluster {profile.name}: dashboard {client.dashboard_link}")
             topic = progress_topic(spec.model_version)
@@ -266,6 +271,7 @@ def _score(cfg) -> dict:
             _interrupted(prep, results, failures, started)
             raise
         finally:
+            worker_logs.close()
             client.close()
             if cluster is not None:
                 cluster.close()
@@ -381,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run.validate import check_cluster, validate
 
         user = job_config(args)  # --config and the flags: no side effects yet
+        if getattr(args, "print_config", False):
+            import yaml
+
+            print(yaml.safe_dump(user.to_dict(), sort_keys=False), end="")
+            return 0
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))
         cfg = config_from_args(args, user)

@@ -91,7 +91,7 @@ def test_mimic_and_padchest_layouts_pool_and_score(tmp_path, tiny_ckpt):
     assert r.issue_counts()["excluded_view"] == 2  # one MIMIC lateral, one PadChest 'L'
     assert m.loc["d001", "Atelectasis"] and m.loc["d000", "Atelectasis"] is pd.NA  # blank stays unlabelled
     assert m.loc["d000", "Effusion"] == False  # noqa: E712 - uncertain -> zeros by default (not NA)
-    assert m.loc["d000", "Pneumonia"] == False and m.loc["d000", "patient_id"] == "10000000"
+    assert m.loc["d000", "Pneumonia"] == False and m.loc["d000", "patient_id"] == "10000000"  # noqa: E712 - nullable boolean, not NA
     assert m.loc["p1.png", "Pneumonia"] and m.loc["p1.png", "Infiltration"] and m.loc["p1.png", "view_position"] == "AP"
     assert m.loc["p0.png", "Pneumonia"] == False and m.loc["p0.png", "age"] == 65  # noqa: E712 - 2015 - 1950; nullable boolean
     assert m.loc["p3.png", "Pneumonia"] is pd.NA and r.issue_counts()["bad_row"] == 1

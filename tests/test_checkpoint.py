@@ -41,9 +41,9 @@ def test_densenet_formats_load_to_the_same_model_version(tmp_path, dense_state):
     torch.save({"state_dict": _chexnet_dataparallel(dense_state), "epoch": 3}, dp)
     st = tmp_path / "w.safetensors"
     save_safetensors(dense_state, str(st))
-    versions = {load_model(ModelSpec("densenet121", str(p))).version for p in (plain, seq, dp, st)}
-    assert len(versions) == 1
-    m = load_model(ModelSpec("densenet121", str(dp)))
+    models = {p.name: load_model(ModelSpec("densenet121", str(p))) for p in (plain, seq, dp, st)}
+    assert len({m.version for m in models.values()}) == 1
+    m = models[dp.name]
     assert torch.equal(m.classifier.weight, dense_state["classifier.weight"])
     assert torch.equal(m.features.denseblock1.denselayer1.norm1.running_var, dense_state["features.denseblock1.denselayer1.norm1.running_var"])
 

@@ -263,3 +263,16 @@ def test_a_prepared_run_saves_the_resolved_configuration_and_it_round_trips(tiny
     # the shard spec is derived from the resolved configuration, once
     assert prep.spec.baselines == resolve(cfg).baselines and prep.spec.cache_url.startswith(f"{out}/cache/")
     assert (prep.spec.shard_size, prep.spec.device, prep.spec.batch_size) == (16, "cpu", cfg.compute.batch_size)
+
+
+def test_print_config_writes_a_file_that_config_reads_back(tmp_path, capsys):
+    from jobs.score_dataset import main
+
+    flags = ["--dataset", "nih:/data/a", "--checkpoint", "random:1", "--out", str(tmp_path / "o"), "--shard-size", "64",
+             "--views", "all", "--identifiability", "--cluster", "inprocess"]
+    assert main([*flags, "--print-config"]) == 0
+    path = _write(tmp_path, capsys.readouterr().out, "printed.yaml")
+    cfg = load_config(path)
+    assert cfg == ScoreConfig.of(datasets=("nih:/data/a",), checkpoint="random:1", out=str(tmp_path / "o"), shard_size=64,
+                                 views=("all",), identifiability=True, cluster="inprocess")
+    assert not (tmp_path / "o").exists()  # printing runs nothing

@@ -33,11 +33,14 @@ def two_sites(tmp_path_factory):
         lines.append(f"x{i:03d},imgs/x{i:03d}.png,pt{i // 2},{site},PA,{rng.choice(['w1', 'w2'])},{pneu}")
     (tmp / "pool.csv").write_text("\n".join(lines) + "\n")
     out = tmp / "out"
+    # the probes' targets from the configuration file (jobs.aggregate's --confounder path is tested
+    # in test_report.py): the costly per-cell probes are fitted once, by the scoring job itself
+    (tmp / "audit.yaml").write_text("aggregate:\n  targets: [site, ward]\n")
     assert score_main(["--dataset", f"manifest:{tmp / 'pool.csv'}", "--checkpoint", "random:0", "--arch", "tests.helpers:marker_net",
-                       "--out", str(out), "--shard-size", "64", "--cluster", "inprocess", "--identifiability"]) == 0
+                       "--out", str(out), "--shard-size", "64", "--cluster", "inprocess", "--identifiability",
+                       "--config", str(tmp / "audit.yaml")]) == 0
     run_dir = next((out / "runs").iterdir())
-    assert (run_dir / "identifiability_map.parquet").exists()  # the scoring job wrote them itself
-    assert aggregate_main(["--out", str(out), "--identifiability", "--confounder", "site", "ward"]) == 0
+    assert set(pq.read_table(run_dir / "identifiability.parquet").column("target").to_pylist()) == {"site", "ward"}
     return run_dir
 
 

@@ -71,6 +71,9 @@ def test_outputs_follow_the_contract(scored, tiny_nih):
     np.testing.assert_allclose(preds[list(CHEXNET_FINDINGS)].to_numpy(), 1 / (1 + np.exp(-logit)), atol=1e-5)
     assert pq.read_table(run_dir / "errors.parquet").num_rows == 0
     assert not list(out.rglob("*.tmp-*"))
+    # the worker processes' logs (pipeline.run.worker_logs): a header per worker, a line per shard
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob("worker-*.log")))
+    assert "logs to" in logs and logs.count(" of 16 images scored") == 2 and logs.count("8 of 8 images scored") == 1, logs
 
 
 def test_rerun_skips_completed_shards_and_leaves_identical_outputs(scored, tiny_nih, tiny_ckpt, capsys):

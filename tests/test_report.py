@@ -100,7 +100,7 @@ def test_identifiability_marks_only_significant_cells_or_says_why(full_run, tmp_
         assert "No cell is marked" in _sections(page)["identifiability"]
 
 
-def test_the_job_writes_the_report_at_the_end_of_a_run_without_labels_sites_boxes(tmp_path, tiny_nih, tiny_ckpt, capsys):
+def test_the_job_writes_the_report_at_the_end_of_a_run_without_labels_sites_boxes(tmp_path, tiny_nih, tiny_ckpt, capsys, report_after_run):
     # a generic manifest with paths only: no labels, no view, one site
     import shutil
 

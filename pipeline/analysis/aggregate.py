@@ -8,7 +8,6 @@ partition task reads only its own rows of maps.zarr, one chunk at a time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import dask
 import numpy as np
@@ -34,7 +33,7 @@ from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.storage import exists, join, read_json, read_parquet, write_parquet_atomic
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
-from pipeline.analysis.strata import DEFAULT_BY, StrataContext, build_context, strata_weights
+from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
 GRID = 7
 _I, _J = np.divmod(np.arange(GRID * GRID), GRID)
@@ -293,7 +292,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
     from pipeline.analysis.identifiability import ProbeConfig, cell_sample, run_probes
     from pipeline.analysis.site_confounding import prevalence_confounding
 
-    cfg = ProbeConfig(targets=config.targets)
+    cfg = ProbeConfig(targets=config.targets, cells=config.cell_probes)
     rows = ctx.rows
     features = {"embedding": maps["embedding"].get_orthogonal_selection((rows,)),
                 "maps": maps["cam"].get_orthogonal_selection((rows,)).reshape(len(rows), -1)}

@@ -25,3 +25,4 @@ class AggregateConfig:
     n_boot: int = 1000
     identifiability: bool = False
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    cell_probes: bool = True  # False: no per-cell probes (the 7x7 identifiability map), only embedding and maps

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported where it is used: validating --precision must not pay for importing it.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import sys
+import logging
+
+log = logging.getLogger(__name__)
 
 
 def report_after_run(out: str, model_version: str) -> str | None:
@@ -11,6 +13,5 @@ def report_after_run(out: str, model_version: str) -> str | None:
 
         return write_report(out, model_version)
     except Exception as e:  # noqa: BLE001 - the run's outputs are complete; the report can be rebuilt
-        print(f"report not written ({type(e).__name__}: {e}); rebuild it with python -m jobs.report --out {out} --run {model_version}",
-              file=sys.stderr)
+        log.warning("report not written (%s: %s); rebuild it with python -m jobs.report --out %s --run %s", type(e).__name__, e, out, model_version)
         return None

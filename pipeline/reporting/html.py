@@ -15,7 +15,7 @@ import pandas as pd
 from pipeline.store.storage import join, write_bytes_atomic
 from pipeline.reporting.figures import example_figure, grid_figure, identifiability_figure
 from pipeline.reporting.data import RunData, load_run
-from pipeline.reporting.scorecard import CONFOUNDERS, RULES, readable, scorecard
+from pipeline.reporting.scorecard import RULES, readable, scorecard
 
 GROUP_FILMS = 8  # films averaged into each group's mean film
 EXAMPLES = 3  # films per example row

@@ -8,13 +8,14 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from pipeline.core.errors import ConfigError
 
-TYPES = ("local", "local-cuda", "slurm", "kubernetes", "address")
+ClusterType = Literal["local", "local-cuda", "slurm", "kubernetes", "address"]
+TYPES: tuple[str, ...] = get_args(ClusterType)
 # seconds to wait for a first worker (profile key `worker_timeout`, flag --worker-timeout): batch
 # schedulers queue jobs, so they get longer than a local cluster that starts in seconds
 DEFAULT_WORKER_TIMEOUT = {"local": 120, "local-cuda": 120, "slurm": 1800, "kubernetes": 900, "address": 60}
@@ -27,9 +28,9 @@ DASHBOARD_ADDRESS = "127.0.0.1:8787"
 @dataclass(frozen=True)
 class Profile:
     name: str
-    type: str
+    type: ClusterType
     options: dict
-    worker_timeout: float = 120.0  # seconds to wait for the first worker before giving up
+    worker_timeout: float = float(DEFAULT_WORKER_TIMEOUT["local"])  # seconds to wait for the first worker (load_profile: the type's)
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, type={self.type!r})"

@@ -4,6 +4,7 @@ only exists for outputs that are complete)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import threading
 from dataclasses import fields, replace
@@ -27,6 +28,8 @@ from pipeline.run.runspec import RunSpec
 from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from pipeline.run.shards import Shard
 from pipeline.store.storage import write_json_atomic, write_parquet_atomic
+
+log = logging.getLogger(__name__)  # on a worker: OUT/logs/worker-<name>.log (pipeline.run.worker_logs)
 
 
 def decode_workers(spec: RunSpec) -> int:
@@ -186,6 +189,8 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "outputs": outputs,
     }
     write_json_atomic(record, spec.record_url(shard.index), so)
+    log.info("shard %d: %d of %d images scored, %d failed in %.1f s (decode wait %.1f, forward %.1f, write %.1f)", shard.index,
+             record["n_scored"], len(shard.rows), len(errors), record["seconds"]["total"], t_decode_wait, t_forward, t_write)
     return {**record, "skipped": False}
 
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -22,12 +23,15 @@ from pipeline.core.errors import ConfigError, DatasetError, OutputError
 from pipeline.sources.manifest import ManifestResult, build_manifest, dataset_fingerprint
 from pipeline.store.bookkeeping import check_rebuilt_manifest, previous_manifest, read_json_safe
 from pipeline.store.maps_store import create_maps, open_maps
-from pipeline.inference.precision import check_precision, run_version
+from pipeline.inference.precision import run_version
 from pipeline.store.shard_check import check_shard, retry_rows
 from pipeline.core.redact import redact_columns, redact_obj
 from pipeline.run.config import Resolved, ScoreConfig, resolve
 from pipeline.run.shards import Shard, plan_shards
 from pipeline.store.storage import check_writable, join, url_to_fs, write_json_atomic, write_parquet_atomic
+
+if TYPE_CHECKING:
+    from pipeline.run.runspec import RunSpec  # imported lazily at run time (it imports torch)
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (pipeline.run.config) stays fast: a config error in well under 2 s.
@@ -37,7 +41,7 @@ from pipeline.store.storage import check_writable, join, url_to_fs, write_json_a
 class PreparedRun:
     config: ScoreConfig
     resolved: Resolved
-    spec: "RunSpec"  # noqa: F821 - imported lazily (torch)
+    spec: RunSpec
     shards: list[Shard]
     manifest: ManifestResult
     dataset_fingerprint: str

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.store.maps_store import open_maps
-from pipeline.store.storage import join, url_to_fs
+from pipeline.store.storage import url_to_fs
 
 RECORD_VERSION = 2
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries

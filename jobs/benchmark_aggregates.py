@@ -154,14 +154,16 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     make_synthetic_run(work, args.images, film_paths=_films(work) if args.report else None)
     print(f"synthetic run: {args.images} images x {len(CHEXNET_FINDINGS)} findings x 49 cells, written in {time.perf_counter() - t:.0f} s")
-    walls, peaks = [], []
+    walls, peaks, cpus = [], [], []
     for _ in range(args.repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         extra = ["--identifiability"] if args.identifiability else []
         subprocess.run([sys.executable, "-m", "jobs.aggregate", "--out", work, *extra], check=True, stdout=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t)
-        peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20)  # KiB -> GiB
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peaks.append(max(before.ru_maxrss, after.ru_maxrss) / 2**20)  # KiB -> GiB
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)  # on a shared machine: the work, whatever the load
     if args.report:
         report_walls = []
         for _ in range(3):
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
               f"({', '.join(f'{w:.1f}' for w in report_walls)}; goal <= 30 s), {size / 2**20:.2f} MiB")
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"wall_s_median": round(statistics.median(walls), 1), "wall_s": [round(w, 1) for w in walls],
-                      "peak_rss_gib_max": round(max(peaks), 2)}))
+                      "peak_rss_gib_max": round(max(peaks), 2), "cpu_s": [round(c, 1) for c in cpus],
+                      "load_average_1_5_15": [round(v, 1) for v in os.getloadavg()]}))
     goal_s, goal_gb = (600, 8) if args.identifiability else (120, 4)
     print(f"aggregates{' + identifiability probes' if args.identifiability else ''} of {args.images} images: "
           f"median {statistics.median(walls):.1f} s (goal <= {goal_s} s), peak RSS {max(peaks):.2f} GiB (goal <= {goal_gb})")

@@ -160,7 +160,7 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
     ``map_fn(fn, iterable)`` runs the per-cell tasks (default: ``threads_map``; see ``cell_map``)."""
     m = manifest.set_index("row").loc[rows]
     patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
-    summary, scores, cell_targets = [], [], []
+    summary, scores, cell_targets, fits = [], [], [], []
     pos = np.arange(len(rows)) if cell_rows is None else pd.Index(rows).get_indexer(cell_rows)
     if (pos < 0).any():
         raise ValueError("cell_rows must be a subset of rows")
@@ -181,17 +181,25 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
         if cell_features is not None and cfg.cells and len(classes) > cfg.cell_max_classes:
             notes.append(f"no per-cell map: {len(classes)} classes > cell_max_classes ({cfg.cell_max_classes})")
         base = {"target": target, "n": int(ok.sum()), "n_per_class": str(counts), "notes": "; ".join(notes) or None}
-        for name, x in features.items():
-            proba = oof_proba(x[ok], y_idx, splits, len(classes), cfg)
-            summary.append({**base, "features": name, **probe_metrics(y_idx, proba, cfg)})
-            if name == "embedding":
-                true_p = proba[np.arange(len(y_idx)), y_idx]
-                for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
-                    scores.append({"row": int(r), "image_id": img, "target": target, "score": float(p), "predicted": classes[pred]})
+        for name in features:
+            fits.append((len(summary), base, name, ok, y_idx, splits, classes))
+            summary.append(None)  # filled below, when the fits are done
         if cell_features is not None and cfg.cells and len(classes) <= cfg.cell_max_classes:
             t = cell_target(target, y.iloc[pos], patients.iloc[pos], cfg)
             if t is not None:
                 cell_targets.append(t)
+
+    def fit(job):  # one target x feature source: an independent task, BLAS on one thread (threads_map)
+        _, _, name, ok, y_idx, splits, classes = job
+        proba = oof_proba(features[name][ok], y_idx, splits, len(classes), cfg)
+        return proba, probe_metrics(y_idx, proba, cfg)
+
+    for (slot, base, name, ok, y_idx, _, classes), (proba, metrics) in zip(fits, threads_map(fit, fits)):
+        summary[slot] = {**base, "features": name, **metrics}
+        if name == "embedding":
+            true_p = proba[np.arange(len(y_idx)), y_idx]
+            for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
+                scores.append({"row": int(r), "image_id": img, "target": base["target"], "score": float(p), "predicted": classes[pred]})
     cells = cell_map(cell_features, cell_targets, cfg, map_fn) if cell_targets else []
     return summary, cells, scores
 

@@ -261,6 +261,8 @@ def test_a_prepared_run_saves_the_resolved_configuration_and_it_round_trips(tiny
     with open(f"{prep.spec.run_url}/run.json") as f:
         run = json.load(f)
     assert ScoreConfig.from_flat(run["config"]) == cfg
+    # and as a file next to run.json that --config reads back to the same configuration
+    assert load_config(f"{prep.spec.run_url}/config.yaml") == cfg
     assert run["resolved"] == {"baselines": dict(REFERENCE_BASELINES), "cache": f"{out}/cache", "device": "cpu"}
     # the shard spec is derived from the resolved configuration, once
     assert prep.spec.baselines == resolve(cfg).baselines and prep.spec.cache_url.startswith(f"{out}/cache/")

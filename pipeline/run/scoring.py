@@ -60,6 +60,13 @@ def code_version() -> str:
         return pipeline.__version__
 
 
+def resolved_config_yaml(cfg: ScoreConfig) -> bytes:
+    import yaml
+
+    head = "# The resolved configuration of this run (storage options left out); --config reads it.\n"
+    return (head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode()
+
+
 def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     """Load the model, build the manifest, resolve the configuration, derive the shard spec from
     it (once), create the stores and find the shards still to score."""
@@ -136,6 +143,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     history = []
     if previous_run:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
+    # The configuration as a file `--config` reads back (run.json has what it resolved to).
+    store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
     store.write_json(store.run_json(spec.model_version), {**_run_json(resolved, spec, fp, "running", _now(), None, timings, history),
                                                           "steps": {"prepare": "done"}})
     return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes)

@@ -1,7 +1,5 @@
 """The progress bar advances per batch, from the workers' events, and never over-counts."""
 
-import pytest
-
 from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
 from pipeline.run.score_shard import score_shard
 from pipeline.run.scoring import ScoreConfig, prepare_run
@@ -39,7 +37,7 @@ def test_counts_are_absolute_so_late_or_reordered_events_do_not_over_count():
 
 
 def test_a_shard_task_reports_after_every_batch(tiny_nih, tiny_ckpt, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed  # a runtime dependency: never skipped
     cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=str(tmp_path / "out"), checkpoint=tiny_ckpt, arch=TINY_ARCH,
                       shard_size=16, batch_size=4, cache="none", decode_workers=1, device="cpu")
     prep = prepare_run(cfg)

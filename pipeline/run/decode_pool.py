@@ -155,6 +155,12 @@ class DecodePool:
                 ctx.set_forkserver_preload(PRELOAD)
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
                                                      initargs=(os.getpid(),))
+                # On forkserver, ProcessPoolExecutor spawns a process per submit only while none is
+                # idle, so quick submits can start fewer than `workers` (a process already done counts
+                # as idle). Launch them all now, before anyone holds the executor.
+                launch = getattr(self._executor, "_launch_processes", None)
+                if launch is not None:
+                    launch()
             return self._executor, self._generation
 
     def start(self) -> None:

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _films(n: int, workdir: Path) -> tuple[str, list[str]]:
     """A manifest of n films (the real ones in ../shared, repeated under new ids when n > 120)."""
-    shared = ROOT.parent / "shared" / "data" / "nih"
+    shared = Path(os.environ.get("CXR_AUDIT_SHARED") or ROOT.parent / "shared") / "data" / "nih"  # a git worktree: set it
     if (shared / "images").exists():
         films = sorted(glob.glob(str(shared / "images" / "*.png")))
     else:
@@ -66,7 +66,7 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     """The job as a user runs it, in its own process tree; returns run.json plus wall, stdout and
     where the time outside scoring went (``fixed``)."""
     cmd = [sys.executable, "-m", "jobs.score_dataset", "--dataset", f"films=manifest:{manifest}", "--views", "all",
-           "--allow-root", str(Path(manifest).parent.parent), "--allow-root", str(ROOT.parent / "shared"),
+           "--allow-root", str(Path(manifest).parent.parent), "--allow-root", str(Path(os.environ.get("CXR_AUDIT_SHARED") or ROOT.parent / "shared")),
            "--checkpoint", f"random:{seed}", "--arch", arch, "--out", str(out), "--shard-size", str(args.shard_size),
            "--batch-size", str(args.batch_size), "--limit", str(n), "--precision", args.precision, "--cache", cache]
     if args.decode_workers is not None:

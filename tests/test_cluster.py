@@ -101,3 +101,18 @@ def test_cluster_starter_raises_the_start_error_in_the_caller():
     with pytest.raises(TypeError):
         starter.result()
     starter.close()
+
+
+def test_local_workers_do_not_spin_or_profile_unless_the_user_says(monkeypatch):
+    from pipeline.run.cluster import PROFILE_ENV, local_worker_config
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    cfg = local_worker_config()
+    env = cfg["distributed.nanny.pre-spawn-environ"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "MALLOC_TRIM_THRESHOLD_" not in env
+    assert cfg["distributed.worker.profile.enabled"] is False
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own settings reach the worker as they are
+    monkeypatch.setenv(PROFILE_ENV, "True")
+    cfg = local_worker_config()
+    assert "OMP_WAIT_POLICY" not in cfg["distributed.nanny.pre-spawn-environ"] and "distributed.worker.profile.enabled" not in cfg

@@ -117,12 +117,34 @@ def address_security(opts: dict):
 def nanny_environ() -> dict:
     """Dask's worker environment without MALLOC_TRIM_THRESHOLD_=65536: with it, glibc returns
     every freed block to the OS and DenseNet-121's large activations page-fault on each batch
-    (measured: forward 2.1 s -> 3.1 s per 32 films on the 2-core CPU)."""
+    (measured: forward 2.1 s -> 3.1 s per 32 films on the 2-core CPU). And torch's OpenMP
+    threads sleep at once when idle (OMP_WAIT_POLICY=PASSIVE, unless set in the environment):
+    by default they spin at every barrier on the cores the decode processes need (measured with
+    the tiny network, score_shard in one process beside its 2 decode processes on 2 busy cores:
+    its CPU per film 3.8 ms -> 1.9 ms; in a Dask worker the two measured alike, but a worker's
+    thread may start torch's pool too)."""
     import dask
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
+
+
+PROFILE_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+
+
+def local_worker_config() -> dict:
+    """The Dask configuration a local cluster's nannies hand their workers: nanny_environ(), and
+    no statistical profiler unless PROFILE_ENV is set: it walks every thread's stack each 10 ms on
+    the event loop of the process that drives the model (about a quarter of that loop's CPU during
+    scoring, taken from the decode processes on a CPU worker). The dashboard's Profile page is
+    empty without it; set DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True to have it."""
+    cfg: dict = {"distributed.nanny.pre-spawn-environ": nanny_environ()}
+    if PROFILE_ENV not in os.environ:
+        cfg["distributed.worker.profile.enabled"] = False
+    return cfg
 
 
 class _LastError(logging.Handler):
@@ -252,14 +274,14 @@ def _make_cluster(profile: Profile) -> tuple[Any, Any]:
     if profile.type == "local":
         from distributed import LocalCluster
 
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": nanny_environ()}):
+        with dask.config.set(local_worker_config()):
             cluster = LocalCluster(**local_kwargs(o))
     elif profile.type == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise ConfigError("profile 'local-cuda' needs dask-cuda: pip install 'cxr-audit[cuda]'") from None
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": nanny_environ()}):
+        with dask.config.set(local_worker_config()):
             cluster = LocalCUDACluster(**cuda_kwargs(o))
     elif profile.type == "slurm":
         try:

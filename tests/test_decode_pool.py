@@ -45,6 +45,18 @@ def _collect(pool, task, paths, **kw):
         return [(job.pos, result) for job, (result, _key) in s]
 
 
+def test_grayscale_films_cross_as_one_plane_when_asked(films):
+    paths, _ = films
+    pool = DecodePool(1)
+    try:
+        got = dict(_collect(pool, DecodeTask(gray_plane=True), paths[:3], window=3))
+    finally:
+        pool.close()
+    for i, p in enumerate(paths[:3]):
+        assert got[i].pixels.shape == (224, 224) and got[i].source_mode == "L"
+        np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
+
+
 def test_every_film_once_and_identical_to_in_process_decoding(films):
     paths, bad = films
     pool = DecodePool(2)

@@ -78,6 +78,26 @@ def test_normalize_batch_table_is_the_operations_bit_for_bit(rng):
         assert torch.equal(normalize_batch(batch), normalize_ops(batch))
 
 
+def test_grayscale_planes_decode_and_normalise_as_their_three_equal_channels(rng):
+    """Decode processes send a grayscale film as one plane (a third of the bytes); the batch made of
+    planes normalises to exactly what the three repeated channels give, for every value."""
+    from pipeline.inference.images import normalize_ops
+
+    arr = rng.integers(0, 256, (300, 517), dtype=np.uint8)
+    full, plane = decode_preprocess(png_bytes(arr)), decode_preprocess(png_bytes(arr), gray_plane=True)
+    assert plane.pixels.shape == (224, 224) and plane.source_mode == "L"
+    assert np.array_equal(plane.rgb(), full.pixels) and full.rgb() is full.pixels
+    every = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(2, 16, 16)
+    for planes in (torch.from_numpy(np.stack([plane.pixels, plane.pixels[::-1].copy()])), every):
+        rgb = planes.unsqueeze(-1).expand(*planes.shape, 3).contiguous()
+        got = normalize_batch(planes)
+        assert torch.equal(got, normalize_batch(rgb)) and torch.equal(got, normalize_ops(rgb))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(normalize_batch(planes.float()), normalize_ops(rgb.float()))  # the generic (device) path
+    colour = rng.integers(0, 256, (240, 260, 3), dtype=np.uint8)
+    assert decode_preprocess(png_bytes(colour), gray_plane=True).pixels.shape == (224, 224, 3)  # colour stays colour
+
+
 def test_rgb_and_rgba_match_reference(rng):
     rgba = rng.integers(0, 256, (240, 260, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent: the reference ignores alpha, so must we

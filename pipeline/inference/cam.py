@@ -53,7 +53,8 @@ def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline:
 @torch.inference_mode()
 def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: tuple[float, ...], *,
                 precision: str = DEFAULT_PRECISION) -> BatchOutputs:
-    """uint8 (B, H, W, 3) pixels -> every output, on the model's device, one forward pass.
+    """uint8 (B, H, W, 3) pixels, or (B, H, W) grayscale planes -> every output, on the model's
+    device, one forward pass.
     ``precision`` (pipeline.inference.precision): fp32 (strict, TF32 off on CUDA), tf32 or bf16 features."""
     device = model.classifier.weight.device
     x = torch.as_tensor(pixels)

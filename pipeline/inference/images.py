@@ -37,8 +37,15 @@ Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: np.ndarray  # uint8, (size, size, 3)
+    # uint8 (size, size, 3); or (size, size) for a grayscale film decoded with gray_plane=True (its
+    # three channels are equal): a third of the bytes cross from a decode process, and
+    # normalize_batch takes the planes as they are
+    pixels: np.ndarray
     source_mode: str  # PIL mode of the file: 'L', 'RGB', 'RGBA', 'I;16', ...
+
+    def rgb(self) -> np.ndarray:
+        """The pixels as uint8 (size, size, 3), whichever form they came in."""
+        return self.pixels if self.pixels.ndim == 3 else np.repeat(self.pixels[:, :, None], 3, axis=2)
 
 
 class ImageTooLarge(Exception):
@@ -253,8 +260,10 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
-    """Bytes of a PNG/JPEG to the uint8 (size, size, 3) array that ToTensor would see."""
+def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits(),
+                      gray_plane: bool = False) -> Decoded:
+    """Bytes of a PNG/JPEG to the uint8 (size, size, 3) array that ToTensor would see (gray_plane:
+    a grayscale film as its one (size, size) plane, which that array repeats three times)."""
     img = _open(data, limits)
     mode = img.mode
     try:
@@ -265,7 +274,7 @@ def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()
             # Grayscale: resampling is per band with identical weights, so resizing one band and
             # repeating it equals convert('RGB') then resize, at a third of the cost.
             small = np.asarray(_resize_crop(img, config.size))
-            pixels = np.repeat(small[:, :, None], 3, axis=2)
+            pixels = small if gray_plane else np.repeat(small[:, :, None], 3, axis=2)
         else:
             # RGBA: convert('RGB') drops alpha without compositing, as the reference does.
             pixels = np.array(_resize_crop(img.convert("RGB"), config.size))
@@ -281,10 +290,11 @@ def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage
     return decode_bytes(read_bytes(path, storage_options, limits), config, limits)
 
 
-def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits()) -> Decoded:
+def decode_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), limits: ReadLimits = ReadLimits(),
+                 gray_plane: bool = False) -> Decoded:
     """decode_preprocess that raises ImageError only (the cache reads the bytes itself to hash them)."""
     try:
-        return decode_preprocess(data, config, limits)
+        return decode_preprocess(data, config, limits, gray_plane)
     except ImageError:
         raise
     except MemoryError as e:  # a film that passed the limits but still does not fit
@@ -317,13 +327,20 @@ def _lut() -> np.ndarray:
 
 
 def normalize_batch(pixels: "torch.Tensor") -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in channels-last memory, ToTensor then Normalize.
+    """uint8 (N, H, W, 3), or grayscale planes (N, H, W) -> float32 (N, 3, H, W) in channels-last
+    memory, ToTensor then Normalize (a plane as the three equal channels it stands for).
 
     On the CPU every output element is a function of one uint8 value and its channel, so a table of
     normalize_ops over the 256 values gives bit-identical results in one gather instead of four
-    passes (half the CPU time, which the decode processes share on a CPU worker)."""
+    passes (half the CPU time, which the decode processes share on a CPU worker); a plane needs one
+    gather of the table's rows (a quarter of the three channels' time)."""
     import torch
 
+    if pixels.dim() == 3:  # grayscale planes
+        if pixels.device.type == "cpu" and pixels.dtype == torch.uint8:
+            rows = np.ascontiguousarray(_lut().T)  # (256, 3): a value's three normalised channels
+            return torch.from_numpy(np.take(rows, pixels.numpy(), axis=0)).permute(0, 3, 1, 2)
+        pixels = pixels.unsqueeze(-1).expand(*pixels.shape, 3)
     if pixels.device.type != "cpu" or pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
         return normalize_ops(pixels)
     lut, px = _lut(), pixels.numpy()

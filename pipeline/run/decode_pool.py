@@ -59,6 +59,9 @@ class DecodeTask:
     storage_options: tuple[tuple[str, str], ...] = ()
     use_cache: bool = False
     limits: ReadLimits = ReadLimits()
+    # a grayscale film comes back as one (size, size) plane (Decoded.rgb() repeats it): a third of
+    # the bytes to pickle, pipe and unpickle, and a cheaper normalize_batch in the driving process
+    gray_plane: bool = False
 
     def __call__(self, job: FilmJob) -> tuple[Decoded | Failure | None, str | None]:
         """(Decoded | Failure | None for a cache hit, content key or None): the bytes are read once
@@ -75,7 +78,7 @@ class DecodeTask:
                 key = content_key(job.path, data)
                 if job.cached_key is not None and key == job.cached_key:
                     return None, key
-            return decode_bytes(data, self.preprocess, self.limits), key
+            return decode_bytes(data, self.preprocess, self.limits, self.gray_plane), key
         except ImageError as e:
             return Failure(e.stage, e.error_class, str(e.cause)[:500]), key
         except Exception as e:  # noqa: BLE001 - never let one film break the pool

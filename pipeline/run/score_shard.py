@@ -111,7 +111,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
         todo, errors, modes = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
-    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits)
+    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits, gray_plane=True)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
     # this worker keeps `lookahead` films decoding while this one finishes and writes.
     window = max(4 * bs, 8 * max(1, workers))
@@ -143,13 +143,16 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
                     hits += 1
                 elif cache is not None and key is not None:
                     misses += 1
-                    cache.put(shard.rows[pos], key, item.pixels, item.source_mode)
+                    cache.put(shard.rows[pos], key, item.rgb(), item.source_mode)
                 modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
                 ready[k][pos] = item.pixels
             if received[k] == chunk_size[k]:
                 batch, ready[k] = sorted(ready[k].items()), {}
                 if batch:
-                    run_batch([p for p, _ in batch], [px for _, px in batch])
+                    pixels = [px for _, px in batch]
+                    if len({px.ndim for px in pixels}) > 1:  # grayscale planes beside colour films
+                        pixels = [px if px.ndim == 3 else np.repeat(px[:, :, None], 3, axis=2) for px in pixels]
+                    run_batch([p for p, _ in batch], pixels)
                 n_done += received[k]
                 if progress is not None:
                     progress(shard.index, n_done)

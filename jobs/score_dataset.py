@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from jobs._common import add_common, add_config, fail, job_config, log, setup_logging, skip_final_gc
+from jobs._common import add_common, add_config, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", metavar="reference|from-labels|FILE",
                    help=f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)")
     p.add_argument("--out", metavar="URL", help="output root (fsspec URL)")
+    add_storage_options(p)
     p.add_argument("--cluster", metavar="NAME", help="profile in --cluster-file (default: the file's default, 'local')")
     p.add_argument("--cluster-file", metavar="PATH",
                    help="profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error")
@@ -205,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except CxrAuditError as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except KeyboardInterrupt as e:
-        from pipeline.core.redact import redact
+        from pipeline.core.redact import redact_argv
 
         what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what}: finished shards are kept and the lock is released; "
-              f"rerun the same command to resume: python -m jobs.score_dataset {redact(' '.join(argv))}", file=sys.stderr)
+              f"rerun the same command to resume: python -m jobs.score_dataset {' '.join(redact_argv(argv))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if old_term is not None:

@@ -64,6 +64,9 @@ def resolved_config_yaml(cfg: ScoreConfig) -> bytes:
     import yaml
 
     head = "# The resolved configuration of this run (storage options left out); --config reads it.\n"
+    if cfg.output.storage_options:  # their keys only: the values may be credentials
+        head += (f"# It was opened with storage options {', '.join(' '.join(str(k).split()) for k in sorted(cfg.output.storage_options))}: give them again "
+                 "(--storage-option KEY=VALUE, output.storage_options, or the environment for credentials).\n")
     return (head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode()
 
 

@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
         user = job_config(args)  # --config and the flags: no side effects yet
         if getattr(args, "print_config", False):
-            import yaml
+            from pipeline.run.config import yaml_text
 
-            print(yaml.safe_dump(user.to_dict(), sort_keys=False), end="")
+            print(yaml_text(user), end="")
             return 0
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))

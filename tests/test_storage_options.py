@@ -25,10 +25,8 @@ JOBS = {"score_dataset": score_dataset, "aggregate": aggregate, "drift": drift, 
 
 @pytest.fixture
 def guarded():
-    guarded_fs.register()
-    guarded_fs.clear()
-    yield OutputStore("guarded://bucket/out", guarded_fs.OPTIONS)
-    guarded_fs.clear()
+    with guarded_fs.mounted() as store:
+        yield store
 
 
 def _config_file(tmp_path, output: dict) -> str:
@@ -112,7 +110,7 @@ def test_storage_option_values_never_reach_reprs_saved_files_or_messages():
         assert SECRET not in text
     assert pickle.loads(pickle.dumps(store)) == store and hash(store.storage_options) == hash(tuple(store.storage_options))
     saved = resolved_config_yaml(cfg).decode()
-    assert "storage options endpoint_url, secret" in saved  # the keys, so a reader knows to give them again
+    assert "# Storage options endpoint_url, secret are not written here" in saved  # the keys, to be given again
     assert load_config_text(saved).output.storage_options == {}
     # a wrongly typed value in a file is named by its type, never quoted
     with pytest.raises(ConfigError) as e:
@@ -134,3 +132,12 @@ def test_the_rerun_command_line_in_messages_masks_storage_option_values(argv):
     shown = " ".join(redact_argv(["--out", "s3://user:pw@bucket/o", *argv, "--shard-size", "64"]))
     assert SECRET not in shown and "pw" not in shown
     assert shown.startswith("--out s3://REDACTED@bucket/o --storage-") and shown.endswith("--shard-size 64")
+
+
+def test_print_config_leaves_storage_option_values_out_and_names_their_keys(tmp_path, capsys):
+    flags = ["--dataset", "nih:/data/a", "--checkpoint", "random:1", "--out", "s3://bucket/o",
+             "--storage-option", f"secret={SECRET}", "--storage-option", "anon=false"]
+    assert score_dataset.main([*flags, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert SECRET not in printed and "# Storage options anon, secret are not written here" in printed
+    assert load_config_text(printed) == ScoreConfig.of(datasets=("nih:/data/a",), checkpoint="random:1", out="s3://bucket/o")

@@ -264,6 +264,18 @@ def flag_of(section: str, name: str) -> str:
     return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
 
 
+def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
+    """The configuration as a --config YAML file, after ``head`` (comment lines). Storage options
+    are left out (their values may be credentials); a comment names their keys, to be given again."""
+    import yaml
+
+    if cfg.output.storage_options:
+        keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
+        head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
+                 "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
+    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def load_yaml(path: str) -> dict:
     """The mapping a --config YAML file holds (a local path or fsspec URL)."""
     import fsspec

@@ -141,3 +141,16 @@ def test_print_config_leaves_storage_option_values_out_and_names_their_keys(tmp_
     printed = capsys.readouterr().out
     assert SECRET not in printed and "# Storage options anon, secret are not written here" in printed
     assert load_config_text(printed) == ScoreConfig.of(datasets=("nih:/data/a",), checkpoint="random:1", out="s3://bucket/o")
+
+
+@pytest.mark.parametrize("text, line", [
+    (f"output:\n  storage_options: {{secret: {SECRET}\n", 3),
+    (f"output:\n  storage_options: {{secret: {SECRET}}}}}\n", 2),
+    (f"output:\n  out: x\n  storage_options\n  secret: \"{SECRET}\n", 4),
+])
+def test_a_broken_config_file_is_located_without_quoting_its_lines(tmp_path, text, line):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert f"is not valid YAML at line {line}," in str(e.value) and SECRET not in str(e.value)

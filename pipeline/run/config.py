@@ -287,7 +287,14 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+        # where and what, without the quoted lines: a file may hold credentials (storage_options)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None:
+            context += f" from line {cmark.line + 1}:"
+        what = " ".join(filter(None, (context, getattr(e, "problem", None)))) or type(e).__name__
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {what}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

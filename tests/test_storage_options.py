@@ -109,6 +109,9 @@ def test_storage_option_values_never_reach_reprs_saved_files_or_messages():
                  json.dumps(cfg.flat()), yaml.safe_dump(cfg.to_dict()), resolved_config_yaml(cfg).decode()):
         assert SECRET not in text
     assert pickle.loads(pickle.dumps(store)) == store and hash(store.storage_options) == hash(tuple(store.storage_options))
+    from dask.base import tokenize
+
+    assert tokenize(pickle.loads(pickle.dumps(store.storage_options))) == tokenize(store.storage_options)  # deterministic
     saved = resolved_config_yaml(cfg).decode()
     assert "# Storage options endpoint_url, secret are not written here" in saved  # the keys, to be given again
     assert load_config_text(saved).output.storage_options == {}

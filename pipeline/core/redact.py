@@ -36,6 +36,9 @@ class MaskedOptions(tuple):
     def __repr__(self) -> str:
         return "(" + ", ".join(f"({k!r}, {MASK!r})" for k, _ in self) + ("," if len(self) == 1 else "") + ")"
 
+    def __dask_tokenize__(self):  # as the plain tuple (dask's fallback for unknown types may be random)
+        return tuple(self)
+
 
 class MaskedDict(dict):
     """Storage options as a dict (fsspec's keyword arguments) whose repr shows the keys only."""

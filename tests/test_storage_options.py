@@ -157,3 +157,24 @@ def test_a_broken_config_file_is_located_without_quoting_its_lines(tmp_path, tex
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     assert f"is not valid YAML at line {line}," in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_prepared_run_on_a_store_that_needs_a_token_writes_no_token(guarded, tiny_nih, tiny_ckpt):
+    """The files prepare writes (manifest, run.json, config.yaml, the Zarr attributes) on a store
+    that only opens with its token: the run reached them with the token, and none holds it."""
+    from pipeline.run.scoring import prepare_run
+
+    from .conftest import TINY_ARCH
+
+    cfg = load_config(None, {"datasets": (f"nih:{tiny_nih}",), "out": guarded.url, "checkpoint": tiny_ckpt, "arch": TINY_ARCH,
+                             "shard_size": 16, "device": "cpu", "cache": "none", "storage_options": guarded_fs.OPTIONS})
+    prep = prepare_run(cfg)
+    fs, root = guarded.fs()
+    written = [p for p in fs.find(root) if fs.isfile(p)]
+    mv = prep.spec.model_version
+    assert {guarded.fs(guarded.run_json(mv))[1], guarded.fs(guarded.resolved_config(mv))[1], guarded.fs(guarded.manifest)[1]} <= set(written)
+    assert any(p.endswith("zarr.json") for p in written)
+    for p in written:
+        assert guarded_fs.TOKEN.encode() not in fs.cat_file(p), p
+    assert json.loads(fs.cat_file(guarded.fs(guarded.run_json(mv))[1]))["config"]["storage_options"] == ["token"]
+    assert guarded_fs.TOKEN not in repr(prep.spec)  # what Dask would quote in a worker's log

@@ -66,6 +66,10 @@ def test_an_unknown_type_lists_the_registered_ones(tmp_path):
         load_profile("farm", path)
     assert "profile 'farm'" in str(e.value) and "type 'pbs'" in str(e.value)
     assert "registered cluster types: local, local-cuda, slurm, kubernetes, address" in str(e.value)
+    from pipeline.run.cluster import Profile
+
+    with pytest.raises(ConfigError, match="unknown profile cluster type 'pbs'; registered: local, local-cuda, slurm"):
+        check_cluster(Profile("farm", "pbs", {}))  # a profile built in Python
 
 
 def test_a_registered_type_is_loaded_started_and_checked_through_the_registry(tmp_path, fake_type):

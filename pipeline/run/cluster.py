@@ -38,7 +38,7 @@ class ClusterKind:
     executable: str | None = None  # a scheduler command it needs on PATH
 
 
-CLUSTER_TYPES = Registry("cluster type", "profile type:")  # filled at the end of this module
+CLUSTER_TYPES = Registry("cluster type", "profile")  # filled at the end of this module
 log = logging.getLogger(__name__)
 # The dashboard's info pages have no authentication: only this machine may see them by default
 # (reach it from elsewhere through an SSH tunnel; see the README).

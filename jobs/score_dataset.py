@@ -166,14 +166,6 @@ EXIT_CONFIG = 2  # configuration error or unusable bookkeeping: the message says
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: rerunning the same command resumes
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: outputs kept, lock released."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
@@ -182,10 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()
-    import signal
-    import threading
+    from pipeline.run.interrupt import Terminated, interrupts_handled
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         from pipeline.run.cluster import load_profile
         from pipeline.run.validate import check_cluster, validate
@@ -202,19 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
         from pipeline.run.lifecycle import run
 
-        result = run(cfg, validated=True)
+        with interrupts_handled():
+            result = run(cfg, validated=True)
     except CxrAuditError as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except KeyboardInterrupt as e:
         from pipeline.core.redact import redact_argv
 
-        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what}: finished shards are kept and the lock is released; "
               f"rerun the same command to resume: python -m jobs.score_dataset {' '.join(redact_argv(argv))}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
     if result.get("drift_text"):
         print(result["drift_text"])
     print(summary(result))

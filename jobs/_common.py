@@ -164,6 +164,11 @@ def skip_final_gc() -> None:
 
 
 def fail(e: BaseException) -> int:
-    """Print an actionable error (no traceback) and return the configuration-error exit status."""
-    print(f"error: {plain(e)}", file=sys.stderr)
+    """Print an actionable error (no traceback) and return the configuration-error exit status.
+    A PermissionError is the storage refusing the credentials (or their absence): say where they go."""
+    text = plain(e)
+    if isinstance(e, PermissionError):
+        text = (f"permission denied: {text}. The storage refused this account: give credentials through the "
+                "environment or fsspec's configuration (the workers need them too), or with --storage-option KEY=VALUE")
+    print(f"error: {text}", file=sys.stderr)
     return 2

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     try:
         out, config = config_from_args(args)
         tables = aggregate_run(out, args.run, config, scheduler=args.scheduler)
-    except CxrAuditError as e:
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)
     for name, t in tables.items():
         print(f"{name}.parquet: {t.num_rows} rows")

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     setup_logging(args)
     try:
         print(summary_text(drift(out_from_args(args), args.from_mv, args.to_mv)))
-    except CxrAuditError as e:
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)
     return 0
 

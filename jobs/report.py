@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         path = write_report(args.out, args.run, args.html)
-    except CxrAuditError as e:
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)
     print(f"report: {path} ({time.perf_counter() - t:.1f} s)")
     return 0

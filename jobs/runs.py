@@ -56,14 +56,17 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args)
     try:
-        store = out_from_args(args)  # --out, else output.out of --config; its storage options
-        if args.unlock:
-            from pipeline.run.run_lock import force_unlock
-
-            print(force_unlock(store))
-            return 0
-    except CxrAuditError as e:
+        return _act(args, out_from_args(args))  # --out, else output.out of --config; its storage options
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)
+
+
+def _act(args, store) -> int:
+    if args.unlock:
+        from pipeline.run.run_lock import force_unlock
+
+        print(force_unlock(store))
+        return 0
     if args.check:
         from pipeline.run.run_check import check_out
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with interrupts_handled():
             result = run(cfg, validated=True)
-    except CxrAuditError as e:
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except KeyboardInterrupt as e:
         from pipeline.core.redact import redact_argv

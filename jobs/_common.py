@@ -8,6 +8,7 @@ a cron log keeps only what was asked for.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -38,6 +39,50 @@ def add_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+_OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_storage_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of --storage-option: VALUE as JSON when it parses (``anon=true`` -> True,
+    ``client_kwargs={"region_name": "eu-west-1"}`` -> a dict), else the string itself. A malformed
+    option is a ConfigError that never quotes the text (it may be a credential)."""
+    from pipeline.core.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not _OPTION_KEY.match(key):
+        raise ConfigError("--storage-option takes KEY=VALUE, KEY a keyword argument of the filesystem "
+                          "(e.g. endpoint_url=https://minio.example.org, anon=true); the text given is not shown")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+class _StorageOption(argparse.Action):
+    """Collects repeated --storage-option KEY=VALUE into one dict (later keys win)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pipeline.core.errors import ConfigError
+
+        try:
+            key, value = parse_storage_option(values)
+        except ConfigError as e:
+            raise argparse.ArgumentError(self, str(e).removeprefix("--storage-option ")) from None
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key: value})
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--storage-option KEY=VALUE (repeatable): fsspec options for --out, merged over
+    output.storage_options of --config. Never saved or printed (the values may be credentials)."""
+    p.add_argument("--storage-option", dest="storage_options", action=_StorageOption, default=argparse.SUPPRESS,
+                   metavar="KEY=VALUE",
+                   help="repeatable: an fsspec option for --out, e.g. endpoint_url=https://minio.example.org or anon=true "
+                        "(VALUE is read as JSON when it parses, else as a string); merged over output.storage_options of "
+                        "--config. Never saved or printed; credentials are better left to the environment (see the README)")
+    return p
+
+
 def overrides(args: argparse.Namespace) -> dict:
     """The configuration keys the command line set (flags defaulting to argparse.SUPPRESS)."""
     from pipeline.run.config import FLAT_KEYS
@@ -53,8 +98,9 @@ def job_config(args: argparse.Namespace, base=None):
 
 
 def out_from_args(args: argparse.Namespace):
-    """The output folder (an OutputStore) from --out, else output.out of --config's file, with the
-    file's output.storage_options: for the jobs that read a run's outputs."""
+    """The output folder (an OutputStore) from --out, else output.out of --config's file, opened
+    with the file's output.storage_options and --storage-option over them: for the jobs that read
+    a run's outputs."""
     from pipeline.core.errors import ConfigError
 
     output = job_config(args).output
@@ -118,6 +164,11 @@ def skip_final_gc() -> None:
 
 
 def fail(e: BaseException) -> int:
-    """Print an actionable error (no traceback) and return the configuration-error exit status."""
-    print(f"error: {plain(e)}", file=sys.stderr)
+    """Print an actionable error (no traceback) and return the configuration-error exit status.
+    A PermissionError is the storage refusing the credentials (or their absence): say where they go."""
+    text = plain(e)
+    if isinstance(e, PermissionError):
+        text = (f"permission denied: {text}. The storage refused this account: give credentials through the "
+                "environment or fsspec's configuration (the workers need them too), or with --storage-option KEY=VALUE")
+    print(f"error: {text}", file=sys.stderr)
     return 2

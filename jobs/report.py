@@ -11,24 +11,25 @@ import argparse
 import sys
 import time
 
+from jobs._common import add_common, add_config, add_storage_options, fail, out_from_args, setup_logging
 from pipeline.core.errors import CxrAuditError
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config(p)
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="URL", help="output root of the job (or output.out in --config)")
+    add_storage_options(p)
     p.add_argument("--run", metavar="VERSION", help="model version of the run (default: the latest complete run)")
     p.add_argument("--html", metavar="PATH", help="where to write the report (default OUT/runs/<version>/report.html)")
     p.add_argument("--film", metavar="IMAGE_ID", help="instead of the report, write one PNG: this film and its maps")
     p.add_argument("--finding", metavar="NAME", help="with --film: only this finding's map (default: all)")
     p.add_argument("--png", metavar="PATH", help="with --film: where to write (default OUT/runs/<version>/films/<id>[-<finding>].png)")
-    return p
+    return add_common(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs._common import add_common, add_config, fail, out_from_args, setup_logging
-
-    args = add_common(add_config(parser())).parse_args(argv)
+    args = parser().parse_args(argv)
     setup_logging(args)
     try:
         args.out = out_from_args(args)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         path = write_report(args.out, args.run, args.html)
-    except CxrAuditError as e:
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)
     print(f"report: {path} ({time.perf_counter() - t:.1f} s)")
     return 0

@@ -1,4 +1,6 @@
-"""List the runs under an --out: model version, when, images, status, time taken."""
+"""List the runs under an --out: model version, when, images, status, time taken.
+
+--out (or output.out of --config) is opened with the storage options of --config and --storage-option."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import argparse
 import sys
 from datetime import datetime
 
-from jobs._common import add_common, setup_logging
+from jobs._common import add_common, add_config, add_storage_options, fail, out_from_args, setup_logging
+from pipeline.core.errors import CxrAuditError
 from pipeline.store.layout import OutputStore
 from pipeline.store.run_index import latest as _latest
 from pipeline.store.run_index import run_records
@@ -34,9 +37,11 @@ def latest_run(out, storage_options: dict | None = None) -> str | None:
     return store.join(latest["run"]) if latest.get("run") else None
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.runs", description=__doc__)
-    p.add_argument("--out", required=True, metavar="URL")
+    add_config(p)
+    p.add_argument("--out", default=argparse.SUPPRESS, metavar="URL", help="the scoring job's --out (or output.out in --config)")
+    add_storage_options(p)
     p.add_argument("--latest", action="store_true",
                    help="print only the latest complete run's folder (OUT/runs/<model_version>), for scripts and queries; exit 1 if none")
     p.add_argument("--check", action="store_true",
@@ -44,36 +49,42 @@ def main(argv=None) -> int:
                         "Exit 0: intact; 1: damage found (rerunning the scoring command repairs it)")
     p.add_argument("--verify", action="store_true", help="with --check: rehash every output (default: sizes only)")
     p.add_argument("--unlock", action="store_true", help="remove OUT/_lock.json left by a run that died (refused if its holder is alive here)")
-    args = add_common(p).parse_args(argv)
+    return add_common(p)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     setup_logging(args)
+    try:
+        return _act(args, out_from_args(args))  # --out, else output.out of --config; its storage options
+    except (CxrAuditError, PermissionError) as e:
+        return fail(e)
+
+
+def _act(args, store) -> int:
     if args.unlock:
-        from pipeline.core.errors import CxrAuditError
         from pipeline.run.run_lock import force_unlock
 
-        try:
-            print(force_unlock(args.out))
-        except CxrAuditError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        print(force_unlock(store))
         return 0
     if args.check:
         from pipeline.run.run_check import check_out
 
-        problems = check_out(args.out, verify=args.verify)
+        problems = check_out(store, verify=args.verify)
         for line in problems:
             print(line)
-        print(f"{len(problems)} problems under {args.out}" if problems else f"{args.out}: every shard matches its record")
+        print(f"{len(problems)} problems under {store.url}" if problems else f"{store.url}: every shard matches its record")
         return 1 if problems else 0
     if args.latest:
-        latest = latest_run(args.out)
+        latest = latest_run(store)
         if latest is None:
-            print(f"error: no complete run under {args.out} (latest.json is written when a run completes)", file=sys.stderr)
+            print(f"error: no complete run under {store.url} (latest.json is written when a run completes)", file=sys.stderr)
             return 1
         print(latest)
         return 0
-    rows = list_runs(args.out)
+    rows = list_runs(store)
     if not rows:
-        print(f"no runs under {args.out}")
+        print(f"no runs under {store.url}")
         return 0
     print(f"{'model_version':18} {'started':26} {'status':11} {'images':>8} {'scored':>8} {'failed':>7} {'took_s':>8}")
     for r in rows:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from jobs._common import add_common, add_config, fail, job_config, log, setup_logging, skip_final_gc
+from jobs._common import add_common, add_config, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError
 
 DEMO_DIR = "cxr-audit-demo"
@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", metavar="reference|from-labels|FILE",
                    help=f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)")
     p.add_argument("--out", metavar="URL", help="output root (fsspec URL)")
+    add_storage_options(p)
     p.add_argument("--cluster", metavar="NAME", help="profile in --cluster-file (default: the file's default, 'local')")
     p.add_argument("--cluster-file", metavar="PATH",
                    help="profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error")
@@ -165,14 +166,6 @@ EXIT_CONFIG = 2  # configuration error or unusable bookkeeping: the message says
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: rerunning the same command resumes
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: outputs kept, lock released."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
@@ -181,19 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.redact import install_log_redaction
 
     install_log_redaction()
-    import signal
-    import threading
+    from pipeline.run.interrupt import Terminated, interrupts_handled
 
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         from pipeline.run.cluster import load_profile
         from pipeline.run.validate import check_cluster, validate
 
         user = job_config(args)  # --config and the flags: no side effects yet
         if getattr(args, "print_config", False):
-            import yaml
+            from pipeline.run.config import yaml_text
 
-            print(yaml.safe_dump(user.to_dict(), sort_keys=False), end="")
+            print(yaml_text(user), end="")
             return 0
         # the cluster profile first: even the demo reports a wrong --cluster before building its data
         check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))
@@ -201,19 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
         from pipeline.run.lifecycle import run
 
-        result = run(cfg, validated=True)
-    except CxrAuditError as e:
+        with interrupts_handled():
+            result = run(cfg, validated=True)
+    except (CxrAuditError, PermissionError) as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except KeyboardInterrupt as e:
-        from pipeline.core.redact import redact
+        from pipeline.core.redact import redact_argv
 
-        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what}: finished shards are kept and the lock is released; "
-              f"rerun the same command to resume: python -m jobs.score_dataset {redact(' '.join(argv))}", file=sys.stderr)
+              f"rerun the same command to resume: python -m jobs.score_dataset {' '.join(redact_argv(argv))}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
     if result.get("drift_text"):
         print(result["drift_text"])
     print(summary(result))

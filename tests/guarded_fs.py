@@ -7,6 +7,8 @@ a request without credentials. Any code path that drops the storage options fail
 
 from __future__ import annotations
 
+import contextlib
+
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -38,3 +40,16 @@ def register() -> None:
 def clear() -> None:
     GuardedFileSystem.store.clear()
     GuardedFileSystem.pseudo_dirs[:] = [""]
+
+
+@contextlib.contextmanager
+def mounted(url: str = "guarded://bucket/out"):
+    """An empty guarded:// output folder, as an OutputStore carrying its option; emptied after."""
+    from pipeline.store.layout import OutputStore
+
+    register()
+    clear()
+    try:
+        yield OutputStore(url, OPTIONS)
+    finally:
+        clear()

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from jobs.aggregate import main as aggregate_main
 from jobs.score_dataset import main as score_main
+from pipeline.analysis.aggregate import aggregate_run
 from pipeline.analysis.localization import box_coverage, box_scores
 from pipeline.analysis.metrics import auc_delong, ece
 from pipeline.analysis.region_stats import RegionAccumulator, hist_quantiles
@@ -108,6 +109,10 @@ def test_result_does_not_depend_on_shards(planted, tmp_path):
     assert a[["finding", "cell_row", "cell_col", "stratum", "stratum_value", "n"]].equals(b[["finding", "cell_row", "cell_col", "stratum", "stratum_value", "n"]])
     num = a.select_dtypes("float").columns
     np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=1e-9, atol=1e-12)
+    # and of how the chunks are split into partitions of the tree reduction (a run this small gets one)
+    c = aggregate_run(str(other.parents[1]), other.name, n_parts=5, scheduler="sync")["region_stats"].to_pandas()
+    assert a[["finding", "cell_row", "cell_col", "stratum", "stratum_value", "n"]].equals(c[["finding", "cell_row", "cell_col", "stratum", "stratum_value", "n"]])
+    np.testing.assert_allclose(a[num].to_numpy(float), c[num].to_numpy(float), rtol=1e-9, atol=1e-12)
 
 
 def test_readme_region_query_ap_versus_pa(planted):

@@ -25,6 +25,7 @@ from pipeline.run import run_lock as rl
 from pipeline.inference.tiny_net import TinyCAMNet
 
 from .conftest import TINY_ARCH
+from .helpers import SLOW_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,7 +341,7 @@ def test_interrupt_releases_the_lock_and_a_rerun_completes(tmp_path, tiny_nih, s
     args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net",
             "--out", str(tmp_path / "out"), "--shard-size", "4", "--batch-size", "2", "--cluster", "inprocess"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **SLOW_ENV})
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out").glob("runs/*/_shards/*.json"))) < 2:
         time.sleep(0.05)
@@ -364,7 +365,7 @@ def test_worker_killed_mid_run_then_the_run_completes(tmp_path, tiny_nih, refere
             "--out", str(tmp_path / "out"), "--shard-size", "4", "--batch-size", "2", "--cluster", "two",
             "--cluster-file", str(prof), "--cache", "none"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)})
     deadline, killed = time.time() + 240, None  # the kill window stays open until the run ends (a loaded machine starts workers slowly)
     while time.time() < deadline and killed is None and proc.poll() is None:
         if len(list((tmp_path / "out").glob("runs/*/_shards/*.json"))) >= 2:

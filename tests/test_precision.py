@@ -43,8 +43,8 @@ def _films(n):
     return paths[: n - 1] + rgba
 
 
-def _max_errors(device, precision, paths, reference=None):
-    model = load_model(ModelSpec("densenet121", "random:11")).to(torch.device(device))
+def _max_errors(device, precision, paths, reference=None, model=None):
+    model = (model or load_model(ModelSpec("densenet121", "random:11"))).to(torch.device(device))
     ref_prob, ref_cam = reference or float64_reference(load_model(ModelSpec("densenet121", "random:11")), paths)
     pixels = np.stack([load_image(p).pixels for p in paths])
     out = infer_batch(model, pixels, BASE, precision=precision)
@@ -54,14 +54,15 @@ def _max_errors(device, precision, paths, reference=None):
 @pytest.fixture(scope="module")
 def films_and_reference():
     paths = _films(2)
-    return paths, float64_reference(load_model(ModelSpec("densenet121", "random:11")), paths)
+    model = load_model(ModelSpec("densenet121", "random:11"))  # one for every precision: loading it is most of the cost
+    return paths, float64_reference(model, paths), model  # (the reference works on a copy)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_parity_at_each_precision_on_cpu_against_float64(precision, films_and_reference):
     # measured on 4 real films: fp32 and tf32 8e-8 / 2e-6 (prob / map), bf16 1.1e-3 / 1.2e-2
-    paths, reference = films_and_reference
-    err_p, err_m = _max_errors("cpu", precision, paths, reference)
+    paths, reference, model = films_and_reference
+    err_p, err_m = _max_errors("cpu", precision, paths, reference, model)
     tol = PARITY_TOLERANCE[precision]
     assert err_p <= tol and err_m <= tol, (precision, err_p, err_m)
     if precision == "bf16":

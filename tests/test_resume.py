@@ -14,8 +14,10 @@ import zarr
 
 from jobs.score_dataset import main
 
+from .helpers import SLOW_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-SLOW = "tests.helpers:slow_tiny_net"
+SLOW = "tests.helpers:slow_tiny_net"  # slow only in the killed subprocess (SLOW_ENV)
 
 
 def _args(data, out, *extra):
@@ -39,7 +41,7 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih, tiny_
                  "--out", str(out), "--shard-size", "4", "--cluster", "inprocess"]) == 0
     previous = json.loads((out / "latest.json").read_text())["model_version"]
 
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *_args(tiny_nih, out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *_args(tiny_nih, out)], cwd=ROOT, env={**os.environ, **SLOW_ENV},
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     records: list = []

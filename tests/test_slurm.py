@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from .helpers import SLOW_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +68,7 @@ def test_slurm_run_survives_a_cancelled_job(slurm, tmp_path, tiny_nih):
     args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net",
             "--out", str(out), "--shard-size", "4", "--batch-size", "1", "--cluster", "slurm", "--cluster-file", str(profile),
             "--cache", "none"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the workers import tests.helpers
+    env = {**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)}  # the workers import tests.helpers
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None

@@ -62,17 +62,24 @@ def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, 
         lo = int(k * chunk)
         hi = int(part.rows[-1]) + 1
         idx = part.rows - lo
-        cam = g["cam"][lo:hi][idx].reshape(len(idx), F, -1)
+        cam = g["cam"][lo:hi][idx].reshape(len(idx), F, -1).astype(np.float64)  # once per chunk, not per stratum
         contrib = (g["cell_logit"][lo:hi][idx].reshape(len(idx), F, -1) - bias[None, :, None]) / cam.shape[-1]
         for key, w in strata_weights(part, F):
             acc.update(key, w, cam, contrib)
     return acc
 
 
-def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int = 8, scheduler="threads",
+ROWS_PER_PART = 4096  # a partition carries ~3 MB of histogram per stratum value: small runs get one
+MAX_PARTS = 8
+
+
+def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int | None = None, scheduler="threads",
                storage_options: dict | None = None) -> RegionAccumulator:
     """Tree reduction over partitions of whole chunks; independent of partitioning by construction.
+    n_parts: how many (default: one per ROWS_PER_PART rows, at most MAX_PARTS).
     scheduler: a dask scheduler name, or a Dask client's ``get`` to run on its cluster."""
+    if n_parts is None:
+        n_parts = min(MAX_PARTS, -(-len(ctx.rows) // ROWS_PER_PART))
     chunk_of = ctx.rows // chunk
     chunks = np.unique(chunk_of)
     groups = [g for g in np.array_split(chunks, max(1, min(n_parts, len(chunks)))) if len(g)]
@@ -89,14 +96,17 @@ def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, 
 
 
 def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
-    cols: dict[str, list] = {k: [] for k in region_stats_schema().names}
+    C = GRID * GRID
+    schema = region_stats_schema(**meta)
+    keys: dict[str, list] = {k: [] for k in ("finding", "stratum", "stratum_value", "n")}
+    blocks: list[dict[str, np.ndarray]] = []  # one per (stratum value, finding): C values per statistic
+    ok: list[bool] = []
     for (stratum, value), s in sorted(acc.stats.items()):
         q = hist_quantiles(s.hist)
         for f, name in enumerate(findings):
             n = int(s.count[f, 0])
             if n == 0:
                 continue
-            ok = n >= min_n
             mean = s.total[f] / n
             var = (s.total_sq[f] - n * mean**2) / (n - 1) if n > 1 else np.full_like(mean, np.nan)
             stats = {
@@ -107,16 +117,28 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
             }
             stats["mean_lo"], stats["mean_hi"] = mean_ci(s, f)
             stats["diff_rest"], stats["diff_rest_lo"], stats["diff_rest_hi"] = cell_vs_rest(s, f)
-            for c in range(GRID * GRID):
-                cols["finding"].append(name)
-                cols["cell_row"].append(c // GRID)
-                cols["cell_col"].append(c % GRID)
-                cols["stratum"].append(stratum)
-                cols["stratum_value"].append(value)
-                cols["n"].append(n)
-                for k, v in stats.items():
-                    cols[k].append(float(v[c]) if ok else None)
-    return pa.Table.from_pydict(cols, schema=region_stats_schema(**meta))
+            for k, v in (("finding", name), ("stratum", stratum), ("stratum_value", value), ("n", n)):
+                keys[k].append(v)
+            blocks.append(stats)
+            ok.append(n >= min_n)
+    cells = np.arange(C)
+    cols = {
+        "finding": np.repeat(np.asarray(keys["finding"], dtype=object), C),
+        "cell_row": np.tile(cells // GRID, len(blocks)).astype(np.int8),
+        "cell_col": np.tile(cells % GRID, len(blocks)).astype(np.int8),
+        "stratum": np.repeat(np.asarray(keys["stratum"], dtype=object), C),
+        "stratum_value": np.repeat(np.asarray(keys["stratum_value"], dtype=object), C),
+        "n": np.repeat(np.asarray(keys["n"], dtype=np.int64), C),
+    }
+    hidden = np.repeat(~np.asarray(ok, bool), C)  # under min_n: every statistic is null
+    arrays = []
+    for field in schema:
+        if field.name in cols:
+            arrays.append(pa.array(cols[field.name], type=field.type))
+        else:
+            values = np.concatenate([np.asarray(b[field.name], np.float64) for b in blocks]) if blocks else np.zeros(0)
+            arrays.append(pa.array(values, type=field.type, mask=hidden))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
@@ -238,7 +260,7 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
     return pa.Table.from_pydict(summary, schema=localization_schema(**meta)), box_table
 
 
-def aggregate_run(out, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int = 8,
+def aggregate_run(out, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int | None = None,
                   storage_options: dict | None = None, map_fn=None) -> dict[str, pa.Table]:
     """Compute and write every aggregate of a run from its stored outputs; returns the tables.
 

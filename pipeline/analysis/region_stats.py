@@ -74,45 +74,62 @@ class RegionAccumulator:
         return RegionAccumulator(self.n_findings, self.n_cells, out)
 
     def update(self, key: tuple[str, str], weight: np.ndarray, cam: np.ndarray, contrib: np.ndarray) -> None:
-        """Add rows where weight (n, F) is True: cam and contrib are (n, F, C)."""
+        """Add rows where weight (n, F) is True: cam and contrib are (n, F, C), float64 preferably
+        (converted per finding otherwise). The key's statistics are updated in place (a histogram
+        is 14 x 49 x 1,200 counts: a fresh one per call cost more than the data), so call it on an
+        accumulator of your own, before merging."""
         if not weight.any():
             return
         F, C = self.n_findings, self.n_cells
-        s = CellStats.empty(F, C)
+        s = self.stats.get(key)
+        if s is None:
+            s = self.stats[key] = CellStats.empty(F, C)
         flats = []
         for f in np.flatnonzero(weight.any(axis=0)):
             rows = weight[:, f]
-            v = cam[rows, f].astype(np.float64)  # (m, C)
-            c = contrib[rows, f].astype(np.float64)
-            s.count[f] = v.shape[0]
-            s.total[f] = v.sum(0)
-            s.total_sq[f] = (v * v).sum(0)
-            s.vmin[f] = v.min(0)
-            s.vmax[f] = v.max(0)
-            s.n_pos[f] = (v > 0).sum(0)
-            s.pos_part[f] = np.maximum(v, 0).sum(0)
-            s.contrib[f] = c.sum(0)
-            s.abs_contrib[f] = np.abs(c).sum(0)
+            v = cam[rows, f]  # (m, C); fancy indexing copies
+            c = contrib[rows, f]
+            v = v if v.dtype == np.float64 else v.astype(np.float64)
+            c = c if c.dtype == np.float64 else c.astype(np.float64)
+            s.count[f] += v.shape[0]
+            s.total[f] += v.sum(0)
+            s.total_sq[f] += (v * v).sum(0)
+            s.vmin[f] = np.minimum(s.vmin[f], v.min(0))
+            s.vmax[f] = np.maximum(s.vmax[f], v.max(0))
+            s.n_pos[f] += (v > 0).sum(0)
+            s.pos_part[f] += np.maximum(v, 0).sum(0)
+            s.contrib[f] += c.sum(0)
+            s.abs_contrib[f] += np.abs(c).sum(0)
             d = v - (v.sum(1, keepdims=True) - v) / max(C - 1, 1)
-            s.dev_sq[f] = (d * d).sum(0)
+            s.dev_sq[f] += (d * d).sum(0)
             bins = np.clip(((v - HIST_LO) / HIST_W).astype(np.int64), 0, N_BINS - 1)
             flats.append(((f * C + np.arange(C)) * N_BINS + bins).ravel())
-        s.hist += np.bincount(np.concatenate(flats), minlength=F * C * N_BINS).reshape(F, C, N_BINS).astype(np.int32)
-        self.stats[key] = self.stats[key] + s if key in self.stats else s
+        idx = np.concatenate(flats)
+        hist = s.hist.reshape(-1)  # a view: the array is contiguous
+        if idx.size * 16 < hist.size:  # few rows: scatter; many: one pass over every bin
+            np.add.at(hist, idx, 1)
+        else:
+            hist += np.bincount(idx, minlength=hist.size).astype(np.int32)
 
 
 def hist_quantiles(hist: np.ndarray, qs=QUANTILES) -> np.ndarray:
     """(..., N_BINS) counts -> (..., len(qs)) inverted-CDF quantiles at bin midpoints."""
-    cum = np.cumsum(hist, axis=-1)
-    n = cum[..., -1:]
+    lead = hist.shape[:-1]
+    cum = np.cumsum(hist.reshape(-1, N_BINS), axis=-1, dtype=np.int64)
+    n = cum[:, -1]
+    # Each row's running count, lifted above the previous row's: one sorted array, so the first bin
+    # reaching each target is one binary search per row, not a pass over every bin per quantile.
+    step = int(n.max(initial=0)) + 1
+    base = np.arange(len(n), dtype=np.int64)
+    flat = (cum + (base * step)[:, None]).ravel()
     out = []
     for q in qs:
-        target = np.maximum(np.ceil(q * n), 1)  # inverted_cdf: smallest x with F(x) >= q
-        idx = (cum < target).sum(axis=-1)
+        target = np.maximum(np.ceil(q * n), 1).astype(np.int64)  # inverted_cdf: smallest x with F(x) >= q
+        idx = np.searchsorted(flat, target + base * step, side="left") - base * N_BINS
         out.append(HIST_LO + (np.minimum(idx, N_BINS - 1) + 0.5) * HIST_W)
     res = np.stack(out, axis=-1)
-    res[n[..., 0] == 0] = np.nan
-    return res
+    res[n == 0] = np.nan
+    return res.reshape(*lead, len(qs))
 
 
 Z95 = 1.959963984540054

@@ -26,6 +26,59 @@ def redact(text: str) -> str:
     return _QUERY.sub(lambda m: f"{m['lead']}{MASK}", text)
 
 
+class MaskedOptions(tuple):
+    """Storage options frozen as sorted ``(key, value)`` pairs whose repr shows the keys only, so a
+    spec printed in a traceback, a worker's "Compute Failed" log line (Dask quotes task arguments)
+    or a debugger never shows a credential. Equal to, hashed and pickled like the plain tuple."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "(" + ", ".join(f"({k!r}, {MASK!r})" for k, _ in self) + ("," if len(self) == 1 else "") + ")"
+
+    def __dask_tokenize__(self):  # as the plain tuple (dask's fallback for unknown types may be random)
+        return tuple(self)
+
+
+class MaskedDict(dict):
+    """Storage options as a dict (fsspec's keyword arguments) whose repr shows the keys only."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: {MASK!r}" for k in self) + "}"
+
+
+# Flags whose values may be credentials: never echoed back (e.g. in "rerun the same command").
+SECRET_FLAGS = ("--storage-option",)
+
+
+def redact_argv(argv) -> list[str]:
+    """A command line for messages: URL credentials masked, and the values of SECRET_FLAGS
+    (``--storage-option KEY=VALUE`` -> ``KEY=REDACTED``), abbreviated or joined with ``=`` too."""
+
+    def secret_flag(arg: str) -> bool:
+        head = arg.split("=", 1)[0]
+        return len(head) > 3 and any(f.startswith(head) for f in SECRET_FLAGS)
+
+    def masked(value: str) -> str:
+        key, sep, _ = value.partition("=")
+        return f"{key}={MASK}" if sep else MASK
+
+    out, mask_next = [], False
+    for arg in map(str, argv):
+        if mask_next:
+            out.append(masked(arg))
+            mask_next = False
+        elif arg.startswith("--") and secret_flag(arg):
+            flag, sep, value = arg.partition("=")
+            out.append(f"{flag}={masked(value)}" if sep else arg)
+            mask_next = not sep
+        else:
+            out.append(redact(arg))
+    return out
+
+
 def redact_obj(obj):
     """Every string inside dicts, lists and tuples redacted (keys included)."""
     if isinstance(obj, str):

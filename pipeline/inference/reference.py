@@ -16,13 +16,16 @@ from pipeline.inference.images import reference_transform
 
 
 @torch.no_grad()
-def reference_image(net: torch.nn.Module, linear: torch.nn.Linear, path: str, baselines, size: int = 224):
-    """Returns (probabilities list[F], maps list[F][H][W]) for one film."""
+def reference_image(net: torch.nn.Module, linear: torch.nn.Linear, path: str, baselines, size: int = 224,
+                    features_per_finding: bool = True):
+    """Returns (probabilities list[F], maps list[F][H][W]) for one film. ``features_per_finding``
+    False computes the features once (the same numbers: the parity tests use it to save 13 forwards)."""
     x = reference_transform(size)(Image.open(path).convert("RGB")).unsqueeze(0)
     prob = torch.sigmoid(net(x))[0].tolist()
     maps = []
+    once = None if features_per_finding else F.relu(net.features(x))[0]
     for k, p_base in enumerate(baselines):
-        fmap = F.relu(net.features(x))[0]  # the reference recomputes features for each finding
+        fmap = F.relu(net.features(x))[0] if once is None else once  # the notebook recomputed them per finding
         h, w = fmap.shape[1:]
         grid = [[0.0] * w for _ in range(h)]
         for i in range(h):

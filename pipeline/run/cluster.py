@@ -1,24 +1,44 @@
-"""Cluster profiles from cluster.yaml: build the cluster (or its spec) a profile describes."""
+"""Cluster profiles from cluster.yaml: build the cluster (or its spec) a profile describes.
+
+A profile's ``type`` names an entry of ``CLUSTER_TYPES``: a ``ClusterKind`` says how its options
+become a cluster and a client, how long to wait for the first worker, whether it may start while
+the run is prepared, and what it needs installed. A new type is one ``CLUSTER_TYPES.register``
+call (at the end of this module, or ``"package.module:KIND"`` from elsewhere), not another branch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import yaml
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.registry import Registry
 
-ClusterType = Literal["local", "local-cuda", "slurm", "kubernetes", "address"]
-TYPES: tuple[str, ...] = get_args(ClusterType)
-# seconds to wait for a first worker (profile key `worker_timeout`, flag --worker-timeout): batch
-# schedulers queue jobs, so they get longer than a local cluster that starts in seconds
-DEFAULT_WORKER_TIMEOUT = {"local": 120, "local-cuda": 120, "slurm": 1800, "kubernetes": 900, "address": 60}
+
+@dataclass(frozen=True)
+class ClusterKind:
+    """One cluster type (a profile's ``type:``)."""
+
+    start: Callable[[dict], tuple[Any, Any]]  # the profile's options -> (cluster or None, Client)
+    # seconds to wait for a first worker (profile key `worker_timeout`, flag --worker-timeout): batch
+    # schedulers queue jobs, so they get longer than a local cluster that starts in seconds
+    worker_timeout: float
+    early: bool = False  # cheap to start and nothing queued or billed if unused: started while the run is prepared
+    module: str | None = None  # what it imports (checked before anything starts) ...
+    extra: str | None = None  # ... and the project's extra that installs it
+    executable: str | None = None  # a scheduler command it needs on PATH
+
+
+CLUSTER_TYPES = Registry("cluster type", "profile")  # filled at the end of this module
 log = logging.getLogger(__name__)
 # The dashboard's info pages have no authentication: only this machine may see them by default
 # (reach it from elsewhere through an SSH tunnel; see the README).
@@ -28,9 +48,9 @@ DASHBOARD_ADDRESS = "127.0.0.1:8787"
 @dataclass(frozen=True)
 class Profile:
     name: str
-    type: ClusterType
+    type: str  # a name in CLUSTER_TYPES
     options: dict
-    worker_timeout: float = float(DEFAULT_WORKER_TIMEOUT["local"])  # seconds to wait for the first worker (load_profile: the type's)
+    worker_timeout: float = 120.0  # seconds to wait for the first worker (load_profile: the type's)
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, type={self.type!r})"
@@ -55,9 +75,10 @@ def load_profile(name: str | None, path: str = "cluster.yaml", required: bool = 
         raise ConfigError(f"no profile {name!r} in {path}; profiles there: {', '.join(profiles) or 'none'}")
     opts = dict(profiles[name] or {})
     kind = opts.pop("type", "local")
-    if kind not in TYPES:
-        raise ConfigError(f"profile {name!r} has type {kind!r}; known types: {', '.join(TYPES)}")
-    timeout = opts.pop("worker_timeout", DEFAULT_WORKER_TIMEOUT[kind])
+    if kind not in CLUSTER_TYPES:
+        raise ConfigError(f"profile {name!r} in {path} has type {kind!r}; registered cluster types: {', '.join(CLUSTER_TYPES)} "
+                          "(pipeline.run.cluster.CLUSTER_TYPES)")
+    timeout = opts.pop("worker_timeout", CLUSTER_TYPES[kind].worker_timeout)
     return Profile(name, kind, opts, float(timeout))
 
 
@@ -196,9 +217,6 @@ def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tupl
     return cluster, client
 
 
-EARLY_TYPES = ("local", "local-cuda")  # cheap to start, and nothing is queued or billed if unused
-
-
 class ClusterStarter:
     """Brings the cluster up in a background thread while the driver prepares the run (manifest,
     checkpoint check, stores), then warms its workers: decode processes started, scoring code
@@ -212,10 +230,11 @@ class ClusterStarter:
         self._result: tuple[Any, Any] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, name="cluster-start", daemon=True)
-        if profile.type in EARLY_TYPES:
-            if profile.type == "local-cuda":
+        kind = CLUSTER_TYPES[profile.type]
+        if kind.early:
+            if kind.module:
                 try:  # imported here, in the caller's thread, in case its import touches signal handlers
-                    import dask_cuda  # noqa: F401
+                    importlib.import_module(kind.module)
                 except ImportError:
                     pass  # _make_cluster says what to install
             self._thread.start()
@@ -267,36 +286,68 @@ class ClusterStarter:
 
 
 def _make_cluster(profile: Profile) -> tuple[Any, Any]:
+    kind = CLUSTER_TYPES[profile.type]
+    if kind.module:
+        try:
+            importlib.import_module(kind.module)
+        except ImportError:
+            raise ConfigError(missing_module(profile, kind)) from None
+    return kind.start(profile.options)
+
+
+def missing_module(profile: Profile, kind: ClusterKind) -> str:
+    return f"profile {profile.name!r} (type {profile.type}) needs {kind.module}: pip install 'cxr-audit[{kind.extra}]'"
+
+
+# ------------------------------------------------------------------ the cluster types
+def _local_start(o: dict) -> tuple[Any, Any]:
     import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set(local_worker_config()):
+        cluster = LocalCluster(**local_kwargs(o))
+    return cluster, Client(cluster)
+
+
+def _local_cuda_start(o: dict) -> tuple[Any, Any]:
+    import dask
+    from dask_cuda import LocalCUDACluster
     from distributed import Client
 
-    o = profile.options
-    if profile.type == "local":
-        from distributed import LocalCluster
-
-        with dask.config.set(local_worker_config()):
-            cluster = LocalCluster(**local_kwargs(o))
-    elif profile.type == "local-cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise ConfigError("profile 'local-cuda' needs dask-cuda: pip install 'cxr-audit[cuda]'") from None
-        with dask.config.set(local_worker_config()):
-            cluster = LocalCUDACluster(**cuda_kwargs(o))
-    elif profile.type == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError:
-            raise ConfigError("profile 'slurm' needs dask-jobqueue: pip install 'cxr-audit[slurm]'") from None
-        kw, jobs = slurm_kwargs(o)
-        cluster = SLURMCluster(**kw)
-        cluster.scale(jobs=jobs)
-    elif profile.type == "kubernetes":
-        try:
-            from dask_kubernetes.operator import KubeCluster
-        except ImportError:
-            raise ConfigError("profile 'kubernetes' needs dask-kubernetes: pip install 'cxr-audit[kubernetes]'") from None
-        cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(o))
-    else:
-        return None, Client(o["address"], security=address_security(o))
+    with dask.config.set(local_worker_config()):
+        cluster = LocalCUDACluster(**cuda_kwargs(o))
     return cluster, Client(cluster)
+
+
+def _slurm_start(o: dict) -> tuple[Any, Any]:
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    kw, jobs = slurm_kwargs(o)
+    cluster = SLURMCluster(**kw)
+    cluster.scale(jobs=jobs)
+    return cluster, Client(cluster)
+
+
+def _kubernetes_start(o: dict) -> tuple[Any, Any]:
+    from dask_kubernetes.operator import KubeCluster
+    from distributed import Client
+
+    cluster = KubeCluster(custom_cluster_spec=kubernetes_spec(o))
+    return cluster, Client(cluster)
+
+
+def _address_start(o: dict) -> tuple[Any, Any]:
+    from distributed import Client
+
+    return None, Client(o["address"], security=address_security(o))
+
+
+CLUSTER_TYPES.register("local", ClusterKind(_local_start, 120, early=True), help="distributed LocalCluster on this machine")
+CLUSTER_TYPES.register("local-cuda", ClusterKind(_local_cuda_start, 120, early=True, module="dask_cuda", extra="cuda"),
+                       help="dask-cuda LocalCUDACluster, one worker per GPU")
+CLUSTER_TYPES.register("slurm", ClusterKind(_slurm_start, 1800, module="dask_jobqueue", extra="slurm", executable="sbatch"),
+                       help="dask-jobqueue SLURMCluster")
+CLUSTER_TYPES.register("kubernetes", ClusterKind(_kubernetes_start, 900, module="dask_kubernetes", extra="kubernetes"),
+                       help="dask-kubernetes operator KubeCluster")
+CLUSTER_TYPES.register("address", ClusterKind(_address_start, 60), help="an existing scheduler at `address:`")

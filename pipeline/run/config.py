@@ -33,6 +33,7 @@ from typing import Any, Literal, get_args, get_origin
 from pipeline.analysis.settings import AggregateConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.core.redact import MaskedDict
 from pipeline.inference.architectures import DEFAULT_ARCH, check_arch
 from pipeline.inference.precision import DEFAULT_PRECISION, Precision
 from pipeline.inference.read_limits import HighBitDepth, PreprocessConfig, ReadLimits
@@ -130,6 +131,10 @@ class OutputConfig:
     verify: bool = False  # on resume, rehash finished shards' outputs (default: sizes only)
     max_failed_fraction: float = 0.05  # more failed images: status failed/partial, exit 3
 
+    def __post_init__(self):
+        if isinstance(self.storage_options, Mapping):  # its repr names the keys only (ScoreConfig's type check says the rest)
+            object.__setattr__(self, "storage_options", MaskedDict(self.storage_options))
+
     def store(self) -> OutputStore:
         """The output folder with the options that open it: every output path comes from it."""
         return OutputStore(self.out, self.storage_options)
@@ -189,7 +194,8 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
-        are left out (they may hold secrets; pass them in the file or in Python)."""
+        are left out (they may hold secrets; pass them with --storage-option, in the file, in Python,
+        or leave credentials to the environment)."""
         doc = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
         doc["output"].pop("storage_options")
         return doc
@@ -247,7 +253,7 @@ assert len(FLAT_KEYS) == sum(len(fields(c)) for c in SECTIONS.values()), "flat k
 # The flag that sets each key (for messages); keys without a flag are named by their path.
 FLAGS = {
     "datasets": "--dataset", "allow_roots": "--allow-root", "cluster": "--cluster", "cluster_file": "--cluster-file",
-    "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": None,
+    "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": "--storage-option",
 }
 _COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split on commas, as the flag's value is
 
@@ -256,6 +262,18 @@ def flag_of(section: str, name: str) -> str:
     key = _FLAT_NAMES.get((section, name), name)
     flag = FLAGS.get(key, "--" + key.replace("_", "-"))
     return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
+
+
+def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
+    """The configuration as a --config YAML file, after ``head`` (comment lines). Storage options
+    are left out (their values may be credentials); a comment names their keys, to be given again."""
+    import yaml
+
+    if cfg.output.storage_options:
+        keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
+        head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
+                 "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
+    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def load_yaml(path: str) -> dict:
@@ -269,7 +287,14 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+        # where and what, without the quoted lines: a file may hold credentials (storage_options)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None:
+            context += f" from line {cmark.line + 1}:"
+        what = " ".join(filter(None, (context, getattr(e, "problem", None)))) or type(e).__name__
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {what}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -278,7 +303,9 @@ def load_yaml(path: str) -> dict:
 
 
 def load_config(path: str | None = None, overrides: Mapping | None = None, base: ScoreConfig | None = None) -> ScoreConfig:
-    """base (default: the defaults), then the YAML file at ``path``, then ``overrides`` (flat keys)."""
+    """base (default: the defaults), then the YAML file at ``path``, then ``overrides`` (flat keys).
+    Storage options are merged key by key (--storage-option over the file's output.storage_options);
+    every other key is replaced whole."""
     cfg = base or ScoreConfig()
     if path:
         doc = cfg.to_dict()
@@ -289,6 +316,8 @@ def load_config(path: str | None = None, overrides: Mapping | None = None, base:
             else:
                 doc[section] = values  # from_dict names what is wrong with it
         cfg = ScoreConfig.from_dict(doc, f"--config {path}")
+    if overrides and isinstance(overrides.get("storage_options"), Mapping):
+        overrides = {**overrides, "storage_options": {**cfg.output.storage_options, **overrides["storage_options"]}}
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -432,7 +461,8 @@ def _type_ok(value, hint) -> bool:
 
 def _check_type(section: str, name: str, value, hint) -> None:
     if not _type_ok(value, hint):
-        raise ConfigError(f"{flag_of(section, name)} must be {_describe(hint)}, got {value!r}")
+        got = type(value).__name__ if name == "storage_options" else repr(value)  # never quote what may be a credential
+        raise ConfigError(f"{flag_of(section, name)} must be {_describe(hint)}, got {got}")
 
 
 def _coerce(section: str, name: str, value, hint):

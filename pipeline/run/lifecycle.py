@@ -19,6 +19,7 @@ import sys
 import time
 
 from pipeline.core.redact import redact
+from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
 
 log = logging.getLogger("cxr_audit")
@@ -144,6 +145,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
             if info["status"] == "running":  # every shard done: aggregates next, on the same cluster
                 info = aggregate(cfg, prep, info, cluster, map_fn=cluster.map)
         if info["status"] == "complete":
+            check_interrupt()  # a complete run; interrupted before it becomes latest
             publish(store, info)
             info["drift_text"] = drift_step(store, previous, info)
             info["report"] = report_step(store, info)
@@ -228,6 +230,7 @@ def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
                 failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
                 log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
             progress.shard_finished(shard.index, len(shard.rows))
+            check_interrupt()  # a Ctrl-C whose KeyboardInterrupt something swallowed
     progress.close()
     prep.timings["score_wall"] = time.perf_counter() - t
 
@@ -241,6 +244,7 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
 
     spec = prep.spec
     try:
+        check_interrupt()  # one swallowed during the last shard
         agg = cfg.aggregate
         stale = stale_aggregates(spec.store, spec.model_version, agg)
         if stale:

@@ -26,7 +26,7 @@ from pipeline.store.maps_store import create_maps
 from pipeline.inference.precision import run_version
 from pipeline.store.shard_check import check_shard, retry_rows
 from pipeline.core.redact import redact_columns, redact_obj
-from pipeline.run.config import Resolved, ScoreConfig, resolve
+from pipeline.run.config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.run.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
 
@@ -61,10 +61,7 @@ def code_version() -> str:
 
 
 def resolved_config_yaml(cfg: ScoreConfig) -> bytes:
-    import yaml
-
-    head = "# The resolved configuration of this run (storage options left out); --config reads it.\n"
-    return (head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode()
+    return yaml_text(cfg, "# The resolved configuration of this run (storage options left out); --config reads it.\n").encode()
 
 
 def prepare_run(cfg: ScoreConfig) -> PreparedRun:

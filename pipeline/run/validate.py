@@ -16,10 +16,6 @@ from pipeline.core.errors import ConfigError
 from pipeline.inference.architectures import check_arch
 from pipeline.run.config import BASELINE_MODES
 
-# what each cluster type needs installed, and how to get it
-_NEEDS_MODULE = {"local-cuda": ("dask_cuda", "cuda"), "slurm": ("dask_jobqueue", "slurm"), "kubernetes": ("dask_kubernetes", "kubernetes")}
-
-
 def _local_path(url: str) -> str | None:
     """The filesystem path of a local URL, None for remote ones (they are checked when opened)."""
     if url.startswith("file://"):
@@ -34,13 +30,16 @@ def _must_exist(url: str | None, flag: str, what: str) -> None:
 
 
 def check_cluster(profile) -> None:
-    """The profile's cluster class is installed and its scheduler tools are on PATH."""
-    if profile.type == "slurm" and shutil.which("sbatch") is None:
-        raise ConfigError(f"profile {profile.name!r} submits SLURM jobs, but there is no 'sbatch' on PATH: "
-                          "run on a SLURM login node, or choose another --cluster")
-    need = _NEEDS_MODULE.get(profile.type)
-    if need and importlib.util.find_spec(need[0]) is None:
-        raise ConfigError(f"profile {profile.name!r} (type {profile.type}) needs {need[0]}: pip install 'cxr-audit[{need[1]}]'")
+    """The profile's cluster class is installed and its scheduler command is on PATH (what its
+    cluster type says it needs: pipeline.run.cluster.CLUSTER_TYPES)."""
+    from pipeline.run.cluster import CLUSTER_TYPES, missing_module
+
+    kind = CLUSTER_TYPES[profile.type]
+    if kind.executable and shutil.which(kind.executable) is None:
+        raise ConfigError(f"profile {profile.name!r} (type {profile.type}) runs {kind.executable!r}, which is not on PATH here: "
+                          "run on a node of that scheduler (a SLURM login node for slurm), or choose another --cluster")
+    if kind.module and importlib.util.find_spec(kind.module) is None:
+        raise ConfigError(missing_module(profile, kind))
 
 
 def validate(cfg):

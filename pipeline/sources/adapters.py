@@ -18,7 +18,7 @@ from pipeline.core.errors import DatasetError
 from pipeline.sources.paths import is_local, local_path
 from pipeline.store.storage import to_url, url_to_fs
 
-from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _printable, _read_bytes, _read_csv  # noqa: F401 - re-exported
+from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _printable, _read_bytes, _read_csv, records  # noqa: F401 - re-exported
 
 NIH_METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
 
@@ -77,8 +77,8 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOption
             issues.append(dict(dataset=spec.name, image_id=image_id, path=None, reason="unknown_label", detail=f"labels {unknown} are not findings of this model", action="kept"))
         # a film not on disk keeps the path it was looked for at, for its missing_file issue row
         rows.append(dict(image_id=image_id, path=images.get(image_id) or f"{root}/images/{image_id}", patient_id=pid, site=spec.name, view_position=view, sex=sex, age=age, split=splits.get(image_id), extra=None, **lab))
-    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
-    return RawDataset(records, issues, set(images.values()), lists_whole_dataset=True, roots=(root,))
+    frame = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    return RawDataset(frame, issues, set(images.values()), lists_whole_dataset=True, roots=(root,))
 
 
 # ---------------------------------------------------------------- generic manifest
@@ -115,7 +115,7 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: So
     base_dir = posixpath.dirname(p)
     extra_cols = [c for c in df.columns if c not in ("image_id", "path", *MANIFEST_OPTIONAL, *findings)]
     rows = []
-    for rec in df.to_dict("records"):
+    for rec in records(df):
         path = str(rec["path"]).strip()
         if path.startswith("file://"):
             path = posixpath.normpath(local_path(path))  # a local file, named as the rest are
@@ -129,8 +129,8 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: So
         for f in findings:
             row[f] = _label_value(rec[f]) if f in rec else None
         rows.append(row)
-    records = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
-    return RawDataset(records, issues, None, roots=(to_url(fs, base_dir),), check_exists=True)
+    frame = pd.DataFrame(rows, columns=BASE + ["extra", *findings])
+    return RawDataset(frame, issues, None, roots=(to_url(fs, base_dir),), check_exists=True)
 
 
 def present_files(paths: list[str], storage_options: dict | None = None, max_dirs: int = 2000, max_objects: int = 5000,

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv
+from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import CHEXPERT_TO_MODEL, chexpert_value
 from pipeline.store.storage import exists, join, to_url, url_to_fs
@@ -43,7 +43,7 @@ def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], options: SourceO
         found = True
         df, bad = _read_csv(csv)
         issues += _bad_line_issues(spec.name, bad)
-        for rec in df.to_dict("records"):
+        for rec in records(df):
             rel = str(rec.get("Path", "")).strip()
             first = rel.split("/", 1)[0]
             # Paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve from ROOT's parent.
@@ -75,7 +75,7 @@ def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOpti
     split_url = _first_existing(root, ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"))
     splits = dict(zip(*(_read_csv(split_url)[0][c] for c in ("dicom_id", "split")))) if split_url else {}
     rows = []
-    for rec in meta.to_dict("records"):
+    for rec in records(meta):
         sid, study, dicom = (str(rec.get(c, "")).strip() for c in ("subject_id", "study_id", "dicom_id"))
         path = posixpath.join(rootp, "files", f"p{sid[:2]}", f"p{sid}", f"s{study}", f"{dicom}.jpg")
         lab = labels.loc[(sid, study)].to_dict() if labels is not None and (sid, study) in labels.index else {}

@@ -6,6 +6,7 @@ and what was done (dropped the record, nulled the field, or kept it as is).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -18,7 +19,7 @@ from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
 from pipeline.sources.source_base import SourceOptions
-from pipeline.sources.paths import confined
+from pipeline.sources.paths import confined_all
 from pipeline.core.redact import redact
 
 KNOWN_VIEWS = {"AP", "PA", "LL", "RL", "LATERAL", "LAT", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO", "RAO", "LPO", "XTABLE LATERAL", "SWIMMERS"}
@@ -71,6 +72,20 @@ def parse_age(text) -> tuple[int | None, str | None]:
     return int(years), None
 
 
+def _parse_view(v) -> tuple[str | None, str | None]:
+    code = None if v is None else str(v).strip().upper()
+    if code and code not in KNOWN_VIEWS:
+        return None, "unknown_view"
+    return code or None, None
+
+
+def _parse_sex(v) -> tuple[str | None, str | None]:
+    code = None if v is None else str(v).strip().upper()
+    if code and code not in SEX_CODES:
+        return None, "unknown_sex"
+    return (SEX_CODES.get(code) if code else None), None
+
+
 def _select_views(df: pd.DataFrame, ds_name: str, views: tuple[str, ...], issues: list) -> pd.DataFrame:
     """views: ('frontal',) drops lateral views; ('all',) keeps everything; else the listed codes."""
     if "all" in views:
@@ -108,27 +123,28 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
         issues.append(_issue(ds_name, r.image_id, r.path or None, "duplicate_id", "repeated image id", "dropped"))
     df = df[~dup]
 
+    # Each distinct value is parsed once (CheXpert's 223k rows hold a few hundred distinct ones).
+    age_of, view_of, sex_of = (functools.lru_cache(maxsize=None)(f) for f in (parse_age, _parse_view, _parse_sex))
     ages, views, sexes = [], [], []
-    for r in df.itertuples():
-        age, why = parse_age(r.age)
+    for image_id, path, a, v, s in zip(*(df[c].tolist() for c in ("image_id", "path", "age", "view_position", "sex"))):
+        age, why = age_of(a)
         if why:
-            issues.append(_issue(ds_name, r.image_id, r.path, why, f"age {r.age!r}", "nulled"))
+            issues.append(_issue(ds_name, image_id, path, why, f"age {a!r}", "nulled"))
         ages.append(age)
-        v = None if r.view_position is None else str(r.view_position).strip().upper()
-        if v and v not in KNOWN_VIEWS:
-            issues.append(_issue(ds_name, r.image_id, r.path, "unknown_view", f"view {r.view_position!r}", "nulled"))
-            v = None
-        views.append(v or None)
-        s = None if r.sex is None else str(r.sex).strip().upper()
-        if s and s not in SEX_CODES:
-            issues.append(_issue(ds_name, r.image_id, r.path, "unknown_sex", f"sex {r.sex!r}", "nulled"))
-        sexes.append(SEX_CODES.get(s) if s else None)
+        view, why = view_of(v)
+        if why:
+            issues.append(_issue(ds_name, image_id, path, why, f"view {v!r}", "nulled"))
+        views.append(view)
+        sex, why = sex_of(s)
+        if why:
+            issues.append(_issue(ds_name, image_id, path, why, f"sex {s!r}", "nulled"))
+        sexes.append(sex)
     df["age"], df["view_position"], df["sex"] = ages, views, sexes
 
     roots = tuple(raw.roots) + tuple(allow_roots)
     if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
         has_path = df["path"].fillna("").str.len().gt(0)
-        outside = has_path & ~df["path"].map(lambda q: confined(str(q), roots))
+        outside = has_path & ~pd.Series(confined_all(map(str, df["path"].tolist()), roots), index=df.index, dtype=bool)
         for r in df[outside].itertuples():
             issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
                                  f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
@@ -181,11 +197,11 @@ def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous
     cols = {}
     for field in schema:
         if field.type == pa.bool_():
-            cols[field.name] = pa.array([None if pd.isna(v) else bool(v) for v in df[field.name]] if len(df) else [], type=pa.bool_())
+            cols[field.name] = pa.array([None if pd.isna(v) else bool(v) for v in df[field.name].tolist()] if len(df) else [], type=pa.bool_())
         elif field.type == pa.int16():
-            cols[field.name] = pa.array([None if v is None or pd.isna(v) else int(v) for v in df[field.name]] if len(df) else [], type=pa.int16())
+            cols[field.name] = pa.array([None if v is None or pd.isna(v) else int(v) for v in df[field.name].tolist()] if len(df) else [], type=pa.int16())
         else:
-            cols[field.name] = pa.array([None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in df[field.name]] if len(df) else [], type=field.type)
+            cols[field.name] = pa.array([None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in df[field.name].tolist()] if len(df) else [], type=field.type)
     manifest = pa.Table.from_pydict(cols, schema=schema)
     issue_table = pa.Table.from_pylist(issues, schema=issues_schema())
     return ManifestResult(manifest, issue_table)

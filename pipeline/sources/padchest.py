@@ -8,7 +8,7 @@ import posixpath
 
 import pandas as pd
 
-from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv
+from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import PADCHEST_TO_MODEL
 from pipeline.store.storage import exists, join, to_url, url_to_fs
@@ -36,7 +36,7 @@ def load_padchest(spec: DatasetSpec, findings: tuple[str, ...], options: SourceO
     issues = _bad_line_issues(spec.name, bad)
     mapped = {v for v in PADCHEST_TO_MODEL.values() if v in findings}
     rows = []
-    for rec in df.to_dict("records"):
+    for rec in records(df):
         image_id = str(rec.get("ImageID", "")).strip()
         labels = parse_labels(rec.get("Labels", ""))
         lab = {f: None for f in findings}

@@ -127,7 +127,10 @@ def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(max(old_limit, len(text) + 1))  # long fields are found below, not dropped silently
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
+        try:  # the C parser is ~10x faster; only the Python one can hand us each malformed line
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="c", on_bad_lines="error")
+        except pd.errors.ParserError:
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad)
     except pd.errors.EmptyDataError:
         raise DatasetError(f"metadata file {url} has no header line; it needs one (e.g. image_id,path)") from None
     except (pd.errors.ParserError, csv.Error, ValueError) as e:
@@ -136,9 +139,16 @@ def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
         csv.field_size_limit(old_limit)
     if any(_NOT_UTF8.search(str(c)) for c in df.columns):
         raise DatasetError(f"the header of {url} is not UTF-8 ({_printable(','.join(map(str, df.columns)))[:200]}); save the file as UTF-8")
-    if len(text) > MAX_FIELD or _NOT_UTF8.search(text):
-        keep = []
-        for i, rec in enumerate(df.itertuples(index=False)):
+    marked = _NOT_UTF8.search(text) is not None
+    suspect = pd.Series(False, index=df.index)
+    if len(text) > MAX_FIELD or marked:  # column-wise first: only the rows that may be bad are walked
+        for col in df.columns:
+            values = df[col]
+            long = values.str.len().gt(MAX_FIELD).fillna(False)
+            suspect |= long | (values.map(lambda v: isinstance(v, str) and bool(_NOT_UTF8.search(v))) if marked else False)
+    if suspect.any():
+        dropped = []
+        for i, rec in zip(df.index[suspect], df[suspect].itertuples(index=False)):
             why = None
             for col, v in zip(df.columns, rec):
                 if isinstance(v, str) and len(v) > MAX_FIELD:
@@ -149,9 +159,15 @@ def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
                     break
             if why:
                 bad.append(f"data row {i + 1}: {why}")
-            keep.append(why is None)
-        df = df[keep].reset_index(drop=True)
+                dropped.append(i)
+        df = df.drop(index=dropped).reset_index(drop=True)
     return df, bad
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """``df.to_dict("records")`` at a fraction of the cost (pandas boxes every cell on its way)."""
+    cols = list(df.columns)
+    return [dict(zip(cols, vals)) for vals in zip(*(df[c].tolist() for c in cols))]
 
 
 def _bad_line_issues(dataset: str, bad: list[str]) -> list[dict]:

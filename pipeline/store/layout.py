@@ -18,6 +18,7 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 
+from pipeline.core.redact import MaskedOptions
 from pipeline.store import storage
 
 # Public names under OUT (README, "Outputs: the public contract").
@@ -43,11 +44,12 @@ RESOLVED_CONFIG = "config.yaml"
 
 
 def freeze_options(storage_options) -> tuple[tuple[str, object], ...]:
-    """Storage options as a sorted tuple (hashable where the values are, picklable always)."""
+    """Storage options as a sorted tuple (hashable where the values are, picklable always), whose
+    repr names the keys only: the values may be credentials."""
     if not storage_options:
         return ()
     items = storage_options.items() if isinstance(storage_options, dict) else storage_options
-    return tuple(sorted((str(k), v) for k, v in items))
+    return MaskedOptions(sorted((str(k), v) for k, v in items))
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,18 @@ def test_local_workers_do_not_spin_or_profile_unless_the_user_says(monkeypatch):
     monkeypatch.setenv(PROFILE_ENV, "True")
     cfg = local_worker_config()
     assert "OMP_WAIT_POLICY" not in cfg["distributed.nanny.pre-spawn-environ"] and "distributed.worker.profile.enabled" not in cfg
+
+
+def test_counting_gpus_without_a_gpu_driver_does_not_import_torch():
+    """The cluster-start thread sizes a local cluster while the driver imports torch; on a machine
+    without a GPU driver it must not wait for that import (fixed cost, issue 8)."""
+    import subprocess
+    import sys
+
+    from pipeline.run.cluster import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver is present: the count comes from torch")
+    code = "import sys; from pipeline.run.cluster import local_kwargs; print(local_kwargs({})['n_workers'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.split() == ["1", "False"]

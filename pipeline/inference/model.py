@@ -7,7 +7,7 @@ whose first layer is one); the score is ``sigmoid(classifier(mean_ij relu(featur
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,17 +15,7 @@ from torch import nn
 from pipeline.inference.architectures import DEFAULT_ARCH, build_arch  # noqa: F401 - build_arch re-exported
 from pipeline.inference.checkpoint import fingerprint, normalize_keys, read_state_dict
 from pipeline.core.errors import CheckpointError, ConfigError
-from pipeline.core.findings import CHEXNET_FINDINGS
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What identifies a model to load: picklable and hashable, so it travels in task specs."""
-
-    arch: str = DEFAULT_ARCH
-    checkpoint: str = "random:0"  # a path/URL, or 'random:SEED' for seeded random weights
-    findings: tuple[str, ...] = CHEXNET_FINDINGS
-    storage_options: tuple[tuple[str, str], ...] = field(default=())
+from pipeline.inference.model_spec import ModelSpec  # noqa: F401 - its torch-free home, re-exported here
 
 
 @dataclass

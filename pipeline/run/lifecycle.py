@@ -59,7 +59,8 @@ class RunCluster:
             quiet_dask_logs()
             self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout,
-                                           warm=(cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.run.score_shard",)))
+                                           warm=(cfg.compute.decode_workers, cfg.compute.decode_threads,
+                                                 ("pipeline.run.score_shard", "pipeline.inference.cam")))
 
     @property
     def client(self):

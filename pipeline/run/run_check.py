@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
-from pipeline.inference.model import ModelSpec
+from pipeline.inference.model_spec import ModelSpec
 from pipeline.run.runspec import RunSpec
 from pipeline.store.shard_check import check_shard
 from pipeline.run.shards import plan_shards

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipeline.inference.images import PreprocessConfig, ReadLimits
-from pipeline.inference.model import ModelSpec
+from pipeline.inference.model_spec import ModelSpec
 from pipeline.inference.precision import DEFAULT_PRECISION
 from pipeline.run.config import ComputeConfig, Resolved
 from pipeline.store.layout import OutputStore, freeze_options

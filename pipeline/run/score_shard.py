@@ -1,6 +1,9 @@
-"""Score one shard: read and decode on a thread pool while the model computes, then write the
-shard's own Parquet part and Zarr region, then its completion record (in that order, so a record
-only exists for outputs that are complete)."""
+"""Score one shard: decode in the worker's decode processes while the model computes, then write
+the shard's own Parquet part and Zarr region, then its completion record (in that order, so a record
+only exists for outputs that are complete).
+
+Importing this module (and unpickling a RunSpec) does not import torch: on a worker's first shard
+the films start decoding while torch loads and the model is built (about 1 s of CPU, issue 8)."""
 
 from __future__ import annotations
 
@@ -12,17 +15,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from schemas.outputs import predictions_schema
 
-from pipeline.inference.cam import infer_batch
 from pipeline.core.errors import ImageError
 from pipeline.run.cache import ShardCache
 from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, decode_process_count, shared_pool, worker_cores
 from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
-from pipeline.inference.model import get_model
 from pipeline.core.redact import install_log_redaction, redact
 from pipeline.run.runspec import RunSpec
 from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
@@ -59,9 +59,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     workers = decode_workers(spec)
     pool = shared_pool(workers)
     pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
-    cores = worker_cores()
-    torch.set_num_threads(spec.torch_threads or cores)  # forwards are serialised (_DEVICE_LOCK)
-    model = get_model(spec.model, spec.device)
     F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
     n_region = shard.stop - shard.start
     cam = np.full((n_region, F, H, W), np.nan, np.float32)
@@ -125,6 +122,14 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
     n_done = 0
     with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers))) as stream:
+        # films are decoding now; torch (imported by the worker's warm-up, else here) and the model load meanwhile
+        import torch
+
+        from pipeline.inference.cam import infer_batch
+        from pipeline.inference.model import get_model
+
+        torch.set_num_threads(spec.torch_threads or worker_cores())  # forwards are serialised (_DEVICE_LOCK)
+        model = get_model(spec.model, spec.device)
         it = iter(stream)
         while True:
             t = time.perf_counter()

@@ -221,3 +221,24 @@ def test_a_process_owning_the_shared_pool_exits_promptly(films):
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_shard_task_arrives_on_a_worker_without_importing_torch(tmp_path):
+    """A worker's first shard starts decoding before torch is loaded there: the task's function and
+    its RunSpec unpickle without torch (the model loads once the films are submitted)."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.inference.model import ModelSpec
+    from pipeline.run.runspec import RunSpec
+    from pipeline.run.score_shard import score_shard
+
+    spec = RunSpec(out=str(tmp_path), model=ModelSpec("tiny"), model_version="m", baselines=(0.1,) * 14)
+    (tmp_path / "task.pkl").write_bytes(pickle.dumps((score_shard, spec)))
+    code = ("import pickle, sys; fn, spec = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(fn.__name__, type(spec.model).__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "task.pkl")], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.split() == ["score_shard", "ModelSpec", "False"]

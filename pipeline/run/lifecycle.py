@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 from pipeline.core.redact import redact
@@ -93,6 +94,21 @@ class RunCluster:
             self._starter.close()
             self._starter = None
 
+    def close_in_background(self) -> threading.Thread:
+        """close() in a thread: the workers and their decode processes take about a second to exit,
+        mostly waiting, while the run is published and its report drawn (issue 8: fixed cost).
+        Join the thread before the run returns."""
+
+        def close_quietly():
+            try:
+                self.close()
+            except Exception as e:  # noqa: BLE001 - the run is written; a failed close only leaks until exit
+                log.warning(f"closing the cluster failed: {type(e).__name__}: {e}")
+
+        t = threading.Thread(target=close_quietly, name="cluster-close", daemon=True)
+        t.start()
+        return t
+
     def __enter__(self) -> "RunCluster":
         return self
 
@@ -141,15 +157,23 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
             log.warning(note)
         clean_temporaries(store)
         previous = previous_latest(store)
-        with RunCluster(cfg, client) as cluster:
+        cluster = RunCluster(cfg, client)
+        try:
             prep, info = score(cfg, store, cluster)
             if info["status"] == "running":  # every shard done: aggregates next, on the same cluster
                 info = aggregate(cfg, prep, info, cluster, map_fn=cluster.map)
-        if info["status"] == "complete":
-            check_interrupt()  # a complete run; interrupted before it becomes latest
-            publish(store, info)
-            info["drift_text"] = drift_step(store, previous, info)
-            info["report"] = report_step(store, info)
+        except BaseException:
+            cluster.close()
+            raise
+        closing = cluster.close_in_background()  # no step below uses the cluster
+        try:
+            if info["status"] == "complete":
+                check_interrupt()  # a complete run; interrupted before it becomes latest
+                publish(store, info)
+                info["drift_text"] = drift_step(store, previous, info)
+                info["report"] = report_step(store, info)
+        finally:
+            closing.join()
     return info
 
 

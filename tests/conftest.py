@@ -4,6 +4,8 @@ import io
 import os
 from pathlib import Path
 
+from . import _openmp  # noqa: F401 - first: OMP_WAIT_POLICY must be set before torch loads OpenMP
+
 import numpy as np
 import pytest
 import torch

@@ -12,6 +12,7 @@ fixed cost of a run, and the two CPU proxy ratios of issue 8.
     python -m jobs.benchmark --arch tiny --images 960          # the decode-bound proxy (films repeat)
     python -m jobs.benchmark --arch tiny --images 64 --repeats 1   # a quick smoke run
     python -m jobs.benchmark --proxies                         # only issue 8's two CPU proxies + fixed cost
+    python -m jobs.benchmark --proxies --only tiny --cpu       # + CPU per film by process class (shared machine)
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     if args.decode_workers is not None:
         cmd += ["--decode-workers", str(args.decode_workers)]
     t, launched = time.perf_counter(), time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if getattr(args, "cpu", False):
+        proc, sampler = CpuSampler.run(cmd, ROOT)
+    else:
+        proc, sampler = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True), None
     wall, ended = time.perf_counter() - t, time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"the job failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -82,7 +86,99 @@ def run_job(manifest: str, out: Path, n: int, arch: str, seed: int, args, cache:
     aggregates = run["seconds"].get("aggregates", 0.0)
     report = Path(store.report(run["model_version"]))
     return {**run, "wall": wall, "aggregates_s": aggregates, "stdout": proc.stdout,
-            "fixed": fixed_cost(run, wall, launched, ended, aggregates, report.stat().st_mtime if report.exists() else None)}
+            "fixed": fixed_cost(run, wall, launched, ended, aggregates, report.stat().st_mtime if report.exists() else None),
+            "cpu": sampler.scoring_window(run["seconds"]["score_wall"]) if sampler is not None else None}
+
+
+class CpuSampler:
+    """CPU seconds of a job's process tree by class, sampled every 0.1 s (psutil): ``decode`` (the
+    decode processes and their forkserver), ``worker`` (Dask worker processes), ``driver`` (the
+    job's own process: its main thread, the scheduler, the nannies, the client). On a machine shared
+    with other work these are the load-insensitive guide to a CPU proxy: on two cores everything
+    that is not decoding is taken from decoding."""
+
+    CLASSES = ("decode", "worker", "driver", "other")
+
+    def __init__(self):
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._cpu: dict[int, tuple[str, float]] = {}
+        self._kind: dict[int, str] = {}
+
+    @classmethod
+    def run(cls, cmd: list[str], cwd) -> tuple[subprocess.CompletedProcess, "CpuSampler"]:
+        import psutil
+
+        self = cls()
+        t0 = time.perf_counter()
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = psutil.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
+            while proc.poll() is None:
+                self._sample(proc, time.perf_counter() - t0)
+                time.sleep(0.1)
+            out.seek(0)
+            err.seek(0)
+            done = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
+        return done, self
+
+    def _classify(self, p, root: int) -> str | None:
+        import psutil
+
+        if p.pid == root:
+            return "driver"
+        try:
+            if time.time() - p.create_time() < 1.0:
+                return None  # may still be a fork of its parent, about to exec
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            return None
+        return "decode" if "forkserver" in line else "worker" if "spawn_main" in line else "other"
+
+    def _sample(self, proc, now: float) -> None:
+        import psutil
+
+        try:
+            tree = [proc] + proc.children(recursive=True)
+        except psutil.Error:
+            return
+        for p in tree:
+            kind = self._kind.get(p.pid) or self._classify(p, proc.pid)
+            if kind is None:
+                continue
+            self._kind[p.pid] = kind
+            try:
+                c = p.cpu_times()
+            except psutil.Error:
+                continue
+            self._cpu[p.pid] = (kind, c.user + c.system)
+        totals = dict.fromkeys(self.CLASSES, 0.0)
+        for kind, sec in self._cpu.values():
+            totals[kind] += sec
+        self.samples.append((now, totals))
+
+    def scoring_window(self, score_wall: float) -> dict[str, float]:
+        """CPU seconds by class in the scoring phase: the score_wall seconds that end where the
+        decode processes last used CPU (run.json has the phase's length, not its clock times)."""
+        if len(self.samples) < 2:
+            return dict.fromkeys(self.CLASSES, float("nan"))
+        end = max((t for (t, a), (_, b) in zip(self.samples[1:], self.samples) if a["decode"] > b["decode"] + 0.005),
+                  default=self.samples[-1][0])
+
+        def at(when):
+            return next((c for t, c in reversed(self.samples) if t <= when), self.samples[0][1])
+
+        a, b = at(end - score_wall), at(end)
+        return {k: b[k] - a[k] for k in self.CLASSES}
+
+
+def print_cpu(name: str, n: int, runs: list[dict]) -> None:
+    cpu = [r["cpu"] for r in runs if r.get("cpu")]
+    if not cpu:
+        return
+    med = {k: statistics.median(c[k] for c in cpu) * 1000 / n for k in CpuSampler.CLASSES}
+    other = med["worker"] + med["driver"] + med["other"]
+    print(f"  CPU per film in the scoring phase (ms, median of {len(cpu)}): decode processes {med['decode']:.2f}, "
+          f"worker {med['worker']:.2f}, driver {med['driver']:.2f}, other {med['other']:.2f}; "
+          f"decode share {med['decode'] / (med['decode'] + other):.3f}  [{name}]")
 
 
 def fixed_cost(run: dict, wall: float, launched: float, ended: float, aggregates: float, report_mtime: float | None) -> dict:
@@ -200,6 +296,8 @@ def proxies(args, work: Path, cores: int, device) -> int:
     the tiny network on --proxy-images films against the decode ceiling with processes, and
     DenseNet-121 on the 120 real films against the DataLoader loop; plus each run's fixed cost."""
     for name, n, goal in (("tiny", args.proxy_images, 0.85), ("densenet121", 120, 0.9)):
+        if args.only not in (None, name):
+            continue
         d = work / name
         d.mkdir()
         manifest, paths = _films(n, d)
@@ -215,9 +313,10 @@ def proxies(args, work: Path, cores: int, device) -> int:
 
             def baseline(net=net, paths=paths, n=n):  # this proxy's network and films (bound now)
                 return _median_rate(lambda: dataloader_loop(net, net.classifier, paths, args.batch_size, cores, device), n, 1)
-        phase, total, base, fixed = [], [], [], []
+        phase, total, base, fixed, runs = [], [], [], [], []
         for r in range(args.repeats):
             run = run_job(manifest, d / f"out{r}", n, arch, 0, args)
+            runs.append(run)
             shutil.rmtree(d / f"out{r}")
             phase.append(n / run["seconds"]["score_wall"])
             total.append(n / run["wall"])
@@ -229,6 +328,7 @@ def proxies(args, work: Path, cores: int, device) -> int:
               f"{what} {statistics.median(base):8.2f} img/s")
         print("  ", end="")
         print_fixed(fixed)
+        print_cpu(name, n, runs)
         print(f"  proxy ({name}): job scoring phase / {what} = {statistics.median(ratios):.2f} "
               f"(per run {', '.join(f'{x:.2f}' for x in ratios)}; goal >= {goal}); end to end "
               f"{statistics.median([t / b for t, b in zip(total, base)]):.2f}", flush=True)
@@ -251,6 +351,10 @@ def main(argv=None) -> int:
                    help="only issue 8's two CPU proxies (tiny network vs the decode ceiling, DenseNet-121 vs the DataLoader "
                         "loop) and the fixed cost; each baseline right after each job run")
     p.add_argument("--proxy-images", type=int, default=1920, help="films for the tiny-network proxy (default 1920)")
+    p.add_argument("--cpu", action="store_true",
+                   help="also sample the job's process tree and print CPU per film by process class (decode processes, "
+                        "worker, driver) in the scoring phase: the load-insensitive guide on a shared machine")
+    p.add_argument("--only", choices=["tiny", "densenet121"], default=None, help="with --proxies: only this proxy")
     from jobs._common import add_common, setup_logging
 
     args = add_common(p).parse_args(argv)
@@ -282,10 +386,11 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, {card}; "
           f"{n} films ({len(set(paths))} distinct); arch {args.arch}; precision {args.precision}; median of {args.repeats}")
 
-    job_rates, phase_rates, fixed = [], [], []
+    job_rates, phase_rates, fixed, runs = [], [], [], []
     for r in range(args.repeats):
         out = work / f"out{r}"
         run = run_job(manifest, out, n, arch, 0, args)
+        runs.append(run)
         job_rates.append(n / run["wall"])
         phase_rates.append(n / run["seconds"]["score_wall"])
         fixed.append(run["fixed"])
@@ -352,6 +457,7 @@ def main(argv=None) -> int:
     if cold:
         print(f"cache speed-up warm/cold = {warm / cold:.2f};  cache size {cache_bytes / n / 1024:.0f} KiB per image")
     print_fixed(fixed)
+    print_cpu(arch, n, runs)
     print(f"proxy (tiny network, decode bound): job scoring phase / decode ceiling with processes = {a / decode_proc:.2f} "
           f"(goal >= 0.85; end to end {a_total / decode_proc:.2f}){'' if args.arch == 'tiny' else '  [run with --arch tiny]'}")
     print(f"proxy (DenseNet-121): job scoring phase / DataLoader loop = {a / dl:.2f} (goal >= 0.9; end to end {a_total / dl:.2f})"

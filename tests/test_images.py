@@ -137,3 +137,23 @@ def test_bad_images_raise_typed_errors(tmp_path):
 def test_invalid_high_bit_depth_mode():
     with pytest.raises(ValueError, match="high_bit_depth"):
         PreprocessConfig(high_bit_depth="stretch")
+
+
+def test_a_file_that_lies_about_its_size_is_read_whole_within_the_limit(tmp_path):
+    """read_bytes reads the size stat gave plus one byte; a file that says 0 bytes (/proc) or grew
+    since is read on, up to --max-image-bytes and no further."""
+    import os
+
+    from pipeline.inference.images import ReadLimits
+
+    proc = "/proc/self/cmdline"
+    if not os.path.exists(proc) or os.stat(proc).st_size != 0:
+        pytest.skip("needs Linux's /proc, whose files report size 0")
+    want = open(proc, "rb").read()
+    assert len(want) > 8 and read_bytes(proc) == want
+    with pytest.raises(ImageError) as e:
+        read_bytes(proc, limits=ReadLimits(max_bytes=8))
+    assert e.value.error_class == "ImageTooLarge"
+    f = tmp_path / "f.png"
+    f.write_bytes(b"x" * 100)
+    assert read_bytes(str(f)) == b"x" * 100

@@ -100,7 +100,11 @@ def _read_local(path: str, limits: ReadLimits) -> bytes:
             raise NotARegularFile(f"{path} is not a regular file; only regular files are read")
         with os.fdopen(fd, "rb", closefd=True) as f:
             fd = -1
-            data = f.read(limits.max_bytes + 1)  # files that grow, or lie in /proc about their size
+            # the size stat gave, plus one byte to notice a file that grew or lies about its size (/proc):
+            # read(max_bytes + 1) allocated the whole limit for every film (0.3 ms of a decode process's CPU)
+            data = f.read(min(st.st_size, limits.max_bytes) + 1)
+            if len(data) > st.st_size:
+                data += f.read(limits.max_bytes + 1 - len(data))
     finally:
         if fd >= 0:
             os.close(fd)

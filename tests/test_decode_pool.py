@@ -4,7 +4,6 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from pipeline.run.decode_pool import DecodePool, DecodeTask, Failure, FilmJob
 from pipeline.inference.images import load_image
 
 from .conftest import png_bytes
+from .decode_helpers import SlowTask, decode_in_daemon, own_a_shared_pool, start_pool_then_report
 
 
 @pytest.fixture
@@ -24,20 +24,6 @@ def films(tmp_path, rng):
         paths.append(str(p))
     (tmp_path / "bad.png").write_bytes(b"not a png")
     return paths, str(tmp_path / "bad.png")
-
-
-@dataclass(frozen=True)
-class SlowTask(DecodeTask):
-    """Decodes like the job, slowly enough that a test can kill a process with films in flight."""
-
-    delay: float = 0.05
-    poison: str = ""  # a film whose decoding kills its process
-
-    def __call__(self, job):
-        if self.poison and job.path == self.poison:
-            os._exit(3)
-        time.sleep(self.delay)
-        return super().__call__(job)
 
 
 def _collect(pool, task, paths, **kw):
@@ -125,21 +111,12 @@ def test_cache_hit_is_answered_without_decoding(films):
     assert got[1][0].pixels.shape == (224, 224, 3) and got[1][1] == source_key(paths[1])
 
 
-def _decode_in_daemon(path, q):
-    pool = DecodePool(1)
-    try:
-        with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
-            q.put([r[0].pixels.shape for _, r in s])
-    finally:
-        pool.close()
-
-
 def test_decode_processes_start_inside_a_daemonic_process(films):
     """Dask's nanny starts workers as daemons; multiprocessing refuses them children by default."""
     paths, _ = films
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_decode_in_daemon, args=(paths[0], q), daemon=True)
+    proc = ctx.Process(target=decode_in_daemon, args=(paths[0], q), daemon=True)
     proc.start()
     try:
         assert q.get(timeout=120) == [(224, 224, 3)]
@@ -154,19 +131,11 @@ def test_zero_workers_decodes_in_process(films):
     assert sorted(got) == [0, 1, 2, 3] and isinstance(got[3], Failure)
 
 
-def _start_pool_then_report(path, q):
-    pool = DecodePool(2)
-    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
-        list(s)
-    q.put(pool.pids())
-    time.sleep(600)  # killed by the test
-
-
 def test_decode_processes_exit_when_their_owner_is_killed(films):
     paths, _ = films
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    owner = ctx.Process(target=_start_pool_then_report, args=(paths[0], q))
+    owner = ctx.Process(target=start_pool_then_report, args=(paths[0], q))
     owner.start()
     pids = q.get(timeout=120)
     assert len(pids) >= 1  # processes start on demand
@@ -188,17 +157,6 @@ def _running(pid):
         return False
 
 
-def _own_a_shared_pool(path: str, q) -> None:
-    from pipeline.run.decode_pool import shared_pool
-
-    pool = shared_pool(2)
-    pool.start()
-    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=2) as s:
-        assert [job.pos for job, _ in s] == [0]
-    q.put(pool.pids())
-    # returns with the pool open, as a Dask worker process does when its nanny closes it
-
-
 def test_a_process_owning_the_shared_pool_exits_promptly(films):
     """At a multiprocessing child's exit, multiprocessing joins its children (the decode processes)
     before the interpreter's shutdown would stop them: without the pool's exit finalizer that join
@@ -206,7 +164,7 @@ def test_a_process_owning_the_shared_pool_exits_promptly(films):
     paths, _ = films
     ctx = multiprocessing.get_context("spawn")  # like a Dask nanny's worker process
     q = ctx.Queue()
-    child = ctx.Process(target=_own_a_shared_pool, args=(paths[0], q))
+    child = ctx.Process(target=own_a_shared_pool, args=(paths[0], q))
     child.start()
     decode_pids = q.get(timeout=120)
     child.join(60)  # generous for a loaded machine; without the fix it never exits on its own

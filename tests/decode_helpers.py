@@ -1,0 +1,51 @@
+"""What the decode-pool tests send to other processes: a decode process (or a spawned child) imports
+this module to unpickle it, so it imports nothing heavy (not tests.conftest, which imports torch:
+two seconds for every decode process a test restarts)."""
+
+import time
+import os
+from dataclasses import dataclass
+
+from pipeline.run.decode_pool import DecodePool, DecodeTask, FilmJob
+
+
+@dataclass(frozen=True)
+class SlowTask(DecodeTask):
+    """Decodes like the job, slowly enough that a test can kill a process with films in flight."""
+
+    delay: float = 0.05
+    poison: str = ""  # a film whose decoding kills its process
+
+    def __call__(self, job):
+        if self.poison and job.path == self.poison:
+            os._exit(3)
+        time.sleep(self.delay)
+        return super().__call__(job)
+
+
+def decode_in_daemon(path, q):
+    pool = DecodePool(1)
+    try:
+        with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
+            q.put([r[0].pixels.shape for _, r in s])
+    finally:
+        pool.close()
+
+
+def start_pool_then_report(path, q):
+    pool = DecodePool(2)
+    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=1) as s:
+        list(s)
+    q.put(pool.pids())
+    time.sleep(600)  # killed by the test
+
+
+def own_a_shared_pool(path: str, q) -> None:
+    from pipeline.run.decode_pool import shared_pool
+
+    pool = shared_pool(2)
+    pool.start()
+    with pool.stream(DecodeTask(), [FilmJob(0, path)], window=2) as s:
+        assert [job.pos for job, _ in s] == [0]
+    q.put(pool.pids())
+    # returns with the pool open, as a Dask worker process does when its nanny closes it

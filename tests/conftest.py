@@ -86,8 +86,8 @@ def tiny_nih(tmp_path_factory) -> Path:
 
 # Files that take longest, measured (`--durations`), first: `-n 2 --dist loadfile` hands whole files
 # to the two workers in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("test_faults", "test_slurm", "test_report", "test_resume", "test_job", "test_nightly", "test_queries",
-                 "test_cache", "test_identifiability", "test_decode_pool", "test_runs", "test_drift", "test_aggregates")
+LONGEST_FIRST = ("test_faults", "test_report", "test_slurm", "test_resume", "test_job", "test_aggregates", "test_cli",
+                 "test_identifiability_stats", "test_adapters", "test_cache", "test_layout")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -173,7 +173,7 @@ def test_a_process_owning_the_shared_pool_exits_promptly(films):
         child.kill()
         child.join()
     assert not hung, "the pool's owner hung at exit, joining its own decode processes"
-    assert child.exitcode == 0 and len(decode_pids) == 2
+    assert child.exitcode == 0 and 1 <= len(decode_pids) <= 2  # processes start on demand
     for pid in decode_pids:  # and the decode processes are gone with it
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):

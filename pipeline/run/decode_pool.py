@@ -10,11 +10,19 @@ Failure modes: a decode process that dies (OOM killer, a crashing codec) breaks 
 (``BrokenProcessPool``); the pool is restarted and every film that was in flight is resubmitted, one
 at a time, so no film is lost or scored twice; a film that kills a decode process on its own twice is
 recorded as a failure of stage ``decode``. A film that fails to read or decode is a ``Failure``.
+
+Per-film cost in the process that drives the model (issue 8): films go to the decode processes in
+chunks of a few (one task, one pipe message, one future and one hand-over per chunk, not per film),
+and decoded pixels come back through a shared-memory block of the executor (one slot per film in
+flight), so only small messages cross the result pipe. That also keeps CPython's executor safe from
+a decode process killed while writing a large result to the shared result pipe, which could leave
+its manager thread waiting forever for the rest of a message.
 """
 
 from __future__ import annotations
 
 import importlib
+import mmap
 import multiprocessing
 import multiprocessing.util
 import os
@@ -29,10 +37,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from pipeline.inference.images import Decoded, PreprocessConfig, ReadLimits
 
 SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
 PRELOAD = ["pipeline.run.decode_pool", "pipeline.run.cache"]  # what the decode processes' forkserver imports once
+SLOT_BYTES = 224 * 224 * 3  # one slot holds a default-size RGB film; larger results travel pickled, as before
+SLOTS = 256  # films in flight per executor: a shard's window plus the next shard's look-ahead, with room
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,32 @@ class DecodeWorkerDied(RuntimeError):
     """A decode process died while decoding this film, on its own, more than once."""
 
 
-def _init_decode_process(owner_pid: int) -> None:
+@dataclass(frozen=True)
+class _InSlot:
+    """A decoded film whose pixels wait in slot ``slot`` of the executor's shared block."""
+
+    slot: int
+    shape: tuple[int, ...]
+    source_mode: str
+
+
+_CHILD_SLOTS: dict[str, np.ndarray] = {}  # in a decode process: its executor's block, by name
+
+
+def _attach_slots(name: str, nbytes: int) -> None:
+    """Map the owner's block. Not through SharedMemory: attaching registers the block with the
+    resource tracker (Python < 3.13), which would then unlink it when this process exits."""
+    import _posixshmem
+
+    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
+    try:
+        buf = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    _CHILD_SLOTS[name] = np.frombuffer(buf, np.uint8).reshape(-1, SLOT_BYTES)
+
+
+def _init_decode_process(owner_pid: int, slots_name: str | None = None, slots_bytes: int = 0) -> None:
     # Ctrl-C is the driver's to handle. Decoding uses PIL, not torch: torch is not imported here
     # (about 1.2 s of CPU per process); should something have imported it, one thread.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -97,6 +134,81 @@ def _init_decode_process(owner_pid: int) -> None:
     if torch is not None:
         torch.set_num_threads(1)
     threading.Thread(target=_exit_with_owner, args=(owner_pid,), name="owner-watch", daemon=True).start()
+    if slots_name is not None:
+        try:
+            _attach_slots(slots_name, slots_bytes)
+        except (ImportError, OSError):
+            pass  # results travel pickled
+
+
+def _run_chunk(fn: Callable, jobs: tuple, slots: tuple, slots_name: str | None) -> list:
+    """In a decode process: fn(job) for each job of a chunk; a Decoded result's pixels go into its
+    slot of the shared block (when the job has one and they fit), and only an _InSlot travels back."""
+    block = _CHILD_SLOTS.get(slots_name) if slots_name is not None else None
+    out = []
+    for job, slot in zip(jobs, slots):
+        result, extra = fn(job)
+        if block is not None and slot is not None and isinstance(result, Decoded) and result.pixels.dtype == np.uint8 \
+                and result.pixels.nbytes <= SLOT_BYTES:
+            block[slot, : result.pixels.nbytes] = result.pixels.reshape(-1)
+            result = _InSlot(slot, result.pixels.shape, result.source_mode)
+        out.append((result, extra))
+    return out
+
+
+class _SlotBlock:
+    """In the owner: one executor generation's shared block of SLOTS film slots and its free list. A
+    broken executor's block is retired whole (a surviving process of it may still write into it)."""
+
+    def __init__(self, n: int = SLOTS):
+        from multiprocessing import shared_memory
+
+        self.shm = shared_memory.SharedMemory(create=True, size=n * SLOT_BYTES)
+        try:
+            # reserve the pages now: a full /dev/shm is an error here (and pickled results), never
+            # a SIGBUS in a decode process writing a slot
+            os.posix_fallocate(self.shm._fd, 0, n * SLOT_BYTES)  # noqa: SLF001 - the block's own descriptor
+        except (AttributeError, OSError):
+            self.shm.close()
+            self.shm.unlink()
+            raise
+        self.name = self.shm._name  # noqa: SLF001 - with its leading slash, as shm_open takes it
+        self.view = np.ndarray((n, SLOT_BYTES), np.uint8, buffer=self.shm.buf)
+        self._free = deque(range(n))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._free.popleft() if self._free else None
+
+    def give(self, slots: Iterable[int | None]) -> None:
+        with self._lock:
+            self._free.extend(s for s in slots if s is not None)
+
+    def pixels(self, r: _InSlot) -> np.ndarray:
+        n = int(np.prod(r.shape))
+        return self.view[r.slot, :n].reshape(r.shape).copy()  # the slot is free again once copied
+
+    def unlink(self) -> None:
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.view = None
+        try:
+            self.shm.close()
+        except BufferError:
+            pass  # a view still held somewhere: the mapping goes with the process
+        self.unlink()
+
+
+def _new_block() -> _SlotBlock | None:
+    try:
+        return _SlotBlock()
+    except (ImportError, OSError, ValueError):
+        return None  # no POSIX shared memory here (or it is full): results travel pickled
 
 
 def _ready(_job: Any) -> None:
@@ -144,6 +256,8 @@ class DecodePool:
         self.restarts = 0
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        self._block: _SlotBlock | None = None  # the current executor's shared pixel slots
+        self._retired: list[_SlotBlock] = []  # blocks of broken executors, closed with the pool
         self._generation = 0
         self._started = False
         self._streams: list[DecodeStream] = []  # registration order: the first one still submitting is the primary
@@ -156,9 +270,15 @@ class DecodePool:
                 # decode processes fork from a server that has already imported PIL, numpy, fsspec
                 # and zarr (the cache's content keys), but not torch: see pipeline.inference.images
                 ctx.set_forkserver_preload(PRELOAD)
+                self._block = _new_block()
+                slots = (self._block.name, self._block.view.nbytes) if self._block is not None else (None, 0)
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
-                                                     initargs=(os.getpid(),))
+                                                     initargs=(os.getpid(), *slots))
             return self._executor, self._generation
+
+    def _current_block(self, generation: int) -> _SlotBlock | None:
+        with self._lock:
+            return self._block if generation == self._generation else None
 
     def start(self) -> None:
         """Start the decode processes now (forkserver, preload, fork) rather than at the first film:
@@ -184,12 +304,26 @@ class DecodePool:
         except Exception:  # noqa: BLE001 - a pool that fails to start fails again, visibly, at the first film
             pass
 
-    def submit(self, fn: Callable, job: Any) -> tuple[Future, int]:
+    def submit(self, fn: Callable, *args: Any) -> tuple[Future, int]:
         while True:
             ex, gen = self._current()
             try:
-                return ex.submit(fn, job), gen
+                return ex.submit(fn, *args), gen
             except BrokenProcessPool:
+                self.restart(gen)
+
+    def submit_chunk(self, fn: Callable, jobs: list) -> tuple[Future, int, _SlotBlock | None, tuple]:
+        """fn(job) for each of ``jobs`` in one decode process, one task: (future of the list of
+        results, generation, the block whose slots the chunk holds, those slots)."""
+        while True:
+            ex, gen = self._current()
+            block = self._current_block(gen)
+            slots = tuple(block.take() for _ in jobs) if block is not None else (None,) * len(jobs)
+            try:
+                return ex.submit(_run_chunk, fn, tuple(jobs), slots, block.name if block is not None else None), gen, block, slots
+            except BrokenProcessPool:
+                if block is not None:
+                    block.give(slots)
                 self.restart(gen)
 
     def restart(self, generation: int) -> None:
@@ -199,6 +333,10 @@ class DecodePool:
                 return
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+            if self._block is not None:  # a surviving process of the old executor may still write into it
+                self._block.unlink()
+                self._retired.append(self._block)
+                self._block = None
             self._generation += 1
             self.restarts += 1
 
@@ -211,6 +349,9 @@ class DecodePool:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
+            for block in self._retired + ([self._block] if self._block is not None else []):
+                block.close()
+            self._retired, self._block = [], None
 
     def _is_primary(self, stream: "DecodeStream") -> bool:
         with self._lock:
@@ -225,8 +366,8 @@ class DecodePool:
             if stream in self._streams:
                 self._streams.remove(stream)
 
-    def stream(self, fn: Callable, jobs: Iterable[FilmJob], window: int, lookahead: int | None = None) -> "DecodeStream":
-        return DecodeStream(self, fn, list(jobs), window, lookahead if lookahead is not None else window)
+    def stream(self, fn: Callable, jobs: Iterable[FilmJob], window: int, lookahead: int | None = None, chunk: int = 1) -> "DecodeStream":
+        return DecodeStream(self, fn, list(jobs), window, lookahead if lookahead is not None else window, chunk)
 
 
 _SHARED: dict[int, DecodePool] = {}
@@ -299,13 +440,15 @@ class DecodeStream:
     """Yields (job, fn(job)) for every job exactly once, in completion order; fn returns a pair
     (result, extra), and a film that kills decode processes gets (Failure, None). A feeder thread keeps up
     to ``window`` films submitted or decoded-but-not-taken while this stream is the pool's oldest
-    one still submitting, ``lookahead`` films otherwise."""
+    one still submitting, ``lookahead`` films otherwise; it submits them ``chunk`` films per task
+    (films in flight when a decode process died go again one per task)."""
 
-    def __init__(self, pool: DecodePool, fn: Callable, jobs: list[FilmJob], window: int, lookahead: int):
+    def __init__(self, pool: DecodePool, fn: Callable, jobs: list[FilmJob], window: int, lookahead: int, chunk: int = 1):
         self.pool, self.fn = pool, fn
         self.window, self.lookahead = max(1, window), max(1, lookahead)
+        self.chunk = max(1, int(chunk))
         self._todo: deque[FilmJob] = deque(jobs)
-        self._out: queue.Queue = queue.Queue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._untaken = 0
         self._closed = False
@@ -315,15 +458,15 @@ class DecodeStream:
 
     def __iter__(self) -> Iterator[tuple[FilmJob, Any]]:
         while True:
-            item = self._out.get()
-            if item is _END:
+            items = self._out.get()
+            if items is _END:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            with self._cond:
-                self._untaken -= 1
+            if isinstance(items, BaseException):
+                raise items
+            with self._cond:  # once per chunk: the feeder may refill the window
+                self._untaken -= len(items)
                 self._cond.notify_all()
-            yield item
+            yield from items
 
     def close(self) -> None:
         with self._cond:
@@ -338,10 +481,12 @@ class DecodeStream:
     def __exit__(self, *exc):
         self.close()
 
-    def _emit(self, job: FilmJob, result: Any) -> None:
+    def _emit(self, items: list[tuple[FilmJob, Any]]) -> None:
+        if not items:
+            return
         with self._cond:
-            self._untaken += 1
-        self._out.put((job, result))
+            self._untaken += len(items)
+        self._out.put(items)
 
     def _feed(self) -> None:
         try:
@@ -352,7 +497,7 @@ class DecodeStream:
                             self._cond.wait(0.05)
                     if self._closed:
                         break
-                    self._emit(job, self.fn(job))
+                    self._emit([(job, self.fn(job))])
                 return
             self._feed_pool()
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
@@ -362,35 +507,60 @@ class DecodeStream:
             self._out.put(_END)
 
     def _feed_pool(self) -> None:
-        inflight: dict[Future, tuple[FilmJob, int]] = {}
+        # a future -> (its films, generation, the block holding their slots, the slots)
+        inflight: dict[Future, tuple[list[FilmJob], int, _SlotBlock | None, tuple]] = {}
+        n_inflight = 0  # films
         recovering: deque[FilmJob] = deque()  # in flight when the pool broke: resubmitted one at a time
         serial_crashes: dict[FilmJob, int] = {}
-        # Finished futures arrive here (done callbacks): O(1) per film, where wait(FIRST_COMPLETED)
-        # over a window of 128 futures cost O(window) lock operations per film, in the GIL-bound
-        # process that drives the model.
+        # Finished futures arrive here (done callbacks): O(1) per chunk, where wait(FIRST_COMPLETED)
+        # over a window of futures cost O(window) lock operations, in the GIL-bound process that
+        # drives the model.
         finished: queue.SimpleQueue = queue.SimpleQueue()
 
-        def submit(job: FilmJob) -> None:
-            fut, gen = self.pool.submit(self.fn, job)
-            inflight[fut] = (job, gen)
+        def submit(jobs: list[FilmJob]) -> None:
+            nonlocal n_inflight
+            fut, gen, block, slots = self.pool.submit_chunk(self.fn, jobs)
+            inflight[fut] = (jobs, gen, block, slots)
+            n_inflight += len(jobs)
             fut.add_done_callback(finished.put)
+
+        def results(f: Future, entry) -> list[tuple[FilmJob, Any]]:
+            """The chunk's (job, (result, extra)) pairs, pixels copied out of their slots (freed)."""
+            jobs, _gen, block, slots = entry
+            try:
+                out = f.result()
+            except BrokenProcessPool:
+                raise  # its block is retired whole: a surviving process may still write into it
+            except BaseException:
+                if block is not None:
+                    block.give(slots)
+                raise
+            if block is not None:
+                try:
+                    out = [(Decoded(block.pixels(r), r.source_mode), x) if isinstance(r, _InSlot) else (r, x) for r, x in out]
+                finally:
+                    block.give(slots)
+            return list(zip(jobs, out))
 
         while self._todo or inflight or recovering:
             with self._cond:
-                while not self._closed and (len(inflight) + self._untaken) >= self._limit() and not inflight:
+                while not self._closed and (n_inflight + self._untaken) >= self._limit() and not inflight:
                     self._cond.wait(0.05)  # the consumer is behind: wait for it to take results
                 if self._closed:
                     for f in inflight:
                         f.cancel()
                     return
-                room = self._limit() - len(inflight) - self._untaken
+                room = self._limit() - n_inflight - self._untaken
             if recovering:
                 if not inflight:
-                    submit(recovering.popleft())
+                    submit([recovering.popleft()])
             else:
-                while room > 0 and self._todo:
-                    submit(self._todo.popleft())
-                    room -= 1
+                # whole chunks while the window has room for one (a partial one only at the end, or
+                # when the window is smaller than a chunk and nothing is in flight)
+                while self._todo and (room >= min(self.chunk, len(self._todo)) or (not inflight and room > 0)):
+                    k = min(self.chunk, len(self._todo), max(room, 1))
+                    submit([self._todo.popleft() for _ in range(k)])
+                    room -= k
                 if not self._todo:
                     self.pool._unregister(self)  # the next stream becomes the primary now
             if not inflight:
@@ -409,22 +579,23 @@ class DecodeStream:
                 entry = inflight.pop(f, None)
                 if entry is None:  # already taken below, when its pool broke
                     continue
-                job, gen = entry
+                n_inflight -= len(entry[0])
                 try:
-                    self._emit(job, f.result())
+                    self._emit(results(f, entry))
                 except BrokenProcessPool:
-                    broken.append((job, gen))
+                    broken.extend((job, entry[1]) for job in entry[0])
             if not broken:
                 continue
             # every other film in flight went down with the pool: wait for their futures to say so
             if inflight:
                 wait(inflight)
-                for f, (job, gen) in list(inflight.items()):
+                for f, entry in list(inflight.items()):
                     try:
-                        self._emit(job, f.result())
+                        self._emit(results(f, entry))
                     except BrokenProcessPool:
-                        broken.append((job, gen))
+                        broken.extend((job, entry[1]) for job in entry[0])
                 inflight.clear()
+                n_inflight = 0
             for gen in {g for _, g in broken}:
                 self.pool.restart(gen)
             was_serial = len(broken) == 1 and broken[0][0] in serial_crashes
@@ -432,8 +603,8 @@ class DecodeStream:
                 if was_serial:
                     serial_crashes[job] += 1
                     if serial_crashes[job] >= SERIAL_CRASHES_TO_FAIL:
-                        self._emit(job, (Failure("decode", DecodeWorkerDied.__name__,
-                                                 f"a decode process died {serial_crashes[job]} times while decoding this film alone"), None))
+                        self._emit([(job, (Failure("decode", DecodeWorkerDied.__name__,
+                                                   f"a decode process died {serial_crashes[job]} times while decoding this film alone"), None))])
                         continue
                 else:
                     serial_crashes.setdefault(job, 0)

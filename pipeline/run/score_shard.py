@@ -38,6 +38,11 @@ def decode_workers(spec: RunSpec) -> int:
     return decode_process_count(spec.decode_workers, spec.decode_threads)
 
 
+# Films per decode task: one task, pipe message, future and hand-over per 4 films instead of per film
+# (the driving process's CPU for them: 0.2 -> 0.04 ms per film, measured), while a chunk (~45 ms of
+# decoding) stays far shorter than a batch.
+DECODE_CHUNK = 4
+
 # One forward at a time per process: a worker runs two shard tasks (one writes while the other
 # scores), and they share the device and torch's intra-op threads.
 _DEVICE_LOCK = threading.Lock()
@@ -121,7 +126,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     received = [0] * n_chunks
     ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
     n_done = 0
-    with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers))) as stream:
+    with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers)), chunk=DECODE_CHUNK) as stream:
         # films are decoding now; torch (imported by the worker's warm-up, else here) and the model load meanwhile
         import torch
 

@@ -47,6 +47,16 @@ def test_batch_results_do_not_depend_on_batch_composition(tiny_ckpt, rng):
     np.testing.assert_allclose(whole.cam[2], single.cam[0], atol=1e-5)
 
 
+def test_a_list_of_planes_and_colour_films_gives_the_stacked_batch_outputs(tiny_ckpt, rng):
+    """score_shard hands infer_batch its films as decoded (grayscale planes beside RGB films)."""
+    model = load_model(ModelSpec(TINY_ARCH, tiny_ckpt))
+    films = [rng.integers(0, 256, (224, 224), dtype=np.uint8), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    stacked = infer_batch(model, np.stack([films[0][:, :, None].repeat(3, axis=2), films[1]]), BASE)
+    listed = infer_batch(model, films, BASE)
+    for name in ("prob", "cam", "cell_logit", "embedding", "cell_features"):
+        assert np.array_equal(getattr(listed, name), getattr(stacked, name)), name
+
+
 def _parity(paths, atol=1e-4):
     torch.manual_seed(0)
     model = load_model(ModelSpec("densenet121", "random:11")).to(torch.device("cpu"))  # as the job does

@@ -98,6 +98,22 @@ def test_grayscale_planes_decode_and_normalise_as_their_three_equal_channels(rng
     assert decode_preprocess(png_bytes(colour), gray_plane=True).pixels.shape == (224, 224, 3)  # colour stays colour
 
 
+def test_a_batch_mixing_planes_and_colour_films_normalises_as_their_stacked_rgb(rng):
+    """infer_batch takes a shard's films as they come (grayscale planes beside RGB films): each is
+    normalised as it is, bit for bit what the stacked RGB arrays give, for every value and channel."""
+    from pipeline.inference.images import normalize_films, normalize_ops
+
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    films = [every, np.repeat(every[:, :, None], 3, axis=2)[:, ::-1].copy(), rng.integers(0, 256, (16, 16), dtype=np.uint8),
+             rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)]
+    rgb = torch.from_numpy(np.stack([f if f.ndim == 3 else np.repeat(f[:, :, None], 3, axis=2) for f in films]))
+    got = normalize_films(films)
+    assert got.dtype == torch.float32 and torch.equal(got, normalize_ops(rgb)) and torch.equal(got, normalize_batch(rgb))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="film 1"):
+        normalize_films([every, every[:8]])
+
+
 def test_rgb_and_rgba_match_reference(rng):
     rgba = rng.integers(0, 256, (240, 260, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent: the reference ignores alpha, so must we

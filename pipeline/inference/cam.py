@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.images import normalize_batch
+from pipeline.inference.images import normalize_batch, normalize_films
 from pipeline.inference.model import CamModel
 from pipeline.inference.precision import DEFAULT_PRECISION, features_autocast, precision_mode
 
@@ -50,17 +50,28 @@ def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline:
     return prob.float(), cam.float(), cell_logit.float(), pooled.float()
 
 
+def _rgb(px: np.ndarray) -> np.ndarray:
+    return px if px.ndim == 3 else np.repeat(px[:, :, None], 3, axis=2)
+
+
 @torch.inference_mode()
-def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor, baselines: tuple[float, ...], *,
+def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor | list[np.ndarray], baselines: tuple[float, ...], *,
                 precision: str = DEFAULT_PRECISION) -> BatchOutputs:
-    """uint8 (B, H, W, 3) pixels, or (B, H, W) grayscale planes -> every output, on the model's
-    device, one forward pass.
+    """uint8 (B, H, W, 3) pixels, or (B, H, W) grayscale planes, or a list of films mixing both
+    -> every output, on the model's device, one forward pass.
     ``precision`` (pipeline.inference.precision): fp32 (strict, TF32 off on CUDA), tf32 or bf16 features."""
     device = model.classifier.weight.device
-    x = torch.as_tensor(pixels)
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = normalize_batch(x.to(device)).contiguous(memory_format=torch.channels_last)
+    if isinstance(pixels, (list, tuple)):  # films as decoded: planes and RGB arrays, possibly mixed
+        if device.type == "cpu":
+            x = normalize_films(list(pixels))
+        else:  # normalised on the device: send uint8 RGB
+            x = normalize_batch(torch.as_tensor(np.stack([_rgb(px) for px in pixels])).pin_memory().to(device, non_blocking=True))
+    else:
+        x = torch.as_tensor(pixels)
+        if device.type == "cuda":
+            x = x.pin_memory().to(device, non_blocking=True)
+        x = normalize_batch(x.to(device))
+    x = x.contiguous(memory_format=torch.channels_last)
     with precision_mode(precision, device):
         with features_autocast(precision, device):
             fmap = F.relu(model.features(x))

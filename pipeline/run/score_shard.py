@@ -82,7 +82,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         t = time.perf_counter()
         with _DEVICE_LOCK:
             try:
-                outs = [(positions, infer_batch(model, np.stack(pixels), spec.baselines, precision=spec.precision))]
+                outs = [(positions, infer_batch(model, pixels, spec.baselines, precision=spec.precision))]
             except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
                 outs = []
                 for p, px in zip(positions, pixels):
@@ -159,10 +159,8 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             if received[k] == chunk_size[k]:
                 batch, ready[k] = sorted(ready[k].items()), {}
                 if batch:
-                    pixels = [px for _, px in batch]
-                    if len({px.ndim for px in pixels}) > 1:  # grayscale planes beside colour films
-                        pixels = [px if px.ndim == 3 else np.repeat(px[:, :, None], 3, axis=2) for px in pixels]
-                    run_batch([p for p, _ in batch], pixels)
+                    # grayscale planes and colour films as they came: infer_batch normalises each as it is
+                    run_batch([p for p, _ in batch], [px for _, px in batch])
                 n_done += received[k]
                 if progress is not None:
                     progress(shard.index, n_done)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import threading
+from concurrent.futures import Future
 from dataclasses import fields, replace
 from typing import Callable
 
@@ -46,6 +47,25 @@ DECODE_CHUNK = 4
 # One forward at a time per process: a worker runs two shard tasks (one writes while the other
 # scores), and they share the device and torch's intra-op threads.
 _DEVICE_LOCK = threading.Lock()
+
+
+def _load_model_in_thread(spec: RunSpec) -> Future:
+    """(torch, infer_batch, the worker's model) once imported and loaded, in a thread of its own."""
+    fut: Future = Future()
+
+    def load() -> None:
+        try:
+            import torch
+
+            from pipeline.inference.cam import infer_batch
+            from pipeline.inference.model import get_model
+
+            fut.set_result((torch, infer_batch, get_model(spec.model, spec.device)))
+        except BaseException as e:  # noqa: BLE001 - raised in the shard's thread by result()
+            fut.set_exception(e)
+
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+    return fut
 
 
 def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
@@ -126,15 +146,30 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     received = [0] * n_chunks
     ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
     n_done = 0
+    # The model loads in a thread (torch's import, ~1 s of CPU, and the build) while this thread keeps
+    # taking decoded films: were it to wait for the model here, the decode processes would stop once
+    # `window` films were decoded and idle for the rest of the load (measured: ~2 s of a 14 s tiny-
+    # network phase). Complete batches wait for the model; they are a shard's films at most.
+    loading = _load_model_in_thread(spec)
+    waiting: list[tuple[list[int], list[np.ndarray], int]] = []  # complete batches (positions, pixels, films) before the model
+
+    def run_waiting(block: bool) -> None:
+        nonlocal model, torch, infer_batch, n_done
+        if model is None:
+            if not block and not loading.done():
+                return
+            torch, infer_batch, model = loading.result()
+            torch.set_num_threads(spec.torch_threads or worker_cores())  # in this thread: forwards are serialised (_DEVICE_LOCK)
+        while waiting:
+            positions, pixels, n = waiting.pop(0)
+            if positions:
+                run_batch(positions, pixels)
+            n_done += n
+            if progress is not None:
+                progress(shard.index, n_done)
+
+    model = torch = infer_batch = None
     with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers)), chunk=DECODE_CHUNK) as stream:
-        # films are decoding now; torch (imported by the worker's warm-up, else here) and the model load meanwhile
-        import torch
-
-        from pipeline.inference.cam import infer_batch
-        from pipeline.inference.model import get_model
-
-        torch.set_num_threads(spec.torch_threads or worker_cores())  # forwards are serialised (_DEVICE_LOCK)
-        model = get_model(spec.model, spec.device)
         it = iter(stream)
         while True:
             t = time.perf_counter()
@@ -158,13 +193,10 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
                 ready[k][pos] = item.pixels
             if received[k] == chunk_size[k]:
                 batch, ready[k] = sorted(ready[k].items()), {}
-                if batch:
-                    # grayscale planes and colour films as they came: infer_batch normalises each as it is
-                    run_batch([p for p, _ in batch], [px for _, px in batch])
-                n_done += received[k]
-                if progress is not None:
-                    progress(shard.index, n_done)
-
+                # grayscale planes and colour films as they came: infer_batch normalises each as it is
+                waiting.append(([p for p, _ in batch], [px for _, px in batch], received[k]))
+                run_waiting(block=False)
+    run_waiting(block=True)
 
     t = time.perf_counter()
     for row, image_id in zip(shard.rows, shard.image_ids):

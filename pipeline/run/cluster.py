@@ -177,7 +177,12 @@ def local_worker_config() -> dict:
     the event loop of the process that drives the model (about a quarter of that loop's CPU during
     scoring, taken from the decode processes on a CPU worker). The dashboard's Profile page is
     empty without it; set DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True to have it."""
-    cfg: dict = {"distributed.nanny.pre-spawn-environ": nanny_environ()}
+    import dask
+
+    cfg: dict = {"distributed.nanny.pre-spawn-environ": nanny_environ(),
+                 # the worker starts importing torch and the scoring code as it starts (a thread): the
+                 # import overlaps the driver's preparation instead of the first shards' decoding
+                 "distributed.worker.preload": [*dask.config.get("distributed.worker.preload", []), "pipeline.run.worker_preload"]}
     if PROFILE_ENV not in os.environ:
         cfg["distributed.worker.profile.enabled"] = False
     return cfg

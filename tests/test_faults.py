@@ -363,7 +363,7 @@ def test_worker_killed_mid_run_then_the_run_completes(tmp_path, tiny_nih, refere
     prof.write_text("profiles:\n  two: {type: local, n_workers: 2, threads_per_worker: 1, processes: true}\n")
     args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net",
             "--out", str(tmp_path / "out"), "--shard-size", "4", "--batch-size", "2", "--cluster", "two",
-            "--cluster-file", str(prof), "--cache", "none"]
+            "--cluster-file", str(prof), "--cache", "none", "--no-report"]  # the report is not what this test reads
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)})
     deadline, killed = time.time() + 240, None  # the kill window stays open until the run ends (a loaded machine starts workers slowly)
@@ -381,6 +381,8 @@ def test_worker_killed_mid_run_then_the_run_completes(tmp_path, tiny_nih, refere
     run_dir = next((tmp_path / "out" / "runs").iterdir())
     rows = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).column("row").to_pylist()
     assert sorted(rows) == list(range(40))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["steps"]["report"] == "skipped" and not (run_dir / "report.html").exists()  # --no-report
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

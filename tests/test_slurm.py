@@ -67,7 +67,7 @@ def test_slurm_run_survives_a_cancelled_job(slurm, tmp_path, tiny_nih):
     out = tmp_path / "out"
     args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net",
             "--out", str(out), "--shard-size", "4", "--batch-size", "2", "--cluster", "slurm", "--cluster-file", str(profile),
-            "--cache", "none", "--no-report"]
+            "--cache", "none", "--no-report", "--decode-workers", "0"]
     env = {**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)}  # the workers import tests.helpers
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -58,8 +58,8 @@ class CellStats:
         sent dense every stratum value made a 40-film run's accumulator 164 MB on the wire."""
         state = dict(self.__dict__)
         nz = np.flatnonzero(self.hist)
-        if 2 * nz.size < self.hist.size:
-            state["hist"] = ("sparse", self.hist.shape, nz.astype(np.int64), self.hist.reshape(-1)[nz])
+        if 2 * nz.size < self.hist.size < 2**31:  # int32 index + int32 count per bin: smaller below half full
+            state["hist"] = ("sparse", self.hist.shape, nz.astype(np.int32), self.hist.reshape(-1)[nz])
         return state
 
     def __setstate__(self, state: dict) -> None:

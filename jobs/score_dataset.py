@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"forward precision: {D.model.precision} (default, strict: TF32 off on CUDA, parity <= 1e-4), tf32, or bf16 (autocast features); "
                         "part of the run's identity (non-default precisions get their own run folder runs/VERSION-PRECISION)")
     p.add_argument("--decode-threads", type=int, metavar="N", help="deprecated alias of --decode-workers")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="write no HTML report at the end of the run (nightly jobs that only query the tables); "
+                        "python -m jobs.report --out OUT builds it later")
     p.add_argument("--verify", action="store_true",
                    help="on resume, rehash every finished shard's outputs against its record (default: sizes only)")
     p.add_argument("--max-failed-fraction", type=float, metavar="F",

@@ -84,10 +84,13 @@ def tiny_nih(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("nih") / "ChestX-ray14", n=40, size=128, seed=3)
 
 
-# Files that take longest, measured (`--durations`), first: `-n 2 --dist loadfile` hands whole files
-# to the two workers in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("test_faults", "test_report", "test_slurm", "test_resume", "test_job", "test_aggregates", "test_cli",
-                 "test_identifiability_stats", "test_adapters", "test_cache", "test_layout")
+# Files that take longest, measured (`--durations=0`, summed per file), first: `-n 2 --dist loadfile`
+# hands whole files to the two workers in collection order (`--no-loadscope-reorder` in pyproject:
+# by default xdist reorders files by their number of tests, which sent the one-test SLURM file and
+# the two-test resume file to the end, where they ran alone).
+LONGEST_FIRST = ("test_faults", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
+                 "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
+                 "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -130,6 +130,7 @@ class OutputConfig:
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out (never saved: may hold secrets)
     verify: bool = False  # on resume, rehash finished shards' outputs (default: sizes only)
     max_failed_fraction: float = 0.05  # more failed images: status failed/partial, exit 3
+    report: bool = True  # the HTML report at the end of a complete run (False: none; build it later with jobs.report)
 
     def __post_init__(self):
         if isinstance(self.storage_options, Mapping):  # its repr names the keys only (ScoreConfig's type check says the rest)

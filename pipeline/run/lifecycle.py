@@ -171,7 +171,10 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
                 check_interrupt()  # a complete run; interrupted before it becomes latest
                 publish(store, info)
                 info["drift_text"] = drift_step(store, previous, info)
-                info["report"] = report_step(store, info)
+                if cfg.output.report:
+                    info["report"] = report_step(store, info)
+                else:
+                    record_step(store, info, "report", "skipped")
         finally:
             closing.join()
     return info

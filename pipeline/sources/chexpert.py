@@ -30,35 +30,51 @@ def _labels(rec, findings, uncertain) -> dict:
     return out
 
 
+def _text(df: pd.DataFrame, column: str) -> list[str]:
+    """A column as stripped strings ('' where the column is absent), as ``str(value).strip()`` per row."""
+    if column not in df.columns:
+        return [""] * len(df)
+    return df[column].astype(str).str.strip().tolist()
+
+
+def _split_rows(df: pd.DataFrame, fs, rootp: str, name: str, split: str, findings, uncertain) -> dict[str, list]:
+    """One CSV's rows as columns (column-wise: CheXpert's 223k rows in about a second, not five)."""
+    rels = _text(df, "Path")
+    # Paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve from ROOT's parent.
+    parent, folder = posixpath.dirname(rootp), posixpath.basename(rootp)
+    paths = [to_url(fs, posixpath.join(parent if r.split("/", 1)[0] == folder else rootp, r)) if r else "" for r in rels]
+    patients = [m.group(1) if (m := _PATIENT.search(r)) else None for r in rels]
+    lateral = [v.lower() == "lateral" for v in _text(df, "Frontal/Lateral")]
+    views = ["LATERAL" if lat else (v or None) for lat, v in zip(lateral, _text(df, "AP/PA"))]
+    cols = dict(image_id=rels, path=paths, patient_id=patients, site=[name] * len(rels), view_position=views,
+                sex=[v or None for v in _text(df, "Sex")], age=[v or None for v in _text(df, "Age")], split=[split] * len(rels),
+                extra=[None] * len(rels))
+    for f in findings:
+        cols[f] = [None] * len(rels)
+    for src, dst in CHEXPERT_TO_MODEL.items():
+        if dst in cols and src in df.columns:
+            values = df[src].astype(str).tolist()
+            of = {v: chexpert_value(v, uncertain) for v in set(values)}  # a handful of distinct codes
+            cols[dst] = [of[v] for v in values]
+    return cols
+
+
 def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
-    uncertain = options.uncertain
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
-    rows, issues = [], []
-    found = False
+    parts, issues = [], []
     for split in ("train", "valid"):
         csv = _first_existing(root, (f"{split}.csv", f"{split}.csv.gz"))
         if csv is None:
             continue
-        found = True
         df, bad = _read_csv(csv)
         issues += _bad_line_issues(spec.name, bad)
-        for rec in records(df):
-            rel = str(rec.get("Path", "")).strip()
-            first = rel.split("/", 1)[0]
-            # Paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve from ROOT's parent.
-            base = posixpath.dirname(rootp) if first == posixpath.basename(rootp) else rootp
-            frontal = str(rec.get("Frontal/Lateral", "")).strip().lower() != "lateral"
-            m = _PATIENT.search(rel)
-            rows.append(dict(image_id=rel, path=to_url(fs, posixpath.join(base, rel)) if rel else "", patient_id=m.group(1) if m else None,
-                             site=spec.name, view_position=(str(rec.get("AP/PA", "")).strip() or None) if frontal else "LATERAL",
-                             sex=str(rec.get("Sex", "")).strip() or None, age=str(rec.get("Age", "")).strip() or None, split=split,
-                             extra=None, **_labels(rec, findings, uncertain)))
-    if not found:
+        parts.append(pd.DataFrame(_split_rows(df, fs, rootp, spec.name, split, findings, options.uncertain), columns=BASE + ["extra", *findings]))
+    if not parts:
         raise DatasetError(f"no train.csv or valid.csv under {root}; --dataset chexpert:ROOT must point at CheXpert-v1.0[-small]")
     # 223k images in ~190k study folders: listing them all is slower than letting a missing file
     # show up as a read error during scoring.
-    return RawDataset(pd.DataFrame(rows, columns=BASE + ["extra", *findings]), issues, None, roots=(root,))
+    return RawDataset(pd.concat(parts, ignore_index=True), issues, None, roots=(root,))
 
 
 def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:

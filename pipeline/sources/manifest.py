@@ -194,17 +194,25 @@ def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous
     df = df.sort_values("row").reset_index(drop=True)
 
     schema = manifest_schema(findings)
-    cols = {}
-    for field in schema:
-        if field.type == pa.bool_():
-            cols[field.name] = pa.array([None if pd.isna(v) else bool(v) for v in df[field.name].tolist()] if len(df) else [], type=pa.bool_())
-        elif field.type == pa.int16():
-            cols[field.name] = pa.array([None if v is None or pd.isna(v) else int(v) for v in df[field.name].tolist()] if len(df) else [], type=pa.int16())
-        else:
-            cols[field.name] = pa.array([None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in df[field.name].tolist()] if len(df) else [], type=field.type)
-    manifest = pa.Table.from_pydict(cols, schema=schema)
+    manifest = pa.Table.from_pydict({field.name: _column(df[field.name], field.type) for field in schema}, schema=schema)
     issue_table = pa.Table.from_pylist(issues, schema=issues_schema())
     return ManifestResult(manifest, issue_table)
+
+
+def _column(values: pd.Series, type_: pa.DataType) -> pa.Array:
+    """One manifest column in its declared type; None, NaN and pd.NA are nulls. Arrow converts the
+    plain case in one pass; anything else (e.g. 0/1 labels, ages as floats) goes value by value."""
+    if not len(values):
+        return pa.array([], type=type_)
+    try:
+        return pa.array(values, type=type_, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    if type_ == pa.bool_():
+        return pa.array([None if pd.isna(v) else bool(v) for v in values.tolist()], type=type_)
+    if type_ == pa.int16():
+        return pa.array([None if v is None or pd.isna(v) else int(v) for v in values.tolist()], type=type_)
+    return pa.array([None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in values.tolist()], type=type_)
 
 
 def dataset_fingerprint(manifest: pa.Table) -> str:

@@ -58,6 +58,28 @@ def test_every_film_once_and_identical_to_in_process_decoding(films):
     assert by_pos[len(paths)].error_class == "UnidentifiedImageError"
 
 
+def test_chunks_of_films_come_back_through_shared_memory_and_free_every_slot(films):
+    """Films go several per task and their pixels through the executor's shared block: every film
+    once, the same pixels as in-process decoding, every slot free again, the block gone on close."""
+    from pipeline.run.decode_pool import SLOTS
+
+    paths, bad = films
+    pool = DecodePool(2)
+    try:
+        with pool.stream(DecodeTask(gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths + [bad])], window=7, chunk=5) as s:
+            got = {job.pos: result for job, (result, _key) in s}
+        block = pool._block
+        assert block is not None and len(block._free) == SLOTS
+        shm_path = "/dev/shm" + block.name
+        assert os.path.exists(shm_path)
+    finally:
+        pool.close()
+    assert not os.path.exists(shm_path)
+    assert sorted(got) == list(range(len(paths) + 1)) and isinstance(got[len(paths)], Failure)
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
+
+
 def test_a_decode_process_killed_mid_batch_loses_no_film_and_duplicates_none(films):
     paths, _ = films
     pool = DecodePool(2)

@@ -58,24 +58,31 @@ def test_every_film_once_and_identical_to_in_process_decoding(films):
     assert by_pos[len(paths)].error_class == "UnidentifiedImageError"
 
 
-def test_chunks_of_films_come_back_through_shared_memory_and_free_every_slot(films):
+def test_chunks_of_films_come_back_through_shared_memory_and_free_every_slot(films, monkeypatch):
     """Films go several per task and their pixels through the executor's shared block: every film
     once, the same pixels as in-process decoding, every slot free again, the block gone on close."""
+    from pipeline.run import decode_pool
     from pipeline.run.decode_pool import SLOTS
 
+    read_from_slots = []
+    pixels = decode_pool._SlotBlock.pixels
+    monkeypatch.setattr(decode_pool._SlotBlock, "pixels", lambda self, r: read_from_slots.append(r.slot) or pixels(self, r))
     paths, bad = films
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     pool = DecodePool(2)
     try:
         with pool.stream(DecodeTask(gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths + [bad])], window=7, chunk=5) as s:
             got = {job.pos: result for job, (result, _key) in s}
         block = pool._block
         assert block is not None and len(block._free) == SLOTS
-        shm_path = "/dev/shm" + block.name
-        assert os.path.exists(shm_path)
+        assert block.name == f"/proc/{os.getpid()}/fd/{block.fd}"  # an anonymous memory file: no name to leak
     finally:
         pool.close()
-    assert not os.path.exists(shm_path)
+    assert block.fd == -1
+    if shm_before:
+        assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("psm_")}
     assert sorted(got) == list(range(len(paths) + 1)) and isinstance(got[len(paths)], Failure)
+    assert len(read_from_slots) == len(paths)  # every decoded film came through a slot, not the pipe
     for i, p in enumerate(paths):
         np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
 

@@ -13,8 +13,8 @@ recorded as a failure of stage ``decode``. A film that fails to read or decode i
 
 Per-film cost in the process that drives the model (issue 8): films go to the decode processes in
 chunks of a few (one task, one pipe message, one future and one hand-over per chunk, not per film),
-and decoded pixels come back through a shared-memory block of the executor (one slot per film in
-flight), so only small messages cross the result pipe. That also keeps CPython's executor safe from
+and decoded pixels come back through a shared memory block of the executor (an anonymous memory
+file, one slot per film in flight), so only small messages cross the result pipe. That also keeps CPython's executor safe from
 a decode process killed while writing a large result to the shared result pipe, which could leave
 its manager thread waiting forever for the rest of a message.
 """
@@ -114,11 +114,8 @@ _CHILD_SLOTS: dict[str, np.ndarray] = {}  # in a decode process: its executor's 
 
 
 def _attach_slots(name: str, nbytes: int) -> None:
-    """Map the owner's block. Not through SharedMemory: attaching registers the block with the
-    resource tracker (Python < 3.13), which would then unlink it when this process exits."""
-    import _posixshmem
-
-    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
+    """Map the owner's block: ``name`` is /proc/<owner pid>/fd/<fd> of its anonymous memory file."""
+    fd = os.open(name, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
         buf = mmap.mmap(fd, nbytes)
     finally:
@@ -157,23 +154,25 @@ def _run_chunk(fn: Callable, jobs: tuple, slots: tuple, slots_name: str | None) 
 
 
 class _SlotBlock:
-    """In the owner: one executor generation's shared block of SLOTS film slots and its free list. A
-    broken executor's block is retired whole (a surviving process of it may still write into it)."""
+    """In the owner: one executor generation's block of SLOTS film slots and its free list. The block
+    is an anonymous memory file (memfd): it has no name to leak, its memory goes with the last process
+    that maps it (a crash or a SIGKILL to the whole job leaves nothing behind in /dev/shm), and decode
+    processes open it through /proc/<owner pid>/fd. A broken executor's block is retired whole (a
+    surviving process of it may still write into it)."""
 
     def __init__(self, n: int = SLOTS):
-        from multiprocessing import shared_memory
-
-        self.shm = shared_memory.SharedMemory(create=True, size=n * SLOT_BYTES)
+        size = n * SLOT_BYTES
+        self.fd = os.memfd_create("cxr-audit-decode-slots", getattr(os, "MFD_CLOEXEC", 0))
         try:
-            # reserve the pages now: a full /dev/shm is an error here (and pickled results), never
-            # a SIGBUS in a decode process writing a slot
-            os.posix_fallocate(self.shm._fd, 0, n * SLOT_BYTES)  # noqa: SLF001 - the block's own descriptor
-        except (AttributeError, OSError):
-            self.shm.close()
-            self.shm.unlink()
+            # reserve the pages now: a full memory is an error here (and pickled results), never a
+            # SIGBUS in a decode process writing a slot
+            os.posix_fallocate(self.fd, 0, size)
+            self._mmap = mmap.mmap(self.fd, size)
+        except OSError:
+            os.close(self.fd)
             raise
-        self.name = self.shm._name  # noqa: SLF001 - with its leading slash, as shm_open takes it
-        self.view = np.ndarray((n, SLOT_BYTES), np.uint8, buffer=self.shm.buf)
+        self.name = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.view = np.frombuffer(self._mmap, np.uint8).reshape(n, SLOT_BYTES)
         self._free = deque(range(n))
         self._lock = threading.Lock()
 
@@ -189,26 +188,28 @@ class _SlotBlock:
         n = int(np.prod(r.shape))
         return self.view[r.slot, :n].reshape(r.shape).copy()  # the slot is free again once copied
 
-    def unlink(self) -> None:
-        try:
-            self.shm.unlink()
-        except FileNotFoundError:
-            pass
+    def retire(self) -> None:
+        """No new process attaches to it (its descriptor number may be reused)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def close(self) -> None:
+        self.retire()
         self.view = None
         try:
-            self.shm.close()
+            self._mmap.close()
         except BufferError:
             pass  # a view still held somewhere: the mapping goes with the process
-        self.unlink()
 
 
 def _new_block() -> _SlotBlock | None:
+    if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        return None  # not Linux: results travel pickled
     try:
         return _SlotBlock()
-    except (ImportError, OSError, ValueError):
-        return None  # no POSIX shared memory here (or it is full): results travel pickled
+    except (OSError, ValueError):
+        return None  # memory is short: results travel pickled
 
 
 def _ready(_job: Any) -> None:
@@ -334,7 +335,7 @@ class DecodePool:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
             if self._block is not None:  # a surviving process of the old executor may still write into it
-                self._block.unlink()
+                self._block.retire()
                 self._retired.append(self._block)
                 self._block = None
             self._generation += 1

@@ -28,7 +28,7 @@ from pipeline.core.errors import ConfigError, OutputError
 from pipeline.analysis.localization import bootstrap_ci, box_coverage, box_scores, read_bbox_list
 from pipeline.store.maps_store import open_maps
 from pipeline.analysis.metrics import auc_delong, ece
-from pipeline.analysis.region_stats import RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
+from pipeline.analysis.region_stats import QUANTILES, RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
@@ -102,7 +102,12 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
     blocks: list[dict[str, np.ndarray]] = []  # one per (stratum value, finding): C values per statistic
     ok: list[bool] = []
     for (stratum, value), s in sorted(acc.stats.items()):
-        q = hist_quantiles(s.hist)
+        # quantiles only where they are shown (n >= min_n): a small run's strata are mostly hidden,
+        # and the histograms' cumulative sums were most of its aggregation time
+        shown = np.flatnonzero(s.count[:, 0] >= min_n)
+        q = np.full(s.hist.shape[:2] + (len(QUANTILES),), np.nan)
+        if len(shown):
+            q[shown] = hist_quantiles(s.hist[shown])
         for f, name in enumerate(findings):
             n = int(s.count[f, 0])
             if n == 0:

@@ -57,12 +57,17 @@ class Profile:
         return f"Profile({self.name!r}, type={self.type!r})"
 
 
+# libyaml's safe loader where PyYAML was built with it (the same documents, ~10x faster: a run reads
+# cluster.yaml up to three times, 0.1 s in pure Python)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_profile(name: str | None, path: str = "cluster.yaml", required: bool = False) -> Profile:
     """required: the user named the file (--cluster-file), so a missing file is an error rather
     than a fall-back to the built-in local profiles."""
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f) or {}
+            doc = yaml.load(f, Loader=_SAFE_LOADER) or {}
     except FileNotFoundError:
         if required:
             raise ConfigError(f"--cluster-file {path} does not exist; pass an existing profiles file (see cluster.yaml in the repository)") from None

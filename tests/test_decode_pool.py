@@ -87,6 +87,26 @@ def test_chunks_of_films_come_back_through_shared_memory_and_free_every_slot(fil
         np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
 
 
+def test_a_stream_closed_early_gives_back_every_slot(films):
+    """A shard task that stops reading (an error, a cancelled task) closes its stream with chunks in
+    flight: their slots are freed once no decode process can still write them, so the long-lived
+    shared pool does not run out of slots."""
+    from pipeline.run.decode_pool import SLOTS
+
+    paths, _ = films
+    pool = DecodePool(2)
+    try:
+        with pool.stream(DecodeTask(gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths)], window=16, chunk=4) as s:
+            next(iter(s))  # one film taken, the rest in flight or decoded but not taken
+        block = pool._block
+        deadline = time.time() + 30
+        while len(block._free) < SLOTS and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(block._free) == SLOTS
+    finally:
+        pool.close()
+
+
 def test_a_decode_process_killed_mid_batch_loses_no_film_and_duplicates_none(films):
     paths, _ = films
     pool = DecodePool(2)

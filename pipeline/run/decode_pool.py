@@ -548,8 +548,12 @@ class DecodeStream:
                 while not self._closed and (n_inflight + self._untaken) >= self._limit() and not inflight:
                     self._cond.wait(0.05)  # the consumer is behind: wait for it to take results
                 if self._closed:
-                    for f in inflight:
-                        f.cancel()
+                    for f, (_, _, block, slots) in inflight.items():
+                        if block is not None:  # slots free once no decode process can still write them
+                            if f.cancel():
+                                block.give(slots)
+                            else:
+                                f.add_done_callback(lambda _f, b=block, s=slots: b.give(s))
                     return
                 room = self._limit() - n_inflight - self._untaken
             if recovering:

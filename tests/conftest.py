@@ -8,14 +8,10 @@ from . import _openmp  # noqa: F401 - first: OMP_WAIT_POLICY must be set before 
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pipeline.inference.checkpoint import save_safetensors
-from pipeline.demo import make_demo_dataset
-from pipeline.core.findings import CHEXNET_FINDINGS
-from pipeline.inference.tiny_net import TinyCAMNet
-from pipeline.reporting.hook import report_after_run as REAL_REPORT_AFTER_RUN
+# torch and the pipeline are imported by the fixtures that need them, not here: xdist's controller
+# process loads this file too but runs no test, and those imports cost it ~5 s before any worker starts.
 
 # ../shared beside the repository; CXR_AUDIT_SHARED points elsewhere (e.g. from a git worktree)
 SHARED = Path(os.environ.get("CXR_AUDIT_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
@@ -48,17 +44,18 @@ def _complete_runs_skip_their_report():
     Jobs started as subprocesses still write theirs."""
     import pipeline.reporting.hook as hook
 
+    real = hook.report_after_run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hook, "report_after_run", _report_skipped_in_tests)
-        yield
+        yield real
 
 
 @pytest.fixture
-def report_after_run(monkeypatch):
+def report_after_run(monkeypatch, _complete_runs_skip_their_report):
     """The job writes its report at the end of a complete run, as it does outside the tests."""
     import pipeline.reporting.hook as hook
 
-    monkeypatch.setattr(hook, "report_after_run", REAL_REPORT_AFTER_RUN)
+    monkeypatch.setattr(hook, "report_after_run", _complete_runs_skip_their_report)
 
 
 @pytest.fixture
@@ -68,6 +65,12 @@ def rng():
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
+    import torch
+
+    from pipeline.core.findings import CHEXNET_FINDINGS
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
+
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     torch.manual_seed(7)
     net = TinyCAMNet(len(CHEXNET_FINDINGS))
@@ -81,6 +84,8 @@ def tiny_ckpt(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_nih(tmp_path_factory) -> Path:
     """40 synthetic films in the ChestX-ray14 layout (two images_0XX folders)."""
+    from pipeline.demo import make_demo_dataset
+
     return make_demo_dataset(tmp_path_factory.mktemp("nih") / "ChestX-ray14", n=40, size=128, seed=3)
 
 

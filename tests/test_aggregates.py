@@ -15,7 +15,7 @@ from jobs.aggregate import main as aggregate_main
 from jobs.score_dataset import main as score_main
 from pipeline.analysis.aggregate import aggregate_run
 from pipeline.analysis.localization import box_coverage, box_scores
-from pipeline.analysis.metrics import auc_delong, ece
+from pipeline.analysis.metrics import auc_delong, ece, paired_auc_delta_delong
 from pipeline.analysis.region_stats import RegionAccumulator, hist_quantiles
 from pipeline.analysis.strata import StrataContext, strata_weights
 
@@ -225,6 +225,27 @@ def test_auc_equals_sklearn_with_ties_and_ci_contains_it():
         assert auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
         assert lo <= auc <= hi
     assert np.isnan(auc_delong(np.ones(5, bool), np.arange(5.0))[0])
+
+
+def test_paired_auc_delta_matches_a_paired_bootstrap_and_gains_from_pairing():
+    rng = np.random.default_rng(11)
+    n = 600
+    y = rng.random(n) < 0.3
+    a = rng.normal(size=n) + 0.8 * y
+    b = a + rng.normal(scale=0.4, size=n) + 0.2 * y  # a close, better-informed second model
+    delta, lo, hi = paired_auc_delta_delong(y, a, b)
+    assert delta == pytest.approx(roc_auc_score(y, b) - roc_auc_score(y, a), abs=1e-12)
+    boot = []
+    for _ in range(2000):
+        i = rng.integers(0, n, n)
+        boot.append(auc_delong(y[i], b[i])[0] - auc_delong(y[i], a[i])[0])  # equal to sklearn's: test above
+    se_boot, se = np.std(boot), (hi - lo) / (2 * 1.96)
+    assert se == pytest.approx(se_boot, rel=0.15)
+    # unpaired, the two AUCs' own CIs would add their variances: far wider than the paired one
+    (_, lo_a, hi_a), (_, lo_b, hi_b) = auc_delong(y, a), auc_delong(y, b)
+    assert hi - lo < 0.6 * np.hypot(hi_a - lo_a, hi_b - lo_b)
+    assert paired_auc_delta_delong(y, a, a) == (0.0, 0.0, 0.0)
+    assert all(np.isnan(paired_auc_delta_delong(np.ones(5, bool), a[:5], b[:5])))
 
 
 def test_ece():

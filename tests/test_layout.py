@@ -173,7 +173,7 @@ def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tin
     tables = aggregate_run(guarded, v1, AggregateConfig(n_boot=50))
     assert tables["region_stats"].num_rows > 0 and guarded.exists(guarded.table(v1, "region_stats"))
     assert stale_aggregates(guarded, v1, AggregateConfig(n_boot=50)) is None
-    moved = drift(guarded.url, v1, v2, n_boot=50, storage_options=dict(guarded.options))
+    moved = drift(guarded.url, v1, v2, storage_options=dict(guarded.options))
     assert moved["summary"]["images_compared"] == 16
     assert write_report(guarded.url, v1, storage_options=dict(guarded.options)) == guarded.report(v1)
     assert [r["model_version"] for r in run_records(guarded)] == [v1, v2]

@@ -13,13 +13,10 @@ from scipy.stats import spearmanr
 from schemas.drift import finding_drift_schema, region_drift_schema, with_versions
 
 from pipeline.core.errors import OutputError
-from pipeline.analysis.metrics import auc_delong
+from pipeline.analysis.metrics import auc_delong, paired_auc_delta_delong
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
-
-
-DRIFT_BOOT = 500  # resamples for the paired AUC-delta CIs (see AggregateConfig for the other bootstraps)
 
 
 def _logit(p):
@@ -27,18 +24,7 @@ def _logit(p):
     return np.log(p) - np.log1p(-p)
 
 
-def _paired_auc_delta_ci(y, a, b, n_boot=DRIFT_BOOT, seed=0):
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].all() or not y[i].any():
-            continue
-        deltas.append(auc_delong(y[i], b[i])[0] - auc_delong(y[i], a[i])[0])
-    return (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if len(deltas) > 10 else (math.nan, math.nan)
-
-
-def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5, n_boot: int = DRIFT_BOOT,
+def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: int = 5,
           storage_options: dict | None = None) -> dict:
     """Compare two runs of OUT (an OutputStore, or a URL opened with storage_options) and write
     OUT/drift/<from>__<to>/."""
@@ -63,7 +49,7 @@ def drift(out, from_mv: str | None = None, to_mv: str | None = None, top_cells: 
         auc_a = auc_b = lo = hi = math.nan
         if has.any() and y.any() and not y.all():
             auc_a, auc_b = auc_delong(y, pa_[has])[0], auc_delong(y, pb_[has])[0]
-            lo, hi = _paired_auc_delta_ci(y, pa_[has], pb_[has], n_boot)
+            _, lo, hi = paired_auc_delta_delong(y, pa_[has], pb_[has])
         rho = spearmanr(pa_, pb_).statistic if len(d) > 2 and np.std(pa_) > 0 and np.std(pb_) > 0 else math.nan
         vals = {"finding": f, "n": len(d), "n_labelled": int(has.sum()), "mean_prob_delta": float(d.mean()) if len(d) else math.nan,
                 "p05_prob_delta": float(np.quantile(d, 0.05)) if len(d) else math.nan, "p50_prob_delta": float(np.quantile(d, 0.5)) if len(d) else math.nan,

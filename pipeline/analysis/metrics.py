@@ -1,5 +1,5 @@
 """Per-finding evaluation: AUC (Mann-Whitney, equal to scikit-learn's roc_auc_score) with a DeLong
-95% CI, and expected calibration error (10 equal-width bins)."""
+95% CI, the paired DeLong CI of two scores' AUC difference, and expected calibration error (10 equal-width bins)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,62 @@ import math
 import numpy as np
 
 
-def auc_delong(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
-    """(auc, lo, hi). NaNs when one class is missing."""
-    from scipy.stats import rankdata  # here: workers import this module for the region reduction, which needs no scipy (0.6 s)
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (scipy's rankdata "average", without its
+    per-call overhead: a run ranks thousands of small arrays)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(xs)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
-    y = np.asarray(y, bool)
-    p = np.asarray(p, np.float64)
+
+def _delong_components(y: np.ndarray, p: np.ndarray):
+    """(auc, v10, v01): DeLong et al. (1988) structural components via midranks (Sun & Xu 2014);
+    None when one class is missing."""
+    rankdata = _midranks
     pos, neg = p[y], p[~y]
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
-        return math.nan, math.nan, math.nan
+        return None
     r_all = rankdata(np.concatenate([pos, neg]))  # midranks: ties count one half
     auc = (r_all[:m].sum() - m * (m + 1) / 2) / (m * n)
-    # DeLong et al. (1988) structural components, via midranks (Sun & Xu 2014).
     v10 = (r_all[:m] - rankdata(pos)) / n
     v01 = 1 - (r_all[m:] - rankdata(neg)) / m
-    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+    return auc, v10, v01
+
+
+def _ci(est: float, var: float, lo: float, hi: float) -> tuple[float, float, float]:
     se = math.sqrt(max(var, 0.0))
-    return float(auc), float(max(0.0, auc - 1.96 * se)), float(min(1.0, auc + 1.96 * se))
+    return float(est), float(max(lo, est - 1.96 * se)), float(min(hi, est + 1.96 * se))
+
+
+def auc_delong(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
+    """(auc, lo, hi). NaNs when one class is missing."""
+    y = np.asarray(y, bool)
+    c = _delong_components(y, np.asarray(p, np.float64))
+    if c is None:
+        return math.nan, math.nan, math.nan
+    auc, v10, v01 = c
+    m, n = len(v10), len(v01)
+    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+    return _ci(auc, var, 0.0, 1.0)
+
+
+def paired_auc_delta_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(auc(b) - auc(a), lo, hi) for two scores of the same images: DeLong's paired test, whose
+    variance subtracts the covariance of the two AUCs (pROC's ``roc.test(paired=TRUE)``). Closed
+    form, so it costs two rankings rather than a bootstrap of them. NaNs when one class is missing."""
+    y = np.asarray(y, bool)
+    ca, cb = _delong_components(y, np.asarray(a, np.float64)), _delong_components(y, np.asarray(b, np.float64))
+    if ca is None:
+        return math.nan, math.nan, math.nan
+    d10, d01 = cb[1] - ca[1], cb[2] - ca[2]  # var(x - y) = var x + var y - 2 cov(x, y), per class
+    m, n = len(d10), len(d01)
+    var = (np.var(d10, ddof=1) / m if m > 1 else 0.0) + (np.var(d01, ddof=1) / n if n > 1 else 0.0)
+    return _ci(cb[0] - ca[0], var, -1.0, 1.0)
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:

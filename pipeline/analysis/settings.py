@@ -14,9 +14,9 @@ DEFAULT_TARGETS = ("site", "view_position", "sex", "age_band")  # targets of the
 class AggregateConfig:
     """What ``aggregate_run`` computes (flags of jobs.aggregate; ``--identifiability`` of the scoring job).
 
-    Three bootstraps, three counts, each written once: ``n_boot`` here (the localisation CIs),
-    ``ProbeConfig.n_boot`` (identifiability AUC CIs, pipeline.analysis.identifiability) and
-    ``DRIFT_BOOT`` (paired AUC deltas, pipeline.analysis.drift)."""
+    Two bootstraps, two counts, each written once: ``n_boot`` here (the localisation CIs) and
+    ``ProbeConfig.n_boot`` (identifiability AUC CIs, pipeline.analysis.identifiability). Drift's
+    paired AUC deltas need none: their CI is DeLong's closed form (pipeline.analysis.metrics)."""
 
     by: tuple[str, ...] = DEFAULT_BY
     min_n: int = 20

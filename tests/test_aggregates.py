@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import roc_auc_score
 
 from jobs.aggregate import main as aggregate_main
 from jobs.score_dataset import main as score_main
@@ -19,7 +18,8 @@ from pipeline.analysis.metrics import auc_delong, ece, paired_auc_delta_delong
 from pipeline.analysis.region_stats import RegionAccumulator, hist_quantiles
 from pipeline.analysis.strata import StrataContext, strata_weights
 
-from .conftest import png_bytes
+from .conftest import png_bytes, roc_auc_score
+
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLANTED = "tests.helpers:planted_net"

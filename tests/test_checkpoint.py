@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from torchvision.models import densenet121
 
 from pipeline.inference.checkpoint import save_safetensors
 from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
@@ -16,6 +15,8 @@ from .conftest import TINY_ARCH
 
 @pytest.fixture(scope="module")
 def dense_state():
+    from torchvision.models import densenet121  # here: torchvision (and torch._dynamo) cost every test process ~2.5 s to import
+
     torch.manual_seed(3)
     return densenet121(weights=None, num_classes=14).state_dict()
 

@@ -4,11 +4,12 @@ Statistical property tests on seeded planted data, fed straight to the per-cell 
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from pipeline.analysis.identifiability import ProbeConfig, run_probes
 from pipeline.analysis.metrics import auc_delong
 from pipeline.analysis.probe_stats import _permutation_moments, holm, macro_auc_ci
+
+from .conftest import roc_auc_score
 
 N, CELLS, DIM = 120, 49, 4
 

@@ -158,8 +158,8 @@ def test_single_film_png(full_run, tmp_path, capsys):
     assert big.size[0] > small.size[0] and big.size[1] > small.size[1]  # 14 maps against 1
     px = np.asarray(small.convert("L"), float)
     assert px.std() > 10  # a drawn film, not an empty canvas
-    assert report_main(["--out", str(out), "--film", image_id]) == 0  # default path under the run
-    assert (out / "runs" / second / "films" / (image_id.rsplit(".", 1)[0] + ".png")).exists()
+    assert report_main(["--out", str(out), "--film", image_id, "--finding", "Pneumonia"]) == 0  # default path under the run
+    assert (out / "runs" / second / "films" / (image_id.rsplit(".", 1)[0] + "-Pneumonia.png")).exists()
     capsys.readouterr()
     assert report_main(["--out", str(out), "--film", "nope.png"]) == 2
     assert "no such image_id" in capsys.readouterr().err

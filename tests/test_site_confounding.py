@@ -4,10 +4,11 @@ a site as ties), with patient-bootstrap CIs, the gap to the model, and the model
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from pipeline.analysis.identifiability import ProbeConfig
 from pipeline.analysis.site_confounding import POOLED_SITE, prevalence_confounding, site_only_auc
+
+from .conftest import roc_auc_score
 
 
 def planted(counts: dict[str, tuple[int, int]], seed: int = 0, per_patient: int = 2, signal: float = 0.0):

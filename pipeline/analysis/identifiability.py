@@ -21,12 +21,8 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+# scikit-learn is imported by the functions that use it: the report and jobs.aggregate import this
+# module for its settings, and sklearn's import costs them ~1.5 s of a run's fixed cost.
 from threadpoolctl import threadpool_limits
 
 from pipeline.analysis.cell_fits import CellTarget, cell_metrics, constant_metrics, fit_cell
@@ -91,10 +87,17 @@ def subsample(y: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
 
 def folds(y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds in which no patient is in both train and test."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     return list(StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(np.zeros(len(y)), y, groups))
 
 
 def _logistic(x, y):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped at 300 iterations is still a probe
@@ -133,6 +136,8 @@ def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: Pro
 
 
 def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, cfg: ProbeConfig) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
     k = proba.shape[1]
     if k == 2:
         auc, lo, hi = auc_delong(y_idx == 1, proba[:, 1])

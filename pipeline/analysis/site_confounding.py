@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.analysis.metrics import auc_delong
 
@@ -97,6 +96,8 @@ def _statistics(w, y, codes, n_sites, pooled: _Levels, per_site: dict[int, _Leve
 
 
 def _oof_site_auc(y, s, patients, folds: int, seed: int) -> float:
+    from sklearn.model_selection import StratifiedGroupKFold  # here: sklearn's import is ~1.5 s, and most importers fit nothing
+
     score = np.full(len(y), np.nan)
     for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, patients):
         prev = pd.Series(y[train]).groupby(s[train]).mean()

@@ -350,8 +350,11 @@ def slow_net_reference(tmp_path_factory, tiny_nih):
 def test_interrupt_releases_the_lock_and_a_rerun_completes(tmp_path, tiny_nih, sig, slow_net_reference):
     args = ["--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net",
             "--out", str(tmp_path / "out"), "--shard-size", "4", "--batch-size", "2", "--cluster", "inprocess"]
+    # SIGINT as a terminal delivers it: a suite started as a background job of a script inherits SIGINT
+    # ignored, and the job rightly keeps an ignored SIGINT ignored (pipeline.run.interrupt)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **SLOW_ENV})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **SLOW_ENV},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out").glob("runs/*/_shards/*.json"))) < 2:
         time.sleep(0.05)

@@ -227,6 +227,18 @@ def test_auc_equals_sklearn_with_ties_and_ci_contains_it():
     assert np.isnan(auc_delong(np.ones(5, bool), np.arange(5.0))[0])
 
 
+def test_midranks_equal_scipys_rankdata():
+    from scipy.stats import rankdata
+
+    from pipeline.analysis.metrics import _midranks
+
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 7, 300):
+        x = np.round(rng.random(n), 1)  # many ties
+        np.testing.assert_array_equal(_midranks(x), rankdata(x))
+    np.testing.assert_array_equal(_midranks(np.array([0.2, np.nan, 0.1])), rankdata(np.array([0.2, np.nan, 0.1])))  # all NaN
+
+
 def test_paired_auc_delta_matches_a_paired_bootstrap_and_gains_from_pairing():
     rng = np.random.default_rng(11)
     n = 600

@@ -10,7 +10,9 @@ import numpy as np
 
 def _midranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their mean rank (scipy's rankdata "average", without its
-    per-call overhead: a run ranks thousands of small arrays)."""
+    per-call overhead: a run ranks thousands of small arrays). NaN anywhere: all NaN, as scipy's."""
+    if np.isnan(x).any():
+        return np.full(len(x), np.nan)
     order = np.argsort(x, kind="stable")
     xs = x[order]
     starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
@@ -23,15 +25,14 @@ def _midranks(x: np.ndarray) -> np.ndarray:
 def _delong_components(y: np.ndarray, p: np.ndarray):
     """(auc, v10, v01): DeLong et al. (1988) structural components via midranks (Sun & Xu 2014);
     None when one class is missing."""
-    rankdata = _midranks
     pos, neg = p[y], p[~y]
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
         return None
-    r_all = rankdata(np.concatenate([pos, neg]))  # midranks: ties count one half
+    r_all = _midranks(np.concatenate([pos, neg]))  # midranks: ties count one half
     auc = (r_all[:m].sum() - m * (m + 1) / 2) / (m * n)
-    v10 = (r_all[:m] - rankdata(pos)) / n
-    v01 = 1 - (r_all[m:] - rankdata(neg)) / m
+    v10 = (r_all[:m] - _midranks(pos)) / n
+    v01 = 1 - (r_all[m:] - _midranks(neg)) / m
     return auc, v10, v01
 
 

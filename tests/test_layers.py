@@ -93,3 +93,15 @@ def test_subpackages_say_what_they_own():
         init = ROOT / "pipeline" / layer / "__init__.py"
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "May import" in doc, f"{init} docstring must say what it owns and may import"
+
+
+def test_the_report_and_the_aggregate_job_import_no_sklearn():
+    """scikit-learn is imported by the probes that fit, not by importing their modules: the report and
+    jobs.aggregate import them for their settings at the end of every run (~1.5 s of fixed cost)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.aggregate, pipeline.reporting.html, pipeline.analysis.identifiability, "
+            "pipeline.analysis.cell_fits, pipeline.analysis.site_confounding; print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["False"]

@@ -151,15 +151,16 @@ def test_single_film_png(full_run, tmp_path, capsys):
 
     out, _, second = full_run
     image_id = pd.read_parquet(out / "manifest.parquet").image_id.iloc[0]
-    all_png, one_png = tmp_path / "all.png", tmp_path / "one.png"
-    assert report_main(["--out", str(out), "--film", image_id, "--png", str(all_png)]) == 0
+    stem = image_id.rsplit(".", 1)[0]
+    all_png, one_png = out / "runs" / second / "films" / (stem + ".png"), tmp_path / "one.png"
+    assert report_main(["--out", str(out), "--film", image_id]) == 0  # every finding, default path under the run
     assert report_main(["--out", str(out), "--film", image_id, "--finding", "Pneumonia", "--png", str(one_png)]) == 0
     big, small = Image.open(all_png), Image.open(one_png)
     assert big.size[0] > small.size[0] and big.size[1] > small.size[1]  # 14 maps against 1
     px = np.asarray(small.convert("L"), float)
     assert px.std() > 10  # a drawn film, not an empty canvas
-    assert report_main(["--out", str(out), "--film", image_id, "--finding", "Pneumonia"]) == 0  # default path under the run
-    assert (out / "runs" / second / "films" / (image_id.rsplit(".", 1)[0] + "-Pneumonia.png")).exists()
+    assert report_main(["--out", str(out), "--film", image_id, "--finding", "Pneumonia"]) == 0  # default path, one finding
+    assert (out / "runs" / second / "films" / (stem + "-Pneumonia.png")).exists()
     capsys.readouterr()
     assert report_main(["--out", str(out), "--film", "nope.png"]) == 2
     assert "no such image_id" in capsys.readouterr().err
@@ -251,3 +252,21 @@ def test_demo_story_is_read_off_the_tables(full_run):
     ident = pd.read_parquet(out / "runs" / second / "identifiability.parquet")
     site_auc = ident[(ident.target == "site") & (ident.features == "embedding")].auc.iloc[0]
     assert f"site is read from the film at AUC {site_auc:.2f}" in lines[3]
+
+
+def test_the_reports_gc_freeze_is_undone_and_keeps_a_callers_own():
+    import gc
+
+    from pipeline.reporting.html import _heap_frozen
+
+    assert gc.get_freeze_count() == 0
+    with _heap_frozen():
+        assert gc.get_freeze_count() > 0  # drawing: the heap before it is out of the collector's walks
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze (a preforking server) survives the report
+    try:
+        with _heap_frozen():
+            pass
+        assert gc.get_freeze_count() > 0  # still frozen (objects that died meanwhile leave the count)
+    finally:
+        gc.unfreeze()

@@ -36,6 +36,11 @@ def _delong_components(y: np.ndarray, p: np.ndarray):
     return auc, v10, v01
 
 
+def _delong_var(v10: np.ndarray, v01: np.ndarray) -> float:
+    m, n = len(v10), len(v01)
+    return (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+
+
 def _ci(est: float, var: float, lo: float, hi: float) -> tuple[float, float, float]:
     se = math.sqrt(max(var, 0.0))
     return float(est), float(max(lo, est - 1.96 * se)), float(min(hi, est + 1.96 * se))
@@ -48,9 +53,7 @@ def auc_delong(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     if c is None:
         return math.nan, math.nan, math.nan
     auc, v10, v01 = c
-    m, n = len(v10), len(v01)
-    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
-    return _ci(auc, var, 0.0, 1.0)
+    return _ci(auc, _delong_var(v10, v01), 0.0, 1.0)
 
 
 def paired_auc_delta_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -61,10 +64,8 @@ def paired_auc_delta_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tupl
     ca, cb = _delong_components(y, np.asarray(a, np.float64)), _delong_components(y, np.asarray(b, np.float64))
     if ca is None:
         return math.nan, math.nan, math.nan
-    d10, d01 = cb[1] - ca[1], cb[2] - ca[2]  # var(x - y) = var x + var y - 2 cov(x, y), per class
-    m, n = len(d10), len(d01)
-    var = (np.var(d10, ddof=1) / m if m > 1 else 0.0) + (np.var(d01, ddof=1) / n if n > 1 else 0.0)
-    return _ci(cb[0] - ca[0], var, -1.0, 1.0)
+    # var(x - y) = var x + var y - 2 cov(x, y), per class: the variance of the components' differences
+    return _ci(cb[0] - ca[0], _delong_var(cb[1] - ca[1], cb[2] - ca[2]), -1.0, 1.0)
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:

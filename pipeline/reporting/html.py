@@ -281,7 +281,11 @@ SECTIONS = (section_scorecard, section_grids, section_identifiability, section_e
 def _heap_frozen():
     """matplotlib allocates some 10^5 objects per figure, and each full collection would walk the
     whole heap of a run's process (torch, pandas, Dask); objects alive before the report are kept
-    out of those walks (measured: the demo's report 8.4-9.6 -> 6.9-7.4 s)."""
+    out of those walks (measured: the demo's report 8.4-9.6 -> 6.9-7.4 s). A caller that froze objects
+    itself (a preforking server, a notebook) keeps its freeze: unfreezing would undo it."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

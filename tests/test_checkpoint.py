@@ -125,3 +125,67 @@ def test_missing_checkpoint_and_non_cam_arch(tmp_path):
         load_model(ModelSpec("torchvision.models:resnet18", "random:0"))
     with pytest.raises(ConfigError, match="cannot be imported"):
         load_model(ModelSpec("no_such_module:f", "random:0"))
+
+
+def test_a_worker_refuses_weights_other_than_the_ones_the_run_checked(tmp_path):
+    """A checkpoint replaced while a run is going (a nightly update landing mid-run) is refused by
+    the worker that loads it, rather than scored under the old version's name."""
+    from pipeline.inference.precision import run_version
+    from pipeline.run.runspec import RunSpec
+    from pipeline.run.score_shard import check_weights
+
+    ckpt = tmp_path / "model.safetensors"
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))
+    spec = ModelSpec(TINY_ARCH, str(ckpt))
+    checked = load_model(spec)
+    run = RunSpec(out=str(tmp_path), model=spec, model_version=run_version(checked.version, "bf16"), baselines=(0.1,) * 14,
+                  precision="bf16")
+    check_weights(checked, run)  # the same weights: scored
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))  # replaced with other weights
+    with pytest.raises(CheckpointError, match="changed during the run"):
+        check_weights(load_model(spec), run)
+
+
+def test_seeded_random_weights_are_the_same_when_built_in_threads_at_once():
+    """An in-process worker loads the run's model while the driver checks it (decode_pool.warm):
+    both seed torch's one CPU generator, and their draws must not mix."""
+    import threading
+
+    spec = ModelSpec(TINY_ARCH, "random:3")
+    expected = load_model(spec).version
+    for _ in range(5):
+        barrier, versions = threading.Barrier(6), []
+
+        def build(barrier=barrier, versions=versions):
+            barrier.wait()
+            versions.append(load_model(spec).version)
+
+        threads = [threading.Thread(target=build) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert versions == [expected] * 6
+
+
+def test_a_worker_that_outlives_a_run_loads_a_rewritten_checkpoint_again(tmp_path):
+    """Workers cache their model across runs (an `address` cluster, a notebook's): a nightly update
+    written over the same checkpoint path is loaded again, not scored with the cached old weights."""
+    from pipeline.inference import model as model_cache
+    from pipeline.inference.precision import run_version
+    from pipeline.run.runspec import RunSpec
+    from pipeline.run.score_shard import _load_model_in_thread
+
+    ckpt = tmp_path / "nightly.safetensors"
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))
+    spec = ModelSpec(TINY_ARCH, str(ckpt))
+    try:
+        old = model_cache.get_model(spec, "cpu")  # yesterday's run on this worker
+        save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))  # tonight's weights, same path
+        new_version = load_model(spec).version
+        assert new_version != old.version
+        run = RunSpec(out=str(tmp_path), model=spec, model_version=run_version(new_version, "fp32"), baselines=(0.1,) * 14, device="cpu")
+        _torch, _infer, model = _load_model_in_thread(run).result(timeout=60)
+        assert model.version == new_version
+    finally:
+        model_cache._CACHE.pop((spec, "cpu"), None)

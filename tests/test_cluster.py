@@ -70,9 +70,14 @@ def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_pa
 
     from pipeline.run import decode_pool
 
+    from pipeline.inference import model as model_cache
+    from pipeline.inference.model_spec import ModelSpec
+
     decode_pool._close_shared()  # an earlier test's in-process worker may have left this process a pool
+    key = (ModelSpec("tiny", "random:7"), "cpu")  # a seed no other test loads
+    model_cache._CACHE.pop(key, None)
     starter = ClusterStarter(Profile("inprocess", "local", {"n_workers": 1, "processes": False, "dashboard_address": ":0"}),
-                             warm=(1, None, ("json",)))
+                             warm=(1, None, ("json",), key))
     assert starter.started
     cluster, client = starter.result()
     try:
@@ -81,9 +86,13 @@ def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_pa
         while time.monotonic() < deadline and not _pool_pids(decode_pool):
             time.sleep(0.05)
         assert len(_pool_pids(decode_pool)) == 1  # the worker (threads of this process) has its decode process
+        while time.monotonic() < deadline and key not in model_cache._CACHE:
+            time.sleep(0.05)
+        assert key in model_cache._CACHE  # and has loaded the run's model before any shard asked for it
     finally:
         starter.close()
         decode_pool._close_shared()
+        model_cache._CACHE.pop(key, None)
     assert cluster.status.name == "closed"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -46,7 +47,8 @@ def test_outputs_follow_the_contract(scored, tiny_nih):
     assert run["status"] == "complete" and run["counts"]["scored"] == 40 and run["counts"]["failed"] == 0
     assert run["counts"]["shards"] == 3 and run["config"]["shard_size"] == 16
     assert run["model_version"] == run_dir.name and run["dataset_fingerprint"]
-    assert set(run["seconds"]) >= {"load_model", "manifest", "shards_forward", "shards_decode_wait", "shards_write"}
+    assert set(run["seconds"]) >= {"load_model", "manifest", "shards_forward", "shards_decode_wait", "shards_write", "score_wall"}
+    assert 0 < run["seconds"]["score_start"] < (datetime.fromisoformat(run["finished"]) - datetime.fromisoformat(run["started"])).total_seconds()
 
     parts = sorted(run_dir.glob("predictions/part-*.parquet"))
     assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]

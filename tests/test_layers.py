@@ -105,3 +105,17 @@ def test_the_report_and_the_aggregate_job_import_no_sklearn():
             "pipeline.analysis.cell_fits, pipeline.analysis.site_confounding; print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.split() == ["False"]
+
+
+def test_the_job_reaches_its_cluster_start_without_pandas():
+    """The driver starts its local cluster before it reads any table: pandas (~0.6 s of import) is
+    imported where metadata is read, so the worker's own start (torch's import) begins that much
+    earlier, beside the driver's preparation (issue 8)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.score_dataset, pipeline.run.config, pipeline.run.validate, pipeline.run.lifecycle, "
+            "pipeline.run.cluster, pipeline.sources.adapters, pipeline.store.bookkeeping; "
+            "jobs.score_dataset.parser(); print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["False"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ def cam_head(net: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
     return features, clf
 
 
+_SEEDED_BUILD = threading.Lock()
+
+
 def load_model(spec: ModelSpec) -> CamModel:
     """Build ``spec.arch`` and load ``spec.checkpoint`` into it (weights_only / safetensors)."""
     findings = tuple(spec.findings)
@@ -57,7 +61,9 @@ def load_model(spec: ModelSpec) -> CamModel:
             seed = int(spec.checkpoint.split(":", 1)[1])
         except ValueError:
             raise ConfigError(f"--checkpoint {spec.checkpoint!r}: random weights take an integer seed, e.g. random:0") from None
-        with torch.random.fork_rng(devices=[]):
+        # torch's CPU generator is one per process: two threads seeding and drawing from it at once
+        # (an in-process worker warming its model while the driver checks it) would mix their draws
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = build_arch(spec.arch, len(findings))
         features, clf = cam_head(net, spec.arch)
@@ -114,12 +120,15 @@ _CACHE: dict[tuple[ModelSpec, str], CamModel] = {}
 _LOCK = threading.Lock()
 
 
-def get_model(spec: ModelSpec, device: str) -> CamModel:
+def get_model(spec: ModelSpec, device: str, is_current: Callable[[CamModel], bool] | None = None) -> CamModel:
     """Load once per process (one Dask worker) and reuse across that worker's shard tasks.
-    ``device`` is the run's policy ('auto', 'cpu', 'cuda[:N]'), resolved here, on the worker."""
+    ``device`` is the run's policy ('auto', 'cpu', 'cuda[:N]'), resolved here, on the worker.
+    A cached model that ``is_current`` rejects is loaded again: a worker that outlives a run (an
+    ``address`` cluster, a notebook's) must not score a rewritten checkpoint with the old weights."""
     key = (spec, device)
     with _LOCK:
-        if key not in _CACHE:
+        cached = _CACHE.get(key)
+        if cached is None or (is_current is not None and not is_current(cached)):
             _CACHE[key] = load_model(spec).to(torch.device(resolve_device(device)))
         return _CACHE[key]
 

@@ -35,6 +35,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.core.redact import MaskedDict
 from pipeline.inference.architectures import DEFAULT_ARCH, check_arch
+from pipeline.inference.model_spec import ModelSpec
 from pipeline.inference.precision import DEFAULT_PRECISION, Precision
 from pipeline.inference.read_limits import HighBitDepth, PreprocessConfig, ReadLimits
 from pipeline.sources.source_base import SourceOptions, Uncertain
@@ -244,6 +245,12 @@ class ScoreConfig:
 
     def source_options(self) -> SourceOptions:
         return self.data.source_options()
+
+    def model_spec(self) -> ModelSpec:
+        """The model the run scores with, as its shard tasks name it: the driver checks it and the
+        local workers load it ahead of the first shard (``get_model``'s cache is keyed by it)."""
+        return ModelSpec(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
+                         storage_options=self.output.store().storage_options)
 
 
 FLAT_KEYS: dict[str, tuple[str, str]] = {

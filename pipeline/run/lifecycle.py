@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime
 
 from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
@@ -40,8 +41,9 @@ def quiet_dask_logs() -> None:
 class RunCluster:
     """The run's Dask cluster, from the start of the run until its aggregates are written.
 
-    A local cluster comes up in the background, and its worker starts its decode processes and
-    imports the scoring code, while the driver prepares the run (issue 8: fixed cost); batch
+    A local cluster comes up in the background, and its worker starts its decode processes,
+    imports the scoring code and loads the run's model, while the driver prepares the run (issue 8:
+    fixed cost); batch
     schedulers are asked for workers only when the run first needs them (``client``). A run with
     nothing to score or aggregate never waits for it. Given a client (tests, notebooks), it uses
     that one and leaves it open."""
@@ -61,7 +63,8 @@ class RunCluster:
             self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout,
                                            warm=(cfg.compute.decode_workers, cfg.compute.decode_threads,
-                                                 ("pipeline.run.score_shard", "pipeline.inference.cam")))
+                                                 ("pipeline.run.score_shard", "pipeline.inference.cam"),
+                                                 (cfg.model_spec(), cfg.compute.device)))
 
     @property
     def client(self):
@@ -216,7 +219,7 @@ def score(cfg, store: OutputStore, cluster: RunCluster):
     results: list[dict] = []
     failures: list[dict] = []
     try:
-        execute(prep, cluster, results, failures)
+        execute(prep, cluster, results, failures, since=datetime.fromisoformat(started).timestamp())
     except KeyboardInterrupt:
         try:  # record what is done, mark the run interrupted (never latest)
             finish_run(prep, finalize_run(prep, results, failures, started), "interrupted", {"scoring": "interrupted"})
@@ -226,9 +229,11 @@ def score(cfg, store: OutputStore, cluster: RunCluster):
     return prep, finalize_run(prep, results, failures, started)
 
 
-def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
+def execute(prep, cluster: RunCluster, results: list, failures: list, since: float | None = None) -> None:
     """One task per pending shard on the cluster, gathered as they finish. A failed shard is recorded
-    and does not stop the others; results and failures are filled in place (kept on Ctrl-C)."""
+    and does not stop the others; results and failures are filled in place (kept on Ctrl-C).
+    Records the scoring phase's length (``score_wall``) and, given the run's start as a Unix time
+    (``since``), when the phase began (``score_start``, seconds after run.json's ``started``)."""
     if not prep.pending:
         return
     from distributed import as_completed
@@ -249,6 +254,8 @@ def execute(prep, cluster: RunCluster, results: list, failures: list) -> None:
     futures = {client.submit(score_shard, s, spec, WorkerProgress(topic), key=f"score-shard-{spec.model_version}-{s.index}-{s.digest}",
                              pure=False): s for s in prep.pending}
     t = time.perf_counter()
+    if since is not None:
+        prep.timings["score_start"] = time.time() - since
     with bar:
         for fut in as_completed(futures):
             shard = futures[fut]

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from schemas.outputs import predictions_schema
 
-from pipeline.core.errors import ImageError
+from pipeline.core.errors import CheckpointError, ImageError
 from pipeline.run.cache import ShardCache
 from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, decode_process_count, shared_pool, worker_cores
 from pipeline.inference.images import Decoded
@@ -60,12 +60,33 @@ def _load_model_in_thread(spec: RunSpec) -> Future:
             from pipeline.inference.cam import infer_batch
             from pipeline.inference.model import get_model
 
-            fut.set_result((torch, infer_batch, get_model(spec.model, spec.device)))
+            fut.set_result((torch, infer_batch, get_model(spec.model, spec.device, is_current=lambda m: _is_run_model(m, spec))))
         except BaseException as e:  # noqa: BLE001 - raised in the shard's thread by result()
             fut.set_exception(e)
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
     return fut
+
+
+def _is_run_model(model, spec: RunSpec) -> bool:
+    from pipeline.inference.precision import run_version
+
+    return run_version(model.version, spec.precision) == spec.model_version
+
+
+def check_weights(model, spec: RunSpec) -> None:
+    """The weights this worker loaded are the ones the driver checked: a checkpoint replaced during
+    a run (a nightly model update landing mid-run) would otherwise be scored under the old version's
+    name. Workers may load the model before the driver has checked it (``decode_pool.warm``), and a
+    model cached by an earlier run of this worker is loaded again when its weights are not the run's."""
+    from pipeline.inference.precision import run_version
+
+    got = run_version(model.version, spec.precision)
+    if got != spec.model_version:
+        raise CheckpointError(
+            f"the weights this worker loaded from {redact(str(spec.model.checkpoint))} are version {got}, not {spec.model_version} "
+            "as the run was started with: the checkpoint changed during the run. Score the new checkpoint as a new run "
+            "(its outputs go to their own runs/<version>/); this run's completed shards are kept.")
 
 
 def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
@@ -159,6 +180,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             if not block and not loading.done():
                 return
             torch, infer_batch, model = loading.result()
+            check_weights(model, spec)
             torch.set_num_threads(spec.torch_threads or worker_cores())  # in this thread: forwards are serialised (_DEVICE_LOCK)
         while waiting:
             positions, pixels, n = waiting.pop(0)

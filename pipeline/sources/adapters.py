@@ -12,8 +12,6 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
-import pandas as pd
-
 from pipeline.core.errors import DatasetError
 from pipeline.sources.paths import is_local, local_path
 from pipeline.store.storage import to_url, url_to_fs
@@ -41,6 +39,8 @@ def nih_labels(labels: str, findings: tuple[str, ...]) -> tuple[dict[str, bool |
 
 
 def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    import pandas as pd  # here, not at import: see pipeline.sources.source_base
+
     metadata = options.metadata
     root = spec.location.rstrip("/")
     fs, rootp = url_to_fs(root)
@@ -95,6 +95,8 @@ def _label_value(v) -> bool | None:
 
 
 def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
+    import pandas as pd
+
     url = spec.location
     fs, p = url_to_fs(url)
     if not fs.exists(p):

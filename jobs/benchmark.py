@@ -103,6 +103,7 @@ class CpuSampler:
 
     def __init__(self):
         self.samples: list[tuple[float, dict[str, float]]] = []
+        self.t0_wall: float | None = None  # the samples' time zero as a Unix time (run.json's clock), set by run()
         self._cpu: dict[int, tuple[str, float]] = {}
         self._kind: dict[int, str] = {}
 
@@ -112,7 +113,7 @@ class CpuSampler:
 
         self = cls()
         t0 = time.perf_counter()
-        self.t0_wall = time.time()  # the samples' time zero as a Unix time (run.json's clock)
+        self.t0_wall = time.time()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = psutil.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
             while proc.poll() is None:
@@ -163,9 +164,9 @@ class CpuSampler:
         ``seconds.score_start`` (the submit) for ``seconds.score_wall`` seconds."""
         from datetime import datetime
 
-        if len(self.samples) < 2:
+        sec = run.get("seconds", {})
+        if len(self.samples) < 2 or self.t0_wall is None or "score_start" not in sec:  # nothing was scored
             return dict.fromkeys(self.CLASSES, float("nan"))
-        sec = run["seconds"]
         start = datetime.fromisoformat(run["started"]).timestamp() + sec["score_start"] - self.t0_wall
 
         def at(when):

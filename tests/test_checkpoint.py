@@ -189,3 +189,26 @@ def test_a_worker_that_outlives_a_run_loads_a_rewritten_checkpoint_again(tmp_pat
         assert model.version == new_version
     finally:
         model_cache._CACHE.pop((spec, "cpu"), None)
+
+
+def test_a_shard_fails_when_the_checkpoint_changes_after_the_run_checked_it(tmp_path, tiny_nih):
+    """The nightly update lands mid-run: the shard's worker loads the new file, and the shard fails
+    with the reason rather than writing the new weights' scores under the old version's name."""
+    from pipeline.inference import model as model_cache
+    from pipeline.run.config import ScoreConfig
+    from pipeline.run.score_shard import score_shard
+    from pipeline.run.scoring import prepare_run
+
+    ckpt = tmp_path / "nightly.safetensors"
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))
+    cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=str(tmp_path / "out"), checkpoint=str(ckpt), arch=TINY_ARCH,
+                         shard_size=16, device="cpu", decode_workers=0)
+    prep = prepare_run(cfg)
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))  # replaced after the driver's check
+    shard = prep.pending[0]
+    try:
+        with pytest.raises(CheckpointError, match="changed during the run"):
+            score_shard(shard, prep.spec)
+    finally:
+        model_cache._CACHE.pop((prep.spec.model, prep.spec.device), None)
+    assert not list((tmp_path / "out").glob("runs/*/predictions/*.parquet"))  # nothing written under the old name

@@ -267,8 +267,13 @@ def test_a_prepared_run_saves_the_resolved_configuration_and_it_round_trips(tiny
     # the shard spec is derived from the resolved configuration, once
     assert prep.spec.baselines == resolve(cfg).baselines and prep.spec.cache_url.startswith(f"{out}/cache/")
     assert (prep.spec.shard_size, prep.spec.device, prep.spec.batch_size) == (16, "cpu", cfg.compute.batch_size)
-    # the model the local workers load ahead of the first shard is the one the shards name (one cache entry)
-    assert (prep.spec.model, prep.spec.device) == (cfg.model_spec(), cfg.compute.device)
+    # the model a local cluster's workers load as they come up is the one the shards name (one cache
+    # entry); workers of a shared scheduler or a batch system load it in their first shard
+    from pipeline.run.cluster import Profile
+    from pipeline.run.lifecycle import warm_args
+
+    assert warm_args(cfg, Profile("local", "local", {}))[3] == (prep.spec.model, prep.spec.device)
+    assert warm_args(cfg, Profile("hpc", "slurm", {}))[3] is None and warm_args(cfg, Profile("a", "address", {}))[3] is None
 
 
 def test_print_config_writes_a_file_that_config_reads_back(tmp_path, capsys):

@@ -8,6 +8,15 @@ import pytest
 from pipeline.run.interrupt import Terminated, check, interrupts_handled
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_a_terminal_delivers_it():
+    """A suite started as a background job of a script (`cmd &`) inherits SIGINT ignored, and
+    interrupts_handled rightly keeps an ignored SIGINT ignored: these tests need it delivered."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 class _Finalizer:
     def __init__(self, sig):
         self.sig = sig

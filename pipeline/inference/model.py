@@ -50,7 +50,9 @@ def cam_head(net: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
     return features, clf
 
 
-_SEEDED_BUILD = threading.Lock()
+# torch's CPU generator is one per process: two threads building at once (an in-process worker
+# warming its model while the driver checks it) would mix their draws, and seeded weights would differ
+_BUILD = threading.Lock()
 
 
 def load_model(spec: ModelSpec) -> CamModel:
@@ -61,14 +63,13 @@ def load_model(spec: ModelSpec) -> CamModel:
             seed = int(spec.checkpoint.split(":", 1)[1])
         except ValueError:
             raise ConfigError(f"--checkpoint {spec.checkpoint!r}: random weights take an integer seed, e.g. random:0") from None
-        # torch's CPU generator is one per process: two threads seeding and drawing from it at once
-        # (an in-process worker warming its model while the driver checks it) would mix their draws
-        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+        with _BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = build_arch(spec.arch, len(findings))
         features, clf = cam_head(net, spec.arch)
     else:
-        net = build_arch(spec.arch, len(findings))
+        with _BUILD:  # its random initialisation draws from the generator a seeded build may be using
+            net = build_arch(spec.arch, len(findings))
         features, clf = cam_head(net, spec.arch)
         raw = read_state_dict(spec.checkpoint, dict(spec.storage_options))
         state = normalize_keys(raw, set(net.state_dict()))
@@ -124,7 +125,8 @@ def get_model(spec: ModelSpec, device: str, is_current: Callable[[CamModel], boo
     """Load once per process (one Dask worker) and reuse across that worker's shard tasks.
     ``device`` is the run's policy ('auto', 'cpu', 'cuda[:N]'), resolved here, on the worker.
     A cached model that ``is_current`` rejects is loaded again: a worker that outlives a run (an
-    ``address`` cluster, a notebook's) must not score a rewritten checkpoint with the old weights."""
+    ``address`` cluster, a notebook's) must not score a rewritten checkpoint with the old weights.
+    ``is_current`` runs under this cache's lock and must not call get_model."""
     key = (spec, device)
     with _LOCK:
         cached = _CACHE.get(key)

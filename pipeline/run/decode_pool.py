@@ -22,6 +22,7 @@ its manager thread waiting forever for the rest of a message.
 from __future__ import annotations
 
 import importlib
+import logging
 import mmap
 import multiprocessing
 import multiprocessing.util
@@ -40,6 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.inference.images import Decoded, PreprocessConfig, ReadLimits
+
+log = logging.getLogger(__name__)
 
 SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
 PRELOAD = ["pipeline.run.decode_pool", "pipeline.run.cache"]  # what the decode processes' forkserver imports once
@@ -434,17 +437,18 @@ def warm(decode_workers: int | None, decode_threads: int | None = None, imports:
     for name in imports:
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the first shard imports it again and says what is wrong
+            log.debug(f"warm-up: importing {name} failed", exc_info=True)
             return
     if model is not None:
         try:
             from pipeline.inference.model import get_model
 
             # loaded into this process's model cache, keyed as the shard tasks' RunSpec names it
-            # (measured: DenseNet-121's build and torchvision's import, ~1.5 s, left the scoring phase)
+            # (measured: DenseNet-121's build and torchvision's import, ~1.7 s of CPU, left the scoring phase)
             get_model(*model)
-        except Exception:  # noqa: BLE001
-            return
+        except Exception:  # noqa: BLE001 - the first shard loads it again, and its failure is recorded there
+            log.debug("warm-up: loading the run's model failed", exc_info=True)
 
 
 _END = object()

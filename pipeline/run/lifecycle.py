@@ -38,13 +38,23 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def warm_args(cfg, profile) -> tuple:
+    """What the cluster's workers prepare as soon as they are up (``decode_pool.warm_up``): decode
+    processes, the scoring code's imports and, on a local cluster (its own workers, started for this
+    run), the run's model as the shard tasks name it. Workers of a shared scheduler or a batch
+    system load the model in their first shard, as before: they may never get one."""
+    from pipeline.run.cluster import CLUSTER_TYPES
+
+    model = (cfg.model_spec(), cfg.compute.device) if CLUSTER_TYPES[profile.type].early else None
+    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.run.score_shard", "pipeline.inference.cam"), model)
+
+
 class RunCluster:
     """The run's Dask cluster, from the start of the run until its aggregates are written.
 
-    A local cluster comes up in the background, and its worker starts its decode processes,
-    imports the scoring code and loads the run's model, while the driver prepares the run (issue 8:
-    fixed cost); batch
-    schedulers are asked for workers only when the run first needs them (``client``). A run with
+    A local cluster comes up in the background, and its worker starts its decode processes, imports
+    the scoring code and loads the run's model, while the driver prepares the run (issue 8: fixed
+    cost); batch schedulers are asked for workers only when the run first needs them (``client``). A run with
     nothing to score or aggregate never waits for it. Given a client (tests, notebooks), it uses
     that one and leaves it open."""
 
@@ -61,10 +71,7 @@ class RunCluster:
 
             quiet_dask_logs()
             self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
-            self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout,
-                                           warm=(cfg.compute.decode_workers, cfg.compute.decode_threads,
-                                                 ("pipeline.run.score_shard", "pipeline.inference.cam"),
-                                                 (cfg.model_spec(), cfg.compute.device)))
+            self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout, warm=warm_args(cfg, self.profile))
 
     @property
     def client(self):

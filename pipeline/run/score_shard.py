@@ -79,14 +79,16 @@ def check_weights(model, spec: RunSpec) -> None:
     a run (a nightly model update landing mid-run) would otherwise be scored under the old version's
     name. Workers may load the model before the driver has checked it (``decode_pool.warm``), and a
     model cached by an earlier run of this worker is loaded again when its weights are not the run's."""
-    from pipeline.inference.precision import run_version
+    if not _is_run_model(model, spec):
+        from pipeline.inference.precision import run_version
 
-    got = run_version(model.version, spec.precision)
-    if got != spec.model_version:
         raise CheckpointError(
-            f"the weights this worker loaded from {redact(str(spec.model.checkpoint))} are version {got}, not {spec.model_version} "
-            "as the run was started with: the checkpoint changed during the run. Score the new checkpoint as a new run "
-            "(its outputs go to their own runs/<version>/); this run's completed shards are kept.")
+            f"the weights this worker loaded from {redact(str(spec.model.checkpoint))} are version "
+            f"{run_version(model.version, spec.precision)}, not {spec.model_version}, the version the run was started with: "
+            "the checkpoint changed during the run, or this worker reads another file at that path (a path local to "
+            "the driver's machine) or builds random weights with another torch. Score the new checkpoint as a new run "
+            "(its outputs go to their own runs/<version>/), or make the path the same file everywhere; this run's "
+            "completed shards are kept.")
 
 
 def shard_done(shard: Shard, spec: RunSpec) -> dict | None:

@@ -245,8 +245,9 @@ def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tupl
 class ClusterStarter:
     """Brings the cluster up in a background thread while the driver prepares the run (manifest,
     checkpoint check, stores), then warms its workers: decode processes started, scoring code
-    imported, on a local cluster the run's model loaded (``decode_pool.warm``). Batch schedulers (SLURM, Kubernetes) are only asked for workers once the run is known
-    to have shards to score (``result()``), as before."""
+    imported and, on a local cluster, the run's model loaded (``decode_pool.warm``). Batch
+    schedulers (SLURM, Kubernetes) are only asked for workers once the run is known to have shards
+    to score (``result()``), as before."""
 
     def __init__(self, profile: Profile, worker_timeout: float | None = None, warm: tuple = ()):
         self.profile = profile

@@ -50,7 +50,8 @@ _DEVICE_LOCK = threading.Lock()
 
 
 def _load_model_in_thread(spec: RunSpec) -> Future:
-    """(torch, infer_batch, the worker's model) once imported and loaded, in a thread of its own."""
+    """(torch, infer_batch, the worker's model) once imported and loaded, in a thread of its own; the
+    model is the one the run was started with, or the future holds a CheckpointError (check_weights)."""
     fut: Future = Future()
 
     def load() -> None:
@@ -60,7 +61,9 @@ def _load_model_in_thread(spec: RunSpec) -> Future:
             from pipeline.inference.cam import infer_batch
             from pipeline.inference.model import get_model
 
-            fut.set_result((torch, infer_batch, get_model(spec.model, spec.device, is_current=lambda m: _is_run_model(m, spec))))
+            model = get_model(spec.model, spec.device, is_current=lambda m: _is_run_model(m, spec))  # a stale cached model: reloaded
+            check_weights(model, spec)  # still not the run's weights: the file changed
+            fut.set_result((torch, infer_batch, model))
         except BaseException as e:  # noqa: BLE001 - raised in the shard's thread by result()
             fut.set_exception(e)
 
@@ -182,7 +185,6 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             if not block and not loading.done():
                 return
             torch, infer_batch, model = loading.result()
-            check_weights(model, spec)
             torch.set_num_threads(spec.torch_threads or worker_cores())  # in this thread: forwards are serialised (_DEVICE_LOCK)
         while waiting:
             positions, pixels, n = waiting.pop(0)

@@ -61,3 +61,31 @@ def localization_boxes_schema(**meta) -> pa.Schema:
         pa.field("x", _F), pa.field("y", _F), pa.field("w", _F), pa.field("h", _F),
         pa.field("inbox_share", _F), pa.field("pointing_hit", pa.bool_()), pa.field("chance", _F), pa.field("chance_pointing", _F),
     ], **meta)
+
+
+SCORECARD_SCHEMA_VERSION = "1.0"
+
+
+def scorecard_schema(**meta) -> pa.Schema:
+    """The scorecard's verdicts (pipeline/analysis/verdicts.py): one row per finding and rule.
+
+    rule: ``location`` (best border cell's AUC minus the anatomy's), ``stratum:COL`` (pooled AUC minus
+    the AUC within COL's values), ``pointing`` (hit rate minus chance), ``reads:COL`` (within-label AUC
+    of the score for COL, described, never marked). ``p_value``: one-sided, in the direction of a
+    shortcut; ``p_adjusted``: Holm over every marking row of the run that has a p-value (null for
+    ``reads:`` rows and untested ones); ``mark``: p_adjusted <= alpha; ``reason``: what was compared,
+    or why a rule was not tested."""
+    fields = [_KEYS[0], pa.field("rule", pa.string(), nullable=False), pa.field("n", pa.int64(), nullable=False),
+              pa.field("n_positive", pa.int64(), nullable=False)]
+    fields += [pa.field(s, _F) for s in ("statistic", "ci_lo", "ci_hi", "p_value", "p_adjusted")]
+    fields += [pa.field("mark", pa.bool_(), nullable=False), pa.field("reason", pa.string(), nullable=False)]
+    return with_metadata(pa.schema(fields), schema="scorecard", schema_version=SCORECARD_SCHEMA_VERSION, **meta)
+
+
+def cell_separation_schema(**meta) -> pa.Schema:
+    """Per finding and cell: the AUC of the cell's logit for the finding's label over the labelled
+    films (how well that cell alone separates positives from negatives), patient-clustered 95% CI."""
+    return with_metadata(pa.schema([_KEYS[0], pa.field("cell_row", pa.int8(), nullable=False), pa.field("cell_col", pa.int8(), nullable=False),
+                                    pa.field("n", pa.int64(), nullable=False), pa.field("n_positive", pa.int64(), nullable=False),
+                                    pa.field("auc", _F), pa.field("auc_lo", _F), pa.field("auc_hi", _F)]),
+                         schema="cell_separation", schema_version=SCORECARD_SCHEMA_VERSION, **meta)

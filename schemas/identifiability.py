@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from .meta import with_metadata
 
-IDENT_SCHEMA_VERSION = "1.2"  # 1.2: identifiability_map.probe
+IDENT_SCHEMA_VERSION = "1.3"  # 1.2: identifiability_map.probe; 1.3: AUCs within folds (0.5 at chance), identifiability.p_value
 _F = pa.float64()
 _METRICS = [pa.field(s, _F) for s in ("auc", "auc_lo", "auc_hi", "balanced_accuracy", "chance")]
 
@@ -14,7 +14,8 @@ _METRICS = [pa.field(s, _F) for s in ("auc", "auc_lo", "auc_hi", "balanced_accur
 def identifiability_schema(**meta) -> pa.Schema:
     return with_metadata(pa.schema([pa.field("target", pa.string(), nullable=False), pa.field("features", pa.string(), nullable=False),
                                     pa.field("n", pa.int64(), nullable=False), pa.field("n_per_class", pa.string())] + _METRICS
-                                   + [pa.field("notes", pa.string())]), schema="identifiability", schema_version=IDENT_SCHEMA_VERSION, **meta)
+                                   # within-fold permutation test, one-sided (above chance)
+                                   + [pa.field("p_value", _F), pa.field("notes", pa.string())]), schema="identifiability", schema_version=IDENT_SCHEMA_VERSION, **meta)
 
 
 def identifiability_map_schema(**meta) -> pa.Schema:

@@ -305,6 +305,7 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     if config.identifiability:
         tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
+    tables.update(verdict_tables(manifest, ctx, probs, maps, findings, anatomy, tables.get("localization_boxes"), meta))
     from schemas.meta import with_model_version
 
     for name, table in tables.items():
@@ -314,6 +315,29 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
 
     record_inputs(store, model_version, config, list(tables))  # after the tables: a kill leaves them stale
     return tables
+
+
+def verdict_tables(manifest, ctx, probs, maps, findings, anatomy, boxes: pa.Table | None, meta) -> dict[str, pa.Table]:
+    """scorecard.parquet (the verdicts, pipeline/analysis/verdicts.py) and cell_separation.parquet."""
+    from schemas.aggregates import cell_separation_schema, scorecard_schema
+
+    from pipeline.analysis.verdicts import cell_separation, finding_data, verdicts
+
+    labelled = np.flatnonzero((ctx.labels >= 0).any(axis=1))  # only labelled films enter a verdict: read only theirs
+    sub = ctx if len(labelled) == len(ctx.rows) else ctx.take(labelled)
+    logits = (maps["cell_logit"].get_orthogonal_selection((sub.rows,)).reshape(len(sub.rows), len(findings), -1)
+              if len(sub.rows) else np.zeros((0, len(findings), GRID * GRID), np.float32))
+    data = finding_data(manifest, sub, probs[labelled], logits, findings)
+    rows = verdicts(data, findings, None if boxes is None else boxes.to_pandas(), anatomy=anatomy)
+    cells = [c for d in data if d.y.any() and not d.y.all() for c in cell_separation(d, GRID)]
+    return {"scorecard": _rows_table([r.__dict__ for r in rows], scorecard_schema(**meta)),
+            "cell_separation": _rows_table(cells, cell_separation_schema(**meta))}
+
+
+def _rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in vs] for k, vs in cols.items()}
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def identifiability_tables(manifest, ctx, probs, maps, findings, config: AggregateConfig, meta, map_fn=None) -> dict[str, pa.Table]:
@@ -335,11 +359,7 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
     cellf = maps["cell_features"].get_orthogonal_selection((cell_rows,)) if "cell_features" in maps and cfg.cells else None
     summary, cells, scores = run_probes(manifest, rows, features, cellf, cfg, cell_rows=cell_rows, map_fn=map_fn)
 
-    def table(rows_, schema):
-        cols = {f.name: [r.get(f.name) for r in rows_] for f in schema}
-        cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in vs] for k, vs in cols.items()}
-        return pa.Table.from_pydict(cols, schema=schema)
-
+    table = _rows_table
     return {
         "identifiability": table(summary, identifiability_schema(**meta)),
         "identifiability_map": table(cells, identifiability_map_schema(**meta)),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from pipeline.analysis.probe_stats import macro_auc_ci, within_fold_test
+from pipeline.analysis.probe_stats import within_fold_auc, within_fold_test
 
 # Below this share of its mean square a training column counts as constant (a dead ReLU unit in
 # that fold): the Gram downdate leaves round-off where a direct np.std gives 0.
@@ -125,7 +125,7 @@ def cell_metrics(y_idx: np.ndarray, scores: np.ndarray, splits) -> dict:
     """AUC with its CI, balanced accuracy and the within-fold permutation test of one cell's scores."""
     from sklearn.metrics import balanced_accuracy_score  # here, as in identifiability: sklearn's import is ~1.5 s
 
-    auc, lo, hi = macro_auc_ci(y_idx, scores)
+    auc, lo, hi = within_fold_auc(y_idx, scores, splits)  # 0.5 at chance, as the map's test
     z, p = within_fold_test(y_idx, scores, splits)
     return {"auc": auc, "auc_lo": lo, "auc_hi": hi, "balanced_accuracy": float(balanced_accuracy_score(y_idx, scores.argmax(1))),
             "z": z, "p_value": p}

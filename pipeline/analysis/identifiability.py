@@ -26,8 +26,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from pipeline.analysis.cell_fits import CellTarget, cell_metrics, constant_metrics, fit_cell
-from pipeline.analysis.metrics import auc_delong
-from pipeline.analysis.probe_stats import bootstrap_macro_auc, holm
+from pipeline.analysis.probe_stats import holm, within_fold_auc, within_fold_test
 from pipeline.analysis.strata import age_band
 
 from pipeline.analysis.settings import DEFAULT_TARGETS  # noqa: E402 - one home for the default targets
@@ -55,9 +54,17 @@ def target_labels(manifest: pd.DataFrame, target: str) -> pd.Series | None:
     if target == "age_band":
         return manifest["age"].map(age_band)
     if target in manifest.columns:
-        return manifest[target].where(manifest[target].notna(), None)
+        return manifest[target].map(_category)
     values = manifest["extra"].map(lambda e: json.loads(e).get(target) if isinstance(e, str) else None)
-    return None if values.isna().all() else values.where(values.notna(), None).map(lambda v: None if v is None else str(v))
+    return None if values.isna().all() else values.map(_category)
+
+
+def _category(v) -> str | None:
+    """A class label, or None for a blank: NaN, None and empty strings are missing, not a class "nan"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    text = str(v).strip()
+    return text if text and text.lower() not in ("nan", "none", "null") else None
 
 
 def prepare_target(y: pd.Series, patients: pd.Series, cfg: ProbeConfig) -> tuple[np.ndarray, list[str]]:
@@ -135,20 +142,15 @@ def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: Pro
     return out
 
 
-def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, cfg: ProbeConfig) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, splits) -> dict:
+    """AUC within folds (0.5 at chance, CI bounded below by it: ``probe_stats.within_fold_auc``), the
+    within-fold permutation p-value (above chance), balanced accuracy of the out-of-fold argmax."""
+    from sklearn.metrics import balanced_accuracy_score
 
-    k = proba.shape[1]
-    if k == 2:
-        auc, lo, hi = auc_delong(y_idx == 1, proba[:, 1])
-    else:
-        auc = float(roc_auc_score(y_idx, proba, multi_class="ovr", average="macro", labels=np.arange(k)))
-        rng = np.random.default_rng(cfg.seed)
-        boots = bootstrap_macro_auc(y_idx, proba, (rng.integers(0, len(y_idx), len(y_idx)) for _ in range(cfg.n_boot)))
-        boots = boots[~np.isnan(boots)]
-        lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if len(boots) else (math.nan, math.nan)
-    return {"auc": float(auc), "auc_lo": lo, "auc_hi": hi,
-            "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))), "chance": 1.0 / k}
+    auc, lo, hi = within_fold_auc(y_idx, proba, splits)
+    _, p = within_fold_test(y_idx, proba, splits)
+    return {"auc": auc, "auc_lo": lo, "auc_hi": hi, "p_value": p,
+            "balanced_accuracy": float(balanced_accuracy_score(y_idx, proba.argmax(1))), "chance": 1.0 / proba.shape[1]}
 
 
 def cell_sample(rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
@@ -197,10 +199,12 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
     def fit(job):  # one target x feature source: an independent task, BLAS on one thread (threads_map)
         _, _, name, ok, y_idx, splits, classes = job
         proba = oof_proba(features[name][ok], y_idx, splits, len(classes), cfg)
-        return proba, probe_metrics(y_idx, proba, cfg)
+        return proba, probe_metrics(y_idx, proba, splits)
 
     for (slot, base, name, ok, y_idx, _, classes), (proba, metrics) in zip(fits, threads_map(fit, fits)):
         summary[slot] = {**base, "features": name, **metrics}
+        if metrics["auc"] < 0.5:  # noise of a probe at chance, not a model that is "worse than chance"
+            summary[slot]["notes"] = "; ".join(filter(None, [base["notes"], "AUC below 0.5 reads as chance (CI bounded at 0.5)"]))
         if name == "embedding":
             true_p = proba[np.arange(len(y_idx)), y_idx]
             for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):

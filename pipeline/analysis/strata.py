@@ -26,7 +26,11 @@ class StrataContext:
     by: dict[str, np.ndarray]  # column -> (N,) object array of strings (None = missing)
 
     def slice(self, lo: int, hi: int) -> "StrataContext":
-        return StrataContext(self.rows[lo:hi], self.labels[lo:hi], self.top[lo:hi], {k: v[lo:hi] for k, v in self.by.items()})
+        return self.take(slice(lo, hi))
+
+    def take(self, idx) -> "StrataContext":
+        """The rows at ``idx`` (a slice or positions)."""
+        return StrataContext(self.rows[idx], self.labels[idx], self.top[idx], {k: v[idx] for k, v in self.by.items()})
 
 
 def age_band(age) -> str | None:

@@ -15,7 +15,7 @@ from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
 
 TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identifiability", "identifiability_map",
-          "prevalence_confounding")
+          "prevalence_confounding", "scorecard", "cell_separation")
 
 
 @dataclass

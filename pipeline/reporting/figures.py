@@ -140,3 +140,26 @@ def film_sheet(film: np.ndarray | None, maps: np.ndarray, names: list[str], prob
     ln_colorbar(fig, im, list(axes), vmax)
     fig.suptitle(title, fontsize=9, x=0.02, ha="left")
     return to_png(fig, dpi=90)
+
+
+def discrimination_figure(finding: str, auc: np.ndarray, diff: np.ndarray, film: np.ndarray | None, n_pos: int, n_neg: int) -> bytes:
+    """Where the evidence *discriminates*: per cell, the AUC of the cell's logit for the label (0.5 =
+    the cell does not separate positives from negatives), and the mean map of positives minus that
+    of negatives; each on its own scale centred at zero difference."""
+    fig = new_figure(6.4, 2.9)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    im = overlay(axes[0], film, auc - 0.5, 0.5, values=False)
+    for (i, j), v in np.ndenumerate(auc):
+        if np.isfinite(v):
+            axes[0].text(j + 0.5, i + 0.5, f"{v:.2f}"[1:] if v < 1 else "1.0", ha="center", va="center", fontsize=6)
+    axes[0].set_title(f"AUC of each cell ({n_pos} pos, {n_neg} neg)", fontsize=8)
+    cb = fig.colorbar(im, ax=axes[0], ticks=[-0.5, -0.25, 0, 0.25, 0.5], fraction=0.05, pad=0.02)
+    cb.ax.set_yticklabels(["0", ".25", ".5", ".75", "1"], fontsize=7)
+    vmax = symmetric_limit([diff])
+    im2 = overlay(axes[1], film, diff, vmax, values=False)
+    axes[1].set_title("mean map, positives − negatives", fontsize=8)
+    cb2 = fig.colorbar(im2, ax=axes[1], fraction=0.05, pad=0.02)
+    cb2.ax.tick_params(labelsize=7)
+    cb2.set_label("Δ ln(p_cell / p_baseline)", fontsize=7)
+    fig.suptitle(f"{finding}: where positives and negatives differ", fontsize=9, x=0.02, ha="left")
+    return to_png(fig)

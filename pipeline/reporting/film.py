@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from pipeline.core.errors import ConfigError
 from pipeline.reporting.figures import film_sheet
@@ -26,11 +27,17 @@ def write_film_png(out, image_id: str, finding: str | None = None, model_version
     preds = data.predictions.set_index("row")
     probs = [float(preds.at[int(r.row), n]) if int(r.row) in preds.index else None for n in names]
     maps = np.stack([cams[data.findings.index(n)] for n in names])
-    labels = [n for n in data.findings if n in m and r[n] is True] if any(data.has_labels(f) for f in data.findings) else None
-    title = (f"{image_id} · {r.get('view_position') or '?'} · {r.get('site')} · "
-             f"labels: {'unlabelled' if labels is None else ', '.join(labels) or 'none'} · run {data.model_version}")
+    title = film_title(r, data.findings, any(data.has_labels(f) for f in data.findings), data.model_version)
     png = film_sheet(data.film(int(r.row)), maps, names, probs, title)
     stem = image_id.rsplit(".", 1)[0] + (f"-{finding}" if finding else "")
     path = path or data.store.film(data.model_version, stem)
     data.store.write_bytes(path, png)
     return path
+
+
+def film_title(r: pd.Series, findings, labelled: bool, model_version: str) -> str:
+    """The sheet's title: id, view, site and the film's positive labels (its manifest row ``r``;
+    labels are nullable booleans, so a True is numpy's or pandas', not Python's ``True``)."""
+    labels = [n for n in findings if n in r.index and pd.notna(r[n]) and bool(r[n])] if labelled else None
+    return (f"{r['image_id']} · {r.get('view_position') or '?'} · {r.get('site')} · "
+            f"labels: {'unlabelled' if labels is None else ', '.join(labels) or 'none'} · run {model_version}")

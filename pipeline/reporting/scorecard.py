@@ -1,4 +1,5 @@
-"""The per-finding scorecard and the rule that marks a likely shortcut.
+"""The per-finding scorecard: the verdicts of scorecard.parquet (each mark a test, Holm-corrected;
+pipeline/analysis/verdicts.py), then descriptions that are never marked.
 
 Every number comes from a stored aggregate, except how strongly view and sex are tied to a label
 (the AUC of scoring each film by its group's label prevalence), which is a count over the manifest.
@@ -16,28 +17,17 @@ from pipeline.analysis.metrics import auc_delong
 from pipeline.reporting.data import RunData
 
 GRID = 7
-RING_AREA = 24 / 49
-CORNER_AREA = 4 / 49
+_I, _J = np.divmod(np.arange(GRID * GRID), GRID)
+RING_MASK = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)
 
-# The marking rule; each threshold is stated under the table (see RULES).
-RING_SHARE_MARK = 0.60  # ring holds 49% of the cells
-CORNER_SHARE_MARK = 2 * CORNER_AREA  # twice the corners' area share (8%)
-ANATOMY_SHARE_MARK = 0.50
-AUC_DROP_MARK = 0.10  # pooled AUC minus the lowest AUC within one view or site
-TIE_MARK = 0.65  # a confounder alone predicts the label at least this well ...
-READ_MARK = 0.80  # ... and the film tells that confounder at least this well
-
-RULES = [
-    f"positive evidence in the border ring above {RING_SHARE_MARK:.0%} (the ring is {RING_AREA:.0%} of the cells)",
-    f"in the four corners above {CORNER_SHARE_MARK:.0%} (twice their {CORNER_AREA:.0%} of the cells)",
-    f"inside the anatomy mask below {ANATOMY_SHARE_MARK:.0%} (when a mask was given)",
-    "the cell with most positive evidence on the border ring",
-    "(none of these four for a finding that is labelled but has no positive film)",
-    "pointing hit rate against expert boxes whose 95% CI does not clear its chance rate",
-    f"pooled AUC at least {AUC_DROP_MARK:.2f} above the AUC within some view or site (the pooled figure leans on the stratum)",
-    f"site, view or sex predicting the label at AUC >= {TIE_MARK:.2f} while the film tells that confounder at AUC >= {READ_MARK:.2f}",
-]
-
+# What a mark means, per rule (the verdicts are computed in pipeline/analysis/verdicts.py).
+RULES = {
+    "location": "a border cell separates positives from negatives better than the anatomy does (AUC difference, one-sided, Bonferroni over the border cells)",
+    "stratum": "the pooled AUC is above the AUC within the stratum's values: the score orders films of different views/sites/sexes by their prevalence",
+    "pointing": "the map's hottest cell lands in expert boxes less often than chance (exact test over the boxes)",
+}
+VERDICT_COLUMNS = (("location", "border vs anatomy (ΔAUC)"), ("stratum:view_position", "leans on view (ΔAUC)"),
+                   ("stratum:site", "leans on site (ΔAUC)"), ("stratum:sex", "leans on sex (ΔAUC)"), ("pointing", "pointing vs chance"))
 CONFOUNDERS = (("site", "site"), ("view_position", "view"), ("sex", "sex"))
 
 
@@ -100,67 +90,79 @@ def label_ties(data: RunData) -> dict[tuple[str, str], float]:
                 continue
             if col not in m:
                 continue
-            g = m.loc[has, col].astype(object).where(m.loc[has, col].notna(), None).astype(str).to_numpy()
-            if len(set(g)) < 2:
+            known = m.loc[has, col].notna().to_numpy()  # a film without the value is left out, not a class "None"
+            g = m.loc[has, col][known].astype(str).to_numpy()
+            if len(set(g)) < 2 or y[known].all() or not y[known].any():
                 continue
-            score = pd.Series(y).groupby(g).transform("mean").to_numpy()
-            ties[(f, col)] = auc_delong(y, score)[0]
+            score = pd.Series(y[known]).groupby(g).transform("mean").to_numpy()
+            ties[(f, col)] = auc_delong(y[known], score)[0]
     return ties
 
 
+def _verdict_cell(v: pd.Series | None) -> Cell:
+    if v is None:
+        return Cell("–")
+    if v.p_value is None or pd.isna(v.p_value):
+        return Cell("n.t.", title=str(v.reason))
+    text = f"{v.statistic:+.2f} [{_fmt(v.ci_lo, '+.2f')}, {_fmt(v.ci_hi, '+.2f')}] p={_fmt(v.p_adjusted, '.2g')}"
+    if v.rule == "pointing":
+        text += f", n={int(v.n)}"  # boxes: the count decides whether the test can tell
+    return Cell(text, bool(v.mark), f"{v.reason}; p={v.p_value:.2g} before, {_fmt(v.p_adjusted, '.2g')} after Holm")
+
+
+def discriminating_share(data: RunData, finding: str, cells: np.ndarray) -> float | None:
+    """Share of the mean positive-minus-negative logit (the pooled logit is the mean of the cells'
+    logits, so each cell's exact contribution adds up to it) that sits on ``cells`` (49 bools)."""
+    rs = data.table("region_stats")
+    if rs is None:
+        return None
+    g = rs[(rs.finding == finding) & (rs.stratum == "label")].dropna(subset=["mean_contribution"])
+    pos = g[g.stratum_value == "positive"].sort_values(["cell_row", "cell_col"]).mean_contribution.to_numpy()
+    neg = g[g.stratum_value == "negative"].sort_values(["cell_row", "cell_col"]).mean_contribution.to_numpy()
+    if len(pos) != len(cells) or len(neg) != len(cells):
+        return None
+    diff = pos - neg
+    total = diff.sum()
+    return float(diff[cells].sum() / total) if total > 0 else None
+
+
+def unexaminable(data: RunData) -> list[str]:
+    """Findings labelled in the run but with no positive film: nothing to examine, folded into one line."""
+    m = data.manifest
+    return [f for f in data.findings if data.has_labels(f) and not bool(m[f].fillna(False).astype(bool).any())]
+
+
 def scorecard(data: RunData) -> tuple[list[str], list[tuple[str, list[Cell]]]]:
-    """(column headers, [(finding, cells)]) — one row per finding of the run."""
-    metrics, summary, region, loc = (data.table(n) for n in ("metrics", "finding_summary", "region_stats", "localization"))
-    has_mask = summary is not None and summary.pos_share_anatomy.notna().any()
-    read = readable(data)
+    """(column headers, [(finding, cells)]): verdict columns from scorecard.parquet (marks are tests),
+    then descriptions (shares, top cell, label ties), never marked."""
+    metrics, summary, region, card = (data.table(n) for n in ("metrics", "finding_summary", "region_stats", "scorecard"))
     ties = label_ties(data)
-    cols = ["finding", "n labelled", "prevalence", "AUC [95% CI]", "AUC within view / site", "ring share", "corner share"]
-    cols += ["anatomy share"] if has_mask else []
-    cols += ["top cell", "pointing hit (chance)"]
+    ring = RING_MASK
+    cols = ["finding", "n labelled", "prevalence", "AUC [95% CI]"] + [name for _, name in VERDICT_COLUMNS]
+    cols += ["discriminating evidence on the ring", "positive evidence on the ring", "top cell"]
     cols += [f"label ~ {name} (AUC)" for _, name in CONFOUNDERS]
+    skip = set(unexaminable(data))
     rows = []
     for f in data.findings:
-        cells = []
+        if f in skip:
+            continue
         m = _first(metrics, finding=f, stratum="all")
         auc = None if m is None or pd.isna(m.auc) else float(m.auc)
-        cells.append(Cell(_fmt(None if m is None else int(m.n), "d")))
-        cells.append(Cell(_fmt(None if m is None else m.prevalence, ".1%")))
-        cells.append(Cell("–" if auc is None else f"{auc:.3f} [{_fmt(m.auc_lo, '.3f')}, {_fmt(m.auc_hi, '.3f')}]"))
-        within = metrics[(metrics.finding == f) & metrics.stratum.isin(["view_position", "site"]) & metrics.auc.notna()] if metrics is not None else pd.DataFrame()
-        if len(within) and auc is not None:
-            low = float(within.auc.min())
-            text = " · ".join(f"{r.stratum_value} {r.auc:.2f}" for r in within.itertuples())
-            cells.append(Cell(text, auc - low >= AUC_DROP_MARK, f"pooled {auc:.3f}, lowest within {low:.3f}"))
-        else:
-            cells.append(Cell("–"))
-        # A finding labelled but never positive has no disease to find: its shares are not marked.
-        can_mark = m is None or m.prevalence is None or pd.isna(m.prevalence) or m.prevalence > 0
+        cells = [Cell(_fmt(None if m is None else int(m.n), "d")), Cell(_fmt(None if m is None else m.prevalence, ".1%")),
+                 Cell("–" if auc is None else f"{auc:.3f} [{_fmt(m.auc_lo, '.3f')}, {_fmt(m.auc_hi, '.3f')}]")]
+        cells += [_verdict_cell(_first(card, finding=f, rule=rule)) for rule, _ in VERDICT_COLUMNS]
+        cells.append(Cell(_fmt(discriminating_share(data, f, ring), ".0%"), title="share of the mean positive-minus-negative logit on the 24 ring cells (49% of the area)"))
         s = _first(summary, finding=f, stratum="all")
-        ring = None if s is None or pd.isna(s.pos_share_ring) else float(s.pos_share_ring)
-        corners = None if s is None or pd.isna(s.pos_share_corners) else float(s.pos_share_corners)
-        cells.append(Cell(_fmt(ring, ".0%"), can_mark and ring is not None and ring > RING_SHARE_MARK))
-        cells.append(Cell(_fmt(corners, ".0%"), can_mark and corners is not None and corners > CORNER_SHARE_MARK))
-        if has_mask:
-            an = None if s is None or pd.isna(s.pos_share_anatomy) else float(s.pos_share_anatomy)
-            cells.append(Cell(_fmt(an, ".0%"), can_mark and an is not None and an < ANATOMY_SHARE_MARK))
+        cells.append(Cell(_fmt(None if s is None else s.pos_share_ring, ".0%"), title="share of max(map, 0) on the ring: mostly the finding's bias, a description"))
         top = None
         if region is not None:
             g = region[(region.finding == f) & (region.stratum == "all")].dropna(subset=["mean_positive_part"])
             if len(g):
                 t = g.loc[g.mean_positive_part.idxmax()]
                 top = (int(t.cell_row), int(t.cell_col))
-        on_ring = can_mark and top is not None and (top[0] in (0, GRID - 1) or top[1] in (0, GRID - 1))
-        cells.append(Cell("–" if top is None else f"({top[0]}, {top[1]})", on_ring, "row, column; (0, 0) is the top-left of the film"))
-        lr = _first(loc, finding=f)
-        if lr is not None and not pd.isna(lr.pointing_hit_rate):
-            cells.append(Cell(f"{lr.pointing_hit_rate:.0%} [{_fmt(lr.pointing_lo, '.0%')}, {_fmt(lr.pointing_hi, '.0%')}] ({lr.chance_pointing:.0%}), n={int(lr.n)}",
-                              not pd.isna(lr.pointing_lo) and lr.pointing_lo <= lr.chance_pointing))
-        else:
-            cells.append(Cell("–"))
+        cells.append(Cell("–" if top is None else f"({top[0]}, {top[1]})", title="row, column; (0, 0) is the top-left of the film"))
         for col, _ in CONFOUNDERS:
-            tie = ties.get((f, col))
-            film = read.get(col, {}).get("auc")
-            cells.append(Cell(_fmt(tie, ".2f"), tie is not None and film is not None and tie >= TIE_MARK and film >= READ_MARK,
-                              "" if film is None else f"read from the film at AUC {film:.2f}"))
+            cells.append(Cell(_fmt(ties.get((f, col)), ".2f")))
         rows.append((f, cells))
     return cols, rows
+

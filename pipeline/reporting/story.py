@@ -1,5 +1,5 @@
-"""Five lines read off the scorecard's tables: the demo's shortcut story (or any run's, given the
-cells where its markers sit)."""
+"""Five lines read off the scorecard's tables and verdicts: the demo's shortcut story (or any run's,
+given the cells where its markers sit)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.reporting.data import load_run
-from pipeline.reporting.scorecard import label_ties, readable
+from pipeline.reporting.scorecard import GRID, _first, discriminating_share, label_ties, readable
 
 
 def _auc(r) -> str:
@@ -18,33 +18,45 @@ def story(out, marker_cells: dict[str, tuple[tuple[int, int], ...]], finding: st
           storage_options: dict | None = None) -> list[str]:
     data = load_run(out, model_version, storage_options)
     lines = []
-    met = data.table("metrics")
+    met, card = data.table("metrics"), data.table("scorecard")
     if met is not None and (met.finding == finding).any():
         m = met[(met.finding == finding) & met.auc.notna()]
         pooled = m[m.stratum == "all"]
         within = m[m.stratum.isin(["view_position", "site"])]
-        views = within[within.stratum == "view_position"].auc
+        lean = _first(card, finding=finding, rule="stratum:view_position")
         verdict = ""
-        if len(pooled) and len(views) > 1:
-            verdict = (" — above the AUC within every view: part of the pooled figure is telling AP from PA."
-                       if pooled.auc.iloc[0] > views.max() else " — not above the within-view figures.")
+        if lean is not None and pd.notna(lean.p_value):
+            verdict = (f"; pooled minus within-view AUC {lean.statistic:+.2f} [{lean.ci_lo:+.2f}, {lean.ci_hi:+.2f}], Holm p={lean.p_adjusted:.2g}"
+                       + (" — marked: part of the pooled figure is telling AP from PA." if lean.mark else " — not shown to lean on the view."))
         lines.append(f"1. {finding} AUC pooled {_auc(pooled.iloc[0]) if len(pooled) else 'n/a'}; within "
                      + ", ".join(f"{r.stratum_value} {r.auc:.2f}" for r in within.itertuples()) + verdict)
-    rs = data.table("region_stats")
-    if rs is not None:
-        for i, (stratum, value, who) in enumerate((("all", "all", "all films"), ("view_position", "AP", "AP films")), start=2):
-            g = rs[(rs.finding == finding) & (rs.stratum == stratum) & (rs.stratum_value == value)].dropna(subset=["mean_positive_part"])
-            if not len(g):
-                continue
-            total = g.mean_positive_part.sum()
-            parts = []
-            for name, cells in marker_cells.items():
-                sel = np.zeros(len(g), bool)
-                for r, c in cells:
-                    sel |= (g.cell_row.to_numpy() == r) & (g.cell_col.to_numpy() == c)
-                parts.append(f"{g.mean_positive_part[sel].sum() / total:.0%} on the {name} cells {', '.join(map(str, cells))}")
-            n_cells = sum(len(c) for c in marker_cells.values())
-            lines.append(f"{i}. Share of {finding}'s positive evidence, {who}: " + "; ".join(parts) + f" ({n_cells} of 49 cells).")
+    all_cells = np.zeros(GRID * GRID, bool)
+    parts, where = [], {}
+    for name, cells in marker_cells.items():
+        sel = np.zeros(GRID * GRID, bool)
+        for r, c in cells:
+            sel[r * GRID + c] = True
+        where[name] = sel
+        all_cells |= sel
+        share = discriminating_share(data, finding, sel)
+        if share is not None:
+            parts.append(f"{share:.0%} on the {name} cells {', '.join(map(str, cells))}")
+    if not parts and data.table("region_stats") is not None:
+        lines.append(f"2. The model's logit does not separate {finding} positives from negatives on average (mean difference <= 0), "
+                     "so no share of it sits anywhere.")
+    elif parts:
+        lines.append(f"2. What separates {finding} positives from negatives in the model's logit (mean positive minus negative, "
+                     f"cell by cell): " + "; ".join(parts) + f" — {int(all_cells.sum())} of 49 cells, {all_cells.mean():.0%} of the film.")
+    sep = data.table("cell_separation")
+    if sep is not None and (sep.finding == finding).any():
+        s = sep[sep.finding == finding]
+        best = {name: s[[bool(where[name][int(r.cell_row) * GRID + int(r.cell_col)]) for r in s.itertuples()]].auc.max() for name in where}
+        loc = _first(card, finding=finding, rule="location")
+        tail = ""
+        if loc is not None and pd.notna(loc.p_value):
+            tail = f"; location test ({loc.reason}): Holm p={loc.p_adjusted:.2g}" + (", marked" if loc.mark else ", not marked")
+        lines.append(f"3. Alone, the best cell of each marker separates {finding} positives from negatives at AUC "
+                     + ", ".join(f"{v:.2f} ({k})" for k, v in best.items() if pd.notna(v)) + tail + ".")
     read = readable(data)
     if "site" in read:
         e = read["site"]

@@ -233,8 +233,8 @@ def test_demo_report_in_a_real_browser(full_run, tmp_path):
     assert result["errors"] == []
     console = [line for line in err.splitlines() if "CONSOLE" in line]
     assert console == []  # nothing written to the console (errors included) by the page
-    assert result["images"] >= len(CHEXNET_FINDINGS) + 3 and result["undecoded"] == 0  # every image decoded
-    assert result["rows"] == len(CHEXNET_FINDINGS)  # one scorecard row per finding
+    assert result["images"] >= 2 * len(_scorecard_rows(page)) + 3 and result["undecoded"] == 0  # every image decoded
+    assert result["rows"] == len(_scorecard_rows(page)) >= 1  # one scorecard row per finding with a positive film
     # the unmodified report, full page: the window as tall as the document
     shot = tmp_path / "report.png"
     _run_browser(exe, tmp_path, f"--screenshot={shot}", f"--window-size=1400,{min(result['height'], 16000)}", (out / "runs" / second / "report.html").as_uri())

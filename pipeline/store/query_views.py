@@ -17,7 +17,7 @@ from schemas.manifest import EXTRA_FIELD, MANIFEST_BASE_FIELDS
 
 from pipeline.store.layout import OutputStore
 RUN_TABLES = ("region_stats", "finding_summary", "metrics", "localization", "localization_boxes", "identifiability",
-              "identifiability_map", "identifiability_scores", "prevalence_confounding", "errors")
+              "identifiability_map", "identifiability_scores", "prevalence_confounding", "scorecard", "cell_separation", "errors")
 
 
 def _lit(url: str) -> str:

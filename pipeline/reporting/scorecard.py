@@ -22,11 +22,11 @@ RING_MASK = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)
 
 # What a mark means, per rule (the verdicts are computed in pipeline/analysis/verdicts.py).
 RULES = {
-    "location": "a border cell separates positives from negatives better than the anatomy does (AUC difference, one-sided, Bonferroni over the border cells)",
+    "location": "a border cell separates positives from negatives better than the anatomy does (difference of Cohen's d, one-sided, Bonferroni over the border cells)",
     "stratum": "the pooled AUC is above the AUC within the stratum's values: the score orders films of different views/sites/sexes by their prevalence",
     "pointing": "the map's hottest cell lands in expert boxes less often than chance (exact test over the boxes)",
 }
-VERDICT_COLUMNS = (("location", "border vs anatomy (ΔAUC)"), ("stratum:view_position", "leans on view (ΔAUC)"),
+VERDICT_COLUMNS = (("location", "border vs anatomy (Δd)"), ("stratum:view_position", "leans on view (ΔAUC)"),
                    ("stratum:site", "leans on site (ΔAUC)"), ("stratum:sex", "leans on sex (ΔAUC)"), ("pointing", "pointing vs chance"))
 CONFOUNDERS = (("site", "site"), ("view_position", "view"), ("sex", "sex"))
 

@@ -321,7 +321,7 @@ def verdict_tables(manifest, ctx, probs, maps, findings, anatomy, boxes: pa.Tabl
     """scorecard.parquet (the verdicts, pipeline/analysis/verdicts.py) and cell_separation.parquet."""
     from schemas.aggregates import cell_separation_schema, scorecard_schema
 
-    from pipeline.analysis.verdicts import cell_separation, finding_data, verdicts
+    from pipeline.analysis.verdicts import finding_data, separations, verdicts
 
     labelled = np.flatnonzero((ctx.labels >= 0).any(axis=1))  # only labelled films enter a verdict: read only theirs
     sub = ctx if len(labelled) == len(ctx.rows) else ctx.take(labelled)
@@ -329,7 +329,7 @@ def verdict_tables(manifest, ctx, probs, maps, findings, anatomy, boxes: pa.Tabl
               if len(sub.rows) else np.zeros((0, len(findings), GRID * GRID), np.float32))
     data = finding_data(manifest, sub, probs[labelled], logits, findings)
     rows = verdicts(data, findings, None if boxes is None else boxes.to_pandas(), anatomy=anatomy)
-    cells = [c for d in data if d.y.any() and not d.y.all() for c in cell_separation(d, GRID)]
+    cells = separations(data, GRID)
     return {"scorecard": _rows_table([r.__dict__ for r in rows], scorecard_schema(**meta)),
             "cell_separation": _rows_table(cells, cell_separation_schema(**meta))}
 

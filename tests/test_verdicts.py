@@ -4,6 +4,7 @@ films) must not be marked; a planted shortcut must be. The statistics under them
 against their textbook forms."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -205,3 +206,19 @@ def test_a_random_densenet_on_the_real_films_is_not_accused(tmp_path):
         assert card.p_adjusted.notna().sum() >= 20  # tested, not skipped
         marks.append(int(card.mark.sum()))
     assert sum(marks) <= 1 and sum(m == 0 for m in marks) >= 4
+
+
+@pytest.mark.slow
+def test_the_demo_marks_pneumonia_and_its_story_shows_the_portable_cells(tmp_path, monkeypatch, capsys):
+    """The embedded default as a newcomer runs it: the planted story must be found by a test, and the
+    PORTABLE cells must carry much of what separates Pneumonia's positives from its negatives."""
+    from jobs.score_dataset import main as score_main
+
+    monkeypatch.chdir(tmp_path)
+    assert score_main([]) == 0
+    printed = capsys.readouterr().out
+    run = next((tmp_path / "cxr-audit-demo" / "out" / "runs").iterdir())
+    card = pd.read_parquet(run / "scorecard.parquet")
+    assert card[card.finding == "Pneumonia"].mark.any()
+    share = float(re.search(r"(\d+)% on the PORTABLE cells", printed).group(1)) / 100
+    assert share > 0.3  # 3 of 49 cells (6% of the film) carry a third or more

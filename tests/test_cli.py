@@ -115,6 +115,7 @@ def test_a_configuration_error_from_the_shell_takes_under_two_seconds_of_wall_cl
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     seconds = time.perf_counter() - t
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert "terminate called" not in proc.stderr and proc.stderr.count("\n") <= 3, proc.stderr  # the error alone
     assert not out.exists() and not list(tmp_path.iterdir())
     assert seconds < 10, seconds  # generous bound for a loaded machine; the goal (and typical figure) is < 2 s
     print(f"{' '.join(extra)}: exit 2 after {seconds:.2f} s wall clock")

@@ -67,11 +67,14 @@ class RunCluster:
         self._worker_logs = None
         self._store = cfg.output.store()
         if client is None:
-            from pipeline.run.cluster import ClusterStarter, load_profile
+            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, load_profile
 
             quiet_dask_logs()
             self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout, warm=warm_args(cfg, self.profile))
+            early = CLUSTER_TYPES[self.profile.type].early
+            log.info(f"cluster {self.profile.name}: " + ("starting in the background (workers load the model while the run is prepared)"
+                                                         if early else "asked for workers when the first shard is ready"))
 
     @property
     def client(self):
@@ -204,13 +207,13 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     from pipeline.run.uptodate import check, record_rerun
 
     t, started = time.perf_counter(), _now()
-    log.info("checking what changed since the latest run")
     try:
         found, why = check(cfg, store)
     except Exception as e:  # noqa: BLE001 - the full run finds (and reports) whatever this tripped on
         found, why = None, f"{type(e).__name__}: {redact(str(e))[:200]}"
     if found is None:
-        log.info(f"something to do: {why}")
+        if why != "no complete run yet":
+            log.info(f"rerun: {why} ({time.perf_counter() - t:.1f} s to find out)")
         return None
     seconds = {**found.seconds, "total": time.perf_counter() - t}
     run = record_rerun(store, found.model_version, {"started": started, "finished": _now(), "outcome": "nothing changed",

@@ -25,7 +25,7 @@ from pipeline.sources.manifest import ManifestResult, build_manifest, dataset_fi
 from pipeline.store.bookkeeping import check_rebuilt_manifest, previous_manifest
 from pipeline.store.maps_store import create_maps
 from pipeline.inference.precision import run_version
-from pipeline.store.shard_check import check_shard, retry_rows
+from pipeline.store.shard_check import check_shard, chunk_layout, retry_rows
 from pipeline.core.redact import redact, redact_columns, redact_obj
 from pipeline.run.config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.run.shards import Shard, plan_shards
@@ -139,8 +139,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
         create_cache(resolved.cache_root, spec.preprocess, n_rows, spec.shard_size, store.options)
     shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
     pending = []
+    layout = chunk_layout(spec.maps_url, store.options)  # maps.zarr's metadata read once, not per shard
     for s in shards:
-        st = check_shard(s, spec, verify=cfg.output.verify)
+        st = check_shard(s, spec, verify=cfg.output.verify, layout=layout)
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
@@ -205,7 +206,8 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     The status is 'running' (scoring done, aggregates next: see finish_run), 'incomplete' (shards
     missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction)."""
     spec, store = prep.spec, prep.spec.store
-    states = [check_shard(s, spec) for s in prep.shards]
+    layout = chunk_layout(spec.maps_url, store.options)
+    states = [check_shard(s, spec, layout=layout) for s in prep.shards]
     records = [st.record for st in states if st.usable]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))

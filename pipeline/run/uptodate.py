@@ -177,7 +177,7 @@ def identity_config(flat: dict) -> dict:
 def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     """(UpToDate, '') when the rerun has nothing to do, else (None, why not)."""
     from pipeline.core.redact import redact_obj
-    from pipeline.store.shard_check import check_shard
+    from pipeline.store.shard_check import check_shard, chunk_layout
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -212,8 +212,9 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
 
     t = time.perf_counter()
     spec, shards = _shards(cfg, store, mv, run)
+    layout = chunk_layout(spec.maps_url, dict(spec.storage_options))
     for s in shards:
-        if check_shard(s, spec).state != "done":
+        if check_shard(s, spec, layout=layout).state != "done":
             return None, f"shard {s.index} is not done"
     seconds["shards"] = time.perf_counter() - t
 

@@ -203,10 +203,9 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     """The no-op: when nothing changed since the latest complete run (pipeline.run.uptodate), record
     this rerun in run.json's ``reruns`` and return the run (``nothing_changed`` set); else None.
     Starts no cluster, loads no model, imports neither torch nor pandas."""
-    from pipeline.run.scoring import _now
-    from pipeline.run.uptodate import check, record_rerun
+    from pipeline.run.uptodate import check, now, record_rerun
 
-    t, started = time.perf_counter(), _now()
+    t, started = time.perf_counter(), now()
     try:
         found, why = check(cfg, store)
     except Exception as e:  # noqa: BLE001 - the full run finds (and reports) whatever this tripped on
@@ -216,7 +215,7 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
             log.info(f"rerun: {why} ({time.perf_counter() - t:.1f} s to find out)")
         return None
     seconds = {**found.seconds, "total": time.perf_counter() - t}
-    run = record_rerun(store, found.model_version, {"started": started, "finished": _now(), "outcome": "nothing changed",
+    run = record_rerun(store, found.model_version, {"started": started, "finished": now(), "outcome": "nothing changed",
                                                     "seconds": seconds}, found.restamped)
     return {**run, "nothing_changed": True, "check_seconds": seconds["total"]}
 

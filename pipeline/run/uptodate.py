@@ -42,6 +42,13 @@ class UpToDate:
     restamped: dict | None = None  # the dataset stamp, when a re-read manifest proved a changed one harmless
 
 
+def now() -> str:
+    """run.json's clock (pipeline.run.scoring._now, which imports what a no-op does without)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
 # ---- what a run records ------------------------------------------------------------------------
 
 def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) -> dict:

@@ -63,7 +63,7 @@ def _check_manifest_columns(path: str, location: str) -> None:
     except (OSError, ValueError, EOFError):
         return  # unreadable: the manifest step says why, with its own message
     missing = [c for c in ("image_id", "path") if c not in columns]
-    if missing:
+    if missing and any(columns):  # an empty file: the manifest step says so
         raise ConfigError(f"--dataset manifest:{location} has no {' or '.join(missing)} column (its columns: {', '.join(columns[:10]) or 'none'}); "
                           "a manifest needs image_id and path (the film's path or URL, relative to the manifest's folder or absolute)")
 

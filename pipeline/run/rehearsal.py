@@ -222,5 +222,5 @@ def table(steps: list[Step], sizes: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in steps:
         lines.append(f"| {s.name} | {s.wall:.1f} | {s.driver_rss:.0f} | {s.worker_rss:.0f} | {s.decode_rss:.0f} | {s.shm:.0f} | {s.note} |")
-    lines += ["", "| output | MB |", "| --- | ---: |"] + [f"| {k} | {v:.1f} |" for k, v in sizes.items()]
+    lines += ["", "| output | MB |", "| --- | ---: |"] + [f"| {k} | {v:.2f} |" for k, v in sizes.items()]
     return "\n".join(lines)

@@ -115,6 +115,18 @@ def test_a_noop_starts_no_cluster_loads_no_model_and_keeps_the_runs_timings(tmp_
         assert main(args) == 0 and capsys.readouterr().out.startswith("nothing changed")
         reruns = json.loads(run_json.read_text())["reruns"]
         assert ["manifest_reread" in r["seconds"] for r in reruns] == [False, True, False]
+
+    # from the shell, the no-op imports no torch at all (what a cron line pays)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    child = "import sys, json; from jobs.score_dataset import main; rc = main(json.loads(sys.argv[1])); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", child, json.dumps(args)], capture_output=True, text=True, cwd=root, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.splitlines()[-1] == "0 False", proc.stdout + proc.stderr
+    assert len(json.loads(run_json.read_text())["reruns"]) == 4
     # a new film: not a no-op; only its shard is scored and the reruns survive the run
     rng = np.random.default_rng(1)
     (data / "images_002" / "images" / "00000950_000.png").write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
@@ -124,7 +136,7 @@ def test_a_noop_starts_no_cluster_loads_no_model_and_keeps_the_runs_timings(tmp_
     captured = capsys.readouterr()
     assert "nothing changed" not in captured.out and "3 shards, 1 to score" in captured.err
     after = json.loads(run_json.read_text())
-    assert after["counts"]["scored"] == 41 and len(after["reruns"]) == 3
+    assert after["counts"]["scored"] == 41 and len(after["reruns"]) == 4
 
 
 def test_the_report_is_kept_on_a_noop_and_redrawn_after_a_change(tmp_path, tiny_nih, tiny_ckpt, capsys, monkeypatch, report_after_run):

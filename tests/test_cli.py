@@ -66,7 +66,7 @@ def _config_error_cases(tmp_path, tiny_nih, tiny_ckpt):
     return out, {
         "ImageNet DenseNet-121": (dense + [str(bad["imagenet"])], "looks like an ImageNet classifier"),
         "ResNet-18 with 14 outputs": (dense + [str(bad["resnet"])], "does not match --arch densenet121"),
-        "the demo's tiny net as DenseNet-121": (dense + [tiny_ckpt], "does not match --arch densenet121"),
+        "the demo's tiny net as DenseNet-121": (dense + [tiny_ckpt], "Its tensors fit --arch tiny"),
         "tiny net with the wrong head": (base + ["--findings", "A,B"], "predicts 14 findings but 2 are expected"),
         "pickled whole model": (dense + [str(bad["whole"])], "pickled Python objects"),
         "manifest without a path column": (["--dataset", f"manifest:{bad['manifest']}"] + base[2:], "has no path column"),

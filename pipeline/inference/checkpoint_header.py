@@ -204,6 +204,15 @@ def _registered() -> list[str]:
     return sorted(json.loads(SHAPES_FILE.read_text())["archs"])
 
 
+def _keys_fit(shapes: dict, arch: str) -> bool:
+    need = arch_shapes(arch)
+    if need is None:
+        return False
+    target = need[0]
+    state = normalize_keys(shapes, set(target))
+    return set(state) <= set(target) and all(k in state for k in target if not k.endswith("num_batches_tracked"))
+
+
 def check_header(path: str, arch: str, findings: tuple[str, ...], storage_options: dict | None = None) -> None:
     """Refuse a checkpoint whose header shows it cannot load into ``arch`` with ``findings`` outputs
     (CheckpointError, UnsafeCheckpointError): the same verdicts as the full load, before it."""
@@ -226,9 +235,11 @@ def check_header(path: str, arch: str, findings: tuple[str, ...], storage_option
     missing = sorted(k for k in set(target) - set(state) if not k.endswith("num_batches_tracked"))
     extra = sorted(set(state) - set(target))
     if missing or extra:
+        fits = [a for a in _registered() if a != arch and _keys_fit(shapes, a)]
+        hint = f"Its tensors fit --arch {fits[0]}." if fits else f"Check --arch (registered: {', '.join(_registered())})."
         raise CheckpointError(
             f"{path} does not match --arch {arch}: {len(missing)} missing keys {missing[:4]}, {len(extra)} unexpected keys "
-            f"{extra[:4]}. Check --arch (registered: {', '.join(_registered())}), or whether this is a checkpoint of another network.")
+            f"{extra[:4]}. {hint} Or is this a checkpoint of another network?")
     wrong = [k for k in target if k in state and tuple(state[k]) != tuple(target[k])]
     if wrong:
         k = wrong[0]

@@ -159,3 +159,37 @@ def test_the_report_is_kept_on_a_noop_and_redrawn_after_a_change(tmp_path, tiny_
     assert main(args) == 0
     assert "nothing changed" not in capsys.readouterr().out
     assert report.stat().st_mtime_ns > drawn  # redrawn from the new aggregates
+
+
+def test_a_deleted_film_or_rewritten_weights_are_never_a_noop(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    """What the no-op compares must see these: a film gone (its folder's mtime), new weights at the
+    same checkpoint path (its hash), another output setting."""
+    import torch
+
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_ckpt, ckpt)
+    out = tmp_path / "out"
+    args = _args(data, out, str(ckpt)) + ["--no-report"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0 and capsys.readouterr().out.startswith("nothing changed")
+
+    next((data / "images_001" / "images").glob("*.png")).unlink()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "nothing changed" not in captured.out and "rerun: the dataset changed" in captured.err
+    assert json.loads(next((out / "runs").iterdir()).joinpath("run.json").read_text())["counts"]["images"] == 39
+
+    torch.manual_seed(99)
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))  # same path, other weights
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "rerun: the checkpoint is not the latest run's" in captured.err and len(list((out / "runs").iterdir())) == 2
+
+    assert main(args + ["--limit", "20"]) == 0
+    assert "rerun: the settings differ from the latest run's" in capsys.readouterr().err

@@ -128,7 +128,7 @@ LOGISTIC_MAX_ITER = 300
 
 def convergence_note(unconverged: int, n_folds: int) -> str:
     return (f"lbfgs stopped at max_iter={LOGISTIC_MAX_ITER} before converging in {unconverged} of {n_folds} folds; "
-            "those folds' probes were scored as fitted (a capped fit can only understate how well the target is read)")
+            "those folds' probes were scored as fitted at the cap (out-of-fold, so the AUC stays an honest estimate of that fit)")
 
 
 def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig(), probe: str | None = None,

@@ -13,6 +13,7 @@ fixed cost of a run, and the two CPU proxy ratios of issue 8.
     python -m jobs.benchmark --arch tiny --images 64 --repeats 1   # a quick smoke run
     python -m jobs.benchmark --proxies                         # only issue 8's two CPU proxies + fixed cost
     python -m jobs.benchmark --proxies --only tiny --cpu       # + CPU per film by process class (shared machine)
+    python -m jobs.benchmark --full-size [N]                   # the nightly rehearsed at N rows (default 112,120)
 """
 
 from __future__ import annotations
@@ -341,6 +342,27 @@ def proxies(args, work: Path, cores: int, device) -> int:
     return 0
 
 
+FULL_SIZE = 112_120
+
+
+def full_size(args) -> int:
+    """--full-size: pipeline.run.rehearsal, its table printed (stdout) and its progress on stderr."""
+    from pipeline.run.rehearsal import rehearse, table
+
+    shared = Path(os.environ.get("CXR_AUDIT_SHARED") or ROOT.parent / "shared") / "data" / "nih"
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cxr-rehearsal-"))
+    print(f"machine: {len(os.sched_getaffinity(0))} cores; load average {os.getloadavg()[0]:.1f}; {args.full_size:,} rows; work {work}",
+          file=sys.stderr)
+    try:
+        steps, sizes = rehearse(args.full_size, shared, work, ROOT, args.identifiability, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(steps, sizes))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=ARCHITECTURES.names(), default=DEFAULT_ARCH,
@@ -365,11 +387,19 @@ def main(argv=None) -> int:
                    help="also sample the job's process tree and print CPU per film by process class (decode processes, "
                         "worker, driver) in the scoring phase: the load-insensitive guide on a shared machine")
     p.add_argument("--only", choices=["tiny", "densenet121"], default=None, help="with --proxies: only this proxy")
+    p.add_argument("--full-size", type=int, nargs="?", const=FULL_SIZE, default=None, metavar="N",
+                   help=f"the nightly rehearsed on an NIH-layout root of N rows (default {FULL_SIZE:,}: all of Data_Entry_2017_v2020.csv), "
+                        "films hard-linked over the real ones in ../shared: first run, no-op, +1%%, model update, runs --check, "
+                        "report, DuckDB; wall, peak RSS, /dev/shm and output sizes per step (pipeline.run.rehearsal)")
+    p.add_argument("--no-identifiability", dest="identifiability", action="store_false", help="with --full-size: runs without the probes")
+    p.add_argument("--workdir", type=Path, default=None, help="with --full-size: lay out and write here (kept) instead of a temporary folder")
     from jobs._common import add_common, setup_logging
 
     args = add_common(p).parse_args(argv)
     setup_logging(args)
 
+    if args.full_size is not None:
+        return full_size(args)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     if args.proxies:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

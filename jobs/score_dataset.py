@@ -163,6 +163,13 @@ def summary(run: dict) -> str:
     return "\n".join(lines)
 
 
+def nothing_changed_line(run: dict) -> str:
+    c = run["counts"]
+    return (f"nothing changed: run {run['model_version']} is complete and current ({c['scored']:,} of {c['images']:,} images scored, "
+            f"{c['shards']} shards, aggregates{' and report' if run['steps'].get('report') == 'done' else ''} up to date; "
+            f"checked in {run['check_seconds']:.1f} s, no cluster started)")
+
+
 # Exit status (README "Exit status"): one per outcome, so a cron job can tell them apart.
 EXIT_CODES = {"complete": 0, "incomplete": 1, "failed": 3, "partial": 3}
 EXIT_CONFIG = 2  # configuration error or unusable bookkeeping: the message says the command to run
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{what}: finished shards are kept and the lock is released; "
               f"rerun the same command to resume: python -m jobs.score_dataset {' '.join(redact_argv(argv))}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if result.get("nothing_changed"):
+        print(nothing_changed_line(result))
+        return 0
     if result.get("drift_text"):
         print(result["drift_text"])
     print(summary(result))

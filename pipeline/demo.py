@@ -18,12 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.inference.checkpoint import save_safetensors
 from pipeline.core.findings import CHEXNET_FINDINGS
-from pipeline.inference.tiny_net import TinyCAMNet
+
+# torch is imported where the model is built or trained: a demo rerun with its data and model in
+# place imports none of it (a no-op of the demo costs what it checks; issue 23)
 
 DEMO_VERSION = "3"
 # (name, share of AP films, laterality marker, seed, first patient id)
@@ -146,6 +146,11 @@ def make_demo_model(path: str | os.PathLike, data_root: str | os.PathLike | list
     path = str(path)
     if os.path.exists(path):
         return path
+    import torch
+
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
+
     roots = [] if data_root is None else [data_root] if isinstance(data_root, (str, os.PathLike)) else list(data_root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -156,7 +161,9 @@ def make_demo_model(path: str | os.PathLike, data_root: str | os.PathLike | list
     return path
 
 
-def _train(net: TinyCAMNet, roots: list[Path], epochs: int) -> None:
+def _train(net, roots: list[Path], epochs: int) -> None:
+    import torch
+
     from pipeline.inference.images import load_image, normalize_batch
 
     xs, ys = [], []

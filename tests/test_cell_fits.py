@@ -16,7 +16,7 @@ def _fold_by_fold(x, t: CellTarget, lam):
     xu, yu = x[t.used].astype(np.float32), t.y[t.used]
     ref = np.zeros((len(yu), t.n_classes))
     for train, test in t.splits():
-        classes, score = _ridge(xu[train], yu[train], lam)
+        classes, score, _ = _ridge(xu[train], yu[train], lam)
         ref[test[:, None], classes[None, :]] = score(xu[test])
     return ref
 

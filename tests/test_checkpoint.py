@@ -5,7 +5,9 @@ import sys
 import pytest
 import torch
 
+from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.inference.checkpoint import save_safetensors
+from pipeline.inference.checkpoint_header import SHAPES_FILE, check_header, tensor_shapes, write_shapes
 from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
 from pipeline.inference.model import ModelSpec, load_model
 from pipeline.inference.tiny_net import TinyCAMNet
@@ -42,8 +44,13 @@ def test_densenet_formats_load_to_the_same_model_version(tmp_path, dense_state):
     torch.save({"state_dict": _chexnet_dataparallel(dense_state), "epoch": 3}, dp)
     st = tmp_path / "w.safetensors"
     save_safetensors(dense_state, str(st))
-    models = {p.name: load_model(ModelSpec("densenet121", str(p))) for p in (plain, seq, dp, st)}
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"state_dict": _chexnet_dataparallel(dense_state)}, legacy, _use_new_zipfile_serialization=False)
+    models = {p.name: load_model(ModelSpec("densenet121", str(p))) for p in (plain, seq, dp, st, legacy)}
     assert len({m.version for m in models.values()}) == 1
+    for p in (plain, seq, dp, st, legacy):  # the torch-free header check (pipeline.run.validate) accepts each, from its shapes
+        assert len(tensor_shapes(str(p))) >= 727 - 121, p.name  # 121 num_batches_tracked absent from the CheXNet format
+        check_header(str(p), "densenet121", CHEXNET_FINDINGS)
     m = models[dp.name]
     assert torch.equal(m.classifier.weight, dense_state["classifier.weight"])
     assert torch.equal(m.features.denseblock1.denselayer1.norm1.running_var, dense_state["features.denseblock1.denselayer1.norm1.running_var"])
@@ -212,3 +219,10 @@ def test_a_shard_fails_when_the_checkpoint_changes_after_the_run_checked_it(tmp_
     finally:
         model_cache._CACHE.pop((prep.spec.model, prep.spec.device), None)
     assert not list((tmp_path / "out").glob("runs/*/predictions/*.parquet"))  # nothing written under the old name
+
+
+def test_the_shapes_the_header_check_expects_are_the_architectures_own():
+    """arch_shapes.json is what the registered architectures build (regenerate: python -m pipeline.inference.checkpoint_header --write)."""
+    import json
+
+    assert json.loads(SHAPES_FILE.read_text()) == json.loads(json.dumps(write_shapes()))

@@ -95,6 +95,27 @@ def test_no_patient_in_both_train_and_test():
         assert not set(patients[train]) & set(patients[test])
 
 
+def test_a_probe_that_does_not_converge_is_noted_in_its_table_and_warns_nobody(monkeypatch):
+    import warnings
+
+    import pipeline.analysis.identifiability as ident
+
+    rng = np.random.default_rng(0)
+    n = 200
+    manifest = pd.DataFrame({"row": np.arange(n), "patient_id": [f"p{i}" for i in range(n)], "image_id": [f"i{i}" for i in range(n)],
+                             "site": rng.choice(["A", "B"], n)})
+    x = rng.normal(size=(n, 16)) + (manifest.site.to_numpy() == "A")[:, None]
+    cfg = ProbeConfig(targets=("site",), cells=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (sklearn's ConvergenceWarning included) fails the test
+        summary, _, _ = ident.run_probes(manifest, manifest.row.to_numpy(), {"embedding": x}, None, cfg)
+        assert summary[0]["notes"] is None  # 300 iterations are plenty here
+        monkeypatch.setattr(ident, "LOGISTIC_MAX_ITER", 1)
+        summary, _, _ = ident.run_probes(manifest, manifest.row.to_numpy(), {"embedding": x}, None, cfg)
+    assert "lbfgs stopped at max_iter=1 before converging in 5 of 5 folds" in summary[0]["notes"]
+    assert "scored as fitted" in summary[0]["notes"]
+
+
 @pytest.mark.slow
 def test_ap_vs_pa_is_identifiable_on_real_films_with_random_densenet(tmp_path):
     from .conftest import shared_or_skip

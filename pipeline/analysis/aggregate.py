@@ -7,6 +7,7 @@ partition task reads only its own rows of maps.zarr, one chunk at a time.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import dask
@@ -35,6 +36,8 @@ from pipeline.store.layout import OutputStore
 from pipeline.store.storage import exists, join
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
+
+log = logging.getLogger("cxr_audit")
 
 GRID = 7
 _I, _J = np.divmod(np.arange(GRID * GRID), GRID)
@@ -292,6 +295,7 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     probs = preds.set_index("row").loc[ctx.rows, list(findings)].to_numpy(np.float64)
     meta = {"findings": list(findings), "model_version": model_version, "by": list(config.by), "min_n": config.min_n}
 
+    log.info(f"aggregates: region statistics over {len(ctx.rows):,} films")
     acc = accumulate(store.maps(model_version), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler, store.options)
     anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool).reshape(-1)
     tables = {
@@ -304,6 +308,7 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     if config.identifiability:
+        log.info(f"probes: fitting {', '.join(config.targets)} from the embedding, the maps and each cell")
         tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
     tables.update(verdict_tables(manifest, ctx, probs, maps, findings, anatomy, tables.get("localization_boxes"), meta))
     from schemas.meta import with_model_version

@@ -105,11 +105,14 @@ def _logistic(x, y):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped at 300 iterations is still a probe
-        clf.fit(x, y)
-    return clf.classes_, clf.predict_proba
+    # Not catch_warnings(): it swaps the process-wide filter list, and the fits run on several threads,
+    # so one thread's exit restored a list without the filter while another was fitting (the warning
+    # then reached the user's terminal). Convergence is read off n_iter_ instead, and the probe table's
+    # notes say so (run_probes).
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=LOGISTIC_MAX_ITER, C=1.0))
+    clf.fit(x, y)
+    return clf.classes_, clf.predict_proba, bool((clf[-1].n_iter_ < LOGISTIC_MAX_ITER).all())
 
 
 def _ridge(x, y, lam: float = 1.0):
@@ -123,21 +126,33 @@ def _ridge(x, y, lam: float = 1.0):
     reg = lam * np.eye(a.shape[1])
     reg[0, 0] = 0  # no penalty on the intercept
     w = np.linalg.solve(a.T @ a + reg, a.T @ (y[:, None] == classes[None, :]))
-    return classes, lambda z: np.c_[np.ones(len(z)), (z.astype(np.float64) - mu) / sd] @ w
+    return classes, lambda z: np.c_[np.ones(len(z)), (z.astype(np.float64) - mu) / sd] @ w, True
 
 
-PROBES = {"logistic": _logistic, "ridge": _ridge}  # name -> fit(x, y) -> (classes, scores(x)); AUCs use only the ranks
+PROBES = {"logistic": _logistic, "ridge": _ridge}  # name -> fit(x, y) -> (classes, scores(x), converged); AUCs use only the ranks
+LOGISTIC_MAX_ITER = 300
 
 
-def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig(), probe: str | None = None) -> np.ndarray:
+def convergence_note(unconverged: int, n_folds: int) -> str:
+    return (f"lbfgs stopped at max_iter={LOGISTIC_MAX_ITER} before converging in {unconverged} of {n_folds} folds; "
+            "those folds' probes were scored as fitted at the cap (out-of-fold, so the AUC stays an honest estimate of that fit)")
+
+
+def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig(), probe: str | None = None,
+              unconverged: list | None = None) -> np.ndarray:
     """Out-of-fold class scores (probabilities for 'logistic') for every row; each fold trains on at
-    most cfg.max_rows of its training rows (a seeded, class-stratified subsample), so large runs stay fast."""
+    most cfg.max_rows of its training rows (a seeded, class-stratified subsample), so large runs stay fast.
+    ``unconverged``: a list that gets one entry per fold whose fit stopped before converging."""
     out = np.zeros((len(y_idx), n_classes))
-    for train, test in splits:
+    for k, (train, test) in enumerate(splits):
         train = train[subsample(y_idx[train], cfg)]
-        classes, score = PROBES[probe or cfg.probe](x[train].astype(np.float32), y_idx[train])
+        # copy=False: the fold's rows are already a copy (fancy indexing); at 112k films x 686 map
+        # values, each needless copy of them is ~250 MB of the driver's peak
+        classes, score, converged = PROBES[probe or cfg.probe](x[train].astype(np.float32, copy=False), y_idx[train])
+        if not converged and unconverged is not None:
+            unconverged.append(k)
         p = np.zeros((len(test), n_classes))
-        p[:, classes] = score(x[test].astype(np.float32))
+        p[:, classes] = score(x[test].astype(np.float32, copy=False))
         out[test] = p
     return out
 
@@ -198,13 +213,16 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
 
     def fit(job):  # one target x feature source: an independent task, BLAS on one thread (threads_map)
         _, _, name, ok, y_idx, splits, classes = job
-        proba = oof_proba(features[name][ok], y_idx, splits, len(classes), cfg)
-        return proba, probe_metrics(y_idx, proba, splits)
+        unconverged: list[int] = []
+        x = features[name] if ok.all() else features[name][ok]  # no copy of the whole feature matrix when every row counts
+        proba = oof_proba(x, y_idx, splits, len(classes), cfg, unconverged=unconverged)
+        return proba, probe_metrics(y_idx, proba, splits), (convergence_note(len(unconverged), len(splits)) if unconverged else None)
 
-    for (slot, base, name, ok, y_idx, _, classes), (proba, metrics) in zip(fits, threads_map(fit, fits)):
+    for (slot, base, name, ok, y_idx, _, classes), (proba, metrics, note) in zip(fits, threads_map(fit, fits)):
         summary[slot] = {**base, "features": name, **metrics}
-        if metrics["auc"] < 0.5:  # noise of a probe at chance, not a model that is "worse than chance"
-            summary[slot]["notes"] = "; ".join(filter(None, [base["notes"], "AUC below 0.5 reads as chance (CI bounded at 0.5)"]))
+        below = "AUC below 0.5 reads as chance (CI bounded at 0.5)" if metrics["auc"] < 0.5 else None  # noise, not "worse than chance"
+        if note or below:
+            summary[slot]["notes"] = "; ".join(n for n in (base["notes"], note, below) if n)
         if name == "embedding":
             true_p = proba[np.arange(len(y_idx)), y_idx]
             for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):

@@ -12,7 +12,6 @@ import io
 import json
 import pickle
 import pickletools
-import re
 import struct
 import zipfile
 
@@ -20,14 +19,7 @@ import fsspec
 import torch
 
 from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
-
-CONVERT_HINT = (
-    "If you trust the file's origin, convert it once with\n"
-    "    python -m jobs.convert_checkpoint --trust-pickle {path} {stem}.safetensors\n"
-    "and pass the .safetensors file to --checkpoint."
-)
-_OLD_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
-_PREFIXES = ("module.", "densenet121.", "model.")
+from pipeline.inference.checkpoint_header import CONVERT_HINT, normalize_keys  # noqa: F401 - normalize_keys re-exported (its torch-free home)
 
 
 MAX_CHECKPOINT_BYTES = 4 * 2**30  # DenseNet-121 is 28 MB; a file this large is not a CAM classifier
@@ -190,29 +182,6 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
         if tensors:
             return tensors
     raise CheckpointError(f"{path} holds no tensors I can use as a state_dict (found {type(obj).__name__})")
-
-
-def normalize_keys(state: dict[str, torch.Tensor], target_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to the model's: strip wrappers, modernise DenseNet names, classifier."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        k = key
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p) and k not in target_keys:
-                    k, changed = k[len(p):], True
-        m = _OLD_DENSE.match(k)
-        if m and k not in target_keys:
-            k = m.group(1) + m.group(2)  # 'norm.1.weight' -> 'norm1.weight'
-        if k not in target_keys:
-            alt = {"classifier.weight": "classifier.0.weight", "classifier.bias": "classifier.0.bias",
-                   "classifier.0.weight": "classifier.weight", "classifier.0.bias": "classifier.bias"}.get(k)
-            if alt in target_keys:
-                k = alt
-        out[k] = value
-    return out
 
 
 def fingerprint(state: dict[str, torch.Tensor], findings: tuple[str, ...]) -> str:

@@ -67,11 +67,14 @@ class RunCluster:
         self._worker_logs = None
         self._store = cfg.output.store()
         if client is None:
-            from pipeline.run.cluster import ClusterStarter, load_profile
+            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, load_profile
 
             quiet_dask_logs()
             self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout, warm=warm_args(cfg, self.profile))
+            early = CLUSTER_TYPES[self.profile.type].early
+            log.info(f"cluster {self.profile.name}: " + ("starting in the background (workers load the model while the run is prepared)"
+                                                         if early else "asked for workers when the first shard is ready"))
 
     @property
     def client(self):
@@ -165,6 +168,10 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
     with run_lock(store) as note:
         if note:
             log.warning(note)
+        else:
+            done = nothing_changed(cfg, store)
+            if done is not None:
+                return done
         clean_temporaries(store)
         previous = previous_latest(store)
         cluster = RunCluster(cfg, client)
@@ -182,7 +189,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
                 publish(store, info)
                 info["drift_text"] = drift_step(store, previous, info)
                 if cfg.output.report:
-                    info["report"] = report_step(store, info)
+                    info["report"] = report_step(store, info, cfg.aggregate)
                 else:
                     record_step(store, info, "report", "skipped")
         finally:
@@ -191,6 +198,27 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
 
 
 # ---- the steps -------------------------------------------------------------------------------------
+
+def nothing_changed(cfg, store: OutputStore) -> dict | None:
+    """The no-op: when nothing changed since the latest complete run (pipeline.run.uptodate), record
+    this rerun in run.json's ``reruns`` and return the run (``nothing_changed`` set); else None.
+    Starts no cluster, loads no model, imports neither torch nor pandas."""
+    from pipeline.run.uptodate import check, now, record_rerun
+
+    t, started = time.perf_counter(), now()
+    try:
+        found, why = check(cfg, store)
+    except Exception as e:  # noqa: BLE001 - the full run finds (and reports) whatever this tripped on
+        found, why = None, f"{type(e).__name__}: {redact(str(e))[:200]}"
+    if found is None:
+        if why != "no complete run yet":
+            log.info(f"rerun: {why} ({time.perf_counter() - t:.1f} s to find out)")
+        return None
+    seconds = {**found.seconds, "total": time.perf_counter() - t}
+    run = record_rerun(store, found.model_version, {"started": started, "finished": now(), "outcome": "nothing changed",
+                                                    "seconds": seconds}, found.restamped)
+    return {**run, "nothing_changed": True, "check_seconds": seconds["total"]}
+
 
 def clean_temporaries(store: OutputStore) -> int:
     """Delete the *.tmp-* files an interrupted writer left (only while holding the lock)."""
@@ -334,22 +362,30 @@ def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | No
     return text
 
 
-def report_step(store: OutputStore, info: dict) -> str | None:
+def report_step(store: OutputStore, info: dict, agg=None) -> str | None:
     """The run's HTML report (a report that fails to build never fails the run)."""
     from pipeline.reporting.hook import report_after_run
 
+    from pipeline.run.uptodate import current_aggregates
+
+    log.info("report: drawing")
     path = report_after_run(store, info["model_version"])
-    record_step(store, info, "report", "done" if path else "failed")
+    # what it was drawn from: a rerun with the same aggregates keeps it (pipeline.run.uptodate)
+    digest = current_aggregates(store, info["model_version"], agg) if path and agg is not None else None
+    record_step(store, info, "report", "done" if path else "failed", report_inputs=digest)
     return path
 
 
-def record_step(store: OutputStore, info: dict, step: str, status: str) -> None:
-    """Add one step's status to run.json (and to info), rewriting it atomically."""
+
+def record_step(store: OutputStore, info: dict, step: str, status: str, **fields) -> None:
+    """Add one step's status (and any other fields) to run.json and to info, rewriting it atomically."""
     info.setdefault("steps", {})[step] = status
+    info.update(fields)
     url = store.run_json(info["model_version"])
     current, _ = store.read_json_safe(url)
     current = current if isinstance(current, dict) else {k: v for k, v in info.items() if k not in ("report", "drift_text")}
     current["steps"] = {**current.get("steps", {}), step: status}
+    current.update(fields)
     store.write_json(url, current)
 
 

@@ -7,7 +7,7 @@ from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
 from pipeline.inference.model_spec import ModelSpec
 from pipeline.run.runspec import RunSpec
-from pipeline.store.shard_check import check_shard
+from pipeline.store.shard_check import check_shard, chunk_layout
 from pipeline.run.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
 
@@ -41,8 +41,12 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
             problems.append(f"runs/{mv}/run.json: no usable identity ({type(e).__name__})")
             continue
         n_rows = int(max(manifest.column("row").to_pylist(), default=-1)) + 1
+        try:
+            layout = chunk_layout(spec.maps_url, dict(store.storage_options))  # read once for every shard
+        except Exception:  # noqa: BLE001 - each shard's check reports an unreadable maps.zarr
+            layout = None
         for s in plan_shards(manifest, spec.shard_size, n_rows, cfg.get("limit")):
-            st = check_shard(s, spec, verify=verify)
+            st = check_shard(s, spec, verify=verify, layout=layout)
             if st.state == "damaged":
                 problems.append(f"runs/{mv} shard {s.index}: {'; '.join(st.problems)} (a rerun rescores it)")
     return problems

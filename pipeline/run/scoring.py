@@ -5,6 +5,7 @@ The job in jobs/score_dataset.py only wires these steps and the shard tasks into
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,16 @@ from pipeline.sources.manifest import ManifestResult, build_manifest, dataset_fi
 from pipeline.store.bookkeeping import check_rebuilt_manifest, previous_manifest
 from pipeline.store.maps_store import create_maps
 from pipeline.inference.precision import run_version
-from pipeline.store.shard_check import check_shard, retry_rows
-from pipeline.core.redact import redact_columns, redact_obj
+from pipeline.store.shard_check import check_shard, chunk_layout, retry_rows
+from pipeline.core.redact import redact, redact_columns, redact_obj
 from pipeline.run.config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.run.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
 
 if TYPE_CHECKING:
     from pipeline.run.runspec import RunSpec  # imported lazily at run time (it imports torch)
+
+log = logging.getLogger("cxr_audit")
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (pipeline.run.config) stays fast: a config error in well under 2 s.
@@ -48,6 +51,7 @@ class PreparedRun:
     timings: dict
     pending: list[Shard]
     notes: list[str] = field(default_factory=list)  # bookkeeping repaired while preparing
+    inputs: dict = field(default_factory=dict)  # what a rerun compares to know nothing changed (pipeline.run.uptodate)
 
 
 def code_version() -> str:
@@ -81,6 +85,10 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
     mspec = cfg.model_spec()
+    from pipeline.run.uptodate import checkpoint_identity, manifest_paths, source_stamp, stats_before_build
+
+    log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
+    ckpt_identity = checkpoint_identity(cfg.model.checkpoint, store.options)  # before loading: a later rewrite is seen
     model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
         grid = tuple(model.features(torch.zeros(1, 3, 224, 224)).shape[-2:])
@@ -89,6 +97,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     t = time.perf_counter()
     notes: list[str] = []
     previous, why = previous_manifest(store)
+    log.info(f"manifest: reading {', '.join(redact(d) for d in cfg.data.datasets)}")
+    before, built_at = stats_before_build(cfg, store), time.time_ns()
     result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
@@ -100,6 +110,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
     store.write_parquet(store.manifest, redact_columns(result.manifest))
     store.write_parquet(store.manifest_issues, redact_columns(result.issues))
+    inputs = {"checkpoint": ckpt_identity, "sources": source_stamp(cfg, before, manifest_paths(store), built_at)}
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
@@ -128,8 +139,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
         create_cache(resolved.cache_root, spec.preprocess, n_rows, spec.shard_size, store.options)
     shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
     pending = []
+    layout = chunk_layout(spec.maps_url, store.options)  # maps.zarr's metadata read once, not per shard
     for s in shards:
-        st = check_shard(s, spec, verify=cfg.output.verify)
+        st = check_shard(s, spec, verify=cfg.output.verify, layout=layout)
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
@@ -143,8 +155,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     # The configuration as a file `--config` reads back (run.json has what it resolved to).
     store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
     store.write_json(store.run_json(spec.model_version), {**_run_json(resolved, spec, fp, "running", _now(), None, timings, history),
-                                                          "steps": {"prepare": "done"}})
-    return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes)
+                                                          "steps": {"prepare": "done"}, "inputs": inputs,
+                                                          **({"reruns": previous_run["reruns"]} if previous_run and previous_run.get("reruns") else {})})
+    return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes, inputs)
 
 
 def _check_maps_identity(spec: "RunSpec") -> None:  # noqa: F821 - imported lazily (torch)
@@ -193,7 +206,8 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     The status is 'running' (scoring done, aggregates next: see finish_run), 'incomplete' (shards
     missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction)."""
     spec, store = prep.spec, prep.spec.store
-    states = [check_shard(s, spec) for s in prep.shards]
+    layout = chunk_layout(spec.maps_url, store.options)
+    states = [check_shard(s, spec, layout=layout) for s in prep.shards]
     records = [st.record for st in states if st.usable]
     errors = [e for r in records for e in r["errors"]]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
@@ -224,6 +238,9 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     run = _run_json(prep.resolved, spec, prep.dataset_fingerprint, status, started, counts, timings,
                     current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
     run["steps"] = {**current.get("steps", {}), "scoring": "done" if status == "running" else status}
+    run["inputs"] = prep.inputs
+    if current.get("reruns"):
+        run["reruns"] = current["reruns"]
     store.write_json(store.run_json(spec.model_version), run)
     return run
 

@@ -29,6 +29,45 @@ def _must_exist(url: str | None, flag: str, what: str) -> None:
         raise ConfigError(f"{flag} {url}: no such file. Pass the path of {what}.")
 
 
+def _check_nih_root(root: str, location: str) -> None:
+    """nih:ROOT is the folder holding Data_Entry_2017*.csv and images/ or images_0XX/images/."""
+    from pipeline.sources.adapters import NIH_METADATA
+
+    if not os.path.isdir(root) or any(os.path.exists(os.path.join(root, n)) for n in NIH_METADATA):
+        return
+    parent = os.path.dirname(os.path.abspath(root.rstrip("/")))
+    for up in (parent, os.path.dirname(parent)):
+        if any(os.path.exists(os.path.join(up, n)) for n in NIH_METADATA):
+            raise ConfigError(f"--dataset nih:{location} is a folder of images inside the ChestX-ray14 folder; "
+                              f"pass the folder that holds {NIH_METADATA[0]}: --dataset nih:{up}")
+    raise ConfigError(f"--dataset nih:{location}: no {NIH_METADATA[0]} or {NIH_METADATA[2]} in {root}; "
+                      "point nih: at the ChestX-ray14 folder, or pass the metadata file with --metadata URL")
+
+
+def _check_manifest_columns(path: str, location: str) -> None:
+    """A manifest file needs image_id and path columns (read from its header only)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--dataset manifest:{location} is a folder; pass a CSV or Parquet manifest file")
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            columns = list(pq.read_schema(path).names)
+        else:
+            import csv
+            import gzip
+
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
+                columns = [c.strip() for c in next(csv.reader([f.readline()]), [])]
+    except (OSError, ValueError, EOFError):
+        return  # unreadable: the manifest step says why, with its own message
+    missing = [c for c in ("image_id", "path") if c not in columns]
+    if missing and any(columns):  # an empty file: the manifest step says so
+        raise ConfigError(f"--dataset manifest:{location} has no {' or '.join(missing)} column (its columns: {', '.join(columns[:10]) or 'none'}); "
+                          "a manifest needs image_id and path (the film's path or URL, relative to the manifest's folder or absolute)")
+
+
 def check_cluster(profile) -> None:
     """The profile's cluster class is installed and its scheduler command is on PATH (what its
     cluster type says it needs: pipeline.run.cluster.CLUSTER_TYPES)."""
@@ -62,9 +101,17 @@ def validate(cfg):
         root = _local_path(s.location)
         if root is not None and not os.path.exists(root):
             raise ConfigError(f"--dataset {s.adapter}:{s.location}: {root} does not exist")
+        if root is not None and s.adapter == "nih" and not d.metadata:
+            _check_nih_root(root, s.location)
+        if root is not None and s.adapter == "manifest":
+            _check_manifest_columns(root, s.location)
+    check_arch(m.arch)  # a module:callable must be importable
     if not m.checkpoint.startswith("random:"):
         _must_exist(m.checkpoint, "--checkpoint", "a .safetensors or .pt/.pth state_dict")
-    check_arch(m.arch)  # a module:callable must be importable
+        if _local_path(m.checkpoint) is not None:
+            from pipeline.inference.checkpoint_header import check_header
+
+            check_header(m.checkpoint, m.arch, tuple(m.findings))  # the tensor shapes against --arch, from the header
     if m.baselines not in BASELINE_MODES:
         _must_exist(m.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
     _must_exist(d.metadata, "--metadata", "the metadata CSV")

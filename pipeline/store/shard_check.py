@@ -52,15 +52,21 @@ def _size(fs, path: str) -> int | None:
         return None
 
 
-def chunk_paths(maps_url: str, start: int, storage_options: dict | None = None) -> dict[str, str]:
-    """Store path of the chunk holding row `start` in each array of maps.zarr (one per array: a
-    shard is exactly one chunk along rows)."""
+def chunk_layout(maps_url: str, storage_options: dict | None = None) -> list[tuple[str, int, int, object, str]]:
+    """What locating a row's chunks needs, read once from maps.zarr's metadata: per array its name,
+    chunk length along rows, rank, chunk key encoder and the store's base path. Checking every
+    shard of a run opens the group once with it, not once per shard."""
     g = open_maps(maps_url, "r", storage_options)
     _, base = url_to_fs(maps_url, storage_options)
+    return [(name, arr.chunks[0], arr.ndim, arr.metadata.encode_chunk_key, base.rstrip("/")) for name, arr in sorted(g.arrays())]
+
+
+def chunk_paths(maps_url: str, start: int, storage_options: dict | None = None, layout=None) -> dict[str, str]:
+    """Store path of the chunk holding row `start` in each array of maps.zarr (one per array: a
+    shard is exactly one chunk along rows). ``layout``: chunk_layout's, when already read."""
     out = {}
-    for name, arr in sorted(g.arrays()):
-        idx = (start // arr.chunks[0],) + (0,) * (arr.ndim - 1)
-        out[name] = f"{base.rstrip('/')}/{name}/{arr.metadata.encode_chunk_key(idx)}"
+    for name, chunk, ndim, encode, base in layout or chunk_layout(maps_url, storage_options):
+        out[name] = f"{base}/{name}/{encode((start // chunk,) + (0,) * (ndim - 1))}"
     return out
 
 
@@ -91,8 +97,9 @@ def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | N
     return rec, None
 
 
-def check_shard(shard, spec, verify: bool = False) -> ShardState:
-    """Is this shard's work done, with its outputs intact? Cheap by default (sizes only)."""
+def check_shard(shard, spec, verify: bool = False, layout=None) -> ShardState:
+    """Is this shard's work done, with its outputs intact? Cheap by default (sizes only).
+    ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards."""
     so = dict(spec.storage_options)
     rec, why = read_record(spec.record_url(shard.index), so)
     if why:
@@ -103,13 +110,13 @@ def check_shard(shard, spec, verify: bool = False) -> ShardState:
         return ShardState("stale", rec, ("record is for other rows or another model",))
     if rec.get("status") not in DONE_STATUSES or rec.get("record_version") != RECORD_VERSION or "outputs" not in rec:
         return ShardState("stale", rec, (f"record status {rec.get('status')!r}, version {rec.get('record_version')}",))
-    problems = _check_outputs(rec, shard, spec, so, verify)
+    problems = _check_outputs(rec, shard, spec, so, verify, layout)
     if problems:
         return ShardState("damaged", rec, tuple(problems))
     return ShardState("partial" if rec["status"] == "partial" else "done", rec)
 
 
-def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
+def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool, layout=None) -> list[str]:
     problems = []
     fp = rec["outputs"]
     fs, part = url_to_fs(spec.part_url(shard.index), so)
@@ -133,7 +140,7 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
             except Exception as e:  # noqa: BLE001 - any unreadable part is damage
                 problems.append(f"predictions part unreadable ({type(e).__name__})")
     try:
-        paths = chunk_paths(spec.maps_url, shard.start, so)
+        paths = chunk_paths(spec.maps_url, shard.start, so, layout)
     except Exception as e:  # noqa: BLE001 - an unreadable group is damage to every shard
         return problems + [f"maps.zarr unreadable ({type(e).__name__})"]
     for name, want_c in fp["chunks"].items():

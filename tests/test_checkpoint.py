@@ -7,7 +7,8 @@ import torch
 
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.inference.checkpoint import save_safetensors
-from pipeline.inference.checkpoint_header import SHAPES_FILE, check_header, tensor_shapes, write_shapes
+from pipeline.inference.arch_shapes import write_shapes
+from pipeline.inference.checkpoint_header import SHAPES_FILE, check_header, tensor_shapes
 from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
 from pipeline.inference.model import ModelSpec, load_model
 from pipeline.inference.tiny_net import TinyCAMNet
@@ -222,7 +223,7 @@ def test_a_shard_fails_when_the_checkpoint_changes_after_the_run_checked_it(tmp_
 
 
 def test_the_shapes_the_header_check_expects_are_the_architectures_own():
-    """arch_shapes.json is what the registered architectures build (regenerate: python -m pipeline.inference.checkpoint_header --write)."""
+    """arch_shapes.json is what the registered architectures build (regenerate: python -m pipeline.inference.arch_shapes)."""
     import json
 
     assert json.loads(SHAPES_FILE.read_text()) == json.loads(json.dumps(write_shapes()))

@@ -3,7 +3,7 @@
 ``.safetensors``: the JSON header. torch files (zip or legacy): the pickle, read by an unpickler
 that builds shape records instead of tensors and refuses every class torch's ``weights_only``
 loader would refuse (a pickled whole model). With the shapes each registered architecture needs
-(``arch_shapes.json``, written by ``python -m pipeline.inference.checkpoint_header --write`` and
+(``arch_shapes.json``, written by ``python -m pipeline.inference.arch_shapes`` and
 checked by a test), the job refuses a checkpoint of another network, an ImageNet head or a pickled
 model before it starts anything (pipeline.run.validate): in milliseconds, not after the cluster is up.
 """
@@ -245,26 +245,3 @@ def check_header(path: str, arch: str, findings: tuple[str, ...], storage_option
         k = wrong[0]
         raise CheckpointError(f"{path}: {len(wrong)} tensors have the wrong shape, e.g. {k} is {tuple(state[k])} "
                               f"but --arch {arch} needs {tuple(target[k])}. Check --arch.")
-
-
-def write_shapes() -> dict:
-    """Regenerate arch_shapes.json from the registered architectures (imports torch)."""
-    from pipeline.inference.architectures import ARCHITECTURES, build_arch
-    from pipeline.inference.model import cam_head
-
-    archs = {}
-    for name in ARCHITECTURES:
-        net = build_arch(name, 14)
-        _, clf = cam_head(net, name)
-        archs[name] = {"classifier": [n for n, p in net.named_parameters() if p is clf.weight or p is clf.bias],
-                       "shapes": {k: list(v.shape) for k, v in net.state_dict().items()}}
-    return {"_": "written by python -m pipeline.inference.checkpoint_header --write; shapes at 14 outputs",
-            "aliases": {"pipeline.inference.tiny_net:tiny_cam_net": "tiny"}, "archs": archs}
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--write"]:
-        SHAPES_FILE.write_text(json.dumps(write_shapes(), separators=(",", ":")) + "\n")
-        print(f"wrote {SHAPES_FILE}")

@@ -1,0 +1,85 @@
+"""Issue 27 ("lose nothing, round two"): faults and hostile inputs an independent attack found.
+
+Faults are real (processes killed or stopped, files corrupted on disk); each run's final outputs are
+compared with an undisturbed run of the same input: no row lost, duplicated or wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from jobs.score_dataset import main
+
+from .conftest import TINY_ARCH
+
+
+def _args(dataset: str, out: Path, ckpt: str, *extra) -> list[str]:
+    return ["--dataset", dataset, "--checkpoint", ckpt, "--arch", TINY_ARCH, "--out", str(out),
+            "--shard-size", "8", "--cluster", "inprocess", "--no-report", *extra]
+
+
+def _run_dir(out: Path) -> Path:
+    return out / "runs" / json.loads((out / "latest.json").read_text())["model_version"]
+
+
+def _preds(run_dir: Path):
+    return pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row")
+
+
+def _issues(out: Path):
+    return pq.read_table(out / "manifest_issues.parquet").to_pandas()
+
+
+# ---------------------------------------------------------------- hostile inputs
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_reason(tmp_path, tiny_nih, tiny_ckpt):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    films = sorted(data.glob("images_*/images/*.png"))
+    bad = os.fsencode(films[0].parent) + b"/caf\xe9.png"  # Latin-1 bytes, as a Windows share may give
+    Path(os.fsdecode(bad)).write_bytes(films[0].read_bytes())
+    out = tmp_path / "nih"
+    assert main(_args(f"nih:{data}", out, tiny_ckpt)) == 0  # was: UnicodeEncodeError, exit 1
+    issues = _issues(out)
+    row = issues[issues.reason == "bad_file_name"]
+    assert len(row) == 1 and row.path.iloc[0].endswith("caf\\xe9.png") and "rename" in row.detail.iloc[0]
+    assert _preds(_run_dir(out)).num_rows == 40
+
+    # manifest: a film list beside a folder holding such a name
+    (data / "films.csv").write_text("image_id,path\n" + "".join(f"{f.name},{f.relative_to(data)}\n" for f in films[:8]))
+    out = tmp_path / "manifest"
+    assert main(_args(f"manifest:{data / 'films.csv'}", out, tiny_ckpt)) == 0
+    assert _preds(_run_dir(out)).num_rows == 8
+
+
+def test_symbolic_links_out_of_the_root_are_refused(tmp_path, tiny_nih, tiny_ckpt):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    films = sorted(tiny_nih.glob("images_*/images/*.png"))
+    outside = elsewhere / "other.png"
+    outside.write_bytes(films[0].read_bytes())
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in films[:6]:
+        shutil.copy(f, data / f.name)
+    (data / "passwd.png").symlink_to("/etc/passwd")
+    (data / "other.png").symlink_to(outside)
+    (data / "inside.png").symlink_to(data / films[1].name)  # a link that stays inside is a film like any other
+    names = [f.name for f in films[:6]] + ["passwd.png", "other.png", "inside.png"]
+    (data / "films.csv").write_text("image_id,path\n" + "".join(f"{n},{n}\n" for n in names))
+    out = tmp_path / "out"
+    assert main(_args(f"manifest:{data / 'films.csv'}", out, tiny_ckpt)) == 0
+    issues = _issues(out)
+    refused = issues[issues.reason == "outside_root"].set_index("image_id")
+    assert sorted(refused.index) == ["other.png", "passwd.png"]
+    assert "/etc/passwd" in refused.detail["passwd.png"] and "--allow-root" in refused.detail["passwd.png"]
+    run = _run_dir(out)
+    assert _preds(run).num_rows == 7 and pq.read_table(run / "errors.parquet").num_rows == 0  # /etc/passwd never read
+    # the user may allow the other folder
+    out2 = tmp_path / "out2"
+    assert main(_args(f"manifest:{data / 'films.csv'}", out2, tiny_ckpt, "--allow-root", str(elsewhere))) == 0
+    assert sorted(_issues(out2).query("reason == 'outside_root'").image_id) == ["passwd.png"]
+    assert _preds(_run_dir(out2)).num_rows == 8

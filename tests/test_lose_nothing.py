@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.score_dataset import main
 
@@ -83,3 +84,18 @@ def test_symbolic_links_out_of_the_root_are_refused(tmp_path, tiny_nih, tiny_ckp
     assert main(_args(f"manifest:{data / 'films.csv'}", out2, tiny_ckpt, "--allow-root", str(elsewhere))) == 0
     assert sorted(_issues(out2).query("reason == 'outside_root'").image_id) == ["passwd.png"]
     assert _preds(_run_dir(out2)).num_rows == 8
+
+
+def test_credentials_never_reach_config_yaml_or_a_usage_error(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    out = tmp_path / "out"
+    root = "https://auditor:s3cret-pw@films.example.org/share?sig=s3cret-sig"
+    assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "8", "--allow-root", root)) == 0
+    written = (_run_dir(out) / "config.yaml").read_text()
+    assert "s3cret" not in written and "REDACTED" in written and "films.example.org" in written
+    capsys.readouterr()
+    for typo in (["--storage-optoin", "key=s3cret-key"], ["--bogus=https://u:s3cret@h/x"], ["--storage-optoin=key=s3cret"]):
+        with pytest.raises(SystemExit) as e:
+            main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, *typo))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and typo[0].split("=")[0] in err and "s3cret" not in err, err

@@ -99,3 +99,18 @@ def test_credentials_never_reach_config_yaml_or_a_usage_error(tmp_path, tiny_nih
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "unrecognized arguments" in err and typo[0].split("=")[0] in err and "s3cret" not in err, err
+
+
+def test_only_the_jobs_own_temporaries_are_removed(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    out = tmp_path / "out"
+    assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "8")) == 0
+    mine = [out / "notes.tmp-1", out / "runs" / "draft.parquet.tmp-0123abcd", out / "backup" / "x.json.tmp-" ]
+    for f in mine:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("the user's")
+    left = next(out.glob("runs/*/predictions")) / "part-000000.parquet.tmp-cxr-0123456789abcdef0123456789abcdef"
+    left.write_bytes(b"half a part")  # what a writer of the job killed mid-write leaves
+    capsys.readouterr()
+    assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "8")) == 0
+    assert "removed 1 half-written temporary files" in capsys.readouterr().err
+    assert not left.exists() and all(f.read_text() == "the user's" for f in mine)

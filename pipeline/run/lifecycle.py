@@ -193,7 +193,8 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
 # ---- the steps -------------------------------------------------------------------------------------
 
 def clean_temporaries(store: OutputStore) -> int:
-    """Delete the *.tmp-* files an interrupted writer left (only while holding the lock)."""
+    """Delete the temporaries (``*.tmp-cxr-<hex>``) an interrupted writer of this job left (only
+    while holding the lock); a user's own ``*.tmp-*`` files are left alone."""
     removed = store.remove_temp_files()
     if removed:
         log.info(f"removed {removed} half-written temporary files left by an interrupted run")

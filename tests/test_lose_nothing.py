@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -114,3 +117,35 @@ def test_only_the_jobs_own_temporaries_are_removed(tmp_path, tiny_nih, tiny_ckpt
     assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "8")) == 0
     assert "removed 1 half-written temporary files" in capsys.readouterr().err
     assert not left.exists() and all(f.read_text() == "the user's" for f in mine)
+
+
+# ---------------------------------------------------------------- faults
+ROOT = Path(__file__).resolve().parents[1]
+_KILLED_IN_DRIFT = """
+import os, signal, sys
+import pipeline.analysis.drift as d
+d.drift = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed between publish and drift
+from jobs.score_dataset import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _drift_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "drift").rglob("*.parquet"))}
+
+
+def test_a_kill_between_publish_and_drift_is_resumed(tmp_path, tiny_nih, tiny_ckpt):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    for o in (ref, out):
+        assert main(_args(f"nih:{tiny_nih}", o, tiny_ckpt, "--limit", "16")) == 0
+    assert main(_args(f"nih:{tiny_nih}", ref, "random:2", "--limit", "16")) == 0  # undisturbed
+    proc = subprocess.run([sys.executable, "-c", _KILLED_IN_DRIFT, *_args(f"nih:{tiny_nih}", out, "random:2", "--limit", "16")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = _run_dir(out)  # published: latest.json already names the new run
+    assert json.loads((run / "run.json").read_text())["steps"]["drift"] == "pending" and not (out / "drift").exists()
+    assert main(_args(f"nih:{tiny_nih}", out, "random:2", "--limit", "16")) == 0
+    assert json.loads((run / "run.json").read_text())["steps"]["drift"] == "done"
+    drift = _drift_files(out)
+    assert drift and drift.keys() == _drift_files(ref).keys()
+    assert json.loads(next((out / "drift").rglob("summary.json")).read_text()) == json.loads(next((ref / "drift").rglob("summary.json")).read_text())

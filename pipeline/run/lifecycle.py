@@ -179,8 +179,8 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         try:
             if info["status"] == "complete":
                 check_interrupt()  # a complete run; interrupted before it becomes latest
-                publish(store, info)
-                info["drift_text"] = drift_step(store, previous, info)
+                publish(store, info, previous)
+                info["drift_text"] = drift_step(store, drift_from(info, previous), info)
                 if cfg.output.report:
                     info["report"] = report_step(store, info)
                 else:
@@ -307,13 +307,28 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
     return finish_run(prep, info, "complete", steps)
 
 
-def publish(store: OutputStore, info: dict) -> None:
-    """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views."""
+def publish(store: OutputStore, info: dict, previous: str | None = None) -> None:
+    """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views. The latest
+    run it replaces is recorded in run.json first (``replaced_latest``, drift 'pending'): a kill
+    after publishing leaves a rerun that still knows what to compare with (``drift_from``)."""
     from pipeline.store.query_views import write_views
 
+    if previous and previous != info["model_version"]:
+        info["replaced_latest"] = previous
+        record_step(store, info, "drift", "pending", replaced_latest=previous)
     store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
     write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
     record_step(store, info, "publish", "done")
+
+
+def drift_from(info: dict, previous: str | None) -> str | None:
+    """The run to compare with: the latest one this run replaces now, or, on a rerun of a run
+    already published (latest.json names it), the one it replaced when its drift was left undone."""
+    if previous and previous != info["model_version"]:
+        return previous
+    if info.get("steps", {}).get("drift") in ("pending", "failed"):
+        return info.get("replaced_latest")
+    return None
 
 
 def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | None:
@@ -344,12 +359,14 @@ def report_step(store: OutputStore, info: dict) -> str | None:
     return path
 
 
-def record_step(store: OutputStore, info: dict, step: str, status: str) -> None:
-    """Add one step's status to run.json (and to info), rewriting it atomically."""
+def record_step(store: OutputStore, info: dict, step: str, status: str, **fields) -> None:
+    """Add one step's status (and ``fields``) to run.json (and to info), rewriting it atomically."""
     info.setdefault("steps", {})[step] = status
+    info.update(fields)
     url = store.run_json(info["model_version"])
     current, _ = store.read_json_safe(url)
     current = current if isinstance(current, dict) else {k: v for k, v in info.items() if k not in ("report", "drift_text")}
+    current.update(fields)
     current["steps"] = {**current.get("steps", {}), step: status}
     store.write_json(url, current)
 

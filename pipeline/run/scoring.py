@@ -142,8 +142,12 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
     # The configuration as a file `--config` reads back (run.json has what it resolved to).
     store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
+    steps, undone = {"prepare": "done"}, {}
+    if previous_run and previous_run.get("replaced_latest") and (previous_run.get("steps") or {}).get("drift") in ("pending", "failed"):
+        # published, then killed before its drift: kept for this rerun to do (lifecycle.drift_from)
+        steps["drift"], undone["replaced_latest"] = previous_run["steps"]["drift"], previous_run["replaced_latest"]
     store.write_json(store.run_json(spec.model_version), {**_run_json(resolved, spec, fp, "running", _now(), None, timings, history),
-                                                          "steps": {"prepare": "done"}})
+                                                          **undone, "steps": steps})
     return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes)
 
 
@@ -224,6 +228,8 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     run = _run_json(prep.resolved, spec, prep.dataset_fingerprint, status, started, counts, timings,
                     current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
     run["steps"] = {**current.get("steps", {}), "scoring": "done" if status == "running" else status}
+    if current.get("replaced_latest"):  # a drift still to do (pipeline.run.lifecycle.drift_from)
+        run["replaced_latest"] = current["replaced_latest"]
     store.write_json(store.run_json(spec.model_version), run)
     return run
 

@@ -206,13 +206,18 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             job, (item, key) = nxt
             pos, k = job.pos, job.pos // bs
             received[k] += 1
+            from_cache = False
+            if item is None:  # a cache hit: the pixels are in this shard's cache region
+                hit = cache.get(shard.rows[pos], key)
+                if hit is not None:
+                    item, from_cache = Decoded(*hit), True
+                    hits += 1
+                else:  # its pixels fail their digest (logged): decoded again here (rare), the entry rewritten
+                    item, key = task(FilmJob(pos, job.path))
             if isinstance(item, Failure):
                 errors.append(_failure(shard, pos, item))
             else:
-                if item is None:  # a cache hit: the pixels are in this shard's cache region
-                    item = Decoded(*cache.get(shard.rows[pos], key))
-                    hits += 1
-                elif cache is not None and key is not None:
+                if not from_cache and cache is not None and key is not None:
                     misses += 1
                     cache.put(shard.rows[pos], key, item.rgb(), item.source_mode)
                 modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
@@ -247,7 +252,8 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "n_scored": int(ok.sum()),
         "n_failed": len(errors),
         "source_modes": modes,
-        "cache": {"hits": hits, "misses": misses} if cache is not None else None,
+        "cache": ({"hits": hits, "misses": misses, **({"corrupted": cache.corrupted} if cache.corrupted else {})}
+                  if cache is not None else None),  # corrupted: entries that failed their digest, decoded again
         "errors": errors,
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
         "device": str(model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it

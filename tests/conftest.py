@@ -71,6 +71,18 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def films(tmp_path, rng):
+    """24 small grayscale PNGs and a file that is not one: (paths, bad path), for the decode-process tests."""
+    paths = []
+    for i in range(24):
+        p = tmp_path / f"f{i:02d}.png"
+        p.write_bytes(png_bytes(rng.integers(0, 256, (64 + i, 80), dtype=np.uint8)))
+        paths.append(str(p))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    return paths, str(tmp_path / "bad.png")
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     import torch

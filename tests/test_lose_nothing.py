@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +46,9 @@ def _issues(out: Path):
 def test_a_file_name_that_is_not_utf8_is_skipped_with_a_reason(tmp_path, tiny_nih, tiny_ckpt):
     data = tmp_path / "data"
     shutil.copytree(tiny_nih, data)
-    films = sorted(data.glob("images_*/images/*.png"))
-    bad = os.fsencode(films[0].parent) + b"/caf\xe9.png"  # Latin-1 bytes, as a Windows share may give
-    Path(os.fsdecode(bad)).write_bytes(films[0].read_bytes())
+    pngs = sorted(data.glob("images_*/images/*.png"))
+    bad = os.fsencode(pngs[0].parent) + b"/caf\xe9.png"  # Latin-1 bytes, as a Windows share may give
+    Path(os.fsdecode(bad)).write_bytes(pngs[0].read_bytes())
     out = tmp_path / "nih"
     assert main(_args(f"nih:{data}", out, tiny_ckpt)) == 0  # was: UnicodeEncodeError, exit 1
     issues = _issues(out)
@@ -55,26 +57,26 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_reason(tmp_path, tiny_ni
     assert _preds(_run_dir(out)).num_rows == 40
 
     # manifest: a film list beside a folder holding such a name
-    (data / "films.csv").write_text("image_id,path\n" + "".join(f"{f.name},{f.relative_to(data)}\n" for f in films[:8]))
+    (data / "pngs.csv").write_text("image_id,path\n" + "".join(f"{f.name},{f.relative_to(data)}\n" for f in pngs[:8]))
     out = tmp_path / "manifest"
-    assert main(_args(f"manifest:{data / 'films.csv'}", out, tiny_ckpt)) == 0
+    assert main(_args(f"manifest:{data / 'pngs.csv'}", out, tiny_ckpt)) == 0
     assert _preds(_run_dir(out)).num_rows == 8
 
 
 def test_symbolic_links_out_of_the_root_are_refused(tmp_path, tiny_nih, tiny_ckpt):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    films = sorted(tiny_nih.glob("images_*/images/*.png"))
+    pngs = sorted(tiny_nih.glob("images_*/images/*.png"))
     outside = elsewhere / "other.png"
-    outside.write_bytes(films[0].read_bytes())
+    outside.write_bytes(pngs[0].read_bytes())
     data = tmp_path / "data"
     data.mkdir()
-    for f in films[:6]:
+    for f in pngs[:6]:
         shutil.copy(f, data / f.name)
     (data / "passwd.png").symlink_to("/etc/passwd")
     (data / "other.png").symlink_to(outside)
-    (data / "inside.png").symlink_to(data / films[1].name)  # a link that stays inside is a film like any other
-    names = [f.name for f in films[:6]] + ["passwd.png", "other.png", "inside.png"]
+    (data / "inside.png").symlink_to(data / pngs[1].name)  # a link that stays inside is a film like any other
+    names = [f.name for f in pngs[:6]] + ["passwd.png", "other.png", "inside.png"]
     (data / "films.csv").write_text("image_id,path\n" + "".join(f"{n},{n}\n" for n in names))
     out = tmp_path / "out"
     assert main(_args(f"manifest:{data / 'films.csv'}", out, tiny_ckpt)) == 0
@@ -193,3 +195,129 @@ def test_a_corrupted_cache_is_detected_and_decoded_again(tmp_path, tiny_nih, tin
     assert json.loads((run / "run.json").read_text())["counts"]["cache_now"] == {"hits": 13, "misses": 3, "corrupted": 3}
     assert "differ from their digest" in capsys.readouterr().err
     assert runs_main(["--out", str(out), "--check", "--verify"]) == 0  # the entries were written again
+
+
+# ---------------------------------------------------------------- decode processes
+def _decode_all(pool, task, paths, **kw):
+    from pipeline.run.decode_pool import FilmJob
+
+    with pool.stream(task, [FilmJob(i, p) for i, p in enumerate(paths)], **kw) as s:
+        return [(job.pos, result) for job, (result, _key) in s]
+
+
+def _decoded_right(got, paths):
+    from pipeline.inference.images import load_image
+
+    assert sorted(p for p, _ in got) == list(range(len(paths)))  # none lost, none twice
+    for pos, result in got:
+        np.testing.assert_array_equal(result.pixels, load_image(paths[pos]).pixels)
+
+
+def test_decode_processes_killed_again_and_again_lose_no_good_film_for_good(films):
+    """Kills from outside (here: every decode process as soon as it appears, several times) are never a
+    film's permanent failure: the film is decoded, or left to a rerun as DecodeWorkerKilled."""
+    good = films[0]
+    from pipeline.run.decode_pool import DecodePool, Failure
+    from pipeline.store.shard_check import _retryable
+
+    from .decode_helpers import SlowTask
+
+    pool = DecodePool(2)
+    stop, kills = threading.Event(), []
+
+    def killer():
+        while not stop.is_set() and len(kills) < 12:
+            for pid in pool.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    try:
+        t.start()
+        got = _decode_all(pool, SlowTask(delay=0.1), good, window=8)
+        stop.set()
+        t.join()
+    finally:
+        stop.set()
+        pool.close()
+    assert len(kills) >= 4 and pool.restarts >= 2
+    failed = [(p, r) for p, r in got if isinstance(r, Failure)]
+    assert all(r.error_class == "DecodeWorkerKilled" and _retryable({"stage": r.stage, "error_class": r.error_class})
+               for _, r in failed), failed  # was: DecodeWorkerDied, permanent
+    _decoded_right([(p, r) for p, r in got if not isinstance(r, Failure)] + [(p, load) for p, load in _reference(good, failed)], good)
+
+
+def _reference(paths, failed):
+    from pipeline.inference.images import load_image
+
+    return [(p, load_image(paths[p])) for p, _ in failed]
+
+
+def test_a_film_that_crashes_its_process_alone_is_still_a_bad_film(films):
+    good = films[0]
+    from pipeline.run.decode_pool import DecodePool, Failure
+    from pipeline.store.shard_check import _retryable
+
+    from .decode_helpers import SlowTask
+
+    pool = DecodePool(2)
+    try:
+        got = dict(_decode_all(pool, SlowTask(delay=0.0, poison=good[3]), good, window=6))
+    finally:
+        pool.close()
+    assert isinstance(got[3], Failure) and got[3].error_class == "DecodeWorkerDied"
+    assert not _retryable({"stage": got[3].stage, "error_class": got[3].error_class})
+    assert sum(isinstance(r, Failure) for r in got.values()) == 1
+
+
+def test_a_stopped_decode_process_is_replaced_and_its_films_decoded(films, caplog):
+    good = films[0]
+    from pipeline.run.decode_pool import DecodePool, Failure, process_state
+
+    from .decode_helpers import SlowTask
+
+    pool = DecodePool(2)
+    stopped = []
+    try:
+        from pipeline.run.decode_pool import FilmJob
+
+        with pool.stream(SlowTask(delay=0.2), [FilmJob(i, p) for i, p in enumerate(good)], window=8) as s:
+            got = []
+            for job, (result, _key) in s:
+                got.append((job.pos, result))
+                if len(got) == 2 and not stopped:
+                    pid = pool.pids()[0]
+                    os.kill(pid, signal.SIGSTOP)  # was: the stream waited for it forever
+                    stopped.append(pid)
+        assert pool.replaced >= 1 and process_state(stopped[0]) in (None, "Z")  # killed (a zombie until reaped)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pool.close()
+    assert not [r for _, r in got if isinstance(r, Failure)]
+    _decoded_right(got, good)
+    assert "stopped (SIGSTOP)" in caplog.text and "replaced" in caplog.text
+
+
+def test_a_hung_decode_is_replaced_and_a_film_that_hangs_alone_twice_is_a_bad_film(films, caplog):
+    good = films[0]
+    from pipeline.run.decode_pool import DecodePool, Failure
+
+    from .decode_helpers import HangingTask
+
+    pool = DecodePool(2)
+    try:
+        got = dict(_decode_all(pool, HangingTask(hang=good[5]), good, window=6, deadline_s=1.0))
+    finally:
+        pool.close()
+    assert isinstance(got[5], Failure) and (got[5].stage, got[5].error_class) == ("decode", "DecodeTimeout")
+    del got[5]
+    _decoded_right(sorted(got.items()) + _reference(good, [(5, None)]), good)
+    assert "hung" in caplog.text

@@ -269,6 +269,10 @@ def execute(prep, cluster: RunCluster, results: list, failures: list, since: flo
             shard = futures[fut]
             try:
                 results.append(fut.result())
+                if results[-1].get("decode_processes_replaced"):
+                    log.warning(f"shard {shard.index}: {results[-1]['decode_processes_replaced']} decode process(es) were stopped or "
+                                "hung and have been replaced; their films were decoded again (details in the worker's log under "
+                                f"{redact(cluster._store.logs)})")
             except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
                 failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
                 log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")

@@ -110,6 +110,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     workers = decode_workers(spec)
     pool = shared_pool(workers)
     pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
+    replaced_before = pool.replaced
     F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
     n_region = shard.stop - shard.start
     cam = np.full((n_region, F, H, W), np.nan, np.float32)
@@ -260,6 +261,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "torch_threads": torch.get_num_threads(),
         "decode_workers": workers,
         "decode_pool_restarts": pool.restarts,
+        "decode_processes_replaced": pool.replaced - replaced_before,  # stopped or hung during this shard: killed, films redone
         "precision": spec.precision,
         "outputs": outputs,
     }

@@ -23,6 +23,8 @@ DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
 # read errors a rerun cannot cure: the file itself is refused by the read limits
 PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError")
+# decode failures that are not the film's fault: its decode processes were killed from outside
+RETRYABLE_DECODE_ERRORS = ("DecodeWorkerKilled",)
 
 
 @dataclass(frozen=True)
@@ -155,11 +157,14 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
 
 
 def retry_rows(record: dict) -> list[int]:
-    """Rows a rerun retries: those that failed at a transient stage (read errors)."""
+    """Rows a rerun retries: those that failed at a transient stage (read errors), or whose decode
+    processes were killed from outside."""
     return sorted(e["row"] for e in record.get("errors", []) if _retryable(e))
 
 
 def _retryable(error: dict) -> bool:
+    if error.get("stage") == "decode":
+        return error.get("error_class") in RETRYABLE_DECODE_ERRORS
     return error.get("stage") in TRANSIENT_STAGES and error.get("error_class") not in PERMANENT_READ_ERRORS
 
 

@@ -321,3 +321,51 @@ def test_a_hung_decode_is_replaced_and_a_film_that_hangs_alone_twice_is_a_bad_fi
     del got[5]
     _decoded_right(sorted(got.items()) + _reference(good, [(5, None)]), good)
     assert "hung" in caplog.text
+
+
+def _decode_processes(job_pid: int) -> list[int]:
+    """The job's decode processes: children of its forkserver (a child of the job)."""
+    def kids(pid):
+        return [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+    servers = [k for k in kids(job_pid) if "forkserver" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+    return [d for s in servers for d in kids(s)]
+
+
+SLOW = ["--checkpoint", "random:3", "--arch", "tests.helpers:slow_tiny_net", "--shard-size", "4", "--batch-size", "2",
+        "--cluster", "inprocess", "--decode-workers", "2", "--cache", "none", "--no-report"]
+
+
+def test_a_job_whose_decode_process_is_stopped_completes_with_the_same_outputs(tmp_path, tiny_nih):
+    from .helpers import SLOW_ENV
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["--dataset", f"nih:{tiny_nih}", "--out", str(ref), *SLOW]) == 0  # undisturbed, at full speed
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", "--dataset", f"nih:{tiny_nih}", "--out", str(out), *SLOW],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)})
+    stopped, deadline = None, time.time() + 240
+    try:
+        while time.time() < deadline and stopped is None and proc.poll() is None:
+            if list(out.glob("runs/*/_shards/*.json")):
+                pids = _decode_processes(proc.pid)
+                if pids:
+                    stopped = pids[0]
+                    os.kill(stopped, signal.SIGSTOP)  # was: the run waited for it forever
+            time.sleep(0.05)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped is not None, log[-2000:]
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopped or hung and have been replaced" in log
+    run, ref_run = _run_dir(out), _run_dir(ref)
+    assert _preds(run).equals(_preds(ref_run))  # none lost, none duplicated, none wrong
+    np.testing.assert_array_equal(zarr.open_group(str(run / "maps.zarr"), mode="r")["cam"][:],
+                                  zarr.open_group(str(ref_run / "maps.zarr"), mode="r")["cam"][:])

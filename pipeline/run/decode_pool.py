@@ -422,6 +422,12 @@ class DecodePool:
         return sorted((getattr(ex, "_processes", None) or {}).keys()) if ex is not None else []
 
     def close(self) -> None:
+        for pid in self.pids():  # a stopped process would never read its stop sentinel: shutdown would wait forever
+            if process_state(pid) in ("T", "t"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         with self._lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)

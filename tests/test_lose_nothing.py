@@ -369,3 +369,45 @@ def test_a_job_whose_decode_process_is_stopped_completes_with_the_same_outputs(t
     assert _preds(run).equals(_preds(ref_run))  # none lost, none duplicated, none wrong
     np.testing.assert_array_equal(zarr.open_group(str(run / "maps.zarr"), mode="r")["cam"][:],
                                   zarr.open_group(str(ref_run / "maps.zarr"), mode="r")["cam"][:])
+
+
+def test_a_job_whose_decode_processes_are_killed_again_and_again_loses_no_film(tmp_path, tiny_nih):
+    """Decode processes killed every 0.15 s for 4 s (the attack's pressure): no film becomes a permanent
+    failure; a rerun scores whatever the kills left, and the outputs are the undisturbed run's."""
+    from .helpers import SLOW_ENV
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = [*SLOW, "--max-failed-fraction", "1"]
+    assert main(["--dataset", f"nih:{tiny_nih}", "--out", str(ref), *args]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score_dataset", "--dataset", f"nih:{tiny_nih}", "--out", str(out), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **SLOW_ENV, "PYTHONPATH": str(ROOT)})
+    kills, started = 0, None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and (started is None or time.time() - started < 4):
+            for pid in _decode_processes(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                    started = started or time.time()
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.15)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert kills >= 5 and proc.returncode == 0, log[-3000:]
+    run = _run_dir(out)
+    errors = pq.read_table(run / "errors.parquet").to_pandas()
+    assert set(errors.error_class) <= {"DecodeWorkerKilled"}, errors  # was: DecodeWorkerDied, never retried
+    assert main(["--dataset", f"nih:{tiny_nih}", "--out", str(out), *args]) == 0  # the rerun retries those
+    assert pq.read_table(run / "errors.parquet").num_rows == 0
+    got, want = _preds(run), _preds(_run_dir(ref))
+    assert got.column("row").to_pylist() == want.column("row").to_pylist() == list(range(40))  # none lost, none twice
+    retried = set(errors.row)
+    same = [i for i in range(40) if i not in retried]
+    assert got.take(same).equals(want.take(same))
+    f = [c for c in got.column_names if c not in ("row", "image_id", "model_version")]
+    np.testing.assert_allclose(got.select(f).to_pandas().to_numpy(float), want.select(f).to_pandas().to_numpy(float), rtol=1e-5)

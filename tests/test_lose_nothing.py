@@ -411,3 +411,23 @@ def test_a_job_whose_decode_processes_are_killed_again_and_again_loses_no_film(t
     assert got.take(same).equals(want.take(same))
     f = [c for c in got.column_names if c not in ("row", "image_id", "model_version")]
     np.testing.assert_allclose(got.select(f).to_pandas().to_numpy(float), want.select(f).to_pandas().to_numpy(float), rtol=1e-5)
+
+
+def test_an_inprocess_cluster_listens_on_loopback_only():
+    import ipaddress
+
+    import psutil
+
+    from pipeline.run.cluster import load_profile, start_cluster
+
+    def listeners():
+        return {c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+    before = listeners()
+    cluster, client = start_cluster(load_profile("inprocess", str(ROOT / "cluster.yaml")))
+    try:
+        new = listeners() - before
+    finally:
+        client.close()
+        cluster.close()
+    assert new and all(ipaddress.ip_address(a.ip).is_loopback for a in new), new  # was: the worker's on 0.0.0.0 and [::]

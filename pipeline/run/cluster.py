@@ -117,6 +117,9 @@ def local_kwargs(opts: dict) -> dict:
         kw["n_workers"] = max(1, gpu_count())
     kw.setdefault("threads_per_worker", 2)  # one shard writes while the next scores
     kw.setdefault("dashboard_address", DASHBOARD_ADDRESS)
+    # each worker's own HTTP server (its /metrics and info pages): on every interface by default,
+    # where a local cluster's other listeners are on loopback (set it in the profile to open it)
+    kw.setdefault("worker_dashboard_address", "127.0.0.1:0")
     return kw
 
 

@@ -431,3 +431,30 @@ def test_an_inprocess_cluster_listens_on_loopback_only():
         client.close()
         cluster.close()
     assert new and all(ipaddress.ip_address(a.ip).is_loopback for a in new), new  # was: the worker's on 0.0.0.0 and [::]
+
+
+def _with_unusable_shm(args: list[str]) -> subprocess.CompletedProcess:
+    """The job in a mount namespace of its own whose /dev/shm is a read-only tmpfs (the rest of the
+    machine keeps its own /dev/shm)."""
+    script = 'mount -t tmpfs -o ro,size=64k tmpfs /dev/shm && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "jobs.score_dataset", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_an_unusable_dev_shm_is_named_and_decoding_falls_back(tmp_path, tiny_nih, tiny_ckpt):
+    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o ro,size=4k tmpfs /dev/shm"], capture_output=True).returncode:
+        pytest.skip("needs root and mount namespaces (unshare -m) to give the job a read-only /dev/shm")
+    ref = tmp_path / "ref"
+    assert main(_args(f"nih:{tiny_nih}", ref, tiny_ckpt, "--limit", "16")) == 0
+    out = tmp_path / "out"
+    done = _with_unusable_shm(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "16", "--decode-workers", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]  # was: 2 shard failures reading "No space left on device"
+    assert "/dev/shm is full, read-only or missing" in done.stderr and "--decode-workers 0" in done.stderr
+    assert _preds(_run_dir(out)).equals(_preds(_run_dir(ref)))
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("profiles:\n  procs: {type: local, n_workers: 1, threads_per_worker: 1, processes: true}\n")
+    done = _with_unusable_shm([*_args(f"nih:{tiny_nih}", tmp_path / "out2", tiny_ckpt, "--limit", "16"),
+                               "--cluster", "procs", "--cluster-file", str(cluster)])
+    assert done.returncode == 2, done.stderr[-3000:]  # was: a raw traceback ("Nanny failed to start"), exit 1
+    assert "/dev/shm" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -254,6 +254,16 @@ def _new_block() -> _SlotBlock | None:
         return None  # memory is short: results travel pickled
 
 
+def shm_problem() -> str | None:
+    """Why this machine's /dev/shm cannot hold the semaphores that process pools need (full, read-only,
+    absent), or None when it can. Costs one semaphore."""
+    try:
+        multiprocessing.get_context("forkserver").Lock()
+    except OSError as e:
+        return f"/dev/shm is full, read-only or missing ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
 def _ready(_job: Any) -> None:
     """A no-op task: submitting one per process makes the executor start them all."""
 
@@ -322,6 +332,26 @@ class DecodePool:
                                                      initargs=(os.getpid(), *slots))
             return self._executor, self._generation
 
+    def usable(self) -> bool:
+        """Start the executor if need be; False (and ``workers`` 0 from then on: films decode in this
+        process, as with --decode-workers 0) when /dev/shm cannot hold its semaphores, said once."""
+        if self.workers == 0:
+            return False
+        try:
+            self._current()
+            return True
+        except OSError as e:
+            why = shm_problem()
+            if why is None:
+                raise
+            with self._lock:
+                if self.workers:
+                    log.warning(f"{why}: decode processes cannot start, so this worker decodes films in its own process "
+                                f"(as --decode-workers 0; slower). Free space in /dev/shm (df -h /dev/shm) or mount it "
+                                f"writable to decode in processes again. ({type(e).__name__}: {e})")
+                self.workers = 0
+            return False
+
     def _current_block(self, generation: int) -> _SlotBlock | None:
         with self._lock:
             return self._block if generation == self._generation else None
@@ -336,6 +366,8 @@ class DecodePool:
         if self.workers == 0 or self._started:
             return
         self._started = True
+        if not self.usable():
+            return
         futures = [self.submit(_ready, None)[0] for _ in range(self.workers)]
         wait(futures)
 
@@ -591,7 +623,7 @@ class DecodeStream:
 
     def _feed(self) -> None:
         try:
-            if self.pool.workers == 0:
+            if not self.pool.usable():  # no decode processes (--decode-workers 0, or /dev/shm unusable)
                 for job in self._todo:
                     with self._cond:
                         while not self._closed and self._untaken >= self.window:

@@ -458,3 +458,19 @@ def test_an_unusable_dev_shm_is_named_and_decoding_falls_back(tmp_path, tiny_nih
                                "--cluster", "procs", "--cluster-file", str(cluster)])
     assert done.returncode == 2, done.stderr[-3000:]  # was: a raw traceback ("Nanny failed to start"), exit 1
     assert "/dev/shm" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])
+def test_a_checkpoint_that_is_not_a_regular_file_is_refused_at_once(tmp_path, tiny_nih, kind, capsys):
+    if kind == "fifo":
+        ckpt = tmp_path / "model.safetensors"
+        os.mkfifo(ckpt)  # was: the job waited forever for a writer
+    elif kind == "directory":
+        ckpt = tmp_path / "model.pt"
+        ckpt.mkdir()  # was: a traceback
+    else:
+        ckpt = Path("/dev/zero")  # was: 4 GiB read first
+    assert main(_args(f"nih:{tiny_nih}", tmp_path / "out", str(ckpt), "--limit", "8")) == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and {"fifo": "FIFO", "directory": "directory", "dev-zero": "character device"}[kind] in err
+    assert "Traceback" not in err

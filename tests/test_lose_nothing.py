@@ -474,3 +474,23 @@ def test_a_checkpoint_that_is_not_a_regular_file_is_refused_at_once(tmp_path, ti
     err = capsys.readouterr().err
     assert "not a regular file" in err and {"fifo": "FIFO", "directory": "directory", "dev-zero": "character device"}[kind] in err
     assert "Traceback" not in err
+
+
+def test_empty_files_and_symlink_loops_are_not_retried_by_every_rerun(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    pngs = sorted(tiny_nih.glob("images_*/images/*.png"))[:6]
+    for f in pngs:
+        shutil.copy(f, data / f.name)
+    (data / "empty.png").write_bytes(b"")
+    (data / "loop.png").symlink_to(data / "loop.png")
+    names = [f.name for f in pngs] + ["empty.png", "loop.png"]
+    (data / "films.csv").write_text("image_id,path\n" + "".join(f"{n},{n}\n" for n in names))
+    out = tmp_path / "out"
+    args = _args(f"manifest:{data / 'films.csv'}", out, tiny_ckpt, "--max-failed-fraction", "0.5")
+    assert main(args) == 0
+    errors = pq.read_table(_run_dir(out) / "errors.parquet").to_pandas().set_index("image_id")
+    assert errors.error_class.to_dict() == {"empty.png": "EmptyFile", "loop.png": "SymlinkLoop"}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 shards, 0 to score" in capsys.readouterr().err  # was: both retried by every rerun, forever

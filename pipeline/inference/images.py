@@ -64,6 +64,14 @@ class NotARegularFile(Exception):
     """A FIFO, device, socket or directory: reading it could block forever or never end."""
 
 
+class EmptyFile(Exception):
+    """The file has 0 bytes: no film, however often it is read (a rerun does not retry it)."""
+
+
+class SymlinkLoop(Exception):
+    """A symbolic link that leads back to itself (ELOOP): no rerun can read it."""
+
+
 class ReadTimeout(TimeoutError):
     """One read took longer than --read-timeout."""
 
@@ -208,7 +216,7 @@ def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimit
     except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
         raise _read_error(e) from None
     if not data:
-        raise ImageError("read", EOFError(f"{redact(path)} is empty (0 bytes)"))
+        raise ImageError("read", EmptyFile(f"{redact(path)} is empty (0 bytes)"))
     return data
 
 
@@ -227,6 +235,8 @@ def image_error(stage: str, e: BaseException) -> ImageError:
 
 
 def _read_error(e: BaseException) -> ImageError:
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return ImageError("read", SymlinkLoop(f"{e.strerror}: {redact(str(e.filename))}"))
     return image_error("read", e)
 
 

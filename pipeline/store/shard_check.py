@@ -22,7 +22,7 @@ RECORD_VERSION = 2
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
 # read errors a rerun cannot cure: the file itself is refused by the read limits
-PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError")
+PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError", "EmptyFile", "SymlinkLoop")
 # decode failures that are not the film's fault: its decode processes were killed from outside
 RETRYABLE_DECODE_ERRORS = ("DecodeWorkerKilled",)
 

@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import datetime
 
+from pipeline.core.errors import OutputError
 from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
@@ -234,7 +235,40 @@ def score(cfg, store: OutputStore, cluster: RunCluster):
         except Exception as e:  # noqa: BLE001 - the interrupt matters more than this bookkeeping
             log.error(f"(could not record the interruption in run.json: {e})")
         raise
-    return prep, finalize_run(prep, results, failures, started)
+    try:
+        return prep, finalize_run(prep, results, failures, started)
+    except OutputError as e:
+        mark_stopped(store, prep.spec.model_version, "incomplete", str(e))
+        raise
+
+
+def mark_stopped(store: OutputStore, model_version: str, status: str, why: str) -> None:
+    """Best effort: a run.json still 'running' when the job stops on an output error (a full disk)
+    says it stopped. When even that cannot be written whole (no space for the temporary copy), a
+    local run.json is rewritten in place, compact: shorter than the indented file it replaces."""
+    import json
+
+    from pipeline.run.scoring import _now
+
+    url = store.run_json(model_version)
+    current, _ = store.read_json_safe(url)
+    if not isinstance(current, dict) or current.get("status") != "running":
+        return
+    current.update(status=status, finished=_now(), error=redact(why)[:500])
+    try:
+        store.write_json(url, current)
+        return
+    except OutputError:
+        pass
+    if "://" in store.url and not store.url.startswith("file://"):
+        return
+    _, path = store.fs(url)
+    try:
+        with open(path, "r+b") as f:
+            f.write(json.dumps(current, separators=(",", ":"), sort_keys=True, default=str).encode() + b"\n")
+            f.truncate()
+    except OSError as e:
+        log.error(f"(could not mark run.json {status}: {e})")
 
 
 def execute(prep, cluster: RunCluster, results: list, failures: list, since: float | None = None) -> None:
@@ -308,7 +342,11 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
     except KeyboardInterrupt:
         finish_run(prep, info, "interrupted", {"aggregates": "interrupted"})
         raise
+    except OutputError as e:
+        mark_stopped(spec.store, spec.model_version, "incomplete", str(e))
+        raise
     return finish_run(prep, info, "complete", steps)
+
 
 
 def publish(store: OutputStore, info: dict, previous: str | None = None) -> None:

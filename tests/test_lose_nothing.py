@@ -495,3 +495,25 @@ def test_empty_files_and_symlink_loops_are_not_retried_by_every_rerun(tmp_path, 
     assert main(args) == 0
     assert "1 shards, 0 to score" in capsys.readouterr().err  # was: both retried by every rerun, forever
 
+
+
+def test_a_film_replaced_under_the_same_name_is_rescored_by_verify(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    from .test_faults import _same_size_negative
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    assert main(_args(f"nih:{data}", out, tiny_ckpt, "--limit", "16")) == 0
+    victim = sorted(data.glob("images_*/images/*.png"))[3]
+    st = victim.stat()
+    victim.write_bytes(_same_size_negative(victim.read_bytes()))  # same name, other pixels
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main(_args(f"nih:{data}", out, tiny_ckpt, "--limit", "16")) == 0
+    assert "2 shards, 0 to score" in capsys.readouterr().err  # the cheap check reads no film
+    assert main(_args(f"nih:{data}", out, tiny_ckpt, "--limit", "16", "--verify")) == 0
+    said = capsys.readouterr().err
+    assert "2 shards, 1 to score" in said and "changed since it was scored" in said  # was: 0 to score
+    fresh = tmp_path / "fresh"
+    assert main(_args(f"nih:{data}", fresh, tiny_ckpt, "--limit", "16", "--cache", "none")) == 0
+    assert _preds(_run_dir(out)).equals(_preds(_run_dir(fresh)))  # none wrong

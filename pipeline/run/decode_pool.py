@@ -103,10 +103,9 @@ class DecodeTask:
         key = None
         try:
             data = read_bytes(job.path, so, self.limits)
-            if self.use_cache:
-                key = content_key(job.path, data)
-                if job.cached_key is not None and key == job.cached_key:
-                    return None, key
+            key = content_key(job.path, data)  # also the shard record's fingerprint of the film (--verify)
+            if self.use_cache and job.cached_key is not None and key == job.cached_key:
+                return None, key
             return decode_bytes(data, self.preprocess, self.limits, self.gray_plane), key
         except ImageError as e:
             return Failure(e.stage, e.error_class, str(e.cause)[:500]), key

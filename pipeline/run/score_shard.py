@@ -26,7 +26,7 @@ from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
 from pipeline.core.redact import install_log_redaction, redact
 from pipeline.run.runspec import RunSpec
-from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
+from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status, source_digest
 from pipeline.run.shards import Shard
 from pipeline.store.storage import write_json_atomic, write_parquet_atomic
 
@@ -122,6 +122,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     ok = np.zeros(len(shard.rows), dtype=bool)
     errors: list[dict] = []
     modes: dict[str, int] = {}
+    sources: dict[str, str] = {}  # row -> the scored film's size and digest: --verify finds a film replaced since
     t_decode_wait = t_forward = 0.0
 
     def run_batch(positions, pixels):
@@ -158,7 +159,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     todo = list(range(len(shard.paths)))
     plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
     if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
-        todo, errors, modes = plan
+        todo, errors, modes, sources = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
     task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits, gray_plane=True)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
@@ -218,6 +219,8 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             if isinstance(item, Failure):
                 errors.append(_failure(shard, pos, item))
             else:
+                if key is not None:
+                    sources[str(shard.rows[pos])] = source_digest(key)
                 if not from_cache and cache is not None and key is not None:
                     misses += 1
                     cache.put(shard.rows[pos], key, item.rgb(), item.source_mode)
@@ -256,6 +259,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "cache": ({"hits": hits, "misses": misses, **({"corrupted": cache.corrupted} if cache.corrupted else {})}
                   if cache is not None else None),  # corrupted: entries that failed their digest, decoded again
         "errors": errors,
+        "sources": sources,
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
         "device": str(model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it
         "torch_threads": torch.get_num_threads(),

@@ -106,6 +106,8 @@ def check_shard(shard, spec, verify: bool = False) -> ShardState:
     if rec.get("status") not in DONE_STATUSES or rec.get("record_version") != RECORD_VERSION or "outputs" not in rec:
         return ShardState("stale", rec, (f"record status {rec.get('status')!r}, version {rec.get('record_version')}",))
     problems = _check_outputs(rec, shard, spec, so, verify)
+    if verify and not problems:
+        problems = _changed_sources(rec, shard, spec, so)
     if problems:
         return ShardState("damaged", rec, tuple(problems))
     return ShardState("partial" if rec["status"] == "partial" else "done", rec)
@@ -156,6 +158,36 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
     return problems
 
 
+def source_digest(content_key: str) -> str:
+    """A film's size and digest from its content key (``pipeline.run.cache.content_key``: the path
+    is the manifest's own)."""
+    return "|".join(content_key.rsplit("|", 2)[-2:])
+
+
+def _changed_sources(rec: dict, shard, spec, so: dict) -> list[str]:
+    """--verify: the films a shard scored, read again and compared with what it scored (a film
+    replaced under the same name since). Records written before they kept this have nothing to compare."""
+    from pipeline.core.errors import ImageError
+    from pipeline.core.redact import redact
+    from pipeline.inference.images import read_bytes
+    from pipeline.run.cache import content_key
+
+    sources = rec.get("sources")
+    if not isinstance(sources, dict):
+        return []
+    for row, path in zip(shard.rows, shard.paths):
+        want = sources.get(str(row))
+        if want is None:
+            continue
+        try:
+            got = source_digest(content_key(path, read_bytes(path, so, spec.read_limits)))
+        except ImageError:
+            got = None
+        if got != want:
+            return [f"film {redact(path)} (row {row}) changed since it was scored"]
+    return []
+
+
 def retry_rows(record: dict) -> list[int]:
     """Rows a rerun retries: those that failed at a transient stage (read errors), or whose decode
     processes were killed from outside."""
@@ -202,4 +234,5 @@ def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok:
         ok[pos] = True
     retry = set(retry_rows(st.record))
     kept = [e for e in st.record.get("errors", []) if e["row"] not in retry]
-    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {})
+    sources = {k: v for k, v in (st.record.get("sources") or {}).items() if int(k) not in retry}
+    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {}), sources

@@ -517,3 +517,18 @@ def test_a_film_replaced_under_the_same_name_is_rescored_by_verify(tmp_path, tin
     fresh = tmp_path / "fresh"
     assert main(_args(f"nih:{data}", fresh, tiny_ckpt, "--limit", "16", "--cache", "none")) == 0
     assert _preds(_run_dir(out)).equals(_preds(_run_dir(fresh)))  # none wrong
+
+
+def test_the_job_writes_nothing_outside_out(tmp_path, tiny_nih):
+    home, tmp, out = tmp_path / "home", tmp_path / "tmp", tmp_path / "out"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "DASK_TEMPORARY_DIRECTORY")}
+    done = subprocess.run([sys.executable, "-m", "jobs.score_dataset", "--dataset", f"nih:{tiny_nih}", "--checkpoint", "random:1",
+                           "--arch", TINY_ARCH, "--out", str(out), "--shard-size", "8", "--limit", "16", "--cluster", "inprocess"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert next(_run_dir(out).glob("report.html"))  # matplotlib drew the report
+    # was: ~/.config/matplotlib, ~/.cache/matplotlib and $TMPDIR/dask-scratch-space
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (*home.rglob("*"), *tmp.rglob("*"))) == []

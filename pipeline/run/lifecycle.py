@@ -166,6 +166,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
     with run_lock(store) as note:
         if note:
             log.warning(note)
+        contain_scratch(store)
         clean_temporaries(store)
         previous = previous_latest(store)
         cluster = RunCluster(cfg, client)
@@ -192,6 +193,33 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
 
 
 # ---- the steps -------------------------------------------------------------------------------------
+
+SCRATCH = "_scratch"
+_SCRATCH_SET: dict[str, str] = {}  # what contain_scratch set (a later run in this process replaces only that)
+
+
+def contain_scratch(store: OutputStore) -> str:
+    """The job writes nowhere but --out: matplotlib's config and font cache (else ~/.config,
+    ~/.cache) and Dask's scratch space (else the system temp folder) go to OUT/_scratch, or, for an
+    --out that is not a local folder, to a temporary folder of this run. A value the user set
+    (MPLCONFIGDIR, Dask's temporary-directory) is kept."""
+    import tempfile
+
+    import dask
+
+    if "://" not in store.url or store.url.startswith("file://"):
+        base = os.path.join(store.fs()[1], SCRATCH)
+    else:
+        base = tempfile.mkdtemp(prefix="cxr-audit-scratch-")
+    mpl, scratch = os.path.join(base, "matplotlib"), os.path.join(base, "dask")
+    if os.environ.get("MPLCONFIGDIR") in (None, _SCRATCH_SET.get("mpl")):
+        os.makedirs(mpl, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = _SCRATCH_SET["mpl"] = mpl
+    if dask.config.get("temporary-directory", None) in (None, _SCRATCH_SET.get("dask")):
+        dask.config.set({"temporary-directory": scratch})
+        _SCRATCH_SET["dask"] = scratch
+    return base
+
 
 def clean_temporaries(store: OutputStore) -> int:
     """Delete the temporaries (``*.tmp-cxr-<hex>``) an interrupted writer of this job left (only

@@ -113,7 +113,7 @@ def tiny_nih(tmp_path_factory) -> Path:
 # hands whole files to the two workers in collection order (`--no-loadscope-reorder` in pyproject:
 # by default xdist reorders files by their number of tests, which sent the one-test SLURM file and
 # the two-test resume file to the end, where they ran alone).
-LONGEST_FIRST = ("test_faults", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
+LONGEST_FIRST = ("test_faults", "test_lose_nothing", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
                  "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
                  "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
 

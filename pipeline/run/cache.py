@@ -166,3 +166,28 @@ def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
         if not key or pixels is None or pixel_digest(pixels) != digest:
             problems.append(f"row {int(row)}: pixels differ from their digest (the next run decodes the film again)")
     return problems
+
+
+def source_digest(content_key: str) -> str:
+    """A film's size and digest from its content key (``pipeline.run.cache.content_key``: the path
+    is the manifest's own)."""
+    return "|".join(content_key.rsplit("|", 2)[-2:])
+
+
+def changed_sources(rec: dict, shard, spec) -> list[str]:
+    """--verify: the films a shard scored, read again and compared with what it scored (a film
+    replaced under the same name since). Records written before they kept this have nothing to compare."""
+    sources = rec.get("sources")
+    if not isinstance(sources, dict):
+        return []
+    for row, path in zip(shard.rows, shard.paths):
+        want = sources.get(str(row))
+        if want is None:
+            continue
+        try:
+            got = source_digest(content_key(path, read_bytes(path, dict(spec.storage_options), spec.read_limits)))
+        except ImageError:
+            got = None
+        if got != want:
+            return [f"film {redact(path)} (row {row}) changed since it was scored"]
+    return []

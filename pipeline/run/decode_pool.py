@@ -15,10 +15,11 @@ stage ``decode``. A film whose process was killed from outside (SIGKILL of the O
 SIGTERM) is not at fault: it goes again, and after KILLS_TO_GIVE_UP such kills it is recorded as
 ``DecodeWorkerKilled``, which a rerun retries. A film that fails to read or decode is a ``Failure``.
 
-Deadlines: a decode process stopped (SIGSTOP, state T) for STOPPED_GRACE_S while it holds films, or
-no result at all for ``deadline_s`` while films are in flight (a hung decode), is killed and replaced;
-its films go again, and the worker's log says so. The clocks only run while the stream's own thread
-does (a job suspended with Ctrl-Z and resumed kills nothing).
+Deadlines: a decode process stopped (SIGSTOP, state T) for STOPPED_GRACE_S (a watchdog thread of
+the pool looks every half second, films in flight or not: a stopped process would also hang the
+executor's shutdown), or no result at all for ``deadline_s`` while films are in flight (a hung
+decode), is killed and replaced; its films go again, and the worker's log says so. The clocks only
+run in small steps of their own threads (a job suspended with Ctrl-Z and resumed kills nothing).
 
 Per-film cost in the process that drives the model (issue 8): films go to the decode processes in
 chunks of a few (one task, one pipe message, one future and one hand-over per chunk, not per film),
@@ -314,6 +315,9 @@ class DecodePool:
         self._causes: dict[int, str] = {}  # generation -> how it broke: crashed, killed, stopped or hung
         self._replacing: dict[int, str] = {}  # generation -> why we killed its processes ourselves
         self.replaced = 0  # decode processes killed and replaced because they were stopped or hung
+        self._old_procs: list = []  # processes of broken executors (a stopped one would hang their shutdown)
+        self._watchdog: threading.Thread | None = None
+        self._closing = threading.Event()
         self._started = False
         self._streams: list[DecodeStream] = []  # registration order: the first one still submitting is the primary
 
@@ -329,6 +333,9 @@ class DecodePool:
                 slots = (self._block.name, self._block.view.nbytes) if self._block is not None else (None, 0)
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
                                                      initargs=(os.getpid(), *slots))
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch_stopped, name="decode-watchdog", daemon=True)
+                    self._watchdog.start()
             return self._executor, self._generation
 
     def usable(self) -> bool:
@@ -415,6 +422,7 @@ class DecodePool:
             if manager is not None:  # it terminates and joins the rest: every exit status is known after
                 manager.join(timeout=2.0)
             self._causes[generation] = self._replacing.pop(generation, None) or _cause_of([p.exitcode for p in procs])
+            self._old_procs = [p for p in self._old_procs + procs if p.exitcode is None]
             self._executor = None
             if self._block is not None:  # a surviving process of the old executor may still write into it
                 self._block.retire()
@@ -444,6 +452,33 @@ class DecodePool:
                 pass
         return True
 
+    def _watch_stopped(self) -> None:
+        """Kill any decode process (of this executor or a broken one) seen stopped for STOPPED_GRACE_S."""
+        stopped: dict[int, float] = {}
+        last = time.monotonic()
+        while not self._closing.wait(0.5):
+            now = time.monotonic()
+            step, last = min(now - last, 1.0), now
+            with self._lock:
+                gen = self._generation
+                current = list((getattr(self._executor, "_processes", None) or {}).keys()) if self._executor is not None else []
+                old = [p.pid for p in self._old_procs if p.exitcode is None]
+            seen = [pid for pid in current + old if process_state(pid) in ("T", "t")]
+            stopped = {pid: stopped.get(pid, 0.0) + step for pid in seen}
+            overdue = [pid for pid, t in stopped.items() if t >= STOPPED_GRACE_S]
+            if not overdue:
+                continue
+            mine = [pid for pid in overdue if pid in current]
+            if mine and self.replace(gen, mine, "stopped"):
+                log.warning(f"decode process(es) {mine} stopped (SIGSTOP) for {STOPPED_GRACE_S:g} s: killed and replaced; "
+                            "their films are decoded again")
+            for pid in overdue:  # also those of a generation already broken or being replaced
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                stopped.pop(pid, None)
+
     def generation(self) -> int:
         with self._lock:
             return self._generation
@@ -453,7 +488,8 @@ class DecodePool:
         return sorted((getattr(ex, "_processes", None) or {}).keys()) if ex is not None else []
 
     def close(self) -> None:
-        for pid in self.pids():  # a stopped process would never read its stop sentinel: shutdown would wait forever
+        self._closing.set()
+        for pid in self.pids() + [p.pid for p in self._old_procs if p.exitcode is None]:  # a stopped process would never read its stop sentinel: shutdown would wait forever
             if process_state(pid) in ("T", "t"):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -779,7 +815,6 @@ class _Watch:
         self._last = time.monotonic()
         self._waited = 0.0  # with films in flight, since the last result
         self._since_check = 0.0
-        self._stopped: dict[int, float] = {}  # pid -> how long seen stopped
 
     def _step(self) -> float:
         now = time.monotonic()
@@ -800,21 +835,13 @@ class _Watch:
         self._since_check += dt
         if self._since_check < self.CHECK_EVERY:
             return
-        since, self._since_check = self._since_check, 0.0
+        self._since_check = 0.0
         gens = {entry[1] for entry in inflight.values()}
         gen = self.pool.generation()
         if gen not in gens:
             return  # its films are in a broken generation: the BrokenProcessPool is on its way
-        pids = self.pool.pids()
-        stopped = [p for p in pids if process_state(p) in ("T", "t")]
-        self._stopped = {p: self._stopped.get(p, 0.0) + since for p in stopped}
-        overdue = [p for p, t in self._stopped.items() if t >= STOPPED_GRACE_S]
-        if overdue:
-            if self.pool.replace(gen, overdue, "stopped"):
-                log.warning(f"decode process(es) {overdue} stopped (SIGSTOP) for {STOPPED_GRACE_S:g} s with films in flight: "
-                            "killed and replaced; their films are decoded again")
-            self._stopped.clear()
-        elif self._waited >= self.deadline_s:
+        if self._waited >= self.deadline_s:  # (a stopped process is the pool's watchdog's)
+            pids = self.pool.pids()
             if self.pool.replace(gen, pids, "hung"):
                 log.warning(f"no decoded film for {self.deadline_s:g} s with films in flight: the decode processes {pids} are "
                             "hung; killed and replaced, their films are decoded again (a film that hangs twice alone is "

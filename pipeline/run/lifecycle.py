@@ -145,6 +145,9 @@ def run(cfg, validated: bool = False, client=None) -> dict:
         return run_locked(cfg, store, client)
     except BaseException:
         if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
+            import shutil
+
+            shutil.rmtree(os.path.join(store.fs()[1], SCRATCH), ignore_errors=True)  # only scratch of this run
             remove_if_empty(created, store.options)
         raise
 

@@ -8,6 +8,7 @@ from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
 from pipeline.inference.model_spec import ModelSpec
 from pipeline.run.runspec import RunSpec
+from pipeline.run.cache import changed_sources
 from pipeline.store.shard_check import check_shard
 from pipeline.run.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
@@ -46,7 +47,7 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
             continue
         n_rows = int(max(manifest.column("row").to_pylist(), default=-1)) + 1
         for s in plan_shards(manifest, spec.shard_size, n_rows, cfg.get("limit")):
-            st = check_shard(s, spec, verify=verify)
+            st = check_shard(s, spec, verify=verify, sources_check=changed_sources)
             if st.state == "damaged":
                 problems.append(f"runs/{mv} shard {s.index}: {'; '.join(st.problems)} (a rerun rescores it)")
     if verify:

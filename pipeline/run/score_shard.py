@@ -20,13 +20,13 @@ import pyarrow as pa
 from schemas.outputs import predictions_schema
 
 from pipeline.core.errors import CheckpointError, ImageError
-from pipeline.run.cache import ShardCache
+from pipeline.run.cache import ShardCache, source_digest
 from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, decode_process_count, shared_pool, worker_cores
 from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
 from pipeline.core.redact import install_log_redaction, redact
 from pipeline.run.runspec import RunSpec
-from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status, source_digest
+from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
 from pipeline.run.shards import Shard
 from pipeline.store.storage import write_json_atomic, write_parquet_atomic
 

@@ -72,7 +72,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     import torch
 
     from pipeline.inference.model import load_model
-    from pipeline.run.cache import cache_group_url, create_cache
+    from pipeline.run.cache import cache_group_url, changed_sources, create_cache
     from pipeline.run.runspec import RunSpec
 
     store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
@@ -129,7 +129,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
     pending = []
     for s in shards:
-        st = check_shard(s, spec, verify=cfg.output.verify)
+        st = check_shard(s, spec, verify=cfg.output.verify, sources_check=changed_sources)
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")

@@ -93,8 +93,10 @@ def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | N
     return rec, None
 
 
-def check_shard(shard, spec, verify: bool = False) -> ShardState:
-    """Is this shard's work done, with its outputs intact? Cheap by default (sizes only)."""
+def check_shard(shard, spec, verify: bool = False, sources_check=None) -> ShardState:
+    """Is this shard's work done, with its outputs intact? Cheap by default (sizes only). With
+    ``verify``, ``sources_check(record, shard, spec)`` may add problems about the films themselves
+    (``pipeline.run.cache.changed_sources``: a film replaced since it was scored)."""
     so = dict(spec.storage_options)
     rec, why = read_record(spec.record_url(shard.index), so)
     if why:
@@ -106,8 +108,8 @@ def check_shard(shard, spec, verify: bool = False) -> ShardState:
     if rec.get("status") not in DONE_STATUSES or rec.get("record_version") != RECORD_VERSION or "outputs" not in rec:
         return ShardState("stale", rec, (f"record status {rec.get('status')!r}, version {rec.get('record_version')}",))
     problems = _check_outputs(rec, shard, spec, so, verify)
-    if verify and not problems:
-        problems = _changed_sources(rec, shard, spec, so)
+    if verify and not problems and sources_check is not None:
+        problems = sources_check(rec, shard, spec)
     if problems:
         return ShardState("damaged", rec, tuple(problems))
     return ShardState("partial" if rec["status"] == "partial" else "done", rec)
@@ -156,36 +158,6 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool) -> list[str]:
         elif verify and _sha256(fs, path) != want_c["sha256"]:
             problems.append(f"maps.zarr/{name}: chunk content differs from its record (sha256)")
     return problems
-
-
-def source_digest(content_key: str) -> str:
-    """A film's size and digest from its content key (``pipeline.run.cache.content_key``: the path
-    is the manifest's own)."""
-    return "|".join(content_key.rsplit("|", 2)[-2:])
-
-
-def _changed_sources(rec: dict, shard, spec, so: dict) -> list[str]:
-    """--verify: the films a shard scored, read again and compared with what it scored (a film
-    replaced under the same name since). Records written before they kept this have nothing to compare."""
-    from pipeline.core.errors import ImageError
-    from pipeline.core.redact import redact
-    from pipeline.inference.images import read_bytes
-    from pipeline.run.cache import content_key
-
-    sources = rec.get("sources")
-    if not isinstance(sources, dict):
-        return []
-    for row, path in zip(shard.rows, shard.paths):
-        want = sources.get(str(row))
-        if want is None:
-            continue
-        try:
-            got = source_digest(content_key(path, read_bytes(path, so, spec.read_limits)))
-        except ImageError:
-            got = None
-        if got != want:
-            return [f"film {redact(path)} (row {row}) changed since it was scored"]
-    return []
 
 
 def retry_rows(record: dict) -> list[int]:

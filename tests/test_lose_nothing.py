@@ -536,3 +536,33 @@ def test_the_job_writes_nothing_outside_out(tmp_path, tiny_nih):
     left = sorted(p.relative_to(tmp_path).as_posix() for p in (*home.rglob("*"), *tmp.rglob("*")))
     shutil.rmtree(tmp, ignore_errors=True)
     assert left == []
+
+
+def test_decode_memory_is_bounded_per_process_not_only_by_pixel_count(tmp_path, rng):
+    import struct
+    import zlib
+
+    from pipeline.core.errors import ImageError
+    from pipeline.inference.images import load_image
+    from pipeline.inference.read_limits import PreprocessConfig
+
+    def header(w, h, depth, colour):
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+    film = tmp_path / "rgba.png"
+    film.write_bytes(header(7_900, 7_900, 8, 6))  # 62 M pixels RGBA: under the pixel limit, ~480 MiB to decode
+    with pytest.raises(ImageError) as e:
+        load_image(str(film))
+    assert (e.value.stage, e.value.error_class) == ("decode", "TooMuchMemory") and "MiB" in str(e.value)
+    # a 16-bit film rescaled in float32, in place: the same pixels as the float64 formula, for every value
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    wide = tmp_path / "wide.png"
+    from PIL import Image
+
+    Image.fromarray(values).save(wide)
+    got = load_image(str(wide), PreprocessConfig(size=256, high_bit_depth="rescale")).pixels[:, :, 0]
+    want = np.clip(np.rint(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)

@@ -109,7 +109,25 @@ def out_from_args(args: argparse.Namespace):
     return output.store()
 
 
+def safe_usage_error(message: str) -> str:
+    """argparse's error message without the values it would echo: "unrecognized arguments" names
+    only the flags (a mistyped --storage-option's value may be a credential), and every message has
+    URL credentials masked."""
+    prefix = "unrecognized arguments: "
+    if message.startswith(prefix):
+        words = message[len(prefix):].split()
+        flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+        values = len(words) - len(flags) + sum("=" in w for w in words if w.startswith("-"))
+        message = prefix + (" ".join(flags) or "(values only)") + (f" ({values} value(s) not shown)" if values else "")
+    return plain(message)
+
+
 def add_common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def error(message: str):
+        p.print_usage(sys.stderr)
+        p.exit(2, f"{p.prog}: error: {safe_usage_error(message)}\n")
+
+    p.error = error  # argparse calls self.error: this parser's messages echo no values
     p.add_argument("--version", action="version", version=f"cxr-audit {pipeline.__version__}")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")

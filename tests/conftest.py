@@ -71,6 +71,18 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def films(tmp_path, rng):
+    """24 small grayscale PNGs and a file that is not one: (paths, bad path), for the decode-process tests."""
+    paths = []
+    for i in range(24):
+        p = tmp_path / f"f{i:02d}.png"
+        p.write_bytes(png_bytes(rng.integers(0, 256, (64 + i, 80), dtype=np.uint8)))
+        paths.append(str(p))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    return paths, str(tmp_path / "bad.png")
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     import torch
@@ -101,7 +113,7 @@ def tiny_nih(tmp_path_factory) -> Path:
 # hands whole files to the two workers in collection order (`--no-loadscope-reorder` in pyproject:
 # by default xdist reorders files by their number of tests, which sent the one-test SLURM file and
 # the two-test resume file to the end, where they ran alone).
-LONGEST_FIRST = ("test_faults", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
+LONGEST_FIRST = ("test_faults", "test_lose_nothing", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
                  "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
                  "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
 

@@ -49,3 +49,15 @@ def own_a_shared_pool(path: str, q) -> None:
         assert [job.pos for job, _ in s] == [0]
     q.put(pool.pids())
     # returns with the pool open, as a Dask worker process does when its nanny closes it
+
+
+@dataclass(frozen=True)
+class HangingTask(DecodeTask):
+    """Decodes like the job, except one film that hangs its decode process (a decoder in an endless loop)."""
+
+    hang: str = ""
+
+    def __call__(self, job):
+        if job.path == self.hang:
+            time.sleep(3600)
+        return super().__call__(job)

@@ -6,24 +6,11 @@ import signal
 import time
 
 import numpy as np
-import pytest
 
 from pipeline.run.decode_pool import DecodePool, DecodeTask, Failure, FilmJob
 from pipeline.inference.images import load_image
 
-from .conftest import png_bytes
 from .decode_helpers import SlowTask, decode_in_daemon, own_a_shared_pool, start_pool_then_report
-
-
-@pytest.fixture
-def films(tmp_path, rng):
-    paths = []
-    for i in range(24):
-        p = tmp_path / f"f{i:02d}.png"
-        p.write_bytes(png_bytes(rng.integers(0, 256, (64 + i, 80), dtype=np.uint8)))
-        paths.append(str(p))
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    return paths, str(tmp_path / "bad.png")
 
 
 def _collect(pool, task, paths, **kw):

@@ -410,6 +410,8 @@ def test_disk_full_then_rerun_with_space_completes(tmp_path, tiny_nih, tiny_ckpt
         code = main(_args(tiny_nih, out, tiny_ckpt, "--cache", "none"))
         assert code in (1, 2)  # shards that could not write are incomplete, or the manifest could not be written
         assert not (out / "latest.json").exists()
+        # the job has ended: its run.json says so (issue 27: it stayed 'running' for good)
+        assert all(json.loads(rj.read_text())["status"] != "running" for rj in out.glob("runs/*/run.json"))
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         assert main(_args(tiny_nih, out, tiny_ckpt, "--cache", "none")) == 0
         _same(reference, _run_dir(out))

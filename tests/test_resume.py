@@ -54,7 +54,7 @@ def test_kill_mid_run_then_rerun_completes_identically(tmp_path, tiny_nih, tiny_
     run_json = next(p for p in out.glob("runs/*/run.json") if previous not in str(p)).read_text()
     assert '"status": "running"' in run_json  # never claimed complete
     assert json.loads((out / "latest.json").read_text())["model_version"] == previous  # still last night's
-    stray = next(out.glob("runs/*/predictions")) / "part-000009.parquet.tmp-0123abcd"
+    stray = next(out.glob("runs/*/predictions")) / "part-000009.parquet.tmp-cxr-0123456789abcdef0123456789abcdef"
     stray.write_bytes(b"half a parquet file")  # as if killed mid-write
     assert (out / "_lock.json").exists()  # the dead run's lock: the rerun must recover it
 

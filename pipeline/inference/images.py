@@ -64,6 +64,35 @@ class NotARegularFile(Exception):
     """A FIFO, device, socket or directory: reading it could block forever or never end."""
 
 
+class TooMuchMemory(Exception):
+    """Decoding the film would take more memory than ReadLimits.max_decode_bytes (from its header)."""
+
+
+# bytes per pixel of PIL's decoded image, by mode (PIL keeps RGB, LA, ... as 4 bytes a pixel)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_bytes_estimate(mode: str, w: int, h: int, config: PreprocessConfig) -> int:
+    """Peak memory of decode_preprocess for a film, from its header: the decoded image plus the
+    full-size conversion it needs (float32 for a rescaled 16-bit film, RGB for a colour one)."""
+    decoded = _MODE_BYTES.get(mode, 4)
+    if mode in _SIXTEEN_BIT and config.high_bit_depth == "rescale":
+        work = 4 + 1  # float32 in place, then uint8
+    elif mode in ("L", "1", "P"):
+        work = 0 if mode == "L" else 4
+    else:
+        work = 4  # convert('RGB')
+    return w * h * (decoded + work)
+
+
+class EmptyFile(Exception):
+    """The file has 0 bytes: no film, however often it is read (a rerun does not retry it)."""
+
+
+class SymlinkLoop(Exception):
+    """A symbolic link that leads back to itself (ELOOP): no rerun can read it."""
+
+
 class ReadTimeout(TimeoutError):
     """One read took longer than --read-timeout."""
 
@@ -208,7 +237,7 @@ def read_bytes(path: str, storage_options: dict | None = None, limits: ReadLimit
     except Exception as e:  # noqa: BLE001 - any backend failure is one image's failure
         raise _read_error(e) from None
     if not data:
-        raise ImageError("read", EOFError(f"{redact(path)} is empty (0 bytes)"))
+        raise ImageError("read", EmptyFile(f"{redact(path)} is empty (0 bytes)"))
     return data
 
 
@@ -227,10 +256,12 @@ def image_error(stage: str, e: BaseException) -> ImageError:
 
 
 def _read_error(e: BaseException) -> ImageError:
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return ImageError("read", SymlinkLoop(f"{e.strerror}: {redact(str(e.filename))}"))
     return image_error("read", e)
 
 
-def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
+def _open(data: bytes, limits: ReadLimits = ReadLimits(), config: PreprocessConfig = PreprocessConfig()) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:  # beyond PIL's own limit, refused at open
@@ -242,6 +273,10 @@ def _open(data: bytes, limits: ReadLimits = ReadLimits()) -> Image.Image:
         raise ImageError("decode", TooManyPixels(f"{w} x {h} = {w * h} pixels, more than --max-image-pixels {limits.max_pixels}"))
     if min(w, h) < 1 or max(w, h) / min(w, h) > limits.max_aspect:
         raise ImageError("decode", ExtremeAspectRatio(f"{w} x {h} is thinner than --max-aspect-ratio {limits.max_aspect:g}"))
+    need = decode_bytes_estimate(img.mode, w, h, config)
+    if need > limits.max_decode_bytes:  # bounded per decode process, not only by the pixel count
+        raise ImageError("decode", TooMuchMemory(f"{w} x {h} pixels in mode {img.mode} need about {need // 2**20} MiB to decode, "
+                                                 f"more than the {limits.max_decode_bytes // 2**20} MiB a decode may take"))
     try:
         img.load()  # PIL opens lazily; truncation only shows here
     except Exception as e:  # noqa: BLE001 - a decoder may raise anything on hostile bytes
@@ -268,12 +303,17 @@ def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()
                       gray_plane: bool = False) -> Decoded:
     """Bytes of a PNG/JPEG to the uint8 (size, size, 3) array that ToTensor would see (gray_plane:
     a grayscale film as its one (size, size) plane, which that array repeats three times)."""
-    img = _open(data, limits)
+    img = _open(data, limits, config)
     mode = img.mode
     try:
         if mode in _SIXTEEN_BIT and config.high_bit_depth == "rescale":
-            a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+            # in place, in float32 (4 bytes a pixel, not 3 float64 temporaries): the same values, since
+            # x / 257 is never within float32's error of a half (257 is odd, so never exactly one)
+            a = np.array(img, dtype=np.float32)
+            a /= 257.0
+            np.rint(a, out=a)
+            np.clip(a, 0, 255, out=a)
+            img = Image.fromarray(a.astype(np.uint8), mode="L")
         if img.mode == "L":
             # Grayscale: resampling is per band with identical weights, so resizing one band and
             # repeating it equals convert('RGB') then resize, at a third of the cost.

@@ -18,12 +18,15 @@ class ReadLimits:
     # 64 M pixels: far above any radiograph (PadChest ~ 4k x 4k) and below PIL's own 89 M warning.
     max_pixels: int = 64_000_000
     max_aspect: float = 6.0  # chest films are ~1:1.3; a 1 x 60,000 'film' would resize to 224 x 13 M
+    # memory one decode may take (pixels x bytes per pixel of the decoded mode and the conversions it
+    # needs, estimated from the header): a 16 MP 16-bit PadChest film needs ~112 MB, a 64 MP RGBA one 512 MB
+    max_decode_bytes: int = 256 * 2**20
     timeout_s: float = 30.0  # per attempt, remote reads only (local reads of regular files do not hang)
     retries: int = 2  # further attempts after a transient error (timeout, connection, EIO)
     backoff_s: float = 0.5  # doubled after each attempt
 
     def __post_init__(self):
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_aspect < 1 or self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_decode_bytes < 1 or self.max_aspect < 1 or self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise ValueError(f"invalid read limits {self}: sizes must be positive, aspect >= 1, retries >= 0")
 
 

@@ -117,6 +117,9 @@ def local_kwargs(opts: dict) -> dict:
         kw["n_workers"] = max(1, gpu_count())
     kw.setdefault("threads_per_worker", 2)  # one shard writes while the next scores
     kw.setdefault("dashboard_address", DASHBOARD_ADDRESS)
+    # each worker's own HTTP server (its /metrics and info pages): on every interface by default,
+    # where a local cluster's other listeners are on loopback (set it in the profile to open it)
+    kw.setdefault("worker_dashboard_address", "127.0.0.1:0")
     return kw
 
 
@@ -206,6 +209,20 @@ class _LastError(logging.Handler):
         self.message = " ".join(text.split())[:500]
 
 
+def _check_shm(profile: Profile) -> None:
+    """A ClusterStartError naming /dev/shm when it cannot hold semaphores: a local cluster's worker
+    processes talk through them (distributed's nannies: "Nanny failed to start")."""
+    from pipeline.core.errors import ClusterStartError
+    from pipeline.run.decode_pool import shm_problem
+
+    why = shm_problem()
+    if why:
+        raise ClusterStartError(
+            f"cluster profile {profile.name!r} ({profile.type}) cannot start worker processes: {why}. Free space in "
+            "/dev/shm (df -h /dev/shm) or mount it writable, or run without worker and decode processes: "
+            "--cluster inprocess --decode-workers 0.")
+
+
 def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tuple[Any, Any]:
     """Return (cluster or None, Client) once at least one worker is up; the caller closes both.
     A cluster that brings up no worker within worker_timeout seconds (default: the profile's) is a
@@ -213,6 +230,8 @@ def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tupl
     from pipeline.core.errors import ClusterStartError
 
     timeout = profile.worker_timeout if worker_timeout is None else worker_timeout
+    if profile.type.startswith("local") and profile.options.get("processes", True):
+        _check_shm(profile)  # before the nannies log their tracebacks
     catcher = _LastError()
     logging.getLogger().addHandler(catcher)
     cluster = client = None
@@ -229,13 +248,15 @@ def start_cluster(profile: Profile, worker_timeout: float | None = None) -> tupl
                 f"cluster profile {profile.name!r} ({profile.type}) brought up no worker in {timeout:.0f} s. "
                 f"Last error: {cause}. Check the profile in --cluster-file, or wait longer with --worker-timeout."
             ) from None
-    except BaseException:
+    except BaseException as e:
         for thing in (client, cluster):
             if thing is not None:
                 try:
                     thing.close()
                 except Exception:  # noqa: BLE001 - already failing; the original error matters
                     pass
+        if isinstance(e, Exception) and not isinstance(e, ClusterStartError):
+            _check_shm(profile)
         raise
     finally:
         logging.getLogger().removeHandler(catcher)

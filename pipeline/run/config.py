@@ -281,7 +281,25 @@ def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
         keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
         head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
                  "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
-    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    doc = cfg.to_dict()
+    masked = _redacted(doc)
+    if masked != doc:
+        head += ("# Credentials in URLs are masked (REDACTED) here: put them in storage options or the environment, "
+                 "not in URLs.\n")
+    return head + yaml.safe_dump(masked, sort_keys=False)
+
+
+def _redacted(value):
+    """A configuration value with URL credentials masked in every string, at any depth."""
+    from pipeline.core.redact import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v) for v in value)
+    return value
 
 
 def load_yaml(path: str) -> dict:

@@ -8,8 +8,18 @@ next shard's films decode while the current shard finishes and writes (``DecodeS
 
 Failure modes: a decode process that dies (OOM killer, a crashing codec) breaks the pool
 (``BrokenProcessPool``); the pool is restarted and every film that was in flight is resubmitted, one
-at a time, so no film is lost or scored twice; a film that kills a decode process on its own twice is
-recorded as a failure of stage ``decode``. A film that fails to read or decode is a ``Failure``.
+at a time, so no film is lost or scored twice. Only a film that fails on its own is a bad film: it
+crashed its process (a signal of its own: SIGSEGV, SIGABRT, ...; or an exit status) or hung it
+(``DecodeTimeout``) twice while decoding alone, each time in a fresh process: a permanent failure of
+stage ``decode``. A film whose process was killed from outside (SIGKILL of the OOM killer or a user,
+SIGTERM) is not at fault: it goes again, and after KILLS_TO_GIVE_UP such kills it is recorded as
+``DecodeWorkerKilled``, which a rerun retries. A film that fails to read or decode is a ``Failure``.
+
+Deadlines: a decode process stopped (SIGSTOP, state T) for STOPPED_GRACE_S (a watchdog thread of
+the pool looks every half second, films in flight or not: a stopped process would also hang the
+executor's shutdown), or no result at all for ``deadline_s`` while films are in flight (a hung
+decode), is killed and replaced; its films go again, and the worker's log says so. The clocks only
+run in small steps of their own threads (a job suspended with Ctrl-Z and resumed kills nothing).
 
 Per-film cost in the process that drives the model (issue 8): films go to the decode processes in
 chunks of a few (one task, one pipe message, one future and one hand-over per chunk, not per film),
@@ -44,7 +54,12 @@ from pipeline.inference.images import Decoded, PreprocessConfig, ReadLimits
 
 log = logging.getLogger(__name__)
 
-SERIAL_CRASHES_TO_FAIL = 2  # a film that kills a decode process twice on its own is a bad film
+SERIAL_CRASHES_TO_FAIL = 2  # a film that kills (or hangs) a decode process twice on its own is a bad film
+KILLS_TO_GIVE_UP = 4  # kills from outside while a film decodes alone before it is left to a rerun (retryable)
+DEADLINE_S = 300.0  # no result from any decode process for this long while films are in flight: hung
+STOPPED_GRACE_S = 5.0  # a decode process stopped (SIGSTOP) this long is replaced
+# the signals a process gets from its own fault (a crashing codec); SIGKILL/SIGTERM come from outside
+_OWN_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL, signal.SIGSYS}
 PRELOAD = ["pipeline.run.decode_pool", "pipeline.run.cache"]  # what the decode processes' forkserver imports once
 SLOT_BYTES = 224 * 224 * 3  # one slot holds a default-size RGB film; larger results travel pickled, as before
 SLOTS = 256  # films in flight per executor: a shard's window plus the next shard's look-ahead, with room
@@ -89,10 +104,9 @@ class DecodeTask:
         key = None
         try:
             data = read_bytes(job.path, so, self.limits)
-            if self.use_cache:
-                key = content_key(job.path, data)
-                if job.cached_key is not None and key == job.cached_key:
-                    return None, key
+            key = content_key(job.path, data)  # also the shard record's fingerprint of the film (--verify)
+            if self.use_cache and job.cached_key is not None and key == job.cached_key:
+                return None, key
             return decode_bytes(data, self.preprocess, self.limits, self.gray_plane), key
         except ImageError as e:
             return Failure(e.stage, e.error_class, str(e.cause)[:500]), key
@@ -101,7 +115,32 @@ class DecodeTask:
 
 
 class DecodeWorkerDied(RuntimeError):
-    """A decode process died while decoding this film, on its own, more than once."""
+    """A decode process died of its own fault while decoding this film, alone, more than once."""
+
+
+class DecodeTimeout(RuntimeError):
+    """A decode process hung (no result within the deadline) while decoding this film, alone, twice."""
+
+
+class DecodeWorkerKilled(RuntimeError):
+    """Decode processes were killed from outside while decoding this film: not its fault, retryable."""
+
+
+def _cause_of(codes: list[int | None]) -> str:
+    """How an executor's processes ended: 'crashed' when one died of its own fault, else 'killed'."""
+    for c in codes:
+        if c is not None and (c > 0 or (c < 0 and -c in _OWN_SIGNALS)):
+            return "crashed"
+    return "killed"
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, D, T: stopped, t: traced...), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -215,6 +254,16 @@ def _new_block() -> _SlotBlock | None:
         return None  # memory is short: results travel pickled
 
 
+def shm_problem() -> str | None:
+    """Why this machine's /dev/shm cannot hold the semaphores that process pools need (full, read-only,
+    absent), or None when it can. Costs one semaphore."""
+    try:
+        multiprocessing.get_context("forkserver").Lock()
+    except OSError as e:
+        return f"/dev/shm is full, read-only or missing ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
 def _ready(_job: Any) -> None:
     """A no-op task: submitting one per process makes the executor start them all."""
 
@@ -263,6 +312,12 @@ class DecodePool:
         self._block: _SlotBlock | None = None  # the current executor's shared pixel slots
         self._retired: list[_SlotBlock] = []  # blocks of broken executors, closed with the pool
         self._generation = 0
+        self._causes: dict[int, str] = {}  # generation -> how it broke: crashed, killed, stopped or hung
+        self._replacing: dict[int, str] = {}  # generation -> why we killed its processes ourselves
+        self.replaced = 0  # decode processes killed and replaced because they were stopped or hung
+        self._old_procs: list = []  # processes of broken executors (a stopped one would hang their shutdown)
+        self._watchdog: threading.Thread | None = None
+        self._closing = threading.Event()
         self._started = False
         self._streams: list[DecodeStream] = []  # registration order: the first one still submitting is the primary
 
@@ -278,7 +333,30 @@ class DecodePool:
                 slots = (self._block.name, self._block.view.nbytes) if self._block is not None else (None, 0)
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_decode_process,
                                                      initargs=(os.getpid(), *slots))
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch_stopped, name="decode-watchdog", daemon=True)
+                    self._watchdog.start()
             return self._executor, self._generation
+
+    def usable(self) -> bool:
+        """Start the executor if need be; False (and ``workers`` 0 from then on: films decode in this
+        process, as with --decode-workers 0) when /dev/shm cannot hold its semaphores, said once."""
+        if self.workers == 0:
+            return False
+        try:
+            self._current()
+            return True
+        except OSError as e:
+            why = shm_problem()
+            if why is None:
+                raise
+            with self._lock:
+                if self.workers:
+                    log.warning(f"{why}: decode processes cannot start, so this worker decodes films in its own process "
+                                f"(as --decode-workers 0; slower). Free space in /dev/shm (df -h /dev/shm) or mount it "
+                                f"writable to decode in processes again. ({type(e).__name__}: {e})")
+                self.workers = 0
+            return False
 
     def _current_block(self, generation: int) -> _SlotBlock | None:
         with self._lock:
@@ -294,6 +372,8 @@ class DecodePool:
         if self.workers == 0 or self._started:
             return
         self._started = True
+        if not self.usable():
+            return
         futures = [self.submit(_ready, None)[0] for _ in range(self.workers)]
         wait(futures)
 
@@ -331,11 +411,18 @@ class DecodePool:
                 self.restart(gen)
 
     def restart(self, generation: int) -> None:
-        """Replace a broken executor (once, however many streams noticed)."""
+        """Replace a broken executor (once, however many streams noticed), and note why it broke."""
         with self._lock:
             if generation != self._generation or self._executor is None:
                 return
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            ex = self._executor
+            procs = list((getattr(ex, "_processes", None) or {}).values())
+            manager = getattr(ex, "_executor_manager_thread", None)
+            ex.shutdown(wait=False, cancel_futures=True)
+            if manager is not None:  # it terminates and joins the rest: every exit status is known after
+                manager.join(timeout=2.0)
+            self._causes[generation] = self._replacing.pop(generation, None) or _cause_of([p.exitcode for p in procs])
+            self._old_procs = [p for p in self._old_procs + procs if p.exitcode is None]
             self._executor = None
             if self._block is not None:  # a surviving process of the old executor may still write into it
                 self._block.retire()
@@ -344,11 +431,70 @@ class DecodePool:
             self._generation += 1
             self.restarts += 1
 
+    def cause(self, generation: int) -> str:
+        """How that generation's executor broke: 'crashed' (a process died of its own fault), 'killed'
+        (from outside), 'stopped' or 'hung' (we replaced it: ``replace``)."""
+        with self._lock:
+            return self._causes.get(generation, "killed")
+
+    def replace(self, generation: int, pids: list[int], why: str) -> bool:
+        """Kill these decode processes of that generation (stopped or hung): the executor breaks, and
+        the streams resubmit their films. False when the generation is already gone."""
+        with self._lock:
+            if generation != self._generation or self._executor is None or generation in self._replacing:
+                return False
+            self._replacing[generation] = why
+            self.replaced += len(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)  # SIGKILL also ends a stopped process
+            except ProcessLookupError:
+                pass
+        return True
+
+    def _watch_stopped(self) -> None:
+        """Kill any decode process (of this executor or a broken one) seen stopped for STOPPED_GRACE_S."""
+        stopped: dict[int, float] = {}
+        last = time.monotonic()
+        while not self._closing.wait(0.5):
+            now = time.monotonic()
+            step, last = min(now - last, 1.0), now
+            with self._lock:
+                gen = self._generation
+                current = list((getattr(self._executor, "_processes", None) or {}).keys()) if self._executor is not None else []
+                old = [p.pid for p in self._old_procs if p.exitcode is None]
+            seen = [pid for pid in current + old if process_state(pid) in ("T", "t")]
+            stopped = {pid: stopped.get(pid, 0.0) + step for pid in seen}
+            overdue = [pid for pid, t in stopped.items() if t >= STOPPED_GRACE_S]
+            if not overdue:
+                continue
+            mine = [pid for pid in overdue if pid in current]
+            if mine and self.replace(gen, mine, "stopped"):
+                log.warning(f"decode process(es) {mine} stopped (SIGSTOP) for {STOPPED_GRACE_S:g} s: killed and replaced; "
+                            "their films are decoded again")
+            for pid in overdue:  # also those of a generation already broken or being replaced
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                stopped.pop(pid, None)
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
     def pids(self) -> list[int]:
         ex = self._executor
         return sorted((getattr(ex, "_processes", None) or {}).keys()) if ex is not None else []
 
     def close(self) -> None:
+        self._closing.set()
+        for pid in self.pids() + [p.pid for p in self._old_procs if p.exitcode is None]:  # a stopped process would never read its stop sentinel: shutdown would wait forever
+            if process_state(pid) in ("T", "t"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         with self._lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
@@ -370,8 +516,10 @@ class DecodePool:
             if stream in self._streams:
                 self._streams.remove(stream)
 
-    def stream(self, fn: Callable, jobs: Iterable[FilmJob], window: int, lookahead: int | None = None, chunk: int = 1) -> "DecodeStream":
-        return DecodeStream(self, fn, list(jobs), window, lookahead if lookahead is not None else window, chunk)
+    def stream(self, fn: Callable, jobs: Iterable[FilmJob], window: int, lookahead: int | None = None, chunk: int = 1,
+               deadline_s: float | None = None) -> "DecodeStream":
+        return DecodeStream(self, fn, list(jobs), window, lookahead if lookahead is not None else window, chunk,
+                            DEADLINE_S if deadline_s is None else deadline_s)
 
 
 _SHARED: dict[int, DecodePool] = {}
@@ -461,8 +609,10 @@ class DecodeStream:
     one still submitting, ``lookahead`` films otherwise; it submits them ``chunk`` films per task
     (films in flight when a decode process died go again one per task)."""
 
-    def __init__(self, pool: DecodePool, fn: Callable, jobs: list[FilmJob], window: int, lookahead: int, chunk: int = 1):
+    def __init__(self, pool: DecodePool, fn: Callable, jobs: list[FilmJob], window: int, lookahead: int, chunk: int = 1,
+                 deadline_s: float = DEADLINE_S):
         self.pool, self.fn = pool, fn
+        self.deadline_s = max(0.1, float(deadline_s))
         self.window, self.lookahead = max(1, window), max(1, lookahead)
         self.chunk = max(1, int(chunk))
         self._todo: deque[FilmJob] = deque(jobs)
@@ -508,7 +658,7 @@ class DecodeStream:
 
     def _feed(self) -> None:
         try:
-            if self.pool.workers == 0:
+            if not self.pool.usable():  # no decode processes (--decode-workers 0, or /dev/shm unusable)
                 for job in self._todo:
                     with self._cond:
                         while not self._closed and self._untaken >= self.window:
@@ -529,7 +679,9 @@ class DecodeStream:
         inflight: dict[Future, tuple[list[FilmJob], int, _SlotBlock | None, tuple]] = {}
         n_inflight = 0  # films
         recovering: deque[FilmJob] = deque()  # in flight when the pool broke: resubmitted one at a time
-        serial_crashes: dict[FilmJob, int] = {}
+        serial_crashes: dict[FilmJob, int] = {}  # films in flight when a pool broke -> own failures alone
+        kills: dict[FilmJob, int] = {}  # -> kills from outside while alone
+        watch = _Watch(self.pool, self.deadline_s)
         # Finished futures arrive here (done callbacks): O(1) per chunk, where wait(FIRST_COMPLETED)
         # over a window of futures cost O(window) lock operations, in the GIL-bound process that
         # drives the model.
@@ -586,11 +738,14 @@ class DecodeStream:
                 if not self._todo:
                     self.pool._unregister(self)  # the next stream becomes the primary now
             if not inflight:
+                watch.idle()
                 continue
             try:
                 done = [finished.get(timeout=0.1)]
             except queue.Empty:
+                watch.check(inflight)
                 continue
+            watch.progress()
             while True:
                 try:
                     done.append(finished.get_nowait())
@@ -618,19 +773,77 @@ class DecodeStream:
                         broken.extend((job, entry[1]) for job in entry[0])
                 inflight.clear()
                 n_inflight = 0
-            for gen in {g for _, g in broken}:
+            gens = {g for _, g in broken}
+            for gen in gens:
                 self.pool.restart(gen)
+            causes = {self.pool.cause(g) for g in gens}
+            watch.progress()
             was_serial = len(broken) == 1 and broken[0][0] in serial_crashes
             for job, _ in broken:
-                if was_serial:
+                if not was_serial:
+                    serial_crashes.setdefault(job, 0)
+                elif causes & {"crashed", "hung"}:  # its own fault, alone in a fresh process
                     serial_crashes[job] += 1
                     if serial_crashes[job] >= SERIAL_CRASHES_TO_FAIL:
-                        self._emit([(job, (Failure("decode", DecodeWorkerDied.__name__,
-                                                   f"a decode process died {serial_crashes[job]} times while decoding this film alone"), None))])
+                        err = DecodeTimeout if "hung" in causes else DecodeWorkerDied
+                        what = (f"no result within {self.deadline_s:g} s" if err is DecodeTimeout else "a decode process died of its own fault")
+                        self._emit([(job, (Failure("decode", err.__name__, f"{what} {serial_crashes[job]} times while decoding "
+                                                   "this film alone, each time in a fresh process: a bad film"), None))])
                         continue
-                else:
-                    serial_crashes.setdefault(job, 0)
+                else:  # killed or stopped from outside: not the film's fault
+                    kills[job] = kills.get(job, 0) + 1
+                    if kills[job] >= KILLS_TO_GIVE_UP:
+                        self._emit([(job, (Failure("decode", DecodeWorkerKilled.__name__,
+                                                   f"decode processes were killed from outside {kills[job]} times while decoding this "
+                                                   "film (OOM killer, a signal); the film is not at fault: a rerun retries it"), None))])
+                        continue
                 recovering.append(job)
 
     def _limit(self) -> int:
         return self.window if self.pool._is_primary(self) else self.lookahead
+
+
+class _Watch:
+    """A stream's deadlines. Time counts only in small steps of the feeder's own loop (at most
+    0.5 s each), so a whole job suspended (Ctrl-Z) and resumed has not 'waited' meanwhile."""
+
+    STEP_MAX = 0.5
+    CHECK_EVERY = 0.5  # seconds between looks at the decode processes' states
+
+    def __init__(self, pool: DecodePool, deadline_s: float):
+        self.pool, self.deadline_s = pool, deadline_s
+        self._last = time.monotonic()
+        self._waited = 0.0  # with films in flight, since the last result
+        self._since_check = 0.0
+
+    def _step(self) -> float:
+        now = time.monotonic()
+        dt, self._last = min(now - self._last, self.STEP_MAX), now
+        return dt
+
+    def idle(self) -> None:
+        self._step()
+        self._waited = 0.0
+
+    def progress(self) -> None:
+        self._step()
+        self._waited = 0.0
+
+    def check(self, inflight: dict) -> None:
+        dt = self._step()
+        self._waited += dt
+        self._since_check += dt
+        if self._since_check < self.CHECK_EVERY:
+            return
+        self._since_check = 0.0
+        gens = {entry[1] for entry in inflight.values()}
+        gen = self.pool.generation()
+        if gen not in gens:
+            return  # its films are in a broken generation: the BrokenProcessPool is on its way
+        if self._waited >= self.deadline_s:  # (a stopped process is the pool's watchdog's)
+            pids = self.pool.pids()
+            if self.pool.replace(gen, pids, "hung"):
+                log.warning(f"no decoded film for {self.deadline_s:g} s with films in flight: the decode processes {pids} are "
+                            "hung; killed and replaced, their films are decoded again (a film that hangs twice alone is "
+                            "recorded as DecodeTimeout)")
+            self._waited = 0.0

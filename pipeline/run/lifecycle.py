@@ -20,6 +20,7 @@ import threading
 import time
 from datetime import datetime
 
+from pipeline.core.errors import OutputError
 from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
@@ -147,6 +148,9 @@ def run(cfg, validated: bool = False, client=None) -> dict:
         return run_locked(cfg, store, client)
     except BaseException:
         if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
+            import shutil
+
+            shutil.rmtree(os.path.join(store.fs()[1], SCRATCH), ignore_errors=True)  # only scratch of this run
             remove_if_empty(created, store.options)
         raise
 
@@ -172,6 +176,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
             done = nothing_changed(cfg, store)
             if done is not None:
                 return done
+        contain_scratch(store)
         clean_temporaries(store)
         previous = previous_latest(store)
         cluster = RunCluster(cfg, client)
@@ -186,8 +191,8 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         try:
             if info["status"] == "complete":
                 check_interrupt()  # a complete run; interrupted before it becomes latest
-                publish(store, info)
-                info["drift_text"] = drift_step(store, previous, info)
+                publish(store, info, previous)
+                info["drift_text"] = drift_step(store, drift_from(info, previous), info)
                 if cfg.output.report:
                     info["report"] = report_step(store, info, cfg.aggregate)
                 else:
@@ -220,8 +225,36 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     return {**run, "nothing_changed": True, "check_seconds": seconds["total"]}
 
 
+SCRATCH = "_scratch"
+_SCRATCH_SET: dict[str, str] = {}  # what contain_scratch set (a later run in this process replaces only that)
+
+
+def contain_scratch(store: OutputStore) -> str:
+    """The job writes nowhere but --out: matplotlib's config and font cache (else ~/.config,
+    ~/.cache) and Dask's scratch space (else the system temp folder) go to OUT/_scratch, or, for an
+    --out that is not a local folder, to a temporary folder of this run. A value the user set
+    (MPLCONFIGDIR, Dask's temporary-directory) is kept."""
+    import tempfile
+
+    import dask
+
+    if "://" not in store.url or store.url.startswith("file://"):
+        base = os.path.join(store.fs()[1], SCRATCH)
+    else:
+        base = tempfile.mkdtemp(prefix="cxr-audit-scratch-")
+    mpl, scratch = os.path.join(base, "matplotlib"), os.path.join(base, "dask")
+    if os.environ.get("MPLCONFIGDIR") in (None, _SCRATCH_SET.get("mpl")):
+        os.makedirs(mpl, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = _SCRATCH_SET["mpl"] = mpl
+    if dask.config.get("temporary-directory", None) in (None, _SCRATCH_SET.get("dask")):
+        dask.config.set({"temporary-directory": scratch})
+        _SCRATCH_SET["dask"] = scratch
+    return base
+
+
 def clean_temporaries(store: OutputStore) -> int:
-    """Delete the *.tmp-* files an interrupted writer left (only while holding the lock)."""
+    """Delete the temporaries (``*.tmp-cxr-<hex>``) an interrupted writer of this job left (only
+    while holding the lock); a user's own ``*.tmp-*`` files are left alone."""
     removed = store.remove_temp_files()
     if removed:
         log.info(f"removed {removed} half-written temporary files left by an interrupted run")
@@ -261,7 +294,40 @@ def score(cfg, store: OutputStore, cluster: RunCluster):
         except Exception as e:  # noqa: BLE001 - the interrupt matters more than this bookkeeping
             log.error(f"(could not record the interruption in run.json: {e})")
         raise
-    return prep, finalize_run(prep, results, failures, started)
+    try:
+        return prep, finalize_run(prep, results, failures, started)
+    except OutputError as e:
+        mark_stopped(store, prep.spec.model_version, "incomplete", str(e))
+        raise
+
+
+def mark_stopped(store: OutputStore, model_version: str, status: str, why: str) -> None:
+    """Best effort: a run.json still 'running' when the job stops on an output error (a full disk)
+    says it stopped. When even that cannot be written whole (no space for the temporary copy), a
+    local run.json is rewritten in place, compact: shorter than the indented file it replaces."""
+    import json
+
+    from pipeline.run.scoring import _now
+
+    url = store.run_json(model_version)
+    current, _ = store.read_json_safe(url)
+    if not isinstance(current, dict) or current.get("status") != "running":
+        return
+    current.update(status=status, finished=_now(), error=redact(why)[:500])
+    try:
+        store.write_json(url, current)
+        return
+    except OutputError:
+        pass
+    if "://" in store.url and not store.url.startswith("file://"):
+        return
+    _, path = store.fs(url)
+    try:
+        with open(path, "r+b") as f:
+            f.write(json.dumps(current, separators=(",", ":"), sort_keys=True, default=str).encode() + b"\n")
+            f.truncate()
+    except OSError as e:
+        log.error(f"(could not mark run.json {status}: {e})")
 
 
 def execute(prep, cluster: RunCluster, results: list, failures: list, since: float | None = None) -> None:
@@ -296,6 +362,10 @@ def execute(prep, cluster: RunCluster, results: list, failures: list, since: flo
             shard = futures[fut]
             try:
                 results.append(fut.result())
+                if results[-1].get("decode_processes_replaced"):
+                    log.warning(f"shard {shard.index}: {results[-1]['decode_processes_replaced']} decode process(es) were stopped or "
+                                "hung and have been replaced; their films were decoded again (details in the worker's log under "
+                                f"{redact(cluster._store.logs)})")
             except Exception as e:  # noqa: BLE001 - one failed shard does not stop the others
                 failures.append({"shard": shard.index, "error_class": type(e).__name__, "message": redact(str(e))[:500]})
                 log.error(f"shard {shard.index} failed: {type(e).__name__}: {redact(str(e))}")
@@ -331,16 +401,35 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
     except KeyboardInterrupt:
         finish_run(prep, info, "interrupted", {"aggregates": "interrupted"})
         raise
+    except OutputError as e:
+        mark_stopped(spec.store, spec.model_version, "incomplete", str(e))
+        raise
     return finish_run(prep, info, "complete", steps)
 
 
-def publish(store: OutputStore, info: dict) -> None:
-    """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views."""
+
+def publish(store: OutputStore, info: dict, previous: str | None = None) -> None:
+    """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views. The latest
+    run it replaces is recorded in run.json first (``replaced_latest``, drift 'pending'): a kill
+    after publishing leaves a rerun that still knows what to compare with (``drift_from``)."""
     from pipeline.store.query_views import write_views
 
+    if previous and previous != info["model_version"]:
+        info["replaced_latest"] = previous
+        record_step(store, info, "drift", "pending", replaced_latest=previous)
     store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
     write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
     record_step(store, info, "publish", "done")
+
+
+def drift_from(info: dict, previous: str | None) -> str | None:
+    """The run to compare with: the latest one this run replaces now, or, on a rerun of a run
+    already published (latest.json names it), the one it replaced when its drift was left undone."""
+    if previous and previous != info["model_version"]:
+        return previous
+    if info.get("steps", {}).get("drift") in ("pending", "failed"):
+        return info.get("replaced_latest")
+    return None
 
 
 def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | None:
@@ -376,16 +465,15 @@ def report_step(store: OutputStore, info: dict, agg=None) -> str | None:
     return path
 
 
-
 def record_step(store: OutputStore, info: dict, step: str, status: str, **fields) -> None:
-    """Add one step's status (and any other fields) to run.json and to info, rewriting it atomically."""
+    """Add one step's status (and ``fields``) to run.json (and to info), rewriting it atomically."""
     info.setdefault("steps", {})[step] = status
     info.update(fields)
     url = store.run_json(info["model_version"])
     current, _ = store.read_json_safe(url)
     current = current if isinstance(current, dict) else {k: v for k, v in info.items() if k not in ("report", "drift_text")}
-    current["steps"] = {**current.get("steps", {}), step: status}
     current.update(fields)
+    current["steps"] = {**current.get("steps", {}), step: status}
     store.write_json(url, current)
 
 

@@ -3,10 +3,12 @@ without writing anything."""
 
 from __future__ import annotations
 
+from pipeline.core.redact import redact
 from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
 from pipeline.inference.model_spec import ModelSpec
 from pipeline.run.runspec import RunSpec
+from pipeline.run.cache import changed_sources
 from pipeline.store.shard_check import check_shard, chunk_layout
 from pipeline.run.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
@@ -23,11 +25,14 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
     manifest, why = previous_manifest(store)
     if why:
         problems.append(f"manifest.parquet: unreadable ({why}); the next run rebuilds it from the datasets")
+    cache_roots = {store.cache_root}
     for mv in store.model_versions():
         run, why = store.read_json_safe(store.run_json(mv))
         if why or not isinstance(run, dict):
             problems.append(f"runs/{mv}/run.json: unreadable ({why}); the next run into it rebuilds it")
             continue
+        if isinstance(run.get("resolved"), dict) and run["resolved"].get("cache"):
+            cache_roots.add(run["resolved"]["cache"])
         if manifest is None:
             continue
         ident = run.get("identity") or {}
@@ -46,7 +51,31 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
         except Exception:  # noqa: BLE001 - each shard's check reports an unreadable maps.zarr
             layout = None
         for s in plan_shards(manifest, spec.shard_size, n_rows, cfg.get("limit")):
-            st = check_shard(s, spec, verify=verify, layout=layout)
+            st = check_shard(s, spec, verify=verify, layout=layout, sources_check=changed_sources)
             if st.state == "damaged":
                 problems.append(f"runs/{mv} shard {s.index}: {'; '.join(st.problems)} (a rerun rescores it)")
+    if verify:
+        problems += check_caches(sorted(cache_roots), store.storage_options)
+    return problems
+
+
+def check_caches(roots, storage_options: dict | None = None) -> list[str]:
+    """Every entry of every cache group under ``roots`` against its pixel digest."""
+    from pipeline.run.cache import verify_cache
+    from pipeline.store.storage import join, url_to_fs
+
+    problems = []
+    for root in roots:
+        try:
+            fs, path = url_to_fs(root, storage_options)
+            groups = sorted(p for p in fs.ls(path, detail=False) if fs.isdir(p)) if fs.isdir(path) else []
+        except OSError:
+            continue
+        for g in groups:
+            name = g.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                bad = verify_cache(join(root, name), storage_options)
+            except Exception as e:  # noqa: BLE001 - an unreadable group is damage too
+                bad = [f"unreadable ({type(e).__name__}); delete it or pass --cache none"]
+            problems += [f"cache {redact(join(root, name))} {b}" for b in bad]
     return problems

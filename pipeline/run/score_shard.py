@@ -20,7 +20,7 @@ import pyarrow as pa
 from schemas.outputs import predictions_schema
 
 from pipeline.core.errors import CheckpointError, ImageError
-from pipeline.run.cache import ShardCache
+from pipeline.run.cache import ShardCache, source_digest
 from pipeline.run.decode_pool import DecodeTask, Failure, FilmJob, decode_process_count, shared_pool, worker_cores
 from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
@@ -110,6 +110,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     workers = decode_workers(spec)
     pool = shared_pool(workers)
     pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
+    replaced_before = pool.replaced
     F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
     n_region = shard.stop - shard.start
     cam = np.full((n_region, F, H, W), np.nan, np.float32)
@@ -121,6 +122,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     ok = np.zeros(len(shard.rows), dtype=bool)
     errors: list[dict] = []
     modes: dict[str, int] = {}
+    sources: dict[str, str] = {}  # row -> the scored film's size and digest: --verify finds a film replaced since
     t_decode_wait = t_forward = 0.0
 
     def run_batch(positions, pixels):
@@ -157,7 +159,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     todo = list(range(len(shard.paths)))
     plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
     if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
-        todo, errors, modes = plan
+        todo, errors, modes, sources = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
     task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits, gray_plane=True)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
@@ -206,13 +208,20 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
             job, (item, key) = nxt
             pos, k = job.pos, job.pos // bs
             received[k] += 1
+            from_cache = False
+            if item is None:  # a cache hit: the pixels are in this shard's cache region
+                hit = cache.get(shard.rows[pos], key)
+                if hit is not None:
+                    item, from_cache = Decoded(*hit), True
+                    hits += 1
+                else:  # its pixels fail their digest (logged): decoded again here (rare), the entry rewritten
+                    item, key = task(FilmJob(pos, job.path))
             if isinstance(item, Failure):
                 errors.append(_failure(shard, pos, item))
             else:
-                if item is None:  # a cache hit: the pixels are in this shard's cache region
-                    item = Decoded(*cache.get(shard.rows[pos], key))
-                    hits += 1
-                elif cache is not None and key is not None:
+                if key is not None:
+                    sources[str(shard.rows[pos])] = source_digest(key)
+                if not from_cache and cache is not None and key is not None:
                     misses += 1
                     cache.put(shard.rows[pos], key, item.rgb(), item.source_mode)
                 modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
@@ -247,13 +256,16 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
         "n_scored": int(ok.sum()),
         "n_failed": len(errors),
         "source_modes": modes,
-        "cache": {"hits": hits, "misses": misses} if cache is not None else None,
+        "cache": ({"hits": hits, "misses": misses, **({"corrupted": cache.corrupted} if cache.corrupted else {})}
+                  if cache is not None else None),  # corrupted: entries that failed their digest, decoded again
         "errors": errors,
+        "sources": sources,
         "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
         "device": str(model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it
         "torch_threads": torch.get_num_threads(),
         "decode_workers": workers,
         "decode_pool_restarts": pool.restarts,
+        "decode_processes_replaced": pool.replaced - replaced_before,  # stopped or hung during this shard: killed, films redone
         "precision": spec.precision,
         "outputs": outputs,
     }

@@ -58,7 +58,7 @@ def code_version() -> str:
     here = Path(pipeline.__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
         return f"{pipeline.__version__}+g{sha}{'.dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return pipeline.__version__
@@ -76,7 +76,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     import torch
 
     from pipeline.inference.model import load_model
-    from pipeline.run.cache import cache_group_url, create_cache
+    from pipeline.run.cache import cache_group_url, changed_sources, create_cache
     from pipeline.run.runspec import RunSpec
 
     store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
@@ -141,7 +141,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     pending = []
     layout = chunk_layout(spec.maps_url, store.options)  # maps.zarr's metadata read once, not per shard
     for s in shards:
-        st = check_shard(s, spec, verify=cfg.output.verify, layout=layout)
+        st = check_shard(s, spec, verify=cfg.output.verify, layout=layout, sources_check=changed_sources)
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
@@ -154,8 +154,12 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
         history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
     # The configuration as a file `--config` reads back (run.json has what it resolved to).
     store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
+    steps, undone = {"prepare": "done"}, {}
+    if previous_run and previous_run.get("replaced_latest") and (previous_run.get("steps") or {}).get("drift") in ("pending", "failed"):
+        # published, then killed before its drift: kept for this rerun to do (lifecycle.drift_from)
+        steps["drift"], undone["replaced_latest"] = previous_run["steps"]["drift"], previous_run["replaced_latest"]
     store.write_json(store.run_json(spec.model_version), {**_run_json(resolved, spec, fp, "running", _now(), None, timings, history),
-                                                          "steps": {"prepare": "done"}, "inputs": inputs,
+                                                          **undone, "steps": steps, "inputs": inputs,
                                                           **({"reruns": previous_run["reruns"]} if previous_run and previous_run.get("reruns") else {})})
     return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes, inputs)
 
@@ -241,6 +245,8 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
     run["inputs"] = prep.inputs
     if current.get("reruns"):
         run["reruns"] = current["reruns"]
+    if current.get("replaced_latest"):  # a drift still to do (pipeline.run.lifecycle.drift_from)
+        run["replaced_latest"] = current["replaced_latest"]
     store.write_json(store.run_json(spec.model_version), run)
     return run
 

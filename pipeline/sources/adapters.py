@@ -21,12 +21,32 @@ from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, 
 NIH_METADATA = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz")
 
 
-def _list_images(root_url: str, patterns: list[str]) -> dict[str, str]:
-    """basename -> full URL of every image matching the patterns under root."""
+def utf8_name(name: str) -> bool:
+    """Can this name be written to the outputs (Parquet strings are UTF-8)? A file name of bytes that
+    are not UTF-8 comes back from the OS with surrogate escapes, which no output can hold."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable_name(name: str) -> str:
+    """A name with surrogate-escaped bytes shown as \\xNN (for an issue row or a message)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _list_images(root_url: str, patterns: list[str], bad_names: list[str] | None = None) -> dict[str, str]:
+    """basename -> full URL of every image matching the patterns under root. Names that are not
+    UTF-8 are left out, and given (printable) in ``bad_names``."""
     fs, root = url_to_fs(root_url)
     found: dict[str, str] = {}
     for pat in patterns:
         for p in sorted(fs.glob(posixpath.join(root, pat))):
+            if not utf8_name(p):
+                if bad_names is not None and p.lower().endswith(IMAGE_EXTS):
+                    bad_names.append(printable_name(to_url(fs, p)))
+                continue
             if p.lower().endswith(IMAGE_EXTS):
                 found.setdefault(posixpath.basename(p), to_url(fs, p))
     return found
@@ -59,7 +79,11 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOption
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise DatasetError(f"{metadata} lacks the NIH columns {missing}; is it Data_Entry_2017?")
-    images = _list_images(root, ["images/*", "images_*/images/*"])
+    bad_names: list[str] = []
+    images = _list_images(root, ["images/*", "images_*/images/*"], bad_names)
+    for name in bad_names:
+        issues.append(dict(dataset=spec.name, image_id=None, path=name, reason="bad_file_name",
+                           detail="the file name is not UTF-8 (shown with \\xNN escapes); rename it to score it", action="ignored"))
     if not images:
         raise DatasetError(f"no PNGs under {root}/images/ or {root}/images_0XX/images/")
     splits: dict[str, str] = {}
@@ -150,7 +174,7 @@ def present_files(paths: list[str], storage_options: dict | None = None, max_dir
     present: set[str] = set()
     for d in dirs:
         try:
-            present.update(posixpath.join(d, name) for name in os.listdir(d))
+            present.update(posixpath.join(d, name) for name in os.listdir(d) if utf8_name(name))  # no manifest names the others
         except OSError:
             continue
     if remote:

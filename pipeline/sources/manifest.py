@@ -19,7 +19,7 @@ from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
 from pipeline.sources.source_base import SourceOptions
-from pipeline.sources.paths import confined_all
+from pipeline.sources.paths import confined_all, links_outside
 from pipeline.core.redact import redact
 
 KNOWN_VIEWS = {"AP", "PA", "LL", "RL", "LATERAL", "LAT", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO", "RAO", "LPO", "XTABLE LATERAL", "SWIMMERS"}
@@ -36,8 +36,9 @@ ISSUE_REASONS = {
     "missing_file": "listed in the metadata but the image file is not there",
     "unlisted_file": "an image file is present but has no metadata row; it is not scored",
     "excluded_view": "a lateral (or otherwise unselected) view, left out by --views",
-    "outside_root": "the path leaves the dataset's folder (.., an absolute path or a URL elsewhere); allow more with --allow-root",
+    "outside_root": "the path leaves the dataset's folder (.., an absolute path, a URL or a symbolic link elsewhere); allow more with --allow-root",
     "empty_dataset": "the metadata has a header but no rows",
+    "bad_file_name": "an image file's name is not UTF-8, so no output can name it; it is not scored (rename it)",
 }
 LATERAL_VIEWS = {"LATERAL", "LAT", "LL", "RL", "XTABLE LATERAL"}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.I)
@@ -149,6 +150,14 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
             issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
                                  f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
         df = df[~outside]
+        # where the path resolves: a symbolic link inside a root to a file elsewhere is outside too
+        real = pd.Series(links_outside(map(str, df["path"].fillna("").tolist()), roots), index=df.index, dtype=object)
+        linked = real.notna()
+        for r, to in zip(df[linked].itertuples(), real[linked]):
+            issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
+                                 f"a symbolic link to {redact(to)}, not under {' or '.join(map(redact, roots))}; "
+                                 "copy the file into the dataset or pass --allow-root to allow it", "dropped"))
+        df = df[~linked]
     no_path = df["path"].fillna("").str.len().eq(0)
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)

@@ -3,13 +3,16 @@
 A manifest's paths must stay under the dataset's own roots (the manifest's folder, or the
 adapter's ROOT) or under a root the user allowed with ``--allow-root``. The check is lexical
 (``..`` and percent-encoding resolved, credentials and query ignored), so it costs nothing per
-path; a symlink placed inside a root by whoever owns that folder is followed like any file.
+path; then local paths are checked again where they resolve (``links_outside``): a symbolic link
+inside a root that points elsewhere (a film outside the dataset, /etc/passwd) is refused too, with
+one lstat per file and one realpath per folder.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+from functools import lru_cache
 from urllib.parse import unquote, urlsplit
 
 
@@ -65,4 +68,30 @@ def confined_all(urls, roots) -> list[bool]:
             out.append(False)
             continue
         out.append(any(_within(k, rk) for rk in root_keys))
+    return out
+
+
+def links_outside(urls, roots) -> list[str | None]:
+    """For each path: None when it is not local or resolves (symbolic links followed) under one of
+    the roots, else where it resolves. Roots are resolved too (a root may itself be a link)."""
+    root_paths = [posixpath.normpath(os.path.realpath(local_path(r))) for r in roots if is_local(r)]
+
+    @lru_cache(maxsize=None)
+    def real_dir(d: str) -> str:
+        return os.path.realpath(d)
+
+    def under(p: str) -> bool:
+        return any(p == r or p.startswith(r.rstrip("/") + "/") for r in root_paths)
+
+    out: list[str | None] = []
+    for u in urls:
+        if not u or not is_local(u):
+            out.append(None)
+            continue
+        p = posixpath.normpath(os.path.abspath(local_path(u)))
+        d, name = posixpath.split(p)
+        real = posixpath.join(real_dir(d), name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        out.append(None if under(real) else real)
     return out

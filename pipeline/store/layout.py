@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 
 from pipeline.core.redact import MaskedOptions
@@ -257,7 +256,7 @@ class OutputStore:
         from fsspec.implementations.local import LocalFileSystem
 
         if isinstance(fs, LocalFileSystem):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            tmp = storage.temp_name(path)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -22,7 +22,9 @@ RECORD_VERSION = 2
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
 # read errors a rerun cannot cure: the file itself is refused by the read limits
-PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError")
+PERMANENT_READ_ERRORS = ("ImageTooLarge", "NotARegularFile", "IsADirectoryError", "EmptyFile", "SymlinkLoop")
+# decode failures that are not the film's fault: its decode processes were killed from outside
+RETRYABLE_DECODE_ERRORS = ("DecodeWorkerKilled",)
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,11 @@ def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | N
     return rec, None
 
 
-def check_shard(shard, spec, verify: bool = False, layout=None) -> ShardState:
+def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=None) -> ShardState:
     """Is this shard's work done, with its outputs intact? Cheap by default (sizes only).
-    ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards."""
+    ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards. With
+    ``verify``, ``sources_check(record, shard, spec)`` may add problems about the films themselves
+    (``pipeline.run.cache.changed_sources``: a film replaced since it was scored)."""
     so = dict(spec.storage_options)
     rec, why = read_record(spec.record_url(shard.index), so)
     if why:
@@ -111,6 +115,8 @@ def check_shard(shard, spec, verify: bool = False, layout=None) -> ShardState:
     if rec.get("status") not in DONE_STATUSES or rec.get("record_version") != RECORD_VERSION or "outputs" not in rec:
         return ShardState("stale", rec, (f"record status {rec.get('status')!r}, version {rec.get('record_version')}",))
     problems = _check_outputs(rec, shard, spec, so, verify, layout)
+    if verify and not problems and sources_check is not None:
+        problems = sources_check(rec, shard, spec)
     if problems:
         return ShardState("damaged", rec, tuple(problems))
     return ShardState("partial" if rec["status"] == "partial" else "done", rec)
@@ -162,11 +168,14 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool, layout=None) 
 
 
 def retry_rows(record: dict) -> list[int]:
-    """Rows a rerun retries: those that failed at a transient stage (read errors)."""
+    """Rows a rerun retries: those that failed at a transient stage (read errors), or whose decode
+    processes were killed from outside."""
     return sorted(e["row"] for e in record.get("errors", []) if _retryable(e))
 
 
 def _retryable(error: dict) -> bool:
+    if error.get("stage") == "decode":
+        return error.get("error_class") in RETRYABLE_DECODE_ERRORS
     return error.get("stage") in TRANSIENT_STAGES and error.get("error_class") not in PERMANENT_READ_ERRORS
 
 
@@ -204,4 +213,5 @@ def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok:
         ok[pos] = True
     retry = set(retry_rows(st.record))
     kept = [e for e in st.record.get("errors", []) if e["row"] not in retry]
-    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {})
+    sources = {k: v for k, v in (st.record.get("sources") or {}).items() if int(k) not in retry}
+    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {}), sources

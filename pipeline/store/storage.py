@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import uuid
 
 import fsspec
@@ -29,10 +30,25 @@ def to_url(fs, path: str) -> str:
     return posixpath.normpath(path) if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
+# The job's own temporary names: '<file>.tmp-cxr-<32 hex>' (and the writability probe). Only these
+# are ever deleted as leftovers: a user's 'notes.tmp-1' under --out is not the job's to remove.
+TEMP_MARK = ".tmp-cxr-"
+_OWN_TEMP = re.compile(r"(\.tmp-cxr-|^\.write-probe-)[0-9a-f]{32}$")
+
+
+def temp_name(path: str) -> str:
+    """A temporary name beside ``path`` that only this job makes (see remove_temp_files)."""
+    return f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_own_temp(path: str) -> bool:
+    return _OWN_TEMP.search(posixpath.basename(path)) is not None
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
     # The temp name never matches '*.parquet' / '*.json', so globs and readers never see it.
     fs, path = url_to_fs(url, storage_options)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = temp_name(path)
     try:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(tmp, "wb") as f:
@@ -102,11 +118,12 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
 
 
 def remove_temp_files(url: str, storage_options: dict | None = None) -> int:
-    """Delete '*.tmp-*' files a killed writer left under url (only while holding the --out lock)."""
+    """Delete the temporaries a killed writer of this job left under url (only while holding the
+    --out lock): names the job makes itself (``temp_name``, the writability probe), nothing else."""
     fs, path = url_to_fs(url, storage_options)
     if not fs.exists(path):
         return 0
-    leftovers = [p for p in fs.find(path) if ".tmp-" in posixpath.basename(p)]
+    leftovers = [p for p in fs.find(path) if is_own_temp(p)]
     for p in leftovers:
         fs.rm(p)
     return len(leftovers)

@@ -11,7 +11,8 @@ import os
 import sys
 
 from jobs._common import add_common, add_config, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
-from pipeline.core.errors import CxrAuditError
+from pipeline.core.errors import CxrAuditError, out_of_memory
+from pipeline.core.redact import redact
 
 DEMO_DIR = "cxr-audit-demo"
 
@@ -188,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from pipeline.run.cluster import load_profile
-        from pipeline.run.validate import check_cluster, validate
+        from pipeline.run.validate import check_address_space, check_cluster, validate
+
+        check_address_space()  # before the demo or the run imports torch (a raw traceback under a low ulimit -v)
 
         user = job_config(args)  # --config and the flags: no side effects yet
         if getattr(args, "print_config", False):
@@ -206,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run(cfg, validated=True)
     except (CxrAuditError, PermissionError) as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
+    except (MemoryError, ImportError, OSError, RuntimeError) as e:
+        why = out_of_memory(e)
+        if why is None:
+            raise
+        print(f"error: {redact(why)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         from pipeline.core.redact import redact_argv
 

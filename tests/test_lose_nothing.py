@@ -566,3 +566,42 @@ def test_decode_memory_is_bounded_per_process_not_only_by_pixel_count(tmp_path, 
     got = load_image(str(wide), PreprocessConfig(size=256, high_bit_depth="rescale")).pixels[:, :, 0]
     want = np.clip(np.rint(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
+
+
+# ---- a run without enough memory says so (issue 27: ulimit -v of 2-4.5 GB gave raw tracebacks)
+def test_a_low_address_space_limit_is_refused_before_anything_starts(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def limit():  # in the child only: 3 GB of address space, as `ulimit -v 3000000`
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "jobs.score_dataset", "--dataset", f"nih:{tmp_path}", "--checkpoint", "random:0",
+                        "--arch", "tiny", "--out", str(out)], preexec_fn=limit, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "ulimit -v" in p.stderr and "3.0 GB" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_running_out_of_memory_mid_run_is_named_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import pipeline.run.lifecycle as lifecycle
+    from jobs.score_dataset import main
+    from pipeline.core.errors import out_of_memory
+
+    assert out_of_memory(ImportError("libtorch_cpu.so: failed to map segment from shared object"))
+    assert out_of_memory(RuntimeError("can't start new thread")) and out_of_memory(MemoryError())
+    assert out_of_memory(ValueError("bad value")) is None and out_of_memory(OSError("No such file")) is None
+
+    def exhausted(cfg, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(lifecycle, "run", exhausted)
+    films = tmp_path / "films"
+    films.mkdir()
+    (tmp_path / "m.csv").write_text("image_id,path\na.png,films/a.png\n")
+    assert main(["--dataset", f"manifest:{tmp_path / 'm.csv'}", "--checkpoint", "random:0", "--arch", "tiny", "--out", str(tmp_path / "out"),
+                 "--cluster", "inprocess"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "rerun the same command" in err and "Traceback" not in err

@@ -44,3 +44,22 @@ class ImageError(CxrAuditError):
 
     def __reduce__(self):  # crosses process boundaries (decode workers) intact
         return type(self), (self.stage, self.cause, self.error_class)
+
+
+class ResourceLimitError(ConfigError):
+    """The process's limits (ulimit) rule the job out before it starts."""
+
+
+# What the interpreter or a native library says when memory or address space runs out: an import's
+# mmap (torch, scipy: "failed to map segment"), a thread's stack, a plain allocation.
+_OUT_OF_MEMORY = ("failed to map segment", "can't start new thread", "cannot allocate memory", "out of memory")
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """An actionable sentence when ``e`` is the process running out of memory, else None."""
+    text = str(e).lower()
+    if not (isinstance(e, MemoryError) or any(s in text for s in _OUT_OF_MEMORY)):
+        return None
+    return (f"out of memory ({type(e).__name__}: {str(e)[:160]}). The job needs more memory or address space than this "
+            "process may use: check `ulimit -v` and the machine's free memory, or score with fewer --decode-workers and a "
+            "smaller --batch-size; finished shards are kept, so rerun the same command once it has room")

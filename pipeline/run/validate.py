@@ -12,7 +12,7 @@ import importlib.util
 import os
 import shutil
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, ResourceLimitError
 from pipeline.inference.architectures import check_arch
 from pipeline.run.config import BASELINE_MODES
 
@@ -79,6 +79,23 @@ def check_cluster(profile) -> None:
                           "run on a node of that scheduler (a SLURM login node for slurm), or choose another --cluster")
     if kind.module and importlib.util.find_spec(kind.module) is None:
         raise ConfigError(missing_module(profile, kind))
+
+
+# Measured on the 2-core x86_64 machine (torch 2.14.1 CUDA build, tiny network, 20 films): under
+# `ulimit -v` of 2, 3.5 and 6 GB the job died importing torch or scipy ("failed to map segment") or
+# starting a thread, each a raw traceback; 8 GB ran.
+MIN_ADDRESS_SPACE = 8 * 10**9
+
+
+def check_address_space(soft: int | None = None) -> None:
+    """Refuse to start under an address-space limit (``ulimit -v``) the job cannot run in."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0] if soft is None else soft
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        raise ResourceLimitError(f"the address-space limit (ulimit -v) is {soft / 1e9:.1f} GB; every process of this job "
+                                 f"needs about {MIN_ADDRESS_SPACE / 1e9:.0f} GB of address space (torch and scipy map their "
+                                 "libraries at import). Raise it: ulimit -v unlimited, or ulimit -v 8000000 (KB) at least")
 
 
 def validate(cfg):

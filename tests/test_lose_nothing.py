@@ -118,7 +118,8 @@ def test_only_the_jobs_own_temporaries_are_removed(tmp_path, tiny_nih, tiny_ckpt
     left = next(out.glob("runs/*/predictions")) / "part-000000.parquet.tmp-cxr-0123456789abcdef0123456789abcdef"
     left.write_bytes(b"half a part")  # what a writer of the job killed mid-write leaves
     capsys.readouterr()
-    assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "8")) == 0
+    # a run with work to do (one film more: a rerun with nothing to do checks and exits, issue 23)
+    assert main(_args(f"nih:{tiny_nih}", out, tiny_ckpt, "--limit", "9")) == 0
     assert "removed 1 half-written temporary files" in capsys.readouterr().err
     assert not left.exists() and all(f.read_text() == "the user's" for f in mine)
 

@@ -19,7 +19,7 @@ import fsspec
 import torch
 
 from pipeline.core.errors import CheckpointError, UnsafeCheckpointError
-from pipeline.inference.checkpoint_header import CONVERT_HINT, normalize_keys  # noqa: F401 - normalize_keys re-exported (its torch-free home)
+from pipeline.inference.checkpoint_header import CONVERT_HINT, normalize_keys, regular_file_info  # noqa: F401 - normalize_keys re-exported (its torch-free home)
 
 
 MAX_CHECKPOINT_BYTES = 4 * 2**30  # DenseNet-121 is 28 MB; a file this large is not a CAM classifier
@@ -36,10 +36,7 @@ def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str,
     checked before anything is inflated; only finite floating-point weights are accepted."""
     try:
         fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        info = fs.info(p)
-        if info.get("type", "file") != "file":  # a FIFO would block the read forever, /dev/zero never end
-            raise CheckpointError(f"checkpoint {path} is not a regular file ({_kind(p, info)}); "
-                                  "--checkpoint must name a .safetensors or .pt/.pth file")
+        info = regular_file_info(fs, p, path)
         size = info.get("size")
         if size is not None and size > MAX_CHECKPOINT_BYTES:
             raise CheckpointError(f"{path} has {size} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have")
@@ -70,24 +67,6 @@ def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str,
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
     return check_tensors(_unwrap(obj, path), path)
-
-
-def _kind(path: str, info: dict) -> str:
-    """What a path that is not a regular file is, in words (a local one from its mode)."""
-    import os
-    import stat
-
-    if info.get("type") == "directory":
-        return "a directory"
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return str(info.get("type"))
-    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return str(info.get("type"))
 
 
 def check_tensors(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

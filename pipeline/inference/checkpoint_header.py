@@ -118,6 +118,34 @@ def _unpickle(data: bytes):
     return _HeaderUnpickler(io.BytesIO(data)).load()
 
 
+def regular_file_info(fs, p: str, path: str) -> dict:
+    """fs.info of a checkpoint that is a regular file; CheckpointError otherwise (a FIFO would block
+    a read forever, /dev/zero never end, a directory give a traceback). Before any open of it."""
+    info = fs.info(p)
+    if info.get("type", "file") != "file":
+        raise CheckpointError(f"checkpoint {path} is not a regular file ({_kind(p, info)}); "
+                              "--checkpoint must name a .safetensors or .pt/.pth file")
+    return info
+
+
+def _kind(path: str, info: dict) -> str:
+    """What a path that is not a regular file is, in words (a local one from its mode)."""
+    import os
+    import stat
+
+    if info.get("type") == "directory":
+        return "a directory"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return str(info.get("type"))
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return str(info.get("type"))
+
+
 def tensor_shapes(path: str, storage_options: dict | None = None) -> dict[str, tuple[int, ...]] | None:
     """{name: shape} of the checkpoint's tensors, read from its header; None when the header cannot
     tell (a format or global only the full load understands). Raises UnsafeCheckpointError for a
@@ -125,6 +153,7 @@ def tensor_shapes(path: str, storage_options: dict | None = None) -> dict[str, t
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    regular_file_info(fs, p, path)
     try:
         with fs.open(p, "rb") as f:
             if path.endswith(".safetensors"):

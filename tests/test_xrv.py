@@ -267,3 +267,40 @@ def test_parity_on_all_shared_films(arch, tmp_path, monkeypatch):
         r = parity(arch, films[i:i + 8], tmp_path, monkeypatch)
         worst = {k: max(worst[k], r[k]) for k in worst}
     assert worst["prob"] <= 1e-5 and worst["map"] <= 1e-4, worst
+
+
+@needs_xrv
+def test_a_resnet_run_writes_16x16_maps_and_its_aggregates_and_report_follow_the_grid(tmp_path, report_after_run):
+    import json
+
+    import pyarrow.parquet as pq
+    import zarr
+
+    from jobs.score_dataset import main
+
+    ckpt = tmp_path / "rn.safetensors"
+    xrv_checkpoint("xrv:resnet50-res512-all", _films(2), ckpt)
+    out = tmp_path / "out"
+    assert main(["--dataset", f"nih:{shared_or_skip()}", "--checkpoint", str(ckpt), "--arch", "xrv:resnet50-res512-all",
+                 "--out", str(out), "--limit", "3", "--shard-size", "2", "--batch-size", "2"]) == 0
+    run_dir = next((out / "runs").iterdir())
+    g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
+    assert g["cam"].shape[2:] == (16, 16) and g["cell_features"].shape[1] == 256 and g["embedding"].shape[1] == 2048
+    assert np.isfinite(g["cam"][:3]).all()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["identity"]["grid"] == [16, 16]
+    assert run["identity"]["preprocess"] == {"size": 512, "high_bit_depth": "clip", "method": "xrv"}
+    assert run["model"]["finding_outputs"]["Infiltration"] == {"output": 2, "model_name": "Infiltration"}
+    assert "Lung Lesion" in run["model"]["dropped_outputs"] and run["model"]["op_threshs"]["Hernia"] == pytest.approx(0.5020846)
+    assert "op_norm" in run["model"]["map"]
+    rs = pq.read_table(run_dir / "region_stats.parquet").to_pandas()
+    assert (rs.cell_row.max(), rs.cell_col.max()) == (15, 15)
+    assert len(rs[(rs.finding == "Effusion") & (rs.stratum == "all")]) == 256
+    from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
+
+    fs = aggregate_run(str(out), config=AggregateConfig(min_n=1))["finding_summary"].to_pandas()  # 3 films: below the default min_n
+    assert fs.pos_share_ring.notna().any() and fs.pos_share_inner.notna().any()
+    sep = pq.read_table(run_dir / "cell_separation.parquet").to_pandas()
+    assert sep.empty or sep.cell_col.max() == 15
+    report = (run_dir / "report.html").read_text()
+    assert "16x16 grids per finding" in report and "The model is calibrated" in report

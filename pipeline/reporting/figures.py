@@ -43,7 +43,7 @@ def _background(ax, film: np.ndarray | None, grid: int) -> None:
 
 
 def overlay(ax, film: np.ndarray | None, grid_values: np.ndarray, vmax: float, values: bool = False, fontsize: float = 7) -> object:
-    """Film under its 7x7 map, cells as 32x32 blocks of the 224 crop (nearest upsampling)."""
+    """Film under its map (7x7, 16x16: the model's grid), each cell a block of the crop (nearest upsampling)."""
     g = grid_values.shape[0]
     _background(ax, film, g)
     im = ax.imshow(np.ma.masked_invalid(grid_values), cmap=CMAP, norm=Normalize(-vmax, vmax), alpha=ALPHA,
@@ -125,9 +125,10 @@ def film_sheet(film: np.ndarray | None, maps: np.ndarray, names: list[str], prob
     vmax = symmetric_limit(list(maps))
     fig = new_figure(3.0 * cols + 1.2, 3.1 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    _background(axes[0], film, 7)
-    axes[0].set_xlim(0, 7)
-    axes[0].set_ylim(7, 0)
+    g = maps[0].shape[0] if len(maps) else 7  # the model's grid
+    _background(axes[0], film, g)
+    axes[0].set_xlim(0, g)
+    axes[0].set_ylim(g, 0)
     axes[0].set_xticks([])
     axes[0].set_yticks([])
     axes[0].set_title("film (224x224 crop)" if film is not None else "film unreadable", fontsize=8)

@@ -422,8 +422,9 @@ def _check_values(cfg: ScoreConfig) -> None:
     a = cfg.aggregate
     if a.min_n < 1 or a.n_boot < 1:
         raise ConfigError(f"{flag_of('aggregate', 'min_n')} and {flag_of('aggregate', 'n_boot')} must be positive")
-    if a.anatomy_mask is not None and (len(a.anatomy_mask) != 7 or any(len(r) != 7 or set(r) - {0, 1} for r in a.anatomy_mask)):
-        raise ConfigError("--anatomy-mask must be 7 rows of 7 zeros and ones")
+    if a.anatomy_mask is not None and (not a.anatomy_mask or any(len(r) != len(a.anatomy_mask) or set(r) - {0, 1} for r in a.anatomy_mask)):
+        # the model's grid decides the size (aggregation checks it against the maps)
+        raise ConfigError("--anatomy-mask must be N rows of N zeros and ones, N the model's grid (7 for 224-px models)")
     try:
         cfg.images.read_limits()
     except ValueError as e:
@@ -496,7 +497,7 @@ def _coerce(section: str, name: str, value, hint):
             with open(value) as f:
                 value = json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--anatomy-mask {value}: cannot read a JSON 7x7 list of 0/1 ({e})") from None
+            raise ConfigError(f"--anatomy-mask {value}: cannot read a JSON NxN list of 0/1 (7x7 for 224-px models) ({e})") from None
     if get_origin(base) is tuple:
         inner = get_args(base)[0]
         if isinstance(value, str):

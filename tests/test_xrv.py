@@ -304,3 +304,26 @@ def test_a_resnet_run_writes_16x16_maps_and_its_aggregates_and_report_follow_the
     assert sep.empty or sep.cell_col.max() == 15
     report = (run_dir / "report.html").read_text()
     assert "16x16 grids per finding" in report and "The model is calibrated" in report
+
+
+@needs_xrv
+def test_a_pickled_torchxrayvision_model_converts_and_loads_into_its_spec(tmp_path, capsys):
+    """torchxrayvision's DenseNet files are whole pickled models (of torch < 1.6: no
+    _non_persistent_buffers_set); convert_checkpoint --trust-pickle turns one into safetensors."""
+    import torch
+
+    from jobs.convert_checkpoint import main as convert
+    from pipeline.inference.model import load_model
+
+    torch.manual_seed(3)
+    net = _xrv().models.DenseNet(weights=None, op_threshs=torch.tensor(XRV_MODELS["densenet121-res224-nih"][1], dtype=torch.float32))
+    for mod in net.modules():
+        del mod._non_persistent_buffers_set  # as an old pickle has them
+    pickled, converted = tmp_path / "nih-densenet121.pt", tmp_path / "nih.safetensors"
+    torch.save(net, pickled)
+    assert convert(["--trust-pickle", str(pickled), str(converted)]) == 0
+    model = load_model(model_spec_for("xrv:densenet121-res224-nih", str(converted), CHEXNET_FINDINGS))
+    assert torch.equal(model.features.conv0.weight, net.features.conv0.weight)
+    k = model.findings.index("Cardiomegaly")
+    assert torch.equal(model.classifier.weight[k], net.classifier.weight[10])  # its output 10
+    assert model.classifier.out_features == 14

@@ -62,6 +62,10 @@ def test_findings_map_onto_the_models_outputs_and_empty_ones_are_dropped():
     assert extra.outputs == (16, 7)
     with pytest.raises(ConfigError, match="no output for any of --findings"):
         model_spec_for("xrv:densenet121-res224-rsna", "random:0", ("Hernia",))
+    from pipeline.run.config import ScoreConfig
+
+    with pytest.raises(ConfigError, match="its outputs are Pneumonia, Lung Opacity"):  # when the configuration is built
+        ScoreConfig.from_dict({"model": {"arch": "xrv:densenet121-res224-rsna", "findings": ["Hernia"]}})
     # resnet50's Lung Lesion has no operating point: None, never NaN (a spec must equal its own copy)
     rn = model_spec_for("xrv:resnet50-res512-all", "random:0", ("Lung Lesion", "Fracture"))
     assert rn.op_threshs == (None, 0.5080557) and rn.input_size == 512
@@ -266,6 +270,7 @@ def test_parity_on_all_shared_films(arch, tmp_path, monkeypatch):
     for i in range(0, 120, 8):
         r = parity(arch, films[i:i + 8], tmp_path, monkeypatch)
         worst = {k: max(worst[k], r[k]) for k in worst}
+    print(f"{arch}: largest differences on 120 films {worst}")
     assert worst["prob"] <= 1e-5 and worst["map"] <= 1e-4, worst
 
 
@@ -282,11 +287,11 @@ def test_a_resnet_run_writes_16x16_maps_and_its_aggregates_and_report_follow_the
     xrv_checkpoint("xrv:resnet50-res512-all", _films(2), ckpt)
     out = tmp_path / "out"
     assert main(["--dataset", f"nih:{shared_or_skip()}", "--checkpoint", str(ckpt), "--arch", "xrv:resnet50-res512-all",
-                 "--out", str(out), "--limit", "3", "--shard-size", "2", "--batch-size", "2"]) == 0
+                 "--out", str(out), "--limit", "2", "--shard-size", "2", "--batch-size", "2"]) == 0
     run_dir = next((out / "runs").iterdir())
     g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
     assert g["cam"].shape[2:] == (16, 16) and g["cell_features"].shape[1] == 256 and g["embedding"].shape[1] == 2048
-    assert np.isfinite(g["cam"][:3]).all()
+    assert np.isfinite(g["cam"][:2]).all()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["identity"]["grid"] == [16, 16]
     assert run["identity"]["preprocess"] == {"size": 512, "high_bit_depth": "clip", "method": "xrv"}
@@ -298,7 +303,7 @@ def test_a_resnet_run_writes_16x16_maps_and_its_aggregates_and_report_follow_the
     assert len(rs[(rs.finding == "Effusion") & (rs.stratum == "all")]) == 256
     from pipeline.analysis.aggregate import AggregateConfig, aggregate_run
 
-    fs = aggregate_run(str(out), config=AggregateConfig(min_n=1))["finding_summary"].to_pandas()  # 3 films: below the default min_n
+    fs = aggregate_run(str(out), config=AggregateConfig(min_n=1))["finding_summary"].to_pandas()  # 2 films: below the default min_n
     assert fs.pos_share_ring.notna().any() and fs.pos_share_inner.notna().any()
     sep = pq.read_table(run_dir / "cell_separation.parquet").to_pandas()
     assert sep.empty or sep.cell_col.max() == 15

@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -40,7 +41,7 @@ Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
 class Decoded:
     # uint8 (size, size, 3); or (size, size) for a grayscale film decoded with gray_plane=True (its
     # three channels are equal): a third of the bytes cross from a decode process, and
-    # normalize_batch takes the planes as they are
+    # normalize_batch takes the planes as they are. torchxrayvision's preprocessing: float32 (size, size)
     pixels: np.ndarray
     source_mode: str  # PIL mode of the file: 'L', 'RGB', 'RGBA', 'I;16', ...
 
@@ -316,8 +317,8 @@ class Preprocessing:
     (no torch there), ``tensor(films, device)`` where the model runs. ``channels``: its input's.
     ``cacheable``: whether its films are the uint8 arrays the preprocessed-image cache keeps."""
 
-    pixels: object
-    tensor: object
+    pixels: Callable[[Image.Image, PreprocessConfig, bool], np.ndarray]
+    tensor: Callable[..., "torch.Tensor"]  # noqa: F821 - torch is imported lazily
     channels: int = 3
     cacheable: bool = True
 

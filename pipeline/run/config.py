@@ -417,6 +417,7 @@ def _check_values(cfg: ScoreConfig) -> None:
     if m.checkpoint is not None and m.checkpoint.startswith("random:") and not m.checkpoint[len("random:"):].isdigit():
         raise ConfigError(f"--checkpoint {m.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
     check_arch(m.arch, find_module=False)  # whether its module is importable: pipeline.run.validate
+    cfg.findings()  # a model with its own outputs must have one for some --findings (torch-free)
     if cfg.cluster.worker_timeout is not None and cfg.cluster.worker_timeout <= 0:
         raise ConfigError("--worker-timeout must be positive")
     a = cfg.aggregate

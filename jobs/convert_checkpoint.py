@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         state = state_dict_from_pickle(args.input)
     except CxrAuditError as e:
         return fail(e)
+    except ModuleNotFoundError as e:  # a pickled whole model needs its class: torchxrayvision's, say
+        extra = " (install the extra: pip install -e \".[torchxrayvision]\")" if e.name == "torchxrayvision" else ""
+        return fail(CheckpointError(f"{args.input} pickles a model whose module {e.name!r} is not installed{extra}; "
+                                    "install it and convert again"))
     except Exception as e:  # noqa: BLE001 - whatever torch.load raises on a file that is not a checkpoint
         return fail(CheckpointError(f"{args.input} could not be read as a torch checkpoint ({type(e).__name__}: {e})"))
     save_safetensors(state, args.output, {"converted_from": args.input})

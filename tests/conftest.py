@@ -115,7 +115,7 @@ def tiny_nih(tmp_path_factory) -> Path:
 # the two-test resume file to the end, where they ran alone).
 LONGEST_FIRST = ("test_faults", "test_lose_nothing", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
                  "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
-                 "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
+                 "test_xrv", "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,11 +39,21 @@ from pipeline.analysis.strata import StrataContext, build_context, strata_weight
 
 log = logging.getLogger("cxr_audit")
 
-GRID = 7
-_I, _J = np.divmod(np.arange(GRID * GRID), GRID)
-RING = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)  # 24 cells
-CORNERS = ((_I == 0) | (_I == GRID - 1)) & ((_J == 0) | (_J == GRID - 1))
-INNER = ~RING  # the inner 5x5
+def grid_of(maps) -> tuple[int, int]:
+    """(rows, columns) of a run's maps: the model's grid (7x7 for 224-px DenseNets, 16x16 for
+    torchxrayvision's 512-px ResNet), never assumed."""
+    h, w = maps["cam"].shape[2:]
+    return int(h), int(w)
+
+
+def region_masks(grid: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Flat cell masks of the regions the finding summary reports: the border ring (24 cells of a
+    7x7 grid, 60 of a 16x16), its four corners, and the inner cells."""
+    h, w = grid
+    i, j = np.divmod(np.arange(h * w), w)
+    ring = (i == 0) | (i == h - 1) | (j == 0) | (j == w - 1)
+    corners = ((i == 0) | (i == h - 1)) & ((j == 0) | (j == w - 1))
+    return {"ring": ring, "corners": corners, "inner": ~ring}
 
 
 def latest_complete_run(out, storage_options: dict | None = None) -> str:
@@ -57,7 +67,7 @@ def latest_complete_run(out, storage_options: dict | None = None) -> str:
 def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, storage_options: dict | None = None) -> RegionAccumulator:
     g = open_maps(maps_url, "r", storage_options)
     F = len(bias)
-    acc = RegionAccumulator(F, GRID * GRID)
+    acc = RegionAccumulator(F, int(np.prod(g["cam"].shape[2:])))
     chunk_of = ctx.rows // chunk
     for k in np.unique(chunk_of):
         sel = np.flatnonzero(chunk_of == k)
@@ -93,13 +103,13 @@ def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, 
     while len(tasks) > 1:
         tasks = [dask.delayed(lambda a, b: a + b)(tasks[i], tasks[i + 1]) if i + 1 < len(tasks) else tasks[i] for i in range(0, len(tasks), 2)]
     if not tasks:
-        return RegionAccumulator(len(bias), GRID * GRID)
+        return RegionAccumulator(len(bias), int(np.prod(open_maps(maps_url, "r", storage_options)["cam"].shape[2:])))
     (acc,) = dask.compute(tasks[0], scheduler=scheduler)
     return acc
 
 
-def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
-    C = GRID * GRID
+def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict, grid: tuple[int, int] = (7, 7)) -> pa.Table:
+    C, W = acc.n_cells, grid[1]
     schema = region_stats_schema(**meta)
     keys: dict[str, list] = {k: [] for k in ("finding", "stratum", "stratum_value", "n")}
     blocks: list[dict[str, np.ndarray]] = []  # one per (stratum value, finding): C values per statistic
@@ -132,8 +142,8 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
     cells = np.arange(C)
     cols = {
         "finding": np.repeat(np.asarray(keys["finding"], dtype=object), C),
-        "cell_row": np.tile(cells // GRID, len(blocks)).astype(np.int8),
-        "cell_col": np.tile(cells % GRID, len(blocks)).astype(np.int8),
+        "cell_row": np.tile(cells // W, len(blocks)).astype(np.int8),
+        "cell_col": np.tile(cells % W, len(blocks)).astype(np.int8),
         "stratum": np.repeat(np.asarray(keys["stratum"], dtype=object), C),
         "stratum_value": np.repeat(np.asarray(keys["stratum_value"], dtype=object), C),
         "n": np.repeat(np.asarray(keys["n"], dtype=np.int64), C),
@@ -149,7 +159,7 @@ def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict)
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: dict) -> pa.Table:
+def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: dict, grid: tuple[int, int] = (7, 7)) -> pa.Table:
     """Every pair of values of each stratum column (AP vs PA, F vs M, ...), per finding and cell."""
     cols: dict[str, list] = {k: [] for k in region_contrasts_schema().names}
     by_stratum: dict[str, list] = {}
@@ -165,15 +175,16 @@ def region_contrasts_table(acc: RegionAccumulator, findings, min_n: int, meta: d
                     if na < min_n or nb < min_n:
                         continue
                     diff, lo, hi = stratum_difference(sa, sb, f)
-                    for c in range(GRID * GRID):
-                        for k, v in (("finding", name), ("cell_row", c // GRID), ("cell_col", c % GRID), ("stratum", stratum), ("value_a", a),
+                    for c in range(acc.n_cells):
+                        for k, v in (("finding", name), ("cell_row", c // grid[1]), ("cell_col", c % grid[1]), ("stratum", stratum), ("value_a", a),
                                      ("value_b", b), ("n_a", na), ("n_b", nb), ("diff", float(diff[c])), ("diff_lo", float(lo[c])), ("diff_hi", float(hi[c]))):
                             cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=region_contrasts_schema(**meta))
 
 
-def finding_summary_table(acc: RegionAccumulator, findings, min_n: int, anatomy: np.ndarray | None, meta: dict) -> pa.Table:
-    regions = {"ring": RING, "corners": CORNERS, "inner": INNER, "anatomy": anatomy}
+def finding_summary_table(acc: RegionAccumulator, findings, min_n: int, anatomy: np.ndarray | None, meta: dict,
+                          grid: tuple[int, int] = (7, 7)) -> pa.Table:
+    regions = {**region_masks(grid), "anatomy": anatomy}
     cols: dict[str, list] = {k: [] for k in finding_summary_schema().names}
     for (stratum, value), s in sorted(acc.stats.items()):
         for f, name in enumerate(findings):
@@ -240,7 +251,8 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
     boxes["row"] = by_id.loc[boxes.image_id, "row"].to_numpy()
     boxes = boxes[boxes.row.isin(scored)].sort_values(["row", "finding"])
     rows = np.unique(boxes.row.to_numpy())
-    cams = maps["cam"].get_orthogonal_selection((rows,)) if len(rows) else np.zeros((0, len(findings), GRID, GRID))
+    grid = grid_of(maps)
+    cams = maps["cam"].get_orthogonal_selection((rows,)) if len(rows) else np.zeros((0, len(findings)) + grid)
     pos_of = {r: i for i, r in enumerate(rows)}
     sizes: dict[int, tuple[int, int]] = {}
     per_box: dict[str, list] = {k: [] for k in localization_boxes_schema().names}
@@ -248,7 +260,7 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
         if b.row not in sizes:
             with fsspec.open(by_id.loc[b.image_id, "path"], "rb") as fh:
                 sizes[b.row] = Image.open(fh).size  # reads the header only
-        cov = box_coverage((b.x, b.y, b.w, b.h), *sizes[b.row])
+        cov = box_coverage((b.x, b.y, b.w, b.h), *sizes[b.row], grid=grid[0])
         share, hit, chance, chance_pt = box_scores(cams[pos_of[b.row], findings.index(b.finding)], cov)
         for k, v in (("row", int(b.row)), ("image_id", b.image_id), ("finding", b.finding), ("x", b.x), ("y", b.y), ("w", b.w), ("h", b.h),
                      ("inbox_share", None if np.isnan(share) else share), ("pointing_hit", hit), ("chance", chance), ("chance_pointing", chance_pt)):
@@ -297,11 +309,16 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
 
     log.info(f"aggregates: region statistics over {len(ctx.rows):,} films")
     acc = accumulate(store.maps(model_version), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler, store.options)
-    anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool).reshape(-1)
+    grid = grid_of(maps)
+    anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool)
+    if anatomy is not None and anatomy.shape != grid:
+        raise ConfigError(f"--anatomy-mask is {anatomy.shape[0]}x{anatomy.shape[1]} but this run's maps are {grid[0]}x{grid[1]} "
+                          f"(the model's grid): give {grid[0]} rows of {grid[1]} zeros and ones")
+    anatomy = None if anatomy is None else anatomy.reshape(-1)
     tables = {
-        "region_stats": region_stats_table(acc, findings, config.min_n, meta),
-        "region_contrasts": region_contrasts_table(acc, findings, config.min_n, meta),
-        "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta),
+        "region_stats": region_stats_table(acc, findings, config.min_n, meta, grid),
+        "region_contrasts": region_contrasts_table(acc, findings, config.min_n, meta, grid),
+        "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta, grid),
         "metrics": metrics_table(ctx, probs, findings, config.min_n, meta),
     }
     bbox = config.bbox or _find_bbox(run)
@@ -333,7 +350,7 @@ def verdict_tables(manifest, ctx, probs, maps, findings, anatomy, boxes: pa.Tabl
     logits = _cell_logits(maps["cell_logit"], sub.rows, len(findings))
     data = finding_data(manifest, sub, probs[labelled], logits, findings)
     rows = verdicts(data, findings, None if boxes is None else boxes.to_pandas(), anatomy=anatomy)
-    cells = separations(data, GRID)
+    cells = separations(data, grid_of(maps)[1])
     return {"scorecard": _rows_table([r.__dict__ for r in rows], scorecard_schema(**meta)),
             "cell_separation": _rows_table(cells, cell_separation_schema(**meta))}
 
@@ -341,7 +358,7 @@ def verdict_tables(manifest, ctx, probs, maps, findings, anatomy, boxes: pa.Tabl
 def _cell_logits(arr, rows: np.ndarray, n_findings: int) -> np.ndarray:
     """(len(rows), F, cells) float32 of the sorted ``rows``, read one Zarr chunk at a time into one
     buffer (a whole-array orthogonal selection held a second copy: ~0.3 GB at full NIH size)."""
-    out = np.empty((len(rows), n_findings, GRID * GRID), np.float32)
+    out = np.empty((len(rows), n_findings, int(np.prod(arr.shape[2:]))), np.float32)  # the model's grid
     chunk = arr.chunks[0]
     of = rows // chunk
     for k in np.unique(of):

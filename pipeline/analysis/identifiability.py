@@ -304,7 +304,7 @@ def format_map(cells: pd.DataFrame) -> str:
     for target, t in cells.groupby("target", sort=True):
         grid = int(t.cell_row.max()) + 1
         shown = {(int(r.cell_row), int(r.cell_col)): r.auc for r in t.itertuples() if r.significant}
-        lines.append(f"identifiability map, target {target}: AUC where above chance (Holm, 49 cells), '.' elsewhere; "
+        lines.append(f"identifiability map, target {target}: AUC where above chance (Holm, {len(t)} cells), '.' elsewhere; "
                      f"{len(shown)} of {len(t)} cells")
         lines += ["   " + " ".join(f"{shown[(i, j)]:5.2f}" if (i, j) in shown else "    ." for j in range(grid)) for i in range(grid)]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ class AggregateConfig:
 
     by: tuple[str, ...] = DEFAULT_BY
     min_n: int = 20
-    anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # 7x7 of 0/1
+    anatomy_mask: tuple[tuple[int, ...], ...] | None = None  # grid x grid of 0/1 (7x7 for 224-px models, 16x16 for 512-px)
     bbox: str | None = None  # BBox_List_2017.csv URL; default: looked up beside each nih: dataset
     n_boot: int = 1000
     identifiability: bool = False

@@ -9,6 +9,10 @@ class ConfigError(CxrAuditError):
     """A flag, profile or configuration value is wrong."""
 
 
+class MissingExtraError(ConfigError):
+    """The chosen model needs an optional dependency (a pip extra) that is not installed."""
+
+
 class ClusterStartError(CxrAuditError):
     """The cluster brought up no worker in time (no sbatch, no quota, an image that cannot be pulled)."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.inference.architectures import ARCHITECTURES, build_arch
+from pipeline.inference.architectures import ARCHITECTURES, arch_profile, build_arch
 from pipeline.inference.checkpoint_header import SHAPES_FILE
 from pipeline.inference.model import cam_head
 
@@ -16,6 +16,8 @@ def write_shapes() -> dict:
     """The registered architectures' state-dict shapes at 14 outputs, and which keys are the classifier."""
     archs = {}
     for name in ARCHITECTURES:
+        if arch_profile(name).targets:  # a network with its own outputs (xrv:...): not a 14-finding shape; the load checks it
+            continue
         net = build_arch(name, 14)
         _, clf = cam_head(net, name)
         archs[name] = {"classifier": [n for n, p in net.named_parameters() if p is clf.weight or p is clf.bias],

@@ -8,13 +8,14 @@ contribution; the seed's map is ``ln(sigmoid(z_ij) / p_baseline_k)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.images import normalize_batch, normalize_films
+from pipeline.inference.images import PREPROCESSING
 from pipeline.inference.model import CamModel
 from pipeline.inference.precision import DEFAULT_PRECISION, features_autocast, precision_mode
 
@@ -50,27 +51,37 @@ def cam_from_features(fmap: torch.Tensor, linear: torch.nn.Linear, log_baseline:
     return prob.float(), cam.float(), cell_logit.float(), pooled.float()
 
 
-def _rgb(px: np.ndarray) -> np.ndarray:
-    return px if px.ndim == 3 else np.repeat(px[:, :, None], 3, axis=2)
+def op_norm(prob: torch.Tensor, op_threshs: torch.Tensor) -> torch.Tensor:
+    """torchxrayvision's calibration (``xrv.models.op_norm``) of probabilities (B, F): below the
+    operating point t, p / (2 t); above it, 1 - (1 - p) / (2 (1 - t)); t maps to 0.5. An increasing,
+    piecewise-linear function of p. Where t is NaN (no operating point) p is left as it is
+    (torchxrayvision returns a constant 0.5 there, which carries nothing to audit)."""
+    t = op_threshs.to(prob.dtype).view(1, -1).expand_as(prob)
+    cal = torch.where(prob < t, prob / (t * 2), 1.0 - (1.0 - prob) / ((1 - t) * 2))
+    return torch.where(torch.isnan(t), prob, cal)
+
+
+def _op_threshs(model: CamModel, device) -> torch.Tensor | None:
+    spec = model.spec
+    if not spec.calibrated:
+        return None
+    return torch.tensor([math.nan if t is None else t for t in spec.op_threshs], dtype=torch.float64, device=device)
 
 
 @torch.inference_mode()
 def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor | list[np.ndarray], baselines: tuple[float, ...], *,
                 precision: str = DEFAULT_PRECISION) -> BatchOutputs:
-    """uint8 (B, H, W, 3) pixels, or (B, H, W) grayscale planes, or a list of films mixing both
+    """A batch of films as the model's preprocessing decoded them (CheXNet's: uint8 (B, H, W, 3)
+    pixels, or (B, H, W) grayscale planes, or a list mixing both; torchxrayvision's: float32 planes)
     -> every output, on the model's device, one forward pass.
-    ``precision`` (pipeline.inference.precision): fp32 (strict, TF32 off on CUDA), tf32 or bf16 features."""
+    ``precision`` (pipeline.inference.precision): fp32 (strict, TF32 off on CUDA), tf32 or bf16 features.
+
+    A calibrated model (torchxrayvision's ``op_threshs``): ``prob`` is the calibrated probability
+    ``op_norm(sigmoid(z))``, as torchxrayvision's own forward returns it; the map stays
+    ``ln(sigmoid(z_ij) / p_baseline)`` on the uncalibrated cell probability. op_norm is increasing, so
+    the map orders cells as the calibrated cell probability ``op_norm(p_baseline * exp(map))`` does."""
     device = model.classifier.weight.device
-    if isinstance(pixels, (list, tuple)):  # films as decoded: planes and RGB arrays, possibly mixed
-        if device.type == "cpu":
-            x = normalize_films(list(pixels))
-        else:  # normalised on the device: send uint8 RGB
-            x = normalize_batch(torch.as_tensor(np.stack([_rgb(px) for px in pixels])).pin_memory().to(device, non_blocking=True))
-    else:
-        x = torch.as_tensor(pixels)
-        if device.type == "cuda":
-            x = x.pin_memory().to(device, non_blocking=True)
-        x = normalize_batch(x.to(device))
+    x = PREPROCESSING[model.spec.preprocess].tensor(pixels, device)
     x = x.contiguous(memory_format=torch.channels_last)
     with precision_mode(precision, device):
         with features_autocast(precision, device):
@@ -78,6 +89,9 @@ def infer_batch(model: CamModel, pixels: np.ndarray | torch.Tensor | list[np.nda
         fmap = fmap.float()  # the CAM head always runs in float32
         log_b = torch.log(torch.tensor(baselines, dtype=fmap.dtype, device=device))
         prob, cam, cell_logit, pooled = cam_from_features(fmap, model.classifier, log_b)
+        threshs = _op_threshs(model, device)
+        if threshs is not None:
+            prob = op_norm(prob.double(), threshs).float()
         proj = fmap.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, D)
     return BatchOutputs(
         prob=prob.float().cpu().numpy(),

@@ -210,5 +210,9 @@ def state_dict_from_pickle(path: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
         obj = obj["model"]
     if isinstance(obj, torch.nn.Module):
-        return obj.state_dict()
+        for mod in obj.modules():  # modules pickled by torch < 1.6 (torchxrayvision's DenseNet files), as it patches them
+            if not hasattr(mod, "_non_persistent_buffers_set"):
+                mod._non_persistent_buffers_set = set()
+        # torchxrayvision's calibration travels with --arch xrv:..., not as a tensor of the checkpoint
+        return {k: v for k, v in obj.state_dict().items() if k != "op_threshs"}
     return _unwrap(obj, path)

@@ -18,12 +18,14 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 import numpy as np
 from PIL import Image
 
 from pipeline.core.errors import ImageError
+from pipeline.core.registry import Registry
 from pipeline.inference.read_limits import HIGH_BIT_DEPTH_MODES, PreprocessConfig, ReadLimits  # noqa: F401 - torch-free home, re-exported here
 from pipeline.core.redact import redact
 
@@ -39,7 +41,7 @@ Image.init()  # registers every plugin, so that naming TIFF in formats= is valid
 class Decoded:
     # uint8 (size, size, 3); or (size, size) for a grayscale film decoded with gray_plane=True (its
     # three channels are equal): a third of the bytes cross from a decode process, and
-    # normalize_batch takes the planes as they are
+    # normalize_batch takes the planes as they are. torchxrayvision's preprocessing: float32 (size, size)
     pixels: np.ndarray
     source_mode: str  # PIL mode of the file: 'L', 'RGB', 'RGBA', 'I;16', ...
 
@@ -314,17 +316,59 @@ def decode_preprocess(data: bytes, config: PreprocessConfig = PreprocessConfig()
             np.rint(a, out=a)
             np.clip(a, 0, 255, out=a)
             img = Image.fromarray(a.astype(np.uint8), mode="L")
-        if img.mode == "L":
-            # Grayscale: resampling is per band with identical weights, so resizing one band and
-            # repeating it equals convert('RGB') then resize, at a third of the cost.
-            small = np.asarray(_resize_crop(img, config.size))
-            pixels = small if gray_plane else np.repeat(small[:, :, None], 3, axis=2)
-        else:
-            # RGBA: convert('RGB') drops alpha without compositing, as the reference does.
-            pixels = np.array(_resize_crop(img.convert("RGB"), config.size))
+        pixels = PREPROCESSING[config.method].pixels(img, config, gray_plane)
     except Exception as e:  # noqa: BLE001 - one film's failure, whatever PIL/torchvision raise
         raise ImageError("preprocess", e) from e
-    return Decoded(np.ascontiguousarray(pixels, dtype=np.uint8), mode)
+    return Decoded(pixels, mode)
+
+
+def chexnet_pixels(img: Image.Image, config: PreprocessConfig, gray_plane: bool) -> np.ndarray:
+    """CheXNet's film: uint8 (size, size, 3) after Resize + CenterCrop (or its one grey plane)."""
+    if img.mode == "L":
+        # Grayscale: resampling is per band with identical weights, so resizing one band and
+        # repeating it equals convert('RGB') then resize, at a third of the cost.
+        small = np.asarray(_resize_crop(img, config.size))
+        pixels = small if gray_plane else np.repeat(small[:, :, None], 3, axis=2)
+    else:
+        # RGBA: convert('RGB') drops alpha without compositing, as the reference does.
+        pixels = np.array(_resize_crop(img.convert("RGB"), config.size))
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+
+def chexnet_tensor(pixels, device: "torch.device") -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+    """A batch as decoded (uint8 (B, H, W, 3), (B, H, W) planes, or a list mixing both) -> float32
+    (B, 3, H, W) on ``device``: ToTensor then ImageNet Normalize."""
+    import torch
+
+    if isinstance(pixels, (list, tuple)):  # films as decoded: planes and RGB arrays, possibly mixed
+        if device.type == "cpu":
+            return normalize_films(list(pixels))
+        rgb = [px if px.ndim == 3 else np.repeat(px[:, :, None], 3, axis=2) for px in pixels]
+        return normalize_batch(torch.as_tensor(np.stack(rgb)).pin_memory().to(device, non_blocking=True))  # normalised on the device
+    x = torch.as_tensor(pixels)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return normalize_batch(x.to(device))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How films become a model's input: ``pixels(img, config, gray_plane)`` in the decode processes
+    (no torch there), ``tensor(films, device)`` where the model runs. ``channels``: its input's.
+    ``cacheable``: whether its films are the uint8 arrays the preprocessed-image cache keeps."""
+
+    pixels: Callable[[Image.Image, PreprocessConfig, bool], np.ndarray]
+    tensor: Callable[..., "torch.Tensor"]  # noqa: F821 - torch is imported lazily
+    channels: int = 3
+    cacheable: bool = True
+
+
+# Keyed by ModelSpec.preprocess / PreprocessConfig.method (the model's profile chooses it).
+PREPROCESSING = Registry("preprocessing", "--arch")
+PREPROCESSING.register("chexnet", Preprocessing(chexnet_pixels, chexnet_tensor),
+                       help="CheXNet's: RGB, Resize + CenterCrop, ImageNet normalisation")
+PREPROCESSING.register("xrv", "pipeline.inference.xrv_preprocess:XRV",
+                       help="torchxrayvision's: one grey channel in [-1024, 1024], XRayCenterCrop, XRayResizer")
 
 
 def load_image(path: str, config: PreprocessConfig = PreprocessConfig(), storage_options: dict | None = None,

@@ -78,16 +78,35 @@ def load_model(spec: ModelSpec) -> CamModel:
                 state.setdefault(k, v)
         _check_compatible(state, net, clf, findings, spec)
         net.load_state_dict(state, strict=True)
+    if spec.outputs:
+        clf = select_outputs(clf, spec.outputs)
     if clf.out_features != len(findings):
         raise CheckpointError(f"the classifier has {clf.out_features} outputs but {len(findings)} findings are named")
     net.eval()
-    version = fingerprint(net.state_dict(), findings)[:16]
+    # a network with its own outputs: which outputs, its calibration and its preprocessing are the model too
+    # (xrv:densenet121-res224-all and -nih differ only there); CheXNet-style versions stay as they were
+    tag = findings if not spec.outputs else findings + (repr((spec.arch, spec.outputs, spec.op_threshs, spec.preprocess, spec.input_size)),)
+    version = fingerprint(net.state_dict(), tag)[:16]
     return CamModel(features, clf, findings, version, clf.in_features, spec)
+
+
+def select_outputs(clf: nn.Linear, outputs: tuple[int, ...]) -> nn.Linear:
+    """The classifier's rows ``outputs``, in that order, as a Linear of their own (a network's
+    outputs that no finding maps onto, torchxrayvision's unused ones among them, are not computed)."""
+    idx = torch.as_tensor(outputs, dtype=torch.long)
+    out = nn.Linear(clf.in_features, len(outputs), bias=clf.bias is not None, device=clf.weight.device, dtype=clf.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(clf.weight[idx])
+        if clf.bias is not None:
+            out.bias.copy_(clf.bias[idx])
+    return out.eval()
 
 
 def _check_compatible(state, net, clf, findings, spec) -> None:
     target = net.state_dict()
     clf_key = next(n for n, p in net.named_parameters() if p is clf.weight)
+    if spec.outputs:  # a network with its own outputs: the checkpoint must have all of them
+        findings = tuple(f"output {i}" for i in range(clf.out_features))
     if clf_key in state and state[clf_key].shape[0] != len(findings):
         n = state[clf_key].shape[0]
         if n == 1000:  # an ImageNet classifier, not a chest X-ray model

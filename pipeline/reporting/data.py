@@ -41,6 +41,11 @@ class RunData:
     def run_url(self) -> str:
         return self.store.run_dir(self.model_version)
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the run's maps: the model's grid (7x7, or 16x16 for a 512-px ResNet)."""
+        return tuple(int(n) for n in self.maps["cam"].shape[2:])
+
     def table(self, name: str) -> pd.DataFrame | None:
         return self.tables.get(name)
 

@@ -35,6 +35,11 @@ def symmetric_limit(arrays, floor: float = 0.05) -> float:
     return max(floor, float(np.max(vals))) if len(vals) else 1.0
 
 
+# Values are written in the cells of grids up to this size; a 16x16 grid's 256 labels would overlap
+# (its colours say the same, the tables hold the numbers).
+MAX_LABELLED_GRID = 8
+
+
 def _background(ax, film: np.ndarray | None, grid: int) -> None:
     if film is not None:
         ax.imshow(film, cmap="gray", vmin=0, vmax=255, extent=(0, grid, grid, 0), interpolation="bilinear")
@@ -43,12 +48,12 @@ def _background(ax, film: np.ndarray | None, grid: int) -> None:
 
 
 def overlay(ax, film: np.ndarray | None, grid_values: np.ndarray, vmax: float, values: bool = False, fontsize: float = 7) -> object:
-    """Film under its 7x7 map, cells as 32x32 blocks of the 224 crop (nearest upsampling)."""
+    """Film under its map (7x7, 16x16: the model's grid), each cell a block of the crop (nearest upsampling)."""
     g = grid_values.shape[0]
     _background(ax, film, g)
     im = ax.imshow(np.ma.masked_invalid(grid_values), cmap=CMAP, norm=Normalize(-vmax, vmax), alpha=ALPHA,
                    extent=(0, g, g, 0), interpolation="nearest")
-    if values:
+    if values and g <= MAX_LABELLED_GRID:
         for (i, j), v in np.ndenumerate(grid_values):
             if np.isfinite(v):
                 ax.text(j + 0.5, i + 0.5, f"{v:+.1f}", ha="center", va="center", fontsize=fontsize,
@@ -98,7 +103,7 @@ def identifiability_figure(panels: list[tuple[str, np.ndarray, np.ndarray | None
         g = auc.shape[0]
         im = ax.imshow(np.ma.masked_invalid(auc), cmap="viridis", norm=Normalize(0.5, 1.0), extent=(0, g, g, 0), interpolation="nearest")
         for (i, j), v in np.ndenumerate(auc):
-            if np.isfinite(v):
+            if np.isfinite(v) and g <= MAX_LABELLED_GRID:
                 ax.text(j + 0.5, i + 0.5, f"{v:.2f}"[1:] if v < 1 else "1.0", ha="center", va="center", fontsize=6,
                         color="white" if v < 0.8 else "black")
             if significant is not None and significant[i, j]:
@@ -125,9 +130,10 @@ def film_sheet(film: np.ndarray | None, maps: np.ndarray, names: list[str], prob
     vmax = symmetric_limit(list(maps))
     fig = new_figure(3.0 * cols + 1.2, 3.1 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    _background(axes[0], film, 7)
-    axes[0].set_xlim(0, 7)
-    axes[0].set_ylim(7, 0)
+    g = maps[0].shape[0] if len(maps) else 7  # the model's grid
+    _background(axes[0], film, g)
+    axes[0].set_xlim(0, g)
+    axes[0].set_ylim(g, 0)
     axes[0].set_xticks([])
     axes[0].set_yticks([])
     axes[0].set_title("film (224x224 crop)" if film is not None else "film unreadable", fontsize=8)
@@ -149,7 +155,7 @@ def discrimination_figure(finding: str, auc: np.ndarray, diff: np.ndarray, film:
     fig = new_figure(6.4, 2.9)
     axes = fig.subplots(1, 2, squeeze=False)[0]
     im = overlay(axes[0], film, auc - 0.5, 0.5, values=False)
-    for (i, j), v in np.ndenumerate(auc):
+    for (i, j), v in (np.ndenumerate(auc) if auc.shape[0] <= MAX_LABELLED_GRID else ()):
         if np.isfinite(v):
             axes[0].text(j + 0.5, i + 0.5, f"{v:.2f}"[1:] if v < 1 else "1.0", ha="center", va="center", fontsize=6)
     axes[0].set_title(f"AUC of each cell ({n_pos} pos, {n_neg} neg)", fontsize=8)

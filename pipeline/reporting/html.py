@@ -129,7 +129,7 @@ def section_scorecard(data: RunData) -> str:
 
 def section_grids(data: RunData) -> str:
     rs = data.table("region_stats")
-    out = ["<h2 id='grids'>2. Where the evidence lies: 7x7 grids per finding</h2>"]
+    out = [f"<h2 id='grids'>2. Where the evidence lies: {data.grid[0]}x{data.grid[1]} grids per finding</h2>"]
     if rs is None:
         return out[0] + _missing("Left out: this run has no region_stats.parquet (python -m jobs.aggregate --out OUT writes it).")
     films = mean_films(data)
@@ -155,33 +155,42 @@ def section_grids(data: RunData) -> str:
             continue
         g = rs[rs.finding == f]
         head = f"<h3 id='grid-{html.escape(f)}'>{html.escape(f)}</h3>"
-        disc = _discrimination(f, g, sep, films.get(("all", "all")))
+        disc = _discrimination(f, g, sep, films.get(("all", "all")), data.grid)
         panels = []
         for stratum in ("all", "view_position", "label", "site"):
             if stratum == "site" and n_sites < 2:
                 continue
             for value, sub in g[g.stratum == stratum].groupby("stratum_value", sort=True):
-                grid = np.full((7, 7), np.nan)
+                grid = np.full(data.grid, np.nan)
                 grid[sub.cell_row.to_numpy(), sub.cell_col.to_numpy()] = sub["mean"].to_numpy()
                 key = ("all", "all") if stratum == "all" else (f, value) if stratum == "label" else (stratum, value)
                 panels.append((f"{'all films' if stratum == 'all' else value} (n={int(sub.n.iloc[0])})", grid, films.get(key)))
         if panels or disc:
-            out.append(head + disc + (_img(grid_figure(f, panels), f"7x7 mean maps for {f}: " + "; ".join(p[0] for p in panels)) if panels else ""))
+            out.append(head + disc + (_img(grid_figure(f, panels), f"{data.grid[0]}x{data.grid[1]} mean maps for {f}: " + "; ".join(p[0] for p in panels)) if panels else ""))
     if skip:
         out.append(f"<p class='note'>No grids for the findings labelled but never positive: {html.escape(', '.join(sorted(skip)))}.</p>")
     return "\n".join(out)
 
 
-def _discrimination(finding: str, g: pd.DataFrame, sep: pd.DataFrame | None, film) -> str:
+def _calibration_note(data: RunData) -> str:
+    """For a calibrated model (torchxrayvision's op_threshs), what its probabilities and maps are."""
+    model = data.run.get("model") or {}
+    if not model.get("op_threshs"):
+        return ""
+    return (" The model is calibrated (torchxrayvision's operating points): probabilities are op_norm(sigmoid(z)); "
+            "the maps use the uncalibrated cell probability sigmoid(z_ij), which op_norm, being increasing, orders the same way.")
+
+
+def _discrimination(finding: str, g: pd.DataFrame, sep: pd.DataFrame | None, film, grid: tuple[int, int] = (7, 7)) -> str:
     """The discrimination panels of one finding: per-cell AUC (cell_separation) and positives minus negatives."""
     if sep is None or not (sep.finding == finding).any():
         return ""
     s = sep[sep.finding == finding]
-    auc = np.full((7, 7), np.nan)
+    auc = np.full(grid, np.nan)
     auc[s.cell_row.to_numpy(), s.cell_col.to_numpy()] = s.auc.astype(float).to_numpy()
     lab = g[g.stratum == "label"]
     pos, neg = lab[lab.stratum_value == "positive"], lab[lab.stratum_value == "negative"]
-    diff = np.full((7, 7), np.nan)
+    diff = np.full(grid, np.nan)
     if len(pos) and len(neg):
         d = pos.set_index(["cell_row", "cell_col"])["mean"] - neg.set_index(["cell_row", "cell_col"])["mean"]
         d = d.dropna()
@@ -200,11 +209,11 @@ def section_identifiability(data: RunData) -> str:
     has_sig = "significant" in imap.columns
     panels = []
     for target, g in imap.groupby("target", sort=False):
-        auc = np.full((7, 7), np.nan)
+        auc = np.full(data.grid, np.nan)
         auc[g.cell_row.to_numpy(), g.cell_col.to_numpy()] = g.auc.astype(float).to_numpy()
         sig = None
         if has_sig:
-            sig = np.zeros((7, 7), bool)
+            sig = np.zeros(data.grid, bool)
             sig[g.cell_row.to_numpy(), g.cell_col.to_numpy()] = g.significant.fillna(False).astype(bool).to_numpy()
         e = ident[(ident.target == target) & (ident.features == "embedding")]
         glob = "" if e.empty or pd.isna(e.auc.iloc[0]) else f"\nAUC {e.auc.iloc[0]:.3f} [{_fmt(e.auc_lo.iloc[0])}, {_fmt(e.auc_hi.iloc[0])}]"
@@ -242,9 +251,9 @@ def section_examples(data: RunData) -> str:
     if preds.empty:
         return head + _missing("Left out: the run has no predictions.")
     m = data.manifest.set_index("row")
-    out = [head, "<p class='note'>Each film as the model saw it (the 224x224 crop) with its 7x7 map upsampled over it and the "
+    out = [head, f"<p class='note'>Each film as the model saw it (the square crop) with its {data.grid[0]}x{data.grid[1]} map upsampled over it and the "
            "ln(p_cell / p_baseline) value written in each cell.</p>"]
-    ring = np.zeros((7, 7), bool)
+    ring = np.zeros(data.grid, bool)
     ring[[0, -1], :] = ring[:, [0, -1]] = True
     unreadable = False
     for f in _example_findings(data):
@@ -342,7 +351,7 @@ def build_report(out, model_version: str | None = None, storage_options: dict | 
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p class='note'>Output <code>{html.escape(data.out)}</code>; {len(data.findings)} findings. "
-            "Maps are ln(p_cell / p_baseline) per 7x7 cell (Zech et al., PLOS Medicine 2018).</p>"
+            f"Maps are ln(p_cell / p_baseline) per {data.grid[0]}x{data.grid[1]} cell (Zech et al., PLOS Medicine 2018).{_calibration_note(data)}</p>"
             + "\n".join(body) + footer(data, time.perf_counter() - t) + "</body></html>")
 
 

@@ -16,9 +16,11 @@ import pandas as pd
 from pipeline.analysis.metrics import auc_delong
 from pipeline.reporting.data import RunData
 
-GRID = 7
-_I, _J = np.divmod(np.arange(GRID * GRID), GRID)
-RING_MASK = (_I == 0) | (_I == GRID - 1) | (_J == 0) | (_J == GRID - 1)
+def ring_mask(grid: tuple[int, int]) -> np.ndarray:
+    """The flat mask of a grid's border cells (24 of a 7x7 grid, 60 of a 16x16 one)."""
+    h, w = grid
+    i, j = np.divmod(np.arange(h * w), w)
+    return (i == 0) | (i == h - 1) | (j == 0) | (j == w - 1)
 
 # What a mark means, per rule (the verdicts are computed in pipeline/analysis/verdicts.py).
 RULES = {
@@ -112,7 +114,7 @@ def _verdict_cell(v: pd.Series | None) -> Cell:
 
 def discriminating_share(data: RunData, finding: str, cells: np.ndarray) -> float | None:
     """Share of the mean positive-minus-negative logit (the pooled logit is the mean of the cells'
-    logits, so each cell's exact contribution adds up to it) that sits on ``cells`` (49 bools)."""
+    logits, so each cell's exact contribution adds up to it) that sits on ``cells`` (a bool per grid cell)."""
     rs = data.table("region_stats")
     if rs is None:
         return None
@@ -137,7 +139,7 @@ def scorecard(data: RunData) -> tuple[list[str], list[tuple[str, list[Cell]]]]:
     then descriptions (shares, top cell, label ties), never marked."""
     metrics, summary, region, card = (data.table(n) for n in ("metrics", "finding_summary", "region_stats", "scorecard"))
     ties = label_ties(data)
-    ring = RING_MASK
+    ring = ring_mask(data.grid)
     cols = ["finding", "n labelled", "prevalence", "AUC [95% CI]"] + [name for _, name in VERDICT_COLUMNS]
     cols += ["discriminating evidence on the ring", "positive evidence on the ring", "top cell"]
     cols += [f"label ~ {name} (AUC)" for _, name in CONFOUNDERS]
@@ -151,7 +153,7 @@ def scorecard(data: RunData) -> tuple[list[str], list[tuple[str, list[Cell]]]]:
         cells = [Cell(_fmt(None if m is None else int(m.n), "d")), Cell(_fmt(None if m is None else m.prevalence, ".1%")),
                  Cell("–" if auc is None else f"{auc:.3f} [{_fmt(m.auc_lo, '.3f')}, {_fmt(m.auc_hi, '.3f')}]")]
         cells += [_verdict_cell(_first(card, finding=f, rule=rule)) for rule, _ in VERDICT_COLUMNS]
-        cells.append(Cell(_fmt(discriminating_share(data, f, ring), ".0%"), title="share of the mean positive-minus-negative logit on the 24 ring cells (49% of the area)"))
+        cells.append(Cell(_fmt(discriminating_share(data, f, ring), ".0%"), title=f"share of the mean positive-minus-negative logit on the {int(ring.sum())} ring cells ({ring.mean():.0%} of the area)"))
         s = _first(summary, finding=f, stratum="all")
         cells.append(Cell(_fmt(None if s is None else s.pos_share_ring, ".0%"), title="share of max(map, 0) on the ring: mostly the finding's bias, a description"))
         top = None

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.reporting.data import load_run
-from pipeline.reporting.scorecard import GRID, _first, discriminating_share, label_ties, readable
+from pipeline.reporting.scorecard import _first, discriminating_share, label_ties, readable
 
 
 def _auc(r) -> str:
@@ -30,12 +30,13 @@ def story(out, marker_cells: dict[str, tuple[tuple[int, int], ...]], finding: st
                        + (" — marked: part of the pooled figure is telling AP from PA." if lean.mark else " — not shown to lean on the view."))
         lines.append(f"1. {finding} AUC pooled {_auc(pooled.iloc[0]) if len(pooled) else 'n/a'}; within "
                      + ", ".join(f"{r.stratum_value} {r.auc:.2f}" for r in within.itertuples()) + verdict)
-    all_cells = np.zeros(GRID * GRID, bool)
+    (_, W), n_cells = data.grid, int(np.prod(data.grid))
+    all_cells = np.zeros(n_cells, bool)
     parts, where = [], {}
     for name, cells in marker_cells.items():
-        sel = np.zeros(GRID * GRID, bool)
+        sel = np.zeros(n_cells, bool)
         for r, c in cells:
-            sel[r * GRID + c] = True
+            sel[r * W + c] = True
         where[name] = sel
         all_cells |= sel
         share = discriminating_share(data, finding, sel)
@@ -46,11 +47,11 @@ def story(out, marker_cells: dict[str, tuple[tuple[int, int], ...]], finding: st
                      "so no share of it sits anywhere.")
     elif parts:
         lines.append(f"2. What separates {finding} positives from negatives in the model's logit (mean positive minus negative, "
-                     f"cell by cell): " + "; ".join(parts) + f" — {int(all_cells.sum())} of 49 cells, {all_cells.mean():.0%} of the film.")
+                     f"cell by cell): " + "; ".join(parts) + f" — {int(all_cells.sum())} of {n_cells} cells, {all_cells.mean():.0%} of the film.")
     sep = data.table("cell_separation")
     if sep is not None and (sep.finding == finding).any():
         s = sep[sep.finding == finding]
-        best = {name: s[[bool(where[name][int(r.cell_row) * GRID + int(r.cell_col)]) for r in s.itertuples()]].auc.max() for name in where}
+        best = {name: s[[bool(where[name][int(r.cell_row) * W + int(r.cell_col)]) for r in s.itertuples()]].auc.max() for name in where}
         loc = _first(card, finding=finding, rule="location")
         tail = ""
         if loc is not None and pd.notna(loc.p_value):

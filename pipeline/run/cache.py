@@ -51,7 +51,7 @@ def _split(stored: str) -> tuple[str, str, str]:
 
 
 def config_key(pre: PreprocessConfig) -> str:
-    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **asdict(pre)}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **pre.identity()}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_group_url(cache_url: str, pre: PreprocessConfig) -> str:

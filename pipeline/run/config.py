@@ -34,8 +34,8 @@ from pipeline.analysis.settings import AggregateConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.core.redact import MaskedDict
-from pipeline.inference.architectures import DEFAULT_ARCH, check_arch
-from pipeline.inference.model_spec import ModelSpec
+from pipeline.inference.architectures import DEFAULT_ARCH, arch_profile, check_arch
+from pipeline.inference.model_spec import ModelSpec, model_spec_for
 from pipeline.inference.precision import DEFAULT_PRECISION, Precision
 from pipeline.inference.read_limits import HighBitDepth, PreprocessConfig, ReadLimits
 from pipeline.sources.source_base import SourceOptions, Uncertain
@@ -249,8 +249,18 @@ class ScoreConfig:
     def model_spec(self) -> ModelSpec:
         """The model the run scores with, as its shard tasks name it: the driver checks it and the
         local workers load it ahead of the first shard (``get_model``'s cache is keyed by it)."""
-        return ModelSpec(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
-                         storage_options=self.output.store().storage_options)
+        return model_spec_for(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
+                              storage_options=self.output.store().storage_options)
+
+    def findings(self) -> tuple[str, ...]:
+        """The findings the run scores: --findings, less those the model has no output for (a
+        torchxrayvision model scores only the findings it was trained on; model_spec_for)."""
+        return model_spec_for(self.model.arch, self.model.checkpoint or "random:0", tuple(self.model.findings)).findings
+
+    def preprocess(self) -> PreprocessConfig:
+        """The pixels the model sees: --high-bit-depth, and the model's preprocessing and input size."""
+        arch = arch_profile(self.model.arch)
+        return PreprocessConfig(size=arch.input_size, high_bit_depth=self.images.high_bit_depth, method=arch.preprocess)
 
 
 FLAT_KEYS: dict[str, tuple[str, str]] = {
@@ -359,7 +369,7 @@ class Resolved:
 
     def saved(self) -> dict:
         """run.json's ``resolved``: the values the run used."""
-        return {"baselines": dict(zip(self.config.model.findings, self.baselines)), "cache": self.cache_root, "device": self.device}
+        return {"baselines": dict(zip(self.config.findings(), self.baselines)), "cache": self.cache_root, "device": self.device}
 
 
 def resolve(cfg: ScoreConfig, manifest=None) -> Resolved:
@@ -370,15 +380,17 @@ def resolve(cfg: ScoreConfig, manifest=None) -> Resolved:
 
 def resolve_cache(cfg: ScoreConfig) -> str | None:
     mode = cfg.compute.cache
-    if mode == "none":
-        return None
+    from pipeline.inference.images import PREPROCESSING
+
+    if mode == "none" or not PREPROCESSING[cfg.preprocess().method].cacheable:
+        return None  # the cache keeps 8-bit films; torchxrayvision's preprocessing yields float32 ones
     return cfg.output.store().cache_root if mode == "auto" else mode
 
 
 def resolve_baselines(cfg: ScoreConfig, manifest=None) -> tuple[float, ...]:
     from pipeline.core.findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
 
-    findings, mode = cfg.model.findings, cfg.model.baselines
+    findings, mode = cfg.findings(), cfg.model.baselines
     if mode == "reference":
         return validate_baselines(findings, REFERENCE_BASELINES)
     if mode == "from-labels":
@@ -423,13 +435,15 @@ def _check_values(cfg: ScoreConfig) -> None:
     if m.checkpoint is not None and m.checkpoint.startswith("random:") and not m.checkpoint[len("random:"):].isdigit():
         raise ConfigError(f"--checkpoint {m.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
     check_arch(m.arch, find_module=False)  # whether its module is importable: pipeline.run.validate
+    cfg.findings()  # a model with its own outputs must have one for some --findings (torch-free)
     if cfg.cluster.worker_timeout is not None and cfg.cluster.worker_timeout <= 0:
         raise ConfigError("--worker-timeout must be positive")
     a = cfg.aggregate
     if a.min_n < 1 or a.n_boot < 1:
         raise ConfigError(f"{flag_of('aggregate', 'min_n')} and {flag_of('aggregate', 'n_boot')} must be positive")
-    if a.anatomy_mask is not None and (len(a.anatomy_mask) != 7 or any(len(r) != 7 or set(r) - {0, 1} for r in a.anatomy_mask)):
-        raise ConfigError("--anatomy-mask must be 7 rows of 7 zeros and ones")
+    if a.anatomy_mask is not None and (not a.anatomy_mask or any(len(r) != len(a.anatomy_mask) or set(r) - {0, 1} for r in a.anatomy_mask)):
+        # the model's grid decides the size (aggregation checks it against the maps)
+        raise ConfigError("--anatomy-mask must be N rows of N zeros and ones, N the model's grid (7 for 224-px models)")
     try:
         cfg.images.read_limits()
     except ValueError as e:
@@ -502,7 +516,7 @@ def _coerce(section: str, name: str, value, hint):
             with open(value) as f:
                 value = json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--anatomy-mask {value}: cannot read a JSON 7x7 list of 0/1 ({e})") from None
+            raise ConfigError(f"--anatomy-mask {value}: cannot read a JSON NxN list of 0/1 (7x7 for 224-px models) ({e})") from None
     if get_origin(base) is tuple:
         inner = get_args(base)[0]
         if isinstance(value, str):

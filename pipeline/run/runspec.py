@@ -5,7 +5,7 @@ Derived once from the resolved configuration (``RunSpec.derive``); never patched
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from pipeline.inference.images import PreprocessConfig, ReadLimits
 from pipeline.inference.model_spec import ModelSpec
@@ -47,7 +47,7 @@ class RunSpec:
             model=model,
             model_version=model_version,
             baselines=resolved.baselines,
-            preprocess=cfg.images.preprocess(),
+            preprocess=cfg.preprocess(),
             batch_size=cfg.compute.batch_size,
             device=resolved.device,
             shard_size=cfg.compute.shard_size,
@@ -87,7 +87,7 @@ class RunSpec:
             "model_version": self.model_version,
             "findings": list(self.model.findings),
             "baselines": list(self.baselines),
-            "preprocess": asdict(self.preprocess),
+            "preprocess": self.preprocess.identity(),
             "shard_size": self.shard_size,
             "grid": list(self.grid),
             "embedding_dim": self.embedding_dim,

@@ -91,7 +91,10 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     ckpt_identity = checkpoint_identity(cfg.model.checkpoint, store.options)  # before loading: a later rewrite is seen
     model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
-        grid = tuple(model.features(torch.zeros(1, 3, 224, 224)).shape[-2:])
+        from pipeline.inference.images import PREPROCESSING
+
+        size = mspec.input_size  # the grid follows the model: 7x7 for 224-px DenseNets, 16x16 for the 512-px ResNet
+        grid = tuple(model.features(torch.zeros(1, PREPROCESSING[mspec.preprocess].channels, size, size)).shape[-2:])
     timings["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -115,7 +118,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
     resolved = resolve(cfg, result.manifest)
-    cache_url = cache_group_url(resolved.cache_root, cfg.images.preprocess()) if resolved.cache_root else None
+    cache_url = cache_group_url(resolved.cache_root, cfg.preprocess()) if resolved.cache_root else None
     spec = RunSpec.derive(resolved, model=mspec, model_version=run_version(model.version, cfg.model.precision), n_rows=n_rows,
                           grid=grid, embedding_dim=model.embedding_dim, cache_url=cache_url)
     previous_run, why = store.read_json_safe(store.run_json(spec.model_version))
@@ -134,7 +137,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     create_maps(spec.maps_url, n_rows, spec.shard_size, mspec.findings, grid, model.embedding_dim,
                 {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version,
                  # b_k, for the exact cell contributions (z_ij - b_k) / (H*W)
-                 "classifier_bias": model.classifier.bias.detach().double().tolist()}, store.options)
+                 "classifier_bias": model.classifier.bias.detach().double().tolist(),
+                 **({"op_threshs": dict(zip(mspec.findings, mspec.op_threshs)), "map": mspec.describe()["map"]} if mspec.calibrated else {})},
+                store.options)
     if resolved.cache_root:
         create_cache(resolved.cache_root, spec.preprocess, n_rows, spec.shard_size, store.options)
     shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
@@ -193,6 +198,7 @@ def _run_json(resolved: Resolved, spec, fp, status, started, counts, timings, hi
         "identity": spec.output_identity(),
         "config": resolved.config.flat(),  # storage options: keys only (may hold secrets); ScoreConfig.from_flat reads it back
         "resolved": resolved.saved(),  # what baselines, cache and device came to
+        "model": spec.model.describe(),  # its outputs -> findings, calibration, preprocessing, what the map is
         "dataset_fingerprint": fp,
         "code_version": code_version(),
         "torch_version": torch.__version__,

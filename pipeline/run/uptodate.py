@@ -246,7 +246,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
     if why or previous is None:
         return False
     try:
-        result = build_manifest([DatasetSpec.parse(d) for d in cfg.data.datasets], tuple(cfg.model.findings), previous,
+        result = build_manifest([DatasetSpec.parse(d) for d in cfg.data.datasets], cfg.findings(), previous,
                                 cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
         issues = store.read_parquet(store.manifest_issues)
     except Exception as e:  # noqa: BLE001 - the full run reports it properly
@@ -256,7 +256,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
 
 
 def _shards(cfg, store: OutputStore, mv: str, run: dict):
-    from pipeline.inference.model_spec import ModelSpec
+    from pipeline.inference.model_spec import model_spec_for
     from pipeline.run.runspec import RunSpec
     from pipeline.run.shards import plan_shards
     from pipeline.store.layout import freeze_options
@@ -264,7 +264,7 @@ def _shards(cfg, store: OutputStore, mv: str, run: dict):
     manifest = store.read_parquet(store.manifest)
     rows = manifest.column("row")
     n_rows = int(max(rows.to_pylist(), default=-1)) + 1
-    spec = RunSpec(out=cfg.output.out.rstrip("/"), model=ModelSpec(cfg.model.arch, cfg.model.checkpoint, tuple(cfg.model.findings)),
+    spec = RunSpec(out=cfg.output.out.rstrip("/"), model=model_spec_for(cfg.model.arch, cfg.model.checkpoint, tuple(cfg.model.findings)),
                    model_version=mv, baselines=(), shard_size=cfg.compute.shard_size, n_rows=n_rows,
                    storage_options=freeze_options(cfg.output.storage_options))
     return spec, plan_shards(manifest, cfg.compute.shard_size, n_rows, cfg.data.limit)

@@ -128,7 +128,7 @@ def validate(cfg):
         if _local_path(m.checkpoint) is not None:
             from pipeline.inference.checkpoint_header import check_header
 
-            check_header(m.checkpoint, m.arch, tuple(m.findings))  # the tensor shapes against --arch, from the header
+            check_header(m.checkpoint, m.arch, cfg.findings())  # the tensor shapes against --arch, from the header
     if m.baselines not in BASELINE_MODES:
         _must_exist(m.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
     _must_exist(d.metadata, "--metadata", "the metadata CSV")

@@ -609,3 +609,30 @@ def test_running_out_of_memory_mid_run_is_named_not_a_traceback(monkeypatch, cap
                  "--cluster", "inprocess"]) == 1
     err = capsys.readouterr().err
     assert "out of memory" in err and "rerun the same command" in err and "Traceback" not in err
+
+
+def test_reading_the_code_version_writes_nothing_in_the_checkout(tmp_path, monkeypatch):
+    """issue 27: `git status` in code_version refreshed (rewrote) the checkout's .git/index, taking
+    .git/index.lock: a job run from a read-only or shared checkout wrote into it."""
+    import os
+    import shutil
+    import subprocess
+
+    import pipeline
+    from pipeline.run.scoring import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "checkout"
+    (repo / "pipeline").mkdir(parents=True)
+    (repo / "pipeline" / "__init__.py").write_text("")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *cmd], check=True, env=env)
+    index = repo / ".git" / "index"
+    before = index.stat().st_mtime_ns
+    later = before + 5 * 10**9
+    os.utime(repo / "pipeline" / "__init__.py", ns=(later, later))  # stale stat info: a plain `git status` rewrites the index
+    monkeypatch.setattr(pipeline, "__file__", str(repo / "pipeline" / "__init__.py"))
+    assert "+g" in code_version()
+    assert index.stat().st_mtime_ns == before  # nothing written in the checkout

@@ -35,6 +35,7 @@ from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
 from pipeline.store.storage import exists, join
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
+from pipeline.analysis.grid import region_masks
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
 log = logging.getLogger("cxr_audit")
@@ -44,16 +45,6 @@ def grid_of(maps) -> tuple[int, int]:
     torchxrayvision's 512-px ResNet), never assumed."""
     h, w = maps["cam"].shape[2:]
     return int(h), int(w)
-
-
-def region_masks(grid: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Flat cell masks of the regions the finding summary reports: the border ring (24 cells of a
-    7x7 grid, 60 of a 16x16), its four corners, and the inner cells."""
-    h, w = grid
-    i, j = np.divmod(np.arange(h * w), w)
-    ring = (i == 0) | (i == h - 1) | (j == 0) | (j == w - 1)
-    corners = ((i == 0) | (i == h - 1)) & ((j == 0) | (j == w - 1))
-    return {"ring": ring, "corners": corners, "inner": ~ring}
 
 
 def latest_complete_run(out, storage_options: dict | None = None) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.analysis.auc_tests import auc_influence, clustered_se, min_class_groups, std_diff_influence, t_ci, t_test
+from pipeline.analysis.grid import region_masks, square_grid
 from pipeline.analysis.probe_stats import holm
 
 STRATUM_COLUMNS = ("view_position", "site", "sex")
@@ -95,9 +96,8 @@ def _num(x) -> float | None:
 
 def grid_masks(n_cells: int, anatomy: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
     """(anatomy cells, border cells, how the anatomy was chosen)."""
-    g = int(round(n_cells**0.5))
-    i, j = np.divmod(np.arange(n_cells), g)
-    ring = (i == 0) | (i == g - 1) | (j == 0) | (j == g - 1)
+    g, _ = square_grid(n_cells)
+    ring = region_masks((g, g))["ring"]
     if anatomy is not None:
         a = np.asarray(anatomy, bool).reshape(-1)
         return a, ~a, "the anatomy mask"
@@ -121,7 +121,7 @@ def location_rule(d: FindingData, cfg: VerdictConfig, anatomy: np.ndarray | None
     c, dc, p, se = best
     k = int(border.sum())
     lo, hi = t_ci(dc - d_in, se, df, 1 - 2 * cfg.alpha / k)
-    g = int(round(d.cells.shape[1] ** 0.5))
+    g, _ = square_grid(d.cells.shape[1])
     a_c, a_in = auc_influence(d.y, d.cells[:, c])[0], auc_influence(d.y, anat)[0]
     return Verdict(**d.base, rule="location", statistic=_num(dc - d_in), ci_lo=_num(lo), ci_hi=_num(hi),
                    p_value=_num(min(1.0, k * p)) if not math.isnan(p) else None,

@@ -13,14 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.analysis.grid import region_masks
 from pipeline.analysis.metrics import auc_delong
 from pipeline.reporting.data import RunData
 
-def ring_mask(grid: tuple[int, int]) -> np.ndarray:
-    """The flat mask of a grid's border cells (24 of a 7x7 grid, 60 of a 16x16 one)."""
-    h, w = grid
-    i, j = np.divmod(np.arange(h * w), w)
-    return (i == 0) | (i == h - 1) | (j == 0) | (j == w - 1)
 
 # What a mark means, per rule (the verdicts are computed in pipeline/analysis/verdicts.py).
 RULES = {
@@ -139,7 +135,7 @@ def scorecard(data: RunData) -> tuple[list[str], list[tuple[str, list[Cell]]]]:
     then descriptions (shares, top cell, label ties), never marked."""
     metrics, summary, region, card = (data.table(n) for n in ("metrics", "finding_summary", "region_stats", "scorecard"))
     ties = label_ties(data)
-    ring = ring_mask(data.grid)
+    ring = region_masks(data.grid)["ring"]
     cols = ["finding", "n labelled", "prevalence", "AUC [95% CI]"] + [name for _, name in VERDICT_COLUMNS]
     cols += ["discriminating evidence on the ring", "positive evidence on the ring", "top cell"]
     cols += [f"label ~ {name} (AUC)" for _, name in CONFOUNDERS]

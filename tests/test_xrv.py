@@ -5,6 +5,7 @@ without it (the `torchxrayvision` extra); the spec-mapping and missing-extra tes
 from __future__ import annotations
 
 import importlib.util
+import os
 import math
 import warnings
 from pathlib import Path
@@ -338,3 +339,9 @@ def test_a_pickled_torchxrayvision_model_converts_and_loads_into_its_spec(tmp_pa
     k = model.findings.index("Cardiomegaly")
     assert torch.equal(model.classifier.weight[k], net.classifier.weight[10])  # its output 10
     assert model.classifier.out_features == 14
+
+
+@pytest.mark.skipif(os.environ.get("CI", "").lower() not in ("1", "true", "yes"), reason="only under CI, which installs the extra")
+def test_ci_installs_torchxrayvision_so_the_parity_tests_run():
+    # the skips above hide no work in CI: .ci/run installs .[test,torchxrayvision]
+    assert HAVE_XRV, '.ci/run must install the torchxrayvision extra (pip install -e ".[test,torchxrayvision]")'

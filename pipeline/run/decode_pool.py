@@ -301,6 +301,10 @@ def _allow_children() -> None:
         me._config["daemon"] = False  # noqa: SLF001 - no public way to un-daemonise the current process
 
 
+class PoolDisabled(RuntimeError):
+    """The pool decodes in the calling process from now on (its processes could not start)."""
+
+
 class DecodePool:
     """A pool of decode processes (``workers`` = 0: decode in the calling thread's process)."""
 
@@ -323,6 +327,8 @@ class DecodePool:
 
     def _current(self) -> tuple[ProcessPoolExecutor, int]:
         with self._lock:
+            if self.workers == 0:  # another thread found /dev/shm unusable after this one's check
+                raise PoolDisabled("decode processes are off for this pool")
             if self._executor is None:
                 _allow_children()
                 ctx = multiprocessing.get_context("forkserver")
@@ -346,6 +352,8 @@ class DecodePool:
         try:
             self._current()
             return True
+        except PoolDisabled:
+            return False
         except OSError as e:
             why = shm_problem()
             if why is None:

@@ -115,9 +115,10 @@ def location_rule(d: FindingData, cfg: VerdictConfig, anatomy: np.ndarray | None
     best = None
     for c in np.flatnonzero(border):
         dc, psi = std_diff_influence(d.y, d.cells[:, c])
-        p = t_test(dc - d_in, clustered_se(psi - psi_in, d.groups), df)
+        se = clustered_se(psi - psi_in, d.groups)
+        p = t_test(dc - d_in, se, df)
         if best is None or (not math.isnan(p) and (math.isnan(best[2]) or p < best[2])):
-            best = (c, dc, p, clustered_se(psi - psi_in, d.groups))
+            best = (c, dc, p, se)
     c, dc, p, se = best
     k = int(border.sum())
     lo, hi = t_ci(dc - d_in, se, df, 1 - 2 * cfg.alpha / k)

@@ -31,7 +31,7 @@ def add_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config FILE.yaml: the configuration's sections from a file; flags given override it.
 
     The job's configuration flags default to argparse.SUPPRESS, so the namespace holds only the
-    flags given on the command line (``overrides``) and every default stays in pipeline.run.config."""
+    flags given on the command line (``overrides``) and every default stays in pipeline.config.run_config."""
     p.add_argument("--config", metavar="FILE.yaml",
                    help="settings from a YAML file, nested by section (data, model, images, compute, cluster, output, "
                         "aggregate; keys as the flags, e.g. compute: {shard_size: 512}); flags given here override it; "
@@ -85,14 +85,14 @@ def add_storage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def overrides(args: argparse.Namespace) -> dict:
     """The configuration keys the command line set (flags defaulting to argparse.SUPPRESS)."""
-    from pipeline.run.config import FLAT_KEYS
+    from pipeline.config.run_config import FLAT_KEYS
 
     return {k: v for k, v in vars(args).items() if k in FLAT_KEYS}
 
 
 def job_config(args: argparse.Namespace, base=None):
     """The configuration: ``base`` (default: the defaults), then --config's file, then the flags given."""
-    from pipeline.run.config import load_config
+    from pipeline.config.run_config import load_config
 
     return load_config(getattr(args, "config", None), overrides(args), base)
 
@@ -156,7 +156,7 @@ def setup_logging(args) -> None:
     log.propagate = False
     # The library's own records (`pipeline.*`) reach the same stderr: warnings always, their INFO
     # detail (per-shard lines of in-process workers, ...) only with --verbose; worker processes
-    # write theirs to OUT/logs/ (pipeline.run.worker_logs).
+    # write theirs to OUT/logs/ (pipeline.worker.logs).
     lib = logging.getLogger("pipeline")
     for h in [h for h in lib.handlers if isinstance(h, _Stderr)]:
         lib.removeHandler(h)

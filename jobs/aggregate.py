@@ -11,8 +11,8 @@ from pipeline.core.errors import CxrAuditError
 
 
 def parser() -> argparse.ArgumentParser:
-    """Configuration flags default to SUPPRESS: defaults from pipeline.run.config, --config's values kept."""
-    from pipeline.run.config import ScoreConfig
+    """Configuration flags default to SUPPRESS: defaults from pipeline.config.run_config, --config's values kept."""
+    from pipeline.config.run_config import ScoreConfig
 
     D = ScoreConfig().aggregate
     S = argparse.SUPPRESS

@@ -19,11 +19,11 @@ DEMO_DIR = "cxr-audit-demo"
 
 def parser() -> argparse.ArgumentParser:
     """The job's flags. Configuration flags default to SUPPRESS: the defaults live in
-    pipeline.run.config (quoted in the help from there), and a flag not given leaves --config's value."""
+    pipeline.config.run_config (quoted in the help from there), and a flag not given leaves --config's value."""
     from pipeline.inference.architectures import ARCHITECTURES
     from pipeline.inference.precision import PRECISIONS
-    from pipeline.inference.read_limits import HIGH_BIT_DEPTH_MODES
-    from pipeline.run.config import ScoreConfig
+    from pipeline.inference.preprocess_config import HIGH_BIT_DEPTH_MODES
+    from pipeline.config.run_config import ScoreConfig
     from pipeline.sources.source_base import ADAPTERS, UNCERTAIN_MODES
 
     D = ScoreConfig()  # the defaults, for the help text
@@ -120,7 +120,7 @@ def _findings(text: str) -> tuple[str, ...]:
 def demo_config():
     """The demo (no dataset, checkpoint or output given anywhere): builds (once) its data and model."""
     from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
-    from pipeline.run.config import ScoreConfig
+    from pipeline.config.run_config import ScoreConfig
 
     sites = make_demo_sites(os.path.join(DEMO_DIR, "data"))
     ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         user = job_config(args)  # --config and the flags: no side effects yet
         if getattr(args, "print_config", False):
-            from pipeline.run.config import yaml_text
+            from pipeline.config.run_config import yaml_text
 
             print(yaml_text(user), end="")
             return 0

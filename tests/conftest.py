@@ -48,7 +48,7 @@ def _complete_runs_skip_their_report():
     """A complete run ends by writing its HTML report: matplotlib, seconds per run, the largest
     fixed cost of a tiny run. The step never fails a run (pipeline.reporting.hook swallows and logs
     any error), so a test that does not read the report asserts nothing about it: tests skip it
-    unless they ask for the `report_after_run` fixture (tests/test_report.py tests the report itself).
+    unless they ask for the `report_after_run` fixture (tests/reporting/test_report.py tests the report itself).
     Jobs started as subprocesses still write theirs."""
     import pipeline.reporting.hook as hook
 

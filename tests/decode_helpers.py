@@ -6,7 +6,7 @@ import time
 import os
 from dataclasses import dataclass
 
-from pipeline.run.decode_pool import DecodePool, DecodeTask, FilmJob
+from pipeline.worker.decode_pool import DecodePool, DecodeTask, FilmJob
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def start_pool_then_report(path, q):
 
 
 def own_a_shared_pool(path: str, q) -> None:
-    from pipeline.run.decode_pool import shared_pool
+    from pipeline.worker.decode_pool import shared_pool
 
     pool = shared_pool(2)
     pool.start()

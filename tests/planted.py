@@ -1,6 +1,6 @@
 """Known answers for the scorecard's verdicts: demo-style films with a marker planted in one grid
 cell of every positive film (a shortcut the location rule must find), and the same films with their
-labels permuted (nothing to find). Used by tests/test_verdicts.py (fast: a few seeds) and by
+labels permuted (nothing to find). Used by tests/analysis/test_verdicts.py (fast: a few seeds) and by
 ``python -m tests.planted`` (all seeds, the README's rates)."""
 
 from __future__ import annotations

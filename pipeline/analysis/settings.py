@@ -1,5 +1,5 @@
 """The settings of the dataset-level aggregates, importable without numpy, pandas or scikit-learn
-(the run configuration, ``pipeline.run.config``, embeds ``AggregateConfig`` as its ``aggregate``
+(the run configuration, ``pipeline.config.run_config``, embeds ``AggregateConfig`` as its ``aggregate``
 section and must validate in well under a second)."""
 
 from __future__ import annotations

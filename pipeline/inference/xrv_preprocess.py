@@ -3,7 +3,7 @@ README's recipe): ``normalize(img, 255, reshape=True)`` (the first channel of a 
 from [0, 255] to [-1024, 1024]), ``XRayCenterCrop`` (the centred square of the short side),
 ``XRayResizer(size)`` (``skimage.transform.resize`` to (1, size, size), ``mode='constant'``,
 ``preserve_range=True``, float32). The same calls, without importing torchxrayvision (or torch) in
-the decode processes; tests/test_xrv.py checks them against the package on real films.
+the decode processes; tests/inference/test_xrv.py checks them against the package on real films.
 
 A 16-bit film is first brought to 8 bits as ``--high-bit-depth`` says (``rescale``: divided by 257,
 before this function; ``clip``: values above 255 clipped, as PIL does for CheXNet's preprocessing),

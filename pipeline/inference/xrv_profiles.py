@@ -1,5 +1,5 @@
 """What torchxrayvision's models expect besides their weights, copied from torchxrayvision 1.5.x
-(``xrv.models.model_urls``; tests/test_xrv.py checks the copy against the installed package): each
+(``xrv.models.model_urls``; tests/inference/test_xrv.py checks the copy against the installed package): each
 model's 18 output names ('' where it was not trained on that finding), its operating-point
 calibration (``op_threshs``, NaN where it has none) and its input size.
 

@@ -1,11 +1,10 @@
-"""One scoring run: configuration, shards, the Dask tasks, resume, locks, the cluster.
+"""The driver: one scoring run from the command line's configuration to a published, checked result.
 
-Owns: the one configuration of a run and its resolution (``config``), the run's lifecycle
-(``lifecycle``: lock, prepare, execute, finalize, aggregate, publish, drift, report), the shard
-spec derived from the configuration (``runspec``), shards (``shards``), the per-shard task
-(``score_shard``) and its decode processes (``decode_pool``), preparing and finalizing a run
-(``scoring``), the content-hash cache (``cache``), the lock (``run_lock``), run checks
-(``run_check``), cluster profiles (``cluster``), progress events (``progress``) and early
-validation (``validate``). May import every other layer of ``pipeline``; nothing outside ``jobs``
+Owns: the run's lifecycle (``lifecycle``: lock, prepare, execute, finalize, aggregate, publish,
+drift, report), preparing and finalizing a run (``scoring``), the no-op check (``uptodate``), the
+lock (``run_lock``), run checks (``run_check``), cluster profiles (``cluster``), progress events
+(``progress``), interrupts (``interrupt``), early validation (``validate``) and the full-size
+rehearsal (``rehearsal``). Runs in the driver process only; what runs on workers is
+``pipeline.worker``. May import every other layer of ``pipeline``; nothing outside ``jobs``
 imports it.
 """

@@ -190,7 +190,7 @@ def local_worker_config() -> dict:
     cfg: dict = {"distributed.nanny.pre-spawn-environ": nanny_environ(),
                  # the worker starts importing torch and the scoring code as it starts (a thread): the
                  # import overlaps the driver's preparation instead of the first shards' decoding
-                 "distributed.worker.preload": [*dask.config.get("distributed.worker.preload", []), "pipeline.run.worker_preload"]}
+                 "distributed.worker.preload": [*dask.config.get("distributed.worker.preload", []), "pipeline.worker.preload"]}
     if PROFILE_ENV not in os.environ:
         cfg["distributed.worker.profile.enabled"] = False
     return cfg
@@ -213,7 +213,7 @@ def _check_shm(profile: Profile) -> None:
     """A ClusterStartError naming /dev/shm when it cannot hold semaphores: a local cluster's worker
     processes talk through them (distributed's nannies: "Nanny failed to start")."""
     from pipeline.core.errors import ClusterStartError
-    from pipeline.run.decode_pool import shm_problem
+    from pipeline.worker.decode_pool import shm_problem
 
     why = shm_problem()
     if why:
@@ -300,7 +300,7 @@ class ClusterStarter:
             self._error = e
             return
         if warm:
-            from pipeline.run.decode_pool import warm_up
+            from pipeline.worker.decode_pool import warm_up
 
             try:
                 self._result[1].run(warm_up, *warm)

@@ -47,7 +47,7 @@ def warm_args(cfg, profile) -> tuple:
     from pipeline.run.cluster import CLUSTER_TYPES
 
     model = (cfg.model_spec(), cfg.compute.device) if CLUSTER_TYPES[profile.type].early else None
-    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.run.score_shard", "pipeline.inference.cam"), model)
+    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
 
 
 class RunCluster:
@@ -85,7 +85,7 @@ class RunCluster:
             self.wait_seconds = time.perf_counter() - t
             self.up_seconds = self._starter.seconds or 0.0
             log.info(f"cluster {self.profile.name}: dashboard {self._client.dashboard_link}")
-            from pipeline.run.worker_logs import install_worker_logs
+            from pipeline.worker.logs import install_worker_logs
 
             # OUT/logs/worker-<name>.log
             self._worker_logs = install_worker_logs(self._client, self._store.logs, self._store.options)
@@ -341,7 +341,7 @@ def execute(prep, cluster: RunCluster, results: list, failures: list, since: flo
     from tqdm import tqdm
 
     from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
-    from pipeline.run.score_shard import score_shard
+    from pipeline.worker.score_shard import score_shard
 
     client = cluster.client
     if cluster.wait_seconds is not None:

@@ -7,10 +7,10 @@ from pipeline.core.redact import redact
 from pipeline.store.bookkeeping import previous_manifest
 from pipeline.inference.images import PreprocessConfig
 from pipeline.inference.model_spec import ModelSpec
-from pipeline.run.runspec import RunSpec
-from pipeline.run.cache import changed_sources
+from pipeline.worker.runspec import RunSpec
+from pipeline.worker.cache import changed_sources
 from pipeline.store.shard_check import check_shard, chunk_layout
-from pipeline.run.shards import plan_shards
+from pipeline.worker.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
 
 
@@ -61,7 +61,7 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
 
 def check_caches(roots, storage_options: dict | None = None) -> list[str]:
     """Every entry of every cache group under ``roots`` against its pixel digest."""
-    from pipeline.run.cache import verify_cache
+    from pipeline.worker.cache import verify_cache
     from pipeline.store.storage import join, url_to_fs
 
     problems = []

@@ -27,17 +27,17 @@ from pipeline.store.maps_store import create_maps
 from pipeline.inference.precision import run_version
 from pipeline.store.shard_check import check_shard, chunk_layout, retry_rows
 from pipeline.core.redact import redact, redact_columns, redact_obj
-from pipeline.run.config import Resolved, ScoreConfig, resolve, yaml_text
-from pipeline.run.shards import Shard, plan_shards
+from pipeline.config.run_config import Resolved, ScoreConfig, resolve, yaml_text
+from pipeline.worker.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
 
 if TYPE_CHECKING:
-    from pipeline.run.runspec import RunSpec  # imported lazily at run time (it imports torch)
+    from pipeline.worker.runspec import RunSpec  # imported lazily at run time (it imports torch)
 
 log = logging.getLogger("cxr_audit")
 
 # torch and the model code are imported inside the functions that need them, so that building and
-# validating a ScoreConfig (pipeline.run.config) stays fast: a config error in well under 2 s.
+# validating a ScoreConfig (pipeline.config.run_config) stays fast: a config error in well under 2 s.
 
 
 @dataclass
@@ -76,8 +76,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     import torch
 
     from pipeline.inference.model import load_model
-    from pipeline.run.cache import cache_group_url, changed_sources, create_cache
-    from pipeline.run.runspec import RunSpec
+    from pipeline.worker.cache import cache_group_url, changed_sources, create_cache
+    from pipeline.worker.runspec import RunSpec
 
     store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
     store.check_writable()

@@ -257,8 +257,8 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
 
 def _shards(cfg, store: OutputStore, mv: str, run: dict):
     from pipeline.inference.model_spec import model_spec_for
-    from pipeline.run.runspec import RunSpec
-    from pipeline.run.shards import plan_shards
+    from pipeline.worker.runspec import RunSpec
+    from pipeline.worker.shards import plan_shards
     from pipeline.store.layout import freeze_options
 
     manifest = store.read_parquet(store.manifest)

@@ -2,7 +2,7 @@
 
 Runs in well under a second: it imports neither torch nor the cluster classes, reads no image and
 creates no folder. The values themselves were checked when the ScoreConfig was built
-(pipeline.run.config); here, what the environment says about them (files, modules, the cluster) is
+(pipeline.config.run_config); here, what the environment says about them (files, modules, the cluster) is
 a ConfigError rather than a failure after a manifest build, a model load or a cluster start.
 """
 
@@ -14,7 +14,7 @@ import shutil
 
 from pipeline.core.errors import ConfigError, ResourceLimitError
 from pipeline.inference.architectures import check_arch
-from pipeline.run.config import BASELINE_MODES
+from pipeline.config.run_config import BASELINE_MODES
 
 def _local_path(url: str) -> str | None:
     """The filesystem path of a local URL, None for remote ones (they are checked when opened)."""

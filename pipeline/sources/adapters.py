@@ -178,7 +178,7 @@ def present_files(paths: list[str], storage_options: dict | None = None, max_dir
         except OSError:
             continue
     if remote:
-        from pipeline.inference.images import ReadLimits, ReadTimeout, source_info
+        from pipeline.io.reads import ReadLimits, ReadTimeout, source_info
 
         limits = limits or ReadLimits()
 

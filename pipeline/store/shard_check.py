@@ -103,7 +103,7 @@ def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=No
     """Is this shard's work done, with its outputs intact? Cheap by default (sizes only).
     ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards. With
     ``verify``, ``sources_check(record, shard, spec)`` may add problems about the films themselves
-    (``pipeline.run.cache.changed_sources``: a film replaced since it was scored)."""
+    (``pipeline.worker.cache.changed_sources``: a film replaced since it was scored)."""
     so = dict(spec.storage_options)
     rec, why = read_record(spec.record_url(shard.index), so)
     if why:

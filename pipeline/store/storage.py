@@ -8,26 +8,11 @@ import posixpath
 import re
 import uuid
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import OutputError
-
-
-def url_to_fs(url: str, storage_options: dict | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
-
-
-def join(url: str, *parts: str) -> str:
-    return posixpath.join(url.rstrip("/"), *parts)
-
-
-def to_url(fs, path: str) -> str:
-    """A path as the user can hand it back to fsspec: plain for local files, 'proto://' otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return posixpath.normpath(path) if protocol in ("file", "local") else fs.unstrip_protocol(path)
+from pipeline.io.fs import join, to_url, url_to_fs  # noqa: F401 - the store's callers use them from here too
 
 
 # The job's own temporary names: '<file>.tmp-cxr-<32 hex>' (and the writability probe). Only these

@@ -1,0 +1,546 @@
+"""The one configuration of a scoring run, and of the jobs that read its outputs.
+
+``ScoreConfig`` is nested and frozen: one section per concern (``data``, ``model``, ``images``,
+``compute``, ``cluster``, ``output``, ``aggregate``). Every default is written once: here, or in
+the layer that owns the setting (``SourceOptions``, ``ReadLimits``, ``PreprocessConfig``,
+``AggregateConfig``, the architecture registry, the precision modes), and the sections take it
+from there. Choices are ``Literal`` types checked on construction, so a wrong value from a flag, a
+YAML file or Python is the same ``ConfigError`` naming the flag and the choices.
+
+Layers, later wins: the defaults, the demo (no dataset, checkpoint or output given anywhere), a
+YAML file (``--config``, nested like ``to_dict()``; an unknown key is an error naming it), the
+command line. ``resolve`` turns the choices that depend on the data (baselines, the cache) into
+values once, before the shard spec is derived from the result. The device stays a policy: ``auto``
+is resolved on each worker, where the GPU is, by ``pipeline.inference.model.resolve_device``.
+
+The saved form (``flat()``, the ``config`` of run.json) keeps the keys run.json has always had;
+``ScoreConfig.from_flat`` reads it back.
+
+No torch, numpy or pandas here: a configuration error must come back in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin
+
+from pipeline.analysis.settings import AggregateConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.findings import CHEXNET_FINDINGS
+from pipeline.core.redact import MaskedDict
+from pipeline.inference.architectures import DEFAULT_ARCH, arch_profile, check_arch
+from pipeline.inference.model_spec import ModelSpec, model_spec_for
+from pipeline.inference.precision import DEFAULT_PRECISION, Precision
+from pipeline.inference.preprocess_config import HighBitDepth, PreprocessConfig
+from pipeline.io.reads import ReadLimits
+from pipeline.sources.source_base import SourceOptions, Uncertain
+from pipeline.store.layout import OutputStore
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+BASELINE_MODES = ("reference", "from-labels")  # or the URL of a JSON/CSV file
+CACHE_MODES = ("auto", "none")  # or a URL
+DEFAULT_CLUSTER_FILE = "cluster.yaml"  # used when present; else the built-in local profiles
+
+_SRC = SourceOptions()
+_READ = ReadLimits()
+_PRE = PreprocessConfig()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to score: the datasets and how their metadata is read."""
+
+    datasets: tuple[str, ...] = ()  # [NAME=]ADAPTER:LOCATION, adapters from pipeline.sources ADAPTERS
+    metadata: str | None = _SRC.metadata
+    views: tuple[str, ...] = _SRC.views  # 'frontal', 'all', or view codes
+    site_column: str | None = _SRC.site_column
+    uncertain: Uncertain = _SRC.uncertain
+    allow_roots: tuple[str, ...] = _SRC.allow_roots
+    limit: int | None = None  # score only the first N manifest rows
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(metadata=self.metadata, views=self.views, site_column=self.site_column,
+                             uncertain=self.uncertain, allow_roots=self.allow_roots)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, which weights, which outputs, and how exactly it computes."""
+
+    checkpoint: str | None = None  # a path/URL, or 'random:SEED'
+    arch: str = DEFAULT_ARCH  # a registered name or 'package.module:callable'
+    findings: tuple[str, ...] = CHEXNET_FINDINGS
+    baselines: str = BASELINE_MODES[0]  # 'reference', 'from-labels' or a file URL
+    precision: Precision = DEFAULT_PRECISION
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """How each film is read and preprocessed (bounds from ReadLimits, pixels from PreprocessConfig)."""
+
+    high_bit_depth: HighBitDepth = _PRE.high_bit_depth
+    max_image_bytes: int = _READ.max_bytes
+    max_image_pixels: int = _READ.max_pixels
+    max_aspect_ratio: float = _READ.max_aspect
+    read_timeout: float = _READ.timeout_s
+    read_retries: int = _READ.retries
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_aspect=self.max_aspect_ratio,
+                          timeout_s=self.read_timeout, retries=self.read_retries)
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(high_bit_depth=self.high_bit_depth)
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the work is cut and run on each worker."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; 'auto' is resolved on each worker
+    batch_size: int = 32
+    shard_size: int = 1024  # images per shard and Zarr chunk length (part of the run's identity)
+    decode_workers: int | None = None  # decode processes per worker (None: one per core; 0: in-process)
+    decode_threads: int | None = None  # deprecated alias of decode_workers
+    cache: str = CACHE_MODES[0]  # 'auto': OUT/cache; 'none'; or a URL
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the Dask workers come from (profiles in cluster.yaml)."""
+
+    profile: str | None = None  # None: the profiles file's default ('local')
+    file: str | None = None  # None: ./cluster.yaml if present, else the built-in local profiles
+    worker_timeout: float | None = None  # None: the profile's (120 s local, 1800 s SLURM)
+
+    @property
+    def path(self) -> str:
+        return self.file or DEFAULT_CLUSTER_FILE
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go, and when a run counts as done."""
+
+    out: str | None = None  # output root (fsspec URL)
+    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out (never saved: may hold secrets)
+    verify: bool = False  # on resume, rehash finished shards' outputs (default: sizes only)
+    max_failed_fraction: float = 0.05  # more failed images: status failed/partial, exit 3
+    report: bool = True  # the HTML report at the end of a complete run (False: none; build it later with jobs.report)
+
+    def __post_init__(self):
+        if isinstance(self.storage_options, Mapping):  # its repr names the keys only (ScoreConfig's type check says the rest)
+            object.__setattr__(self, "storage_options", MaskedDict(self.storage_options))
+
+    def store(self) -> OutputStore:
+        """The output folder with the options that open it: every output path comes from it."""
+        return OutputStore(self.out, self.storage_options)
+
+
+# The sections, in the order of to_dict() and of a YAML file.
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "images": ImagesConfig, "compute": ComputeConfig,
+                             "cluster": ClusterConfig, "output": OutputConfig, "aggregate": AggregateConfig}
+# The keys of the saved (flat) form that differ from the field name; all others are the field name.
+_FLAT_NAMES = {("cluster", "profile"): "cluster", ("cluster", "file"): "cluster_file"}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The whole configuration. Build it with ``ScoreConfig.of(out=..., shard_size=...)`` (flat
+    keys), ``from_dict`` (nested, as in a YAML file) or ``from_flat`` (run.json's ``config``)."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    images: ImagesConfig = ImagesConfig()
+    compute: ComputeConfig = ComputeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    output: OutputConfig = OutputConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise ConfigError(f"section {name!r} must be a {cls.__name__}, got {type(section).__name__}")
+            for f in fields(section):
+                _check_type(name, f.name, getattr(section, f.name), _hints(cls)[f.name])
+        _check_values(self)
+
+    # ---- the forms it is read from and saved as
+    @classmethod
+    def from_dict(cls, doc: Mapping, where: str = "the configuration") -> "ScoreConfig":
+        """From the nested form (a YAML file's contents). Unknown sections or keys are errors naming them."""
+        if not isinstance(doc, Mapping):
+            raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(doc).__name__}")
+        unknown = [k for k in doc if k not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+        parts = {}
+        for name, sec in SECTIONS.items():
+            values = doc.get(name) or {}
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{where}: section {name!r} must be a mapping of keys, got {type(values).__name__}")
+            known = {f.name for f in fields(sec)}
+            bad = [k for k in values if k not in known]
+            if bad:
+                raise ConfigError(f"{where}: unknown key {name}.{bad[0]}{_did_you_mean(bad[0], known)}; "
+                                  f"keys of {name!r}: {', '.join(sorted(known))}")
+            hints = _hints(sec)
+            parts[name] = sec(**{k: _coerce(name, k, v, hints[k]) for k, v in values.items()})
+        return cls(**parts)
+
+    def to_dict(self) -> dict:
+        """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
+        are left out (they may hold secrets; pass them with --storage-option, in the file, in Python,
+        or leave credentials to the environment)."""
+        doc = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        doc["output"].pop("storage_options")
+        return doc
+
+    @classmethod
+    def from_flat(cls, flat: Mapping, where: str = "the configuration") -> "ScoreConfig":
+        """From flat keys (run.json's ``config``; the dests of the job's flags)."""
+        doc: dict[str, dict] = {}
+        for key, value in flat.items():
+            if key not in FLAT_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
+            section, name = FLAT_KEYS[key]
+            if (section, name) == ("output", "storage_options") and not isinstance(value, Mapping):
+                continue  # run.json keeps only the keys of the storage options
+            doc.setdefault(section, {})[name] = value
+        return cls.from_dict(doc, where)
+
+    @classmethod
+    def of(cls, **flat) -> "ScoreConfig":
+        return cls.from_flat(flat)
+
+    def flat(self) -> dict:
+        """The saved form: one key per setting, the keys run.json's ``config`` has always had
+        (storage options as their sorted keys only: the values may be secrets)."""
+        out = {}
+        for key, (section, name) in FLAT_KEYS.items():
+            value = getattr(getattr(self, section), name)
+            out[key] = sorted(value) if name == "storage_options" else _plain(value)
+        return out
+
+    def with_overrides(self, flat: Mapping, where: str = "the command line") -> "ScoreConfig":
+        """A new configuration with these flat keys replaced (the flags given on the command line)."""
+        doc = self.to_dict()
+        doc["output"]["storage_options"] = dict(self.output.storage_options)
+        for key, value in flat.items():
+            if key not in FLAT_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
+            section, name = FLAT_KEYS[key]
+            doc[section][name] = value
+        return ScoreConfig.from_dict(doc, where)
+
+    # ---- what the run needs, derived (never stored twice)
+    def read_limits(self) -> ReadLimits:
+        return self.images.read_limits()
+
+    def source_options(self) -> SourceOptions:
+        return self.data.source_options()
+
+    def model_spec(self) -> ModelSpec:
+        """The model the run scores with, as its shard tasks name it: the driver checks it and the
+        local workers load it ahead of the first shard (``get_model``'s cache is keyed by it)."""
+        return model_spec_for(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
+                              storage_options=self.output.store().storage_options)
+
+    def findings(self) -> tuple[str, ...]:
+        """The findings the run scores: --findings, less those the model has no output for (a
+        torchxrayvision model scores only the findings it was trained on; model_spec_for)."""
+        return model_spec_for(self.model.arch, self.model.checkpoint or "random:0", tuple(self.model.findings)).findings
+
+    def preprocess(self) -> PreprocessConfig:
+        """The pixels the model sees: --high-bit-depth, and the model's preprocessing and input size."""
+        arch = arch_profile(self.model.arch)
+        return PreprocessConfig(size=arch.input_size, high_bit_depth=self.images.high_bit_depth, method=arch.preprocess)
+
+
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    _FLAT_NAMES.get((section, f.name), f.name): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
+}
+assert len(FLAT_KEYS) == sum(len(fields(c)) for c in SECTIONS.values()), "flat keys must be unique across sections"
+
+# The flag that sets each key (for messages); keys without a flag are named by their path.
+FLAGS = {
+    "datasets": "--dataset", "allow_roots": "--allow-root", "cluster": "--cluster", "cluster_file": "--cluster-file",
+    "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": "--storage-option",
+}
+_COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split on commas, as the flag's value is
+
+
+def flag_of(section: str, name: str) -> str:
+    key = _FLAT_NAMES.get((section, name), name)
+    flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+    return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
+
+
+def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
+    """The configuration as a --config YAML file, after ``head`` (comment lines). Storage options
+    are left out (their values may be credentials); a comment names their keys, to be given again."""
+    import yaml
+
+    if cfg.output.storage_options:
+        keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
+        head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
+                 "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
+    doc = cfg.to_dict()
+    masked = _redacted(doc)
+    if masked != doc:
+        head += ("# Credentials in URLs are masked (REDACTED) here: put them in storage options or the environment, "
+                 "not in URLs.\n")
+    return head + yaml.safe_dump(masked, sort_keys=False)
+
+
+def _redacted(value):
+    """A configuration value with URL credentials masked in every string, at any depth."""
+    from pipeline.core.redact import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v) for v in value)
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """The mapping a --config YAML file holds (a local path or fsspec URL)."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "rt") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        # where and what, without the quoted lines: a file may hold credentials (storage_options)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None:
+            context += f" from line {cmark.line + 1}:"
+        what = " ".join(filter(None, (context, getattr(e, "problem", None)))) or type(e).__name__
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {what}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(doc).__name__}")
+    return doc
+
+
+def load_config(path: str | None = None, overrides: Mapping | None = None, base: ScoreConfig | None = None) -> ScoreConfig:
+    """base (default: the defaults), then the YAML file at ``path``, then ``overrides`` (flat keys).
+    Storage options are merged key by key (--storage-option over the file's output.storage_options);
+    every other key is replaced whole."""
+    cfg = base or ScoreConfig()
+    if path:
+        doc = cfg.to_dict()
+        doc["output"]["storage_options"] = dict(cfg.output.storage_options)
+        for section, values in load_yaml(path).items():
+            if section in doc and isinstance(values, Mapping):
+                doc[section].update(values)
+            else:
+                doc[section] = values  # from_dict names what is wrong with it
+        cfg = ScoreConfig.from_dict(doc, f"--config {path}")
+    if overrides and isinstance(overrides.get("storage_options"), Mapping):
+        overrides = {**overrides, "storage_options": {**cfg.output.storage_options, **overrides["storage_options"]}}
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+# ------------------------------------------------------------------ resolution
+@dataclass(frozen=True)
+class Resolved:
+    """What the configuration's data-dependent choices came to: derived once, before the shard spec."""
+
+    config: ScoreConfig
+    baselines: tuple[float, ...]  # p_baseline per finding, in the model's finding order
+    cache_root: str | None  # the preprocessed-image cache root, None: off
+    device: str  # the device policy every worker resolves (auto | cpu | cuda[:N])
+
+    def saved(self) -> dict:
+        """run.json's ``resolved``: the values the run used."""
+        return {"baselines": dict(zip(self.config.findings(), self.baselines)), "cache": self.cache_root, "device": self.device}
+
+
+def resolve(cfg: ScoreConfig, manifest=None) -> Resolved:
+    """Baselines (reference, from the labels of ``manifest`` (a pyarrow Table), or from a file), the
+    cache root ('auto' -> OUT/cache) and the device policy, in one place."""
+    return Resolved(cfg, resolve_baselines(cfg, manifest), resolve_cache(cfg), cfg.compute.device)
+
+
+def resolve_cache(cfg: ScoreConfig) -> str | None:
+    mode = cfg.compute.cache
+    from pipeline.inference.images import PREPROCESSING
+
+    if mode == "none" or not PREPROCESSING[cfg.preprocess().method].cacheable:
+        return None  # the cache keeps 8-bit films; torchxrayvision's preprocessing yields float32 ones
+    return cfg.output.store().cache_root if mode == "auto" else mode
+
+
+def resolve_baselines(cfg: ScoreConfig, manifest=None) -> tuple[float, ...]:
+    from pipeline.core.findings import REFERENCE_BASELINES, parse_baselines_text, validate_baselines
+
+    findings, mode = cfg.findings(), cfg.model.baselines
+    if mode == "reference":
+        return validate_baselines(findings, REFERENCE_BASELINES)
+    if mode == "from-labels":
+        if manifest is None:
+            raise ConfigError("--baselines from-labels needs the manifest: resolve after it is built")
+        prev = {}
+        for f in findings:
+            vals = [float(v) for v in manifest.column(f).to_pylist() if v is not None]
+            mean = sum(vals) / len(vals) if vals else None
+            if mean is None or not 0 < mean < 1:
+                raise ConfigError(f"--baselines from-labels: {f} has {len(vals)} labels with prevalence "
+                                  f"{mean if mean is not None else 'n/a'}; give a baselines file instead")
+            prev[f] = mean
+        return validate_baselines(findings, prev)
+    import fsspec
+
+    try:
+        with fsspec.open(mode, "rt") as fh:
+            return validate_baselines(findings, parse_baselines_text(fh.read()))
+    except FileNotFoundError:
+        raise ConfigError(f"--baselines file {mode} does not exist; use 'reference', 'from-labels' or a file") from None
+
+
+# ------------------------------------------------------------------ checks
+def _check_values(cfg: ScoreConfig) -> None:
+    """What a type cannot say. Messages name the flag, as the job's users know it."""
+    c, d, m, o = cfg.compute, cfg.data, cfg.model, cfg.output
+    if c.shard_size < 1 or c.batch_size < 1:
+        raise ConfigError("--shard-size and --batch-size must be positive")
+    if not 0 <= o.max_failed_fraction <= 1:
+        raise ConfigError("--max-failed-fraction must be between 0 and 1")
+    if d.limit is not None and d.limit < 0:
+        raise ConfigError("--limit must be >= 0")
+    if c.decode_workers is not None and c.decode_workers < 0:
+        raise ConfigError("--decode-workers must be >= 0 (0 decodes in the scoring process itself)")
+    if c.decode_threads is not None and c.decode_threads < 1:
+        raise ConfigError("--decode-threads must be at least 1")
+    if not DEVICE.match(c.device):
+        raise ConfigError(f"--device {c.device!r}: use auto, cpu, cuda or cuda:N")
+    if not m.findings or len(set(m.findings)) != len(m.findings):
+        raise ConfigError("--findings must name each output once")
+    if m.checkpoint is not None and m.checkpoint.startswith("random:") and not m.checkpoint[len("random:"):].isdigit():
+        raise ConfigError(f"--checkpoint {m.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
+    check_arch(m.arch, find_module=False)  # whether its module is importable: pipeline.run.validate
+    cfg.findings()  # a model with its own outputs must have one for some --findings (torch-free)
+    if cfg.cluster.worker_timeout is not None and cfg.cluster.worker_timeout <= 0:
+        raise ConfigError("--worker-timeout must be positive")
+    a = cfg.aggregate
+    if a.min_n < 1 or a.n_boot < 1:
+        raise ConfigError(f"{flag_of('aggregate', 'min_n')} and {flag_of('aggregate', 'n_boot')} must be positive")
+    if a.anatomy_mask is not None and (not a.anatomy_mask or any(len(r) != len(a.anatomy_mask) or set(r) - {0, 1} for r in a.anatomy_mask)):
+        # the model's grid decides the size (aggregation checks it against the maps)
+        raise ConfigError("--anatomy-mask must be N rows of N zeros and ones, N the model's grid (7 for 224-px models)")
+    try:
+        cfg.images.read_limits()
+    except ValueError as e:
+        raise ConfigError(f"--max-image-bytes/--max-image-pixels/--max-aspect-ratio/--read-timeout/--read-retries: {e}") from None
+
+
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls: type) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _optional(hint) -> tuple[Any, bool]:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(get_args(hint)) == 2:
+            return args[0], True
+    return hint, False
+
+
+def _describe(hint) -> str:
+    hint, opt = _optional(hint)
+    if get_origin(hint) is Literal:
+        text = "one of " + ", ".join(map(str, get_args(hint)))
+    elif get_origin(hint) is tuple:
+        text = "a list"
+    elif hint in (dict, Mapping) or get_origin(hint) in (dict, Mapping):
+        text = "a mapping"
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return text + (" (or null)" if opt else "")
+
+
+def _type_ok(value, hint) -> bool:
+    hint, opt = _optional(hint)
+    if value is None:
+        return opt
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin is tuple:
+        inner = get_args(hint)[0]
+        return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
+    if hint in (dict, Mapping) or origin in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_type(section: str, name: str, value, hint) -> None:
+    if not _type_ok(value, hint):
+        got = type(value).__name__ if name == "storage_options" else repr(value)  # never quote what may be a credential
+        raise ConfigError(f"{flag_of(section, name)} must be {_describe(hint)}, got {got}")
+
+
+def _coerce(section: str, name: str, value, hint):
+    """A value from YAML or a flag, in the field's type: lists become tuples, a single string
+    becomes a one-item list, ints become floats, a 7x7 mask may be given as a JSON file."""
+    base, _ = _optional(hint)
+    if value is None:
+        return None
+    if (section, name) == ("aggregate", "anatomy_mask") and isinstance(value, str):
+        try:
+            with open(value) as f:
+                value = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--anatomy-mask {value}: cannot read a JSON NxN list of 0/1 (7x7 for 224-px models) ({e})") from None
+    if get_origin(base) is tuple:
+        inner = get_args(base)[0]
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip()) if (section, name) in _COMMA_LISTS else (value,)
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(section, name, v, inner) if get_origin(inner) is tuple else v for v in value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (base in (dict, Mapping) or get_origin(base) in (dict, Mapping)) and isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _did_you_mean(key: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

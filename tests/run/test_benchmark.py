@@ -1,0 +1,72 @@
+"""The benchmark's CPU accounting by process class (the guide to the CPU proxies on a shared machine)."""
+
+import sys
+
+import pytest
+
+from jobs.benchmark import CpuSampler
+
+
+def test_the_scoring_window_is_the_phase_run_json_records():
+    """run.json's started + seconds.score_start (the submit) for seconds.score_wall: exact whether the
+    run is decode bound (tiny network) or not (DenseNet-121, whose decoding ends long before its phase)."""
+    from datetime import datetime, timezone
+
+    s = CpuSampler()
+    s.t0_wall = 1_000.0
+    for t, dec, wrk, drv in [(0.0, 0, 0, 1), (1.0, 0, 1, 2), (2.0, 2, 2, 2), (3.0, 4, 2.5, 2.2), (4.0, 6, 3, 2.3), (5.0, 6, 3.5, 4)]:
+        s.samples.append((t, {"decode": dec, "worker": wrk, "driver": drv, "other": 0.0}))
+    run = {"started": datetime.fromtimestamp(1_000.5, timezone.utc).isoformat(), "seconds": {"score_start": 1.5, "score_wall": 3.0}}
+    w = s.scoring_window(run)  # the phase is [2, 5] in the samples' time
+    assert w["decode"] == 4.0 and w["worker"] == 1.5 and w["other"] == 0.0
+    assert abs(w["driver"] - 2.0) < 1e-9
+
+
+def test_the_sampler_counts_a_real_process_tree():
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\nprint('ok')"
+    done, s = CpuSampler.run([sys.executable, "-c", busy], cwd=None)
+    assert done.returncode == 0 and done.stdout.strip() == "ok"
+    assert s.samples and s.samples[-1][1]["driver"] >= 0.5
+    assert s.samples[-1][1]["decode"] == 0.0 and s.samples[-1][1]["worker"] == 0.0
+
+
+def test_the_rehearsal_lays_out_an_nih_root_of_hard_links_and_grows_it(tmp_path):
+    import os
+
+    from pipeline.run.rehearsal import grow, layout
+
+    from tests.conftest import NIH_SHARED, shared_or_skip
+
+    shared_or_skip()
+    plan = layout(tmp_path / "root", 30, NIH_SHARED, grow_to=36)
+    root = tmp_path / "root"
+    films = sorted(root.glob("images_*/images/*.png"))
+    assert len(films) == 30 and {p.parent.parent.name for p in films} == {f"images_{i:03d}" for i in range(1, 11)}
+    lines = (root / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    assert lines[0].startswith("Image Index,") and len(lines) == 31
+    assert {p.name for p in films} == {x.split(",", 1)[0] for x in lines[1:]}
+    first = sorted((NIH_SHARED / "images").glob("*.png"))[0]
+    linked = root / "images_001" / "images" / lines[1].split(",", 1)[0]
+    assert os.path.samefile(linked, first)  # a hard link to the real film, not a copy
+    assert grow(plan, 36) == 6
+    assert len((root / "Data_Entry_2017_v2020.csv").read_text().splitlines()) == 37 and len(list(root.glob("images_*/images/*.png"))) == 36
+
+
+@pytest.mark.slow
+def test_the_full_size_rehearsal_at_a_few_thousand_rows(tmp_path):
+    """python -m jobs.benchmark --full-size, scaled down: every step exits 0 and the no-op is one."""
+    from pathlib import Path
+
+    from pipeline.run.rehearsal import rehearse, table
+
+    from tests.conftest import NIH_SHARED, shared_or_skip
+
+    shared_or_skip()
+    steps, sizes = rehearse(2_000, NIH_SHARED, tmp_path, Path(__file__).resolve().parents[2], identifiability=False, log=lambda m: None)
+    by = {s.name: s for s in steps}
+    assert all(s.rc == 0 for s in steps)
+    assert by["no-op rerun"].stdout.startswith("nothing changed") and by["no-op after the update"].stdout.startswith("nothing changed")
+    assert "1 to score" in by["+1% films"].stderr and "nothing changed" not in by["+1% films"].stdout
+    assert by["DuckDB query"].stdout.startswith("2020 ")
+    assert sizes["predictions"] > 0 and sizes["maps.zarr/cam"] > 0
+    print(table(steps, sizes))

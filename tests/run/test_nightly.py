@@ -1,0 +1,195 @@
+"""Nightly rescoring: a grown dataset scores only its new images; an up-to-date one scores nothing."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from jobs.score_dataset import main
+
+from tests.conftest import TINY_ARCH, png_bytes
+
+
+def _args(data, out, ckpt):
+    return ["--dataset", f"nih:{data}", "--checkpoint", ckpt, "--arch", TINY_ARCH, "--out", str(out), "--shard-size", "16", "--cluster", "inprocess"]
+
+
+def test_grown_dataset_scores_only_new_images_and_updates_aggregates(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    assert main(_args(data, out, tiny_ckpt)) == 0
+    run_dir = next((out / "runs").iterdir())
+    before = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row").to_pandas()
+    cam_before = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")["cam"][:]
+    parts_before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
+    n_before = pq.read_table(run_dir / "region_stats.parquet").to_pandas().query("stratum == 'all'").n.iloc[0]
+
+    # 10 new films arrive, one of which sorts before every existing id
+    rng = np.random.default_rng(0)
+    folder = data / "images_002" / "images"
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        for i in range(10):
+            name = f"{(0 if i == 0 else 900 + i):08d}_000.png"
+            (folder / name).write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+            f.write(f"{name},Effusion,0,{900 + i},50,F,AP,128,128,0.143,0.143\n")
+    capsys.readouterr()
+    assert main(_args(data, out, tiny_ckpt)) == 0
+    text = capsys.readouterr().err  # diagnostics: logging, stderr
+    assert "4 shards, 2 to score" in text  # the partly filled last shard (rows 32-39) and the new one
+    after = pq.read_table(sorted(run_dir.glob("predictions/*.parquet"))).sort_by("row").to_pandas()
+    assert len(after) == 50 and after.row.is_unique
+    old = after[after.row < 40].reset_index(drop=True)
+    assert old.equals(before)  # existing rows keep their numbers and values
+    g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
+    assert g["cam"].shape[0] == 50
+    np.testing.assert_array_equal(g["cam"][:40], cam_before)
+    untouched = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
+    assert untouched["part-000000.parquet"] == parts_before["part-000000.parquet"]
+    assert untouched["part-000001.parquet"] == parts_before["part-000001.parquet"]
+    assert pq.read_table(run_dir / "region_stats.parquet").to_pandas().query("stratum == 'all'").n.iloc[0] == n_before + 10
+    assert json.loads((out / "latest.json").read_text())["model_version"] == run_dir.name
+
+
+def test_up_to_date_run_starts_no_cluster_and_keeps_aggregates(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
+    stats = next((out / "runs").iterdir()) / "region_stats.parquet"
+    mtime = stats.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
+    text = capsys.readouterr().err  # diagnostics: logging, stderr
+    assert "0 to score" in text
+    assert "dashboard" not in text  # no cluster is started when there is nothing to do
+    assert stats.stat().st_mtime_ns == mtime  # aggregates kept, not recomputed
+
+
+def _forbid_cluster_and_model(monkeypatch):
+    """A no-op must never get this far: both raise if reached."""
+    import pipeline.inference.model
+    import pipeline.run.lifecycle
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a no-op started a cluster")
+
+    def no_model(*a, **k):
+        raise AssertionError("a no-op loaded the model")
+
+    monkeypatch.setattr(pipeline.run.lifecycle, "RunCluster", no_cluster)
+    monkeypatch.setattr(pipeline.inference.model, "load_model", no_model)
+
+
+def _mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("run.json", "_lock.json")}
+
+
+def test_a_noop_starts_no_cluster_loads_no_model_and_keeps_the_runs_timings(tmp_path, tiny_nih, tiny_ckpt, capsys, monkeypatch):
+    import os
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    args = _args(data, out, tiny_ckpt) + ["--no-report"]
+    assert main(args) == 0
+    run_json = next((out / "runs").iterdir()) / "run.json"
+    first = json.loads(run_json.read_text())
+    files = _mtimes(out)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _forbid_cluster_and_model(m)
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("\n") == 1 and printed.startswith("nothing changed: run ") and "40 of 40 images" in printed
+        again = json.loads(run_json.read_text())
+        for key in ("started", "finished", "seconds", "counts", "history", "steps"):
+            assert again[key] == first[key], key  # the scoring run's own record, not the no-op's
+        assert [r["outcome"] for r in again["reruns"]] == ["nothing changed"] and "manifest_reread" not in again["reruns"][0]["seconds"]
+        assert _mtimes(out) == files  # nothing else written
+
+        # the metadata touched but identical: re-read once, still a no-op, and the new stamp is kept
+        meta = data / "Data_Entry_2017_v2020.csv"
+        os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))
+        assert main(args) == 0 and capsys.readouterr().out.startswith("nothing changed")
+        assert main(args) == 0 and capsys.readouterr().out.startswith("nothing changed")
+        reruns = json.loads(run_json.read_text())["reruns"]
+        assert ["manifest_reread" in r["seconds"] for r in reruns] == [False, True, False]
+
+    # from the shell, the no-op imports no torch at all (what a cron line pays)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    child = "import sys, json; from jobs.score_dataset import main; rc = main(json.loads(sys.argv[1])); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", child, json.dumps(args)], capture_output=True, text=True, cwd=root, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.splitlines()[-1] == "0 False", proc.stdout + proc.stderr
+    assert len(json.loads(run_json.read_text())["reruns"]) == 4
+    # a new film: not a no-op; only its shard is scored and the reruns survive the run
+    rng = np.random.default_rng(1)
+    (data / "images_002" / "images" / "00000950_000.png").write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+    with open(meta, "a") as f:
+        f.write("00000950_000.png,Effusion,0,950,50,F,AP,128,128,0.143,0.143\n")
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "nothing changed" not in captured.out and "3 shards, 1 to score" in captured.err
+    after = json.loads(run_json.read_text())
+    assert after["counts"]["scored"] == 41 and len(after["reruns"]) == 4
+
+
+def test_the_report_is_kept_on_a_noop_and_redrawn_after_a_change(tmp_path, tiny_nih, tiny_ckpt, capsys, monkeypatch, report_after_run):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    args = _args(data, out, tiny_ckpt)
+    assert main(args) == 0
+    report = next((out / "runs").iterdir()) / "report.html"
+    drawn = report.stat().st_mtime_ns
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _forbid_cluster_and_model(m)
+        assert main(args) == 0
+    assert "and report up to date" in capsys.readouterr().out
+    assert report.stat().st_mtime_ns == drawn  # not redrawn
+    (data / "images_002" / "images" / "00000960_000.png").write_bytes(png_bytes(np.full((128, 128), 90, np.uint8)))
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        f.write("00000960_000.png,No Finding,0,960,40,M,PA,128,128,0.143,0.143\n")
+    assert main(args) == 0
+    assert "nothing changed" not in capsys.readouterr().out
+    assert report.stat().st_mtime_ns > drawn  # redrawn from the new aggregates
+
+
+def test_a_deleted_film_or_rewritten_weights_are_never_a_noop(tmp_path, tiny_nih, tiny_ckpt, capsys):
+    """What the no-op compares must see these: a film gone (its folder's mtime), new weights at the
+    same checkpoint path (its hash), another output setting."""
+    import torch
+
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_ckpt, ckpt)
+    out = tmp_path / "out"
+    args = _args(data, out, str(ckpt)) + ["--no-report"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0 and capsys.readouterr().out.startswith("nothing changed")
+
+    next((data / "images_001" / "images").glob("*.png")).unlink()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "nothing changed" not in captured.out and "rerun: the dataset changed" in captured.err
+    assert json.loads(next((out / "runs").iterdir()).joinpath("run.json").read_text())["counts"]["images"] == 39
+
+    torch.manual_seed(99)
+    save_safetensors(TinyCAMNet(14).state_dict(), str(ckpt))  # same path, other weights
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "rerun: the checkpoint is not the latest run's" in captured.err and len(list((out / "runs").iterdir())) == 2
+
+    assert main(args + ["--limit", "20"]) == 0
+    assert "rerun: the settings differ from the latest run's" in capsys.readouterr().err

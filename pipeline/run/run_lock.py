@@ -7,12 +7,18 @@
   lock says (a reused pid is not the holder).
 * Taking over a dead holder's lock is atomic: the taker first creates a breaker file named after
   that holder, exclusively; only one taker can, and it re-reads the lock before removing it.
+* Where one holder is guaranteed: local disks (a hard link), ``memory://`` (one process), and S3
+  servers that honour ``If-None-Match: *`` (AWS S3, SeaweedFS, MinIO): each run checks that its
+  server refuses a second conditional create and warns if it does not. Any other backend gets a
+  warning too: fsspec leaves it to each backend whether ``"xb"`` is atomic, so two runs started
+  at the same moment there could both hold the lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -24,6 +30,7 @@ from pipeline.core.errors import OutputError
 from pipeline.store.layout import LOCK as LOCK_NAME  # noqa: F401 - the name tests and callers know
 from pipeline.store.layout import OutputStore
 UNREADABLE_GRACE_S = 60  # an unreadable lock older than this is debris from a kill, not a starter
+log = logging.getLogger("cxr_audit")
 
 
 class LockError(OutputError):
@@ -97,6 +104,36 @@ def _age_s(fs, path: str) -> float:
     return time.time() - float(m) if m else float("inf")
 
 
+def _s3_honours_conditional_create(store: OutputStore) -> bool:
+    """Create a probe twice, exclusively: a server that honours If-None-Match refuses the second."""
+    probe = store.join(f".write-probe-{uuid.uuid4().hex}")  # a name clean-up knows (storage.is_own_temp)
+    try:
+        return store.create_exclusive(probe, b"1") and not store.create_exclusive(probe, b"2")
+    finally:
+        store.remove(probe)
+
+
+# Per fsspec implementation (its subclasses too): None where one holder is guaranteed, else a
+# check of this store that says whether it is (an S3-compatible server may ignore If-None-Match).
+EXCLUSIVE_CREATE = {"fsspec.implementations.local.LocalFileSystem": None,
+                    "fsspec.implementations.memory.MemoryFileSystem": None,  # one process's namespace
+                    "s3fs.core.S3FileSystem": _s3_honours_conditional_create}
+
+
+def one_holder_caveat(store: OutputStore) -> str | None:
+    """Why this store cannot guarantee one lock holder, or None where it can."""
+    fs, _ = store.fs()
+    names = [f"{c.__module__}.{c.__qualname__}" for c in type(fs).__mro__]
+    known = next((n for n in names if n in EXCLUSIVE_CREATE), None)
+    if known is not None and (EXCLUSIVE_CREATE[known] is None or EXCLUSIVE_CREATE[known](store)):
+        return None
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    how = ("this S3 server overwrote an object despite If-None-Match: *" if known
+           else f"{protocol}:// has no conditional create known to be atomic")
+    return (f"the lock on {store.url} cannot guarantee one holder ({how}): two runs started on it at the "
+            "same moment could both write. Start one run at a time on this --out.")
+
+
 def _unlock_command(store: OutputStore) -> str:
     return f"python -m jobs.runs --out {store.url} --unlock"
 
@@ -108,12 +145,17 @@ def acquire(out, storage_options: dict | None = None) -> tuple[dict, str | None]
     me = my_identity()
     data = json.dumps(me).encode()
     note = None
+    caveat = one_holder_caveat(store)
+    if caveat:
+        log.warning(caveat)
     for _ in range(3):
         if store.create_exclusive(store.lock, data):
             return me, note
         raw, holder = _read(fs, path)
         if raw is None:
             continue  # released meanwhile: try again
+        if holder is not None and holder.get("token") == me["token"]:
+            return me, note  # our conditional PUT landed, but its reply was lost and the retry refused
         if holder is None:
             if _age_s(fs, path) < UNREADABLE_GRACE_S:
                 raise LockError(f"{store.lock} is unreadable and new: another run may be starting. "

@@ -269,12 +269,22 @@ class OutputStore:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+        if not data:
+            raise ValueError("create_exclusive needs content: s3fs writes an empty file unconditionally")
         try:
             with fs.open(path, "xb") as f:
                 f.write(data)
             return True
         except FileExistsError:
             return False
+        except OSError:
+            # S3 servers that refuse If-None-Match without naming the condition (SeaweedFS) reach s3fs
+            # as OSError(EINVAL), and so does a retried PUT whose first try landed: if the object now
+            # exists, report it as taken (a caller that wrote a unique token can recognise its own).
+            fs.invalidate_cache(path)
+            if fs.exists(path):
+                return False
+            raise
 
     def check_writable(self) -> None:
         storage.check_writable(self.url, self.options)

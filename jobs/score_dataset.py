@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run.interrupt import Terminated, interrupts_handled
 
     try:
-        from pipeline.run.cluster import load_profile
+        from pipeline.run.cluster import profile_for
         from pipeline.run.validate import check_address_space, check_cluster, validate
 
         check_address_space()  # before the demo or the run imports torch (a raw traceback under a low ulimit -v)
@@ -199,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml_text(user), end="")
             return 0
-        # the cluster profile first: even the demo reports a wrong --cluster before building its data
-        check_cluster(load_profile(user.cluster.profile, user.cluster.path, required=user.cluster.file is not None))
+        # the cluster profile first, read once for the run: even the demo reports a wrong --cluster
+        # before building its data (the demo's configuration keeps the flags' cluster section)
+        profile = profile_for(user.cluster)
+        check_cluster(profile)
         cfg = config_from_args(args, user)
-        validate(cfg)
+        validate(cfg, profile)
         from pipeline.run.lifecycle import run
 
         with interrupts_handled():
-            result = run(cfg, validated=True)
+            result = run(cfg, validated=True, profile=profile)
     except (CxrAuditError, PermissionError) as e:
         return fail(e)  # redacted: URLs in flags may carry credentials (exit 2)
     except (MemoryError, ImportError, OSError, RuntimeError) as e:

@@ -324,3 +324,29 @@ def test_a_taken_dashboard_port_gives_no_warning():
         assert not [w for w in seen if "already in use" in str(w.message)]
     finally:
         holder.close()
+
+
+def test_one_run_reads_the_profiles_file_once(tmp_path, tiny_nih, tiny_ckpt, monkeypatch, capsys):
+    """The driver resolves the cluster profile once and hands it to the checks, the run and the cluster
+    start (pipeline.run.cluster.profile_for): every open of --cluster-file in one whole run is counted."""
+    import builtins
+
+    from jobs.score_dataset import main
+
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  mine:\n    type: local\n    n_workers: 1\n    threads_per_worker: 2\n"
+                        "    processes: false\n    dashboard_address: null\n")
+    reads, real_open = [], builtins.open
+
+    def counting_open(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(profiles):
+            reads.append(file)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    out = tmp_path / "out"
+    rc = main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", TINY_ARCH, "--out", str(out), "--limit", "8",
+               "--shard-size", "8", "--decode-workers", "0", "--cluster", "mine", "--cluster-file", str(profiles), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "scored 8" in capsys.readouterr().out  # a whole run: its shards went through the profile's cluster
+    assert len(reads) == 1

@@ -85,9 +85,9 @@ def add_storage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def overrides(args: argparse.Namespace) -> dict:
     """The configuration keys the command line set (flags defaulting to argparse.SUPPRESS)."""
-    from pipeline.config.run_config import FLAT_KEYS
+    from pipeline.config.run_config import INPUT_KEYS
 
-    return {k: v for k, v in vars(args).items() if k in FLAT_KEYS}
+    return {k: v for k, v in vars(args).items() if k in INPUT_KEYS}
 
 
 def job_config(args: argparse.Namespace, base=None):

@@ -16,6 +16,10 @@ is resolved on each worker, where the GPU is, by ``pipeline.inference.model.reso
 The saved form (``flat()``, the ``config`` of run.json) keeps the keys run.json has always had;
 ``ScoreConfig.from_flat`` reads it back.
 
+A deprecated key (``ALIASES``: ``--decode-threads``, ``compute.decode_threads``) is accepted in every
+layer and resolved here, once: it sets the key that replaced it, with a note printed once. It is no
+field of any section, so nothing past the configuration (the shard spec, the workers) ever sees it.
+
 No torch, numpy or pandas here: a configuration error must come back in well under a second.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import types
 import typing
@@ -106,8 +111,7 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; 'auto' is resolved on each worker
     batch_size: int = 32
     shard_size: int = 1024  # images per shard and Zarr chunk length (part of the run's identity)
-    decode_workers: int | None = None  # decode processes per worker (None: one per core; 0: in-process)
-    decode_threads: int | None = None  # deprecated alias of decode_workers
+    decode_workers: int | None = None  # decode processes per worker (None: one per core; 0: in-process); alias decode_threads
     cache: str = CACHE_MODES[0]  # 'auto': OUT/cache; 'none'; or a URL
 
 
@@ -148,6 +152,10 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "images":
                              "cluster": ClusterConfig, "output": OutputConfig, "aggregate": AggregateConfig}
 # The keys of the saved (flat) form that differ from the field name; all others are the field name.
 _FLAT_NAMES = {("cluster", "profile"): "cluster", ("cluster", "file"): "cluster_file"}
+# Deprecated keys, (section, old name) -> the field it sets (where the same layer does not set that
+# field itself), and the smallest value the old key took. Their flat key is the old name.
+ALIASES: dict[tuple[str, str], tuple[str, int]] = {("compute", "decode_threads"): ("decode_workers", 1)}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ class ScoreConfig:
         """From the nested form (a YAML file's contents). Unknown sections or keys are errors naming them."""
         if not isinstance(doc, Mapping):
             raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(doc).__name__}")
+        doc = resolve_aliases(doc)
         unknown = [k for k in doc if k not in SECTIONS]
         if unknown:
             raise ConfigError(f"{where}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
@@ -206,15 +215,8 @@ class ScoreConfig:
     @classmethod
     def from_flat(cls, flat: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From flat keys (run.json's ``config``; the dests of the job's flags)."""
-        doc: dict[str, dict] = {}
-        for key, value in flat.items():
-            if key not in FLAT_KEYS:
-                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
-            section, name = FLAT_KEYS[key]
-            if (section, name) == ("output", "storage_options") and not isinstance(value, Mapping):
-                continue  # run.json keeps only the keys of the storage options
-            doc.setdefault(section, {})[name] = value
-        return cls.from_dict(doc, where)
+        flat = {k: v for k, v in flat.items() if not (k == "storage_options" and not isinstance(v, Mapping))}
+        return cls.from_dict(_nested(flat, where), where)  # (run.json keeps only the keys of the storage options)
 
     @classmethod
     def of(cls, **flat) -> "ScoreConfig":
@@ -233,11 +235,8 @@ class ScoreConfig:
         """A new configuration with these flat keys replaced (the flags given on the command line)."""
         doc = self.to_dict()
         doc["output"]["storage_options"] = dict(self.output.storage_options)
-        for key, value in flat.items():
-            if key not in FLAT_KEYS:
-                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
-            section, name = FLAT_KEYS[key]
-            doc[section][name] = value
+        for section, values in _nested(flat, where).items():
+            doc[section].update(values)
         return ScoreConfig.from_dict(doc, where)
 
     # ---- what the run needs, derived (never stored twice)
@@ -268,6 +267,45 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     _FLAT_NAMES.get((section, f.name), f.name): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
 }
 assert len(FLAT_KEYS) == sum(len(fields(c)) for c in SECTIONS.values()), "flat keys must be unique across sections"
+# What a layer may set: the saved keys and the deprecated ones (the job's flags set these dests).
+INPUT_KEYS: dict[str, tuple[str, str]] = {**FLAT_KEYS, **{old: (section, old) for section, old in ALIASES}}
+
+
+def _nested(flat: Mapping, where: str) -> dict[str, dict]:
+    """Flat keys as one layer of the nested form, deprecated keys resolved."""
+    doc: dict[str, dict] = {}
+    for key, value in flat.items():
+        if key not in INPUT_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
+        section, name = INPUT_KEYS[key]
+        doc.setdefault(section, {})[name] = value
+    return resolve_aliases(doc)
+
+
+_NOTED: set[tuple[str, str]] = set()  # the deprecated keys noted in this process
+
+
+def resolve_aliases(layer: Mapping) -> dict:
+    """One layer (nested, as in a YAML file) with each deprecated key replaced by the field it sets,
+    unless the layer sets that field itself; the first use in a process logs a note."""
+    doc = dict(layer)
+    for (section, old), (new, least) in ALIASES.items():
+        values = doc.get(section)
+        if not isinstance(values, Mapping) or old not in values:
+            continue  # (from_dict says what is wrong with a section that is no mapping)
+        values = dict(values)
+        value = values.pop(old)
+        _check_type(section, old, value, _hints(SECTIONS[section])[new])
+        if value is not None:
+            if value < least:
+                raise ConfigError(f"{FLAGS[old]} must be at least {least}")
+            if values.get(new) is None:
+                values[new] = value
+            if (section, old) not in _NOTED:
+                _NOTED.add((section, old))
+                log.warning(f"{flag_of(section, old)} is deprecated: it sets {flag_of(section, new)}; use that instead")
+        doc[section] = values
+    return doc
 
 # The flag that sets each key (for messages); keys without a flag are named by their path.
 FLAGS = {
@@ -347,7 +385,7 @@ def load_config(path: str | None = None, overrides: Mapping | None = None, base:
     if path:
         doc = cfg.to_dict()
         doc["output"]["storage_options"] = dict(cfg.output.storage_options)
-        for section, values in load_yaml(path).items():
+        for section, values in resolve_aliases(load_yaml(path)).items():
             if section in doc and isinstance(values, Mapping):
                 doc[section].update(values)
             else:
@@ -427,8 +465,6 @@ def _check_values(cfg: ScoreConfig) -> None:
         raise ConfigError("--limit must be >= 0")
     if c.decode_workers is not None and c.decode_workers < 0:
         raise ConfigError("--decode-workers must be >= 0 (0 decodes in the scoring process itself)")
-    if c.decode_threads is not None and c.decode_threads < 1:
-        raise ConfigError("--decode-threads must be at least 1")
     if not DEVICE.match(c.device):
         raise ConfigError(f"--device {c.device!r}: use auto, cpu, cuda or cuda:N")
     if not m.findings or len(set(m.findings)) != len(m.findings):

@@ -47,7 +47,7 @@ def warm_args(cfg, profile) -> tuple:
     from pipeline.run.cluster import CLUSTER_TYPES
 
     model = (cfg.model_spec(), cfg.compute.device) if CLUSTER_TYPES[profile.type].early else None
-    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
+    return (cfg.compute.decode_workers, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
 
 
 class RunCluster:

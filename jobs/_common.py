@@ -2,7 +2,8 @@
 
 Program output (tables, summaries, paths) goes to stdout with print; diagnostics (what the job is
 doing, notes, warnings) go through `logging` to stderr, so `--quiet` silences them and a pipe or
-a cron log keeps only what was asked for.
+a cron log keeps only what was asked for. Every module logs under its own name (``pipeline.*``,
+``jobs.*``): one tree, configured here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import sys
 
 import pipeline
 
-log = logging.getLogger("cxr_audit")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # CSI sequences (torch's messages carry bold codes)
 
 
@@ -145,25 +145,45 @@ class _Stderr(logging.Handler):
             self.handleError(record)
 
 
+# The loggers whose INFO lines are the job's progress (the driver's steps: cluster, manifest, model,
+# aggregates, report). Every other module's INFO is detail (per-shard lines of in-process workers,
+# ...), printed with --verbose only; worker processes write theirs to OUT/logs/ (pipeline.worker.logs).
+PROGRESS = ("jobs", "pipeline.run", "pipeline.analysis.aggregate")
+TREES = ("pipeline", "jobs")  # the packages' loggers: every module logs as logging.getLogger(__name__)
+
+
+def _is_progress(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PROGRESS)
+
+
+class _Shown(logging.Filter):
+    """At the default level, INFO from the progress loggers only; warnings and errors from all."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        least = self.level if self.level != logging.INFO or _is_progress(record.name) else logging.WARNING
+        return record.levelno >= least
+
+
 def setup_logging(args) -> None:
+    """One stderr handler on the package loggers: progress lines (INFO of PROGRESS) and everyone's
+    warnings; --quiet: warnings and errors only; --verbose: everything, with level and logger name."""
     level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    for h in [h for h in log.handlers if isinstance(h, _Stderr)]:
-        log.removeHandler(h)
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    # The library's own records (`pipeline.*`) reach the same stderr: warnings always, their INFO
-    # detail (per-shard lines of in-process workers, ...) only with --verbose; worker processes
-    # write theirs to OUT/logs/ (pipeline.worker.logs).
-    lib = logging.getLogger("pipeline")
-    for h in [h for h in lib.handlers if isinstance(h, _Stderr)]:
-        lib.removeHandler(h)
-    lib_handler = _Stderr(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
-    lib_handler.setFormatter(handler.formatter)
-    lib.addHandler(lib_handler)
-    lib.setLevel(logging.DEBUG if level == logging.DEBUG else logging.INFO)
+    handler.addFilter(_Shown(level))
+    for name in TREES:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        # INFO at least: a worker thread of an in-process cluster writes its INFO to OUT/logs/
+        logger.setLevel(logging.DEBUG if level == logging.DEBUG else logging.INFO)
+    for name in PROGRESS:  # --quiet: the driver asks isEnabledFor(INFO) before drawing a progress bar
+        logging.getLogger(name).setLevel(level)
 
 
 _FAST_EXIT: list[bool] = []

@@ -7,14 +7,16 @@ model under ./cxr-audit-demo/, scores it on a LocalCluster and prints a summary.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from jobs._common import add_common, add_config, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
+from jobs._common import add_common, add_config, add_storage_options, fail, job_config, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError, out_of_memory
 from pipeline.core.redact import redact
 
 DEMO_DIR = "cxr-audit-demo"
+log = logging.getLogger("jobs.score_dataset")  # its module name: __name__ is "__main__" under python -m
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 
 def quiet_dask_logs() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
@@ -80,6 +81,54 @@ def add_storage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="repeatable: an fsspec option for --out, e.g. endpoint_url=https://minio.example.org or anon=true "
                         "(VALUE is read as JSON when it parses, else as a string); merged over output.storage_options of "
                         "--config. Never saved or printed; credentials are better left to the environment (see the README)")
+    return p
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def comma_list_or_file(text: str) -> tuple[str, ...]:
+    """Names separated by commas, or a file of them (one per line or comma-separated)."""
+    if os.path.exists(text):
+        with open(text) as f:
+            text = f.read().replace("\n", ",")
+    return comma_list(text)
+
+
+# Flags whose value is parsed here rather than by the type of their field.
+_OWN_FLAGS = {"storage_options": add_storage_options}
+
+
+def add_flags(p: argparse.ArgumentParser, flags) -> argparse.ArgumentParser:
+    """One argument per ``Flag`` (pipeline.config.run_config): its name, dest, type and choices from
+    the field it sets; a bool is store_true, or --no-KEY where its default is true. Every flag
+    defaults to SUPPRESS (the defaults stay in the configuration)."""
+    from typing import Literal, get_args, get_origin
+
+    from pipeline.config.run_config import flag_name, input_type
+
+    for flag in flags:
+        if flag.key in _OWN_FLAGS:
+            _OWN_FLAGS[flag.key](p)
+            continue
+        hint, default = input_type(flag.key)
+        name = flag_name(flag.key)
+        kw: dict = {"dest": flag.key, "help": flag.help, "default": argparse.SUPPRESS}
+        if flag.metavar:
+            kw["metavar"] = flag.metavar
+        if hint is bool:
+            kw["action"] = "store_false" if default else "store_true"
+            name = f"--no-{name[2:]}" if default else name
+        elif get_origin(hint) is Literal:
+            kw["choices"] = get_args(hint)
+        elif hint in (int, float):
+            kw["type"] = hint
+        elif get_origin(hint) is tuple and flag.repeat:
+            kw["action"] = "append"
+        elif get_origin(hint) is tuple:
+            kw["type"] = comma_list_or_file if flag.from_file else comma_list
+        p.add_argument(name, **kw)
     return p
 
 

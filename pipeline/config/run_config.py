@@ -184,15 +184,20 @@ class ScoreConfig:
     @classmethod
     def from_dict(cls, doc: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From the nested form (a YAML file's contents). Unknown sections or keys are errors naming them."""
-        if not isinstance(doc, Mapping):
-            raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(doc).__name__}")
-        doc = resolve_aliases(doc)
-        unknown = [k for k in doc if k not in SECTIONS]
+        return cls().updated(doc, where)
+
+    def updated(self, layer: Mapping, where: str = "the configuration") -> "ScoreConfig":
+        """This configuration with one layer over it (nested, as in a YAML file): each key the layer
+        gives replaces its value whole, the others stay. Unknown sections or keys are errors naming them."""
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}")
+        layer = resolve_aliases(layer)
+        unknown = [k for k in layer if k not in SECTIONS]
         if unknown:
             raise ConfigError(f"{where}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
         parts = {}
         for name, sec in SECTIONS.items():
-            values = doc.get(name) or {}
+            values = layer.get(name) or {}
             if not isinstance(values, Mapping):
                 raise ConfigError(f"{where}: section {name!r} must be a mapping of keys, got {type(values).__name__}")
             known = {f.name for f in fields(sec)}
@@ -201,8 +206,8 @@ class ScoreConfig:
                 raise ConfigError(f"{where}: unknown key {name}.{bad[0]}{_did_you_mean(bad[0], known)}; "
                                   f"keys of {name!r}: {', '.join(sorted(known))}")
             hints = _hints(sec)
-            parts[name] = sec(**{k: _coerce(name, k, v, hints[k]) for k, v in values.items()})
-        return cls(**parts)
+            parts[name] = dataclasses.replace(getattr(self, name), **{k: _coerce(name, k, v, hints[k]) for k, v in values.items()})
+        return ScoreConfig(**parts)
 
     def to_dict(self) -> dict:
         """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
@@ -233,11 +238,7 @@ class ScoreConfig:
 
     def with_overrides(self, flat: Mapping, where: str = "the command line") -> "ScoreConfig":
         """A new configuration with these flat keys replaced (the flags given on the command line)."""
-        doc = self.to_dict()
-        doc["output"]["storage_options"] = dict(self.output.storage_options)
-        for section, values in _nested(flat, where).items():
-            doc[section].update(values)
-        return ScoreConfig.from_dict(doc, where)
+        return self.updated(_nested(flat, where), where)
 
     # ---- what the run needs, derived (never stored twice)
     def read_limits(self) -> ReadLimits:
@@ -316,9 +317,100 @@ _COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split o
 
 
 def flag_of(section: str, name: str) -> str:
-    key = _FLAT_NAMES.get((section, name), name)
-    flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+    flag = flag_name(_FLAT_NAMES.get((section, name), name))
     return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
+
+
+def flag_name(key: str) -> str | None:
+    """The flag of an input key (INPUT_KEYS), as messages and the parser name it; None: file only."""
+    return FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def input_type(key: str) -> tuple[Any, Any]:
+    """(type, default) of the field an input key sets (INPUT_KEYS; a deprecated key, the field it
+    sets), with ``X | None`` as X."""
+    section, name = INPUT_KEYS[key]
+    name = ALIASES.get((section, name), (name,))[0]
+    default = next(f.default for f in fields(SECTIONS[section]) if f.name == name)
+    return _optional(_hints(SECTIONS[section])[name])[0], default
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of the scoring job: the key it sets and the words of its help. Everything else (its
+    name, dest, type, choices, store_true/--no- form) comes from the key's field (jobs._common.add_flags)."""
+
+    key: str  # a key of INPUT_KEYS
+    metavar: str | None = None
+    help: str = ""
+    repeat: bool = False  # a list given one item per use (--dataset A --dataset B); else a list is A,B,...
+    from_file: bool = False  # a list may also be a file of items (one per line or comma-separated)
+
+
+def score_flags() -> tuple[Flag, ...]:
+    """The scoring job's configuration flags in the order of its --help, defaults quoted from here."""
+    from pipeline.inference.architectures import ARCHITECTURES
+    from pipeline.sources.source_base import ADAPTERS
+
+    D = ScoreConfig()
+    return (
+        Flag("datasets", "[NAME=]ADAPTER:LOCATION",
+             f"repeatable. Adapters: {', '.join(f'{n} ({ADAPTERS.help(n)})' for n in ADAPTERS)}. "
+             "Locations are fsspec URLs (local path, file://, s3://, memory://).", repeat=True),
+        Flag("views", "frontal|all|AP,PA,...",
+             f"which views to score: 'frontal' (default {','.join(D.data.views)}: lateral views are left out and counted), "
+             "'all', or a list of codes"),
+        Flag("site_column", "COLUMN", "take 'site' from this manifest column (default: the dataset's name)"),
+        Flag("uncertain", None, f"CheXpert/MIMIC uncertain labels (-1): negative, positive, or not labelled (default {D.data.uncertain})"),
+        Flag("identifiability", None, "after scoring, also fit the confounder probes (site, view, sex, age band; see jobs.aggregate)"),
+        Flag("metadata", "URL", "NIH metadata CSV, if not ROOT/Data_Entry_2017[_v2020].csv"),
+        Flag("checkpoint", "PATH",
+             "state_dict (.pt/.pth, loaded with weights_only=True) or .safetensors; 'random:SEED' for seeded random weights. "
+             "Pickled whole models are refused: convert them with python -m jobs.convert_checkpoint --trust-pickle IN OUT"),
+        Flag("arch", "NAME|module:callable",
+             f"a registered architecture ({', '.join(ARCHITECTURES)}; default {D.model.arch}) or any callable "
+             "returning a module with 'features' and a Linear 'classifier'"),
+        Flag("findings", "A,B,...|FILE", "finding names in the model's output order (default: the 14 CheXNet findings)", from_file=True),
+        Flag("baselines", "reference|from-labels|FILE",
+             f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)"),
+        Flag("out", "URL", "output root (fsspec URL)"),
+        Flag("storage_options"),  # its help is jobs._common's (the flag's value is parsed there)
+        Flag("cluster", "NAME", "profile in --cluster-file (default: the file's default, 'local')"),
+        Flag("cluster_file", "PATH",
+             "profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error"),
+        Flag("worker_timeout", "SECONDS", "give up when the cluster brings up no worker in this time (default: the profile's "
+             "worker_timeout, 120 s for local clusters, 1800 s for SLURM)"),
+        Flag("shard_size", "N", f"images per shard and Zarr chunk length (default {D.compute.shard_size})"),
+        Flag("batch_size", "N", f"images per forward pass (default {D.compute.batch_size})"),
+        Flag("limit", "N", "score only the first N manifest rows"),
+        Flag("device", "auto|cpu|cuda", f"where the model runs on each worker (default {D.compute.device})"),
+        Flag("high_bit_depth", None, "16-bit PNGs: 'clip' as the reference's convert('RGB') does, or 'rescale' the full range "
+             f"to 8 bits (default {D.images.high_bit_depth})"),
+        Flag("cache", "auto|none|URL",
+             "preprocessed-image cache (uint8 224x224 in Zarr): 'auto' = OUT/cache (default), 'none', or a URL"),
+        Flag("decode_workers", "N", "decode processes per worker, kept alive across shards (default: one per core of the worker; "
+             "0: decode in the scoring process)"),
+        Flag("precision", None, f"forward precision: {D.model.precision} (default, strict: TF32 off on CUDA, parity <= 1e-4), tf32, "
+             "or bf16 (autocast features); part of the run's identity (non-default precisions get their own run folder "
+             "runs/VERSION-PRECISION)"),
+        Flag("decode_threads", "N", "deprecated alias of --decode-workers"),
+        Flag("report", None, "write no HTML report at the end of the run (nightly jobs that only query the tables); "
+             "python -m jobs.report --out OUT builds it later"),
+        Flag("verify", None, "on resume, rehash every finished shard's outputs against its record (default: sizes only)"),
+        Flag("max_failed_fraction", "F", "more failed images than this share ends the run 'partial' with exit 3 "
+             f"(default {D.output.max_failed_fraction}); no image scored is always a failure"),
+        Flag("max_image_bytes", "N", "larger image files are not read; recorded as ImageTooLarge "
+             f"(default {D.images.max_image_bytes // 2**20} MiB; real films are 0.3-10 MB)"),
+        Flag("max_image_pixels", "N",
+             f"films whose header declares more pixels are not decoded (TooManyPixels; default {D.images.max_image_pixels:,})"),
+        Flag("max_aspect_ratio", "R", "films longer than R times their width (or the reverse) are not decoded "
+             f"(ExtremeAspectRatio; default {D.images.max_aspect_ratio:g})"),
+        Flag("read_timeout", "S", f"seconds per remote read attempt (ReadTimeout; default {D.images.read_timeout:g})"),
+        Flag("read_retries", "N", "further attempts after a transient read error (timeout, connection, EIO), with backoff "
+             f"(default {D.images.read_retries})"),
+        Flag("allow_roots", "URL", "repeatable: a folder or URL prefix that manifest paths may point into besides the "
+             "manifest's own folder", repeat=True),
+    )
 
 
 def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
@@ -383,14 +475,7 @@ def load_config(path: str | None = None, overrides: Mapping | None = None, base:
     every other key is replaced whole."""
     cfg = base or ScoreConfig()
     if path:
-        doc = cfg.to_dict()
-        doc["output"]["storage_options"] = dict(cfg.output.storage_options)
-        for section, values in resolve_aliases(load_yaml(path)).items():
-            if section in doc and isinstance(values, Mapping):
-                doc[section].update(values)
-            else:
-                doc[section] = values  # from_dict names what is wrong with it
-        cfg = ScoreConfig.from_dict(doc, f"--config {path}")
+        cfg = cfg.updated(load_yaml(path), f"--config {path}")
     if overrides and isinstance(overrides.get("storage_options"), Mapping):
         overrides = {**overrides, "storage_options": {**cfg.output.storage_options, **overrides["storage_options"]}}
     return cfg.with_overrides(overrides) if overrides else cfg

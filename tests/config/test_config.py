@@ -134,6 +134,33 @@ def test_the_help_quotes_the_configuration_defaults():
         assert f"(default {value})" in text.split(flag, 2)[2][:400], flag
 
 
+def test_the_job_s_flags_take_their_name_type_and_choices_from_the_configuration_fields():
+    from typing import Literal, get_origin
+
+    from jobs.aggregate import parser as aggregate_parser
+    from pipeline.config.run_config import INPUT_KEYS, flag_name, input_type, score_flags
+
+    for flag in score_flags():
+        if flag.key == "storage_options":
+            continue  # its own action (tests/config/test_storage_options.py)
+        hint, default = input_type(flag.key)
+        if hint is bool:  # store_true, or --no-KEY where the default is true
+            argv, want = [f"--no-{flag.key.replace('_', '-')}" if default else flag_name(flag.key)], not default
+        elif get_origin(hint) is Literal:
+            argv, want = [flag_name(flag.key), get_args(hint)[-1]], get_args(hint)[-1]
+        elif get_origin(hint) is tuple:
+            argv, want = [flag_name(flag.key), "a,b"], ["a,b"] if flag.repeat else ("a", "b")
+        else:
+            argv, want = [flag_name(flag.key), "3"], hint("3")
+        got = vars(_score_args(argv))
+        assert got == {flag.key: want} and type(got[flag.key]) is type(want), (flag.key, got)
+    with pytest.raises(SystemExit):  # a choice outside the field's Literal
+        _score_args(["--precision", "fp16"])
+    # every key is a flag of the scoring or the aggregate job, but these (set in --config's file only)
+    flags = {f.key for f in score_flags()} | {a.dest for a in aggregate_parser()._actions}
+    assert set(INPUT_KEYS) - flags == {"n_boot", "cell_probes"}
+
+
 # ---------------------------------------------------------------- typed choices
 @pytest.mark.parametrize("flat, message", [
     ({"precision": "fp16"}, "--precision (model.precision) must be one of fp32, tf32, bf16, got 'fp16'"),

@@ -16,6 +16,10 @@ is resolved on each worker, where the GPU is, by ``pipeline.inference.model.reso
 The saved form (``flat()``, the ``config`` of run.json) keeps the keys run.json has always had;
 ``ScoreConfig.from_flat`` reads it back.
 
+The scoring job's command line is generated: ``score_flags`` gives each key's help and metavar, and
+``jobs._common.add_flags`` takes the flag's name, type, choices and store_true/--no- form from the
+key's field. A layer (a YAML file, the flags given) replaces keys in the sections (``updated``).
+
 A deprecated key (``ALIASES``: ``--decode-threads``, ``compute.decode_threads``) is accepted in every
 layer and resolved here, once: it sets the key that replaced it, with a note printed once. It is no
 field of any section, so nothing past the configuration (the shard spec, the workers) ever sees it.

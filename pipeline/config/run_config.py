@@ -224,8 +224,9 @@ class ScoreConfig:
     @classmethod
     def from_flat(cls, flat: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From flat keys (run.json's ``config``; the dests of the job's flags)."""
+        # run.json keeps only the keys of the storage options: they are not read back
         flat = {k: v for k, v in flat.items() if not (k == "storage_options" and not isinstance(v, Mapping))}
-        return cls.from_dict(_nested(flat, where), where)  # (run.json keeps only the keys of the storage options)
+        return cls.from_dict(_nested(flat, where), where)
 
     @classmethod
     def of(cls, **flat) -> "ScoreConfig":

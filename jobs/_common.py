@@ -2,7 +2,8 @@
 
 Program output (tables, summaries, paths) goes to stdout with print; diagnostics (what the job is
 doing, notes, warnings) go through `logging` to stderr, so `--quiet` silences them and a pipe or
-a cron log keeps only what was asked for.
+a cron log keeps only what was asked for. Every module logs under its own name (``pipeline.*``,
+``jobs.*``): one tree, configured here.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
 import pipeline
 
-log = logging.getLogger("cxr_audit")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # CSI sequences (torch's messages carry bold codes)
 
 
@@ -83,11 +84,59 @@ def add_storage_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def comma_list_or_file(text: str) -> tuple[str, ...]:
+    """Names separated by commas, or a file of them (one per line or comma-separated)."""
+    if os.path.exists(text):
+        with open(text) as f:
+            text = f.read().replace("\n", ",")
+    return comma_list(text)
+
+
+# Flags whose value is parsed here rather than by the type of their field.
+_OWN_FLAGS = {"storage_options": add_storage_options}
+
+
+def add_flags(p: argparse.ArgumentParser, flags) -> argparse.ArgumentParser:
+    """One argument per ``Flag`` (pipeline.config.run_config): its name, dest, type and choices from
+    the field it sets; a bool is store_true, or --no-KEY where its default is true. Every flag
+    defaults to SUPPRESS (the defaults stay in the configuration)."""
+    from typing import Literal, get_args, get_origin
+
+    from pipeline.config.run_config import flag_name, input_type
+
+    for flag in flags:
+        if flag.key in _OWN_FLAGS:
+            _OWN_FLAGS[flag.key](p)
+            continue
+        hint, default = input_type(flag.key)
+        name = flag_name(flag.key)
+        kw: dict = {"dest": flag.key, "help": flag.help, "default": argparse.SUPPRESS}
+        if flag.metavar:
+            kw["metavar"] = flag.metavar
+        if hint is bool:
+            kw["action"] = "store_false" if default else "store_true"
+            name = f"--no-{name[2:]}" if default else name
+        elif get_origin(hint) is Literal:
+            kw["choices"] = get_args(hint)
+        elif hint in (int, float):
+            kw["type"] = hint
+        elif get_origin(hint) is tuple and flag.repeat:
+            kw["action"] = "append"
+        elif get_origin(hint) is tuple:
+            kw["type"] = comma_list_or_file if flag.from_file else comma_list
+        p.add_argument(name, **kw)
+    return p
+
+
 def overrides(args: argparse.Namespace) -> dict:
     """The configuration keys the command line set (flags defaulting to argparse.SUPPRESS)."""
-    from pipeline.config.run_config import FLAT_KEYS
+    from pipeline.config.run_config import INPUT_KEYS
 
-    return {k: v for k, v in vars(args).items() if k in FLAT_KEYS}
+    return {k: v for k, v in vars(args).items() if k in INPUT_KEYS}
 
 
 def job_config(args: argparse.Namespace, base=None):
@@ -145,25 +194,45 @@ class _Stderr(logging.Handler):
             self.handleError(record)
 
 
+# The loggers whose INFO lines are the job's progress (the driver's steps: cluster, manifest, model,
+# aggregates, report). Every other module's INFO is detail (per-shard lines of in-process workers,
+# ...), printed with --verbose only; worker processes write theirs to OUT/logs/ (pipeline.worker.logs).
+PROGRESS = ("jobs", "pipeline.run", "pipeline.analysis.aggregate")
+TREES = ("pipeline", "jobs")  # the packages' loggers: every module logs as logging.getLogger(__name__)
+
+
+def _is_progress(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PROGRESS)
+
+
+class _Shown(logging.Filter):
+    """At the default level, INFO from the progress loggers only; warnings and errors from all."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        least = self.level if self.level != logging.INFO or _is_progress(record.name) else logging.WARNING
+        return record.levelno >= least
+
+
 def setup_logging(args) -> None:
+    """One stderr handler on the package loggers: progress lines (INFO of PROGRESS) and everyone's
+    warnings; --quiet: warnings and errors only; --verbose: everything, with level and logger name."""
     level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    for h in [h for h in log.handlers if isinstance(h, _Stderr)]:
-        log.removeHandler(h)
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    # The library's own records (`pipeline.*`) reach the same stderr: warnings always, their INFO
-    # detail (per-shard lines of in-process workers, ...) only with --verbose; worker processes
-    # write theirs to OUT/logs/ (pipeline.worker.logs).
-    lib = logging.getLogger("pipeline")
-    for h in [h for h in lib.handlers if isinstance(h, _Stderr)]:
-        lib.removeHandler(h)
-    lib_handler = _Stderr(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
-    lib_handler.setFormatter(handler.formatter)
-    lib.addHandler(lib_handler)
-    lib.setLevel(logging.DEBUG if level == logging.DEBUG else logging.INFO)
+    handler.addFilter(_Shown(level))
+    for name in TREES:
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        # INFO at least: a worker thread of an in-process cluster writes its INFO to OUT/logs/
+        logger.setLevel(logging.DEBUG if level == logging.DEBUG else logging.INFO)
+    for name in PROGRESS:  # --quiet: the driver asks isEnabledFor(INFO) before drawing a progress bar
+        logging.getLogger(name).setLevel(level)
 
 
 _FAST_EXIT: list[bool] = []

@@ -38,7 +38,7 @@ from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-export
 from pipeline.analysis.grid import region_masks
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 def grid_of(maps) -> tuple[int, int]:
     """(rows, columns) of a run's maps: the model's grid (7x7 for 224-px DenseNets, 16x16 for

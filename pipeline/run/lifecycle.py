@@ -25,7 +25,7 @@ from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 
 def quiet_dask_logs() -> None:
@@ -47,7 +47,7 @@ def warm_args(cfg, profile) -> tuple:
     from pipeline.run.cluster import CLUSTER_TYPES
 
     model = (cfg.model_spec(), cfg.compute.device) if CLUSTER_TYPES[profile.type].early else None
-    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
+    return (cfg.compute.decode_workers, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
 
 
 class RunCluster:
@@ -57,9 +57,10 @@ class RunCluster:
     the scoring code and loads the run's model, while the driver prepares the run (issue 8: fixed
     cost); batch schedulers are asked for workers only when the run first needs them (``client``). A run with
     nothing to score or aggregate never waits for it. Given a client (tests, notebooks), it uses
-    that one and leaves it open."""
+    that one and leaves it open. ``profile``: the cluster profile the driver resolved (else the one
+    cfg names, read here)."""
 
-    def __init__(self, cfg, client=None):
+    def __init__(self, cfg, client=None, profile=None):
         self._client = client
         self._cluster = None
         self._starter = None
@@ -68,10 +69,10 @@ class RunCluster:
         self._worker_logs = None
         self._store = cfg.output.store()
         if client is None:
-            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, load_profile
+            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, profile_for
 
             quiet_dask_logs()
-            self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
+            self.profile = profile or profile_for(cfg.cluster)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout, warm=warm_args(cfg, self.profile))
             early = CLUSTER_TYPES[self.profile.type].early
             log.info(f"cluster {self.profile.name}: " + ("starting in the background (workers load the model while the run is prepared)"
@@ -132,20 +133,21 @@ class RunCluster:
 
 # ---- the whole run -------------------------------------------------------------------------------
 
-def run(cfg, validated: bool = False, client=None) -> dict:
+def run(cfg, validated: bool = False, client=None, profile=None) -> dict:
     """Validate, hold the --out lock, score, aggregate, then point latest.json at the run, compare it
     with the previous latest and write its report. Returns run.json's content (plus ``report`` and
-    ``drift_text`` when written)."""
+    ``drift_text`` when written). ``profile``: the cluster profile, when the caller resolved it
+    (``cluster.profile_for``); else validation reads it, once."""
     from pipeline.store.storage import remove_if_empty
 
     if not validated:
         from pipeline.run.validate import validate
 
-        validate(cfg)
+        profile = validate(cfg, profile)
     store = cfg.output.store()
     created = first_missing(store.url) if not store.exists() else None
     try:
-        return run_locked(cfg, store, client)
+        return run_locked(cfg, store, client, profile)
     except BaseException:
         if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
             import shutil
@@ -165,7 +167,7 @@ def first_missing(out: str) -> str:
     return path
 
 
-def run_locked(cfg, store: OutputStore, client=None) -> dict:
+def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
     from pipeline.run.run_lock import run_lock
 
     store.check_writable()
@@ -179,7 +181,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         contain_scratch(store)
         clean_temporaries(store)
         previous = previous_latest(store)
-        cluster = RunCluster(cfg, client)
+        cluster = RunCluster(cfg, client, profile)
         try:
             prep, info = score(cfg, store, cluster)
             if info["status"] == "running":  # every shard done: aggregates next, on the same cluster

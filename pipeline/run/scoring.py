@@ -34,7 +34,7 @@ from pipeline.store.layout import OutputStore
 if TYPE_CHECKING:
     from pipeline.worker.runspec import RunSpec  # imported lazily at run time (it imports torch)
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (pipeline.config.run_config) stays fast: a config error in well under 2 s.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pipeline.store.layout import OutputStore
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 # settings that change no output: a rerun differing only in these can still be a no-op
 NOT_IDENTITY = {"batch_size", "decode_workers", "decode_threads", "device", "cluster", "cluster_file", "worker_timeout",

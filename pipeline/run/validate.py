@@ -98,13 +98,14 @@ def check_address_space(soft: int | None = None) -> None:
                                  "libraries at import). Raise it: ulimit -v unlimited, or ulimit -v 8000000 (KB) at least")
 
 
-def validate(cfg):
+def validate(cfg, profile=None):
     """Raise ConfigError for anything in cfg (a ScoreConfig, whose values were checked when it was
     built) that the environment rules out: missing files, unimportable modules, a cluster profile
-    that cannot start here. Returns the cluster Profile. A profiles file the configuration names
-    must exist; without one, ./cluster.yaml or the built-in local profiles are used."""
+    that cannot start here. Returns the cluster Profile: ``profile`` when the caller resolved it
+    already, else the one cfg names (``cluster.profile_for``: a profiles file the configuration names
+    must exist; without one, ./cluster.yaml or the built-in local profiles are used)."""
     from pipeline.sources.adapters import DatasetSpec
-    from pipeline.run.cluster import load_profile
+    from pipeline.run.cluster import profile_for
 
     d, m = cfg.data, cfg.model
     if not d.datasets:
@@ -135,6 +136,6 @@ def validate(cfg):
     out = _local_path(cfg.output.out)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {cfg.output.out} is a file; --out must be a folder (it is created if absent)")
-    profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path, required=cfg.cluster.file is not None)
+    profile = profile or profile_for(cfg.cluster)
     check_cluster(profile)
     return profile

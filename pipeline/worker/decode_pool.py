@@ -569,28 +569,23 @@ def worker_cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode_process_count(decode_workers: int | None, decode_threads: int | None = None) -> int:
-    """--decode-workers, else the deprecated --decode-threads, else one per core of this worker."""
-    for n in (decode_workers, decode_threads):
-        if n is not None:
-            return n
-    return worker_cores()
+def decode_process_count(decode_workers: int | None) -> int:
+    """--decode-workers (its deprecated alias is resolved in the configuration), else one per core of this worker."""
+    return worker_cores() if decode_workers is None else decode_workers
 
 
-def warm_up(decode_workers: int | None, decode_threads: int | None = None, imports: tuple[str, ...] = (),
-            model: tuple | None = None) -> None:
+def warm_up(decode_workers: int | None, imports: tuple[str, ...] = (), model: tuple | None = None) -> None:
     """Run on every worker as soon as the cluster is up (``client.run``): in a thread, start this
     worker's decode processes, import the scoring code and load the run's model (``model``: a
     (ModelSpec, device policy) pair), so that none of it waits for the first shard (they overlap the
     driver's own preparation). Returns at once: client.run calls it on the worker's event loop."""
-    threading.Thread(target=warm, args=(decode_workers, decode_threads, imports, model), name="cxr-warm-up", daemon=True).start()
+    threading.Thread(target=warm, args=(decode_workers, imports, model), name="cxr-warm-up", daemon=True).start()
 
 
-def warm(decode_workers: int | None, decode_threads: int | None = None, imports: tuple[str, ...] = (),
-         model: tuple | None = None) -> None:
+def warm(decode_workers: int | None, imports: tuple[str, ...] = (), model: tuple | None = None) -> None:
     """warm_up's work, in the calling thread. Only a head start: whatever fails here, the first
     shard does again and says what is wrong (a checkpoint the driver refuses is never scored)."""
-    pool = shared_pool(decode_process_count(decode_workers, decode_threads))
+    pool = shared_pool(decode_process_count(decode_workers))
     pool.start_in_background()
     for name in imports:
         try:

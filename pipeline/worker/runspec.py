@@ -30,7 +30,6 @@ class RunSpec:
     n_rows: int = 0
     grid: tuple[int, int] = (7, 7)
     embedding_dim: int = 1024
-    decode_threads: int | None = _C.decode_threads  # None: one per core of the worker
     torch_threads: int | None = None  # None: the worker's cores / its task threads
     storage_options: tuple[tuple[str, str], ...] = field(default=())
     cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
@@ -55,7 +54,6 @@ class RunSpec:
             n_rows=n_rows,
             grid=grid,
             embedding_dim=embedding_dim,
-            decode_threads=cfg.compute.decode_threads,
             decode_workers=cfg.compute.decode_workers,
             precision=cfg.model.precision,
             storage_options=freeze_options(cfg.output.storage_options),

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)  # on a worker: OUT/logs/worker-<name>.log (pi
 
 
 def decode_workers(spec: RunSpec) -> int:
-    """Decode processes for this worker: --decode-workers, else the deprecated --decode-threads, else
-    one per core of the worker (its CPU affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
-    return decode_process_count(spec.decode_workers, spec.decode_threads)
+    """Decode processes for this worker: --decode-workers, else one per core of the worker (its CPU
+    affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
+    return decode_process_count(spec.decode_workers)
 
 
 # Films per decode task: one task, pipe message, future and hand-over per 4 films instead of per film

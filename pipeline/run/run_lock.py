@@ -30,7 +30,7 @@ from pipeline.core.errors import OutputError
 from pipeline.store.layout import LOCK as LOCK_NAME  # noqa: F401 - the name tests and callers know
 from pipeline.store.layout import OutputStore
 UNREADABLE_GRACE_S = 60  # an unreadable lock older than this is debris from a kill, not a starter
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 
 class LockError(OutputError):

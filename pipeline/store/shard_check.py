@@ -48,6 +48,9 @@ def _sha256(fs, path: str) -> str:
 
 
 def _size(fs, path: str) -> int | None:
+    # Asked of the store, not of a cached listing: on S3 a listing cached before zarr's own (async)
+    # filesystem wrote a chunk says the chunk is absent (seen: records claiming fill-only chunks).
+    fs.invalidate_cache(path)
     try:
         return int(fs.info(path)["size"])
     except FileNotFoundError:

@@ -97,3 +97,8 @@ def test_a_killed_run_and_a_restarted_server_lose_and_duplicate_nothing(own_s3_s
     left = [p for p in admin.find(f"{OUTPUT_BUCKET}/{prefix}") if ".tmp-cxr-" in p or p.endswith("_lock.json")]
     assert left == []
     assert records() == 10
+    # Records vouch for what is stored: no resume found a recorded shard damaged, and --check agrees.
+    assert not [line for text in logs for line in text.splitlines() if "damaged" in line]
+    check = subprocess.run([sys.executable, "-m", "jobs.runs", "--out", out, "--check", *s3.flags("outputs")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "every shard matches its record" in check.stdout, check.stdout + check.stderr[-2000:]

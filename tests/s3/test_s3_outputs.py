@@ -128,3 +128,26 @@ def test_the_lock_trusts_this_server_and_refuses_a_live_holder(s3_server, prefix
                 pass
     left = set(s3_server.fs().find(f"{OUTPUT_BUCKET}/{prefix}")) - {f"{OUTPUT_BUCKET}/{prefix}"}  # SeaweedFS keeps the folder
     assert left == set()  # the lock released, the probe removed
+
+
+def test_a_shard_record_sees_chunks_zarr_wrote_after_a_cached_listing(s3_server, prefix):
+    """zarr writes through its own (async) s3fs instance; the record's read-back goes through the
+    job's. A listing the job's instance cached before the write must not hide the new chunk (it
+    did: records said 'only fill values', and every resume rescored those shards as damaged)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+
+    from pipeline.store.shard_check import fingerprint_outputs
+
+    opts = s3_server.options("outputs")
+    maps, part = f"s3://{OUTPUT_BUCKET}/{prefix}/maps.zarr", f"s3://{OUTPUT_BUCKET}/{prefix}/part.parquet"
+    arr = zarr.open_group(maps, mode="w", storage_options=opts).create_array("x", shape=(4,), chunks=(2,), dtype="i4", fill_value=0)
+    arr[0:2] = [1, 2]
+    with fsspec.open(part, "wb", **opts) as f:
+        pq.write_table(pa.table({"row": [2, 3]}), f)
+    fs, _ = fsspec.core.url_to_fs(maps, **opts)  # the job's (cached) instance
+    assert fs.ls(f"{OUTPUT_BUCKET}/{prefix}/maps.zarr/x/c") == [f"{OUTPUT_BUCKET}/{prefix}/maps.zarr/x/c/0"]
+    arr[2:4] = [3, 4]
+    assert fingerprint_outputs(part, maps, 2, opts)["chunks"]["x"] is not None

@@ -19,14 +19,14 @@ def list_runs(out, storage_options: dict | None = None) -> list[dict]:
     store = OutputStore.of(out, storage_options)
     latest = _latest(store).get("model_version")  # unreadable: none (--check reports it)
     rows = []
-    for rj in run_records(store):
+    for run in run_records(store):
         took = None
-        if rj.get("started") and rj.get("finished"):
-            took = (datetime.fromisoformat(rj["finished"]) - datetime.fromisoformat(rj["started"])).total_seconds()
-        c = rj.get("counts") or {}
-        rows.append({"model_version": rj["model_version"], "started": rj.get("started"), "finished": rj.get("finished"),
-                     "status": rj.get("status"), "images": c.get("images"), "scored": c.get("scored"), "failed": c.get("failed"),
-                     "seconds": took, "latest": rj["model_version"] == latest})
+        if run.started and run.finished:
+            took = (datetime.fromisoformat(run.finished) - datetime.fromisoformat(run.started)).total_seconds()
+        c = run.counts or {}
+        rows.append({"model_version": run.model_version, "started": run.started, "finished": run.finished,
+                     "status": run.status, "images": c.get("images"), "scored": c.get("scored"), "failed": c.get("failed"),
+                     "seconds": took, "latest": run.model_version == latest})
     return sorted(rows, key=lambda r: r["started"] or "")
 
 

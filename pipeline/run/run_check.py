@@ -12,6 +12,7 @@ from pipeline.worker.cache import changed_sources
 from pipeline.store.shard_check import check_shard, chunk_layout
 from pipeline.worker.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
+from pipeline.store.run_index import read_run
 
 
 def check_out(out, verify: bool = False, storage_options: dict | None = None) -> list[str]:
@@ -27,16 +28,15 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
         problems.append(f"manifest.parquet: unreadable ({why}); the next run rebuilds it from the datasets")
     cache_roots = {store.cache_root}
     for mv in store.model_versions():
-        run, why = store.read_json_safe(store.run_json(mv))
-        if why or not isinstance(run, dict):
+        run, why = read_run(store, mv)
+        if run is None:
             problems.append(f"runs/{mv}/run.json: unreadable ({why}); the next run into it rebuilds it")
             continue
-        if isinstance(run.get("resolved"), dict) and run["resolved"].get("cache"):
-            cache_roots.add(run["resolved"]["cache"])
+        if run.resolved and run.resolved.get("cache"):
+            cache_roots.add(run.resolved["cache"])
         if manifest is None:
             continue
-        ident = run.get("identity") or {}
-        cfg = run.get("config") or {}
+        ident, cfg = run.identity, run.config
         try:
             spec = RunSpec(out=store.url, model=ModelSpec(cfg.get("arch", ""), cfg.get("checkpoint", ""), tuple(ident["findings"]),
                                                           storage_options=store.storage_options),

@@ -21,7 +21,10 @@ import posixpath
 import time
 from dataclasses import dataclass
 
+from schemas.records import RunRecord
+
 from pipeline.store.layout import OutputStore
+from pipeline.store.run_index import read_run, write_run
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ _HASH_BLOCK = 1 << 20
 class UpToDate:
     """What a no-op found: the run it checked and how long each check took."""
 
-    run: dict
+    run: RunRecord
     model_version: str
     seconds: dict
     restamped: dict | None = None  # the dataset stamp, when a re-read manifest proved a changed one harmless
@@ -194,12 +197,12 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     mv = latest.get("model_version") if isinstance(latest, dict) else None
     if not mv:
         return None, "no complete run yet"
-    run, _ = store.read_json_safe(store.run_json(mv))
-    if not isinstance(run, dict) or run.get("status") != "complete" or (run.get("steps") or {}).get("publish") != "done":
+    run, _ = read_run(store, mv)
+    if run is None or run.status != "complete" or run.steps.get("publish") != "done":
         return None, f"run {mv} is not complete"
-    if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.get("config") or {}):
+    if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.config):
         return None, "the settings differ from the latest run's"
-    inputs = run.get("inputs") or {}
+    inputs = run.inputs
     if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, store.options) != inputs["checkpoint"]:
         return None, "the checkpoint is not the latest run's"
     seconds["checkpoint"] = time.perf_counter() - t
@@ -218,7 +221,7 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     seconds["manifest"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    spec, shards = _shards(cfg, store, mv, run)
+    spec, shards = _shards(cfg, store, mv)
     layout = chunk_layout(spec.maps_url, dict(spec.storage_options))
     for s in shards:
         if check_shard(s, spec, layout=layout).state != "done":
@@ -255,7 +258,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
     return redact_columns(result.manifest).equals(previous) and redact_columns(result.issues).equals(issues)
 
 
-def _shards(cfg, store: OutputStore, mv: str, run: dict):
+def _shards(cfg, store: OutputStore, mv: str):
     from pipeline.inference.model_spec import model_spec_for
     from pipeline.worker.runspec import RunSpec
     from pipeline.worker.shards import plan_shards
@@ -283,9 +286,9 @@ def current_aggregates(store: OutputStore, mv: str, agg) -> str | None:
     return digest if stored.get("inputs") == digest else None
 
 
-def report_current(store: OutputStore, mv: str, run: dict, digest: str) -> bool:
+def report_current(store: OutputStore, mv: str, run: RunRecord, digest: str) -> bool:
     """The report exists, was drawn from these aggregates, and is newer than them."""
-    if (run.get("steps") or {}).get("report") != "done" or run.get("report_inputs") != digest:
+    if run.steps.get("report") != "done" or run.report_inputs != digest:
         return False
     fs, report = store.fs(store.report(mv))
     _, agg = store.fs(store.aggregate_inputs(mv))
@@ -295,13 +298,12 @@ def report_current(store: OutputStore, mv: str, run: dict, digest: str) -> bool:
         return False
 
 
-def record_rerun(store: OutputStore, mv: str, entry: dict, restamped: str | None = None) -> dict:
+def record_rerun(store: OutputStore, mv: str, entry: dict, restamped: str | None = None) -> RunRecord:
     """Append one rerun to run.json's ``reruns`` (the scoring run's own fields are left alone)."""
-    url = store.run_json(mv)
-    current, _ = store.read_json_safe(url)
-    current = current if isinstance(current, dict) else {}
-    current["reruns"] = (current.get("reruns") or [])[-(RERUNS_KEPT - 1):] + [entry]
+    current, _ = read_run(store, mv)
+    current = current or RunRecord(model_version=mv)
+    current.reruns = current.reruns[-(RERUNS_KEPT - 1):] + [entry]
     if restamped:
-        current.setdefault("inputs", {})["sources"] = restamped
-    store.write_json(url, current)
+        current.inputs["sources"] = restamped
+    write_run(store, current)
     return current

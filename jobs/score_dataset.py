@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from jobs._common import add_common, add_config, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
+from jobs._common import add_common, add_config, add_input_options, add_storage_options, fail, job_config, log, setup_logging, skip_final_gc
 from pipeline.core.errors import CxrAuditError, out_of_memory
 from pipeline.core.redact import redact
 
@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)")
     p.add_argument("--out", metavar="URL", help="output root (fsspec URL)")
     add_storage_options(p)
+    add_input_options(p)
     p.add_argument("--cluster", metavar="NAME", help="profile in --cluster-file (default: the file's default, 'local')")
     p.add_argument("--cluster-file", metavar="PATH",
                    help="profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error")

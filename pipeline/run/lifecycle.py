@@ -391,7 +391,7 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
             t = time.perf_counter()
             log.info(f"aggregates: computing ({stale})")
             client = cluster.client
-            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn)
+            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn, inputs=spec.inputs)
             seconds = time.perf_counter() - t
             info = {**info, "seconds": {**info.get("seconds", {}), "aggregates": seconds}}
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")

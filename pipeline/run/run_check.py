@@ -12,10 +12,14 @@ from pipeline.worker.cache import changed_sources
 from pipeline.store.shard_check import check_shard, chunk_layout
 from pipeline.worker.shards import plan_shards
 from pipeline.store.layout import LATEST, LOCK, OutputStore
+from pipeline.io.location import InputOptions
 
 
-def check_out(out, verify: bool = False, storage_options: dict | None = None) -> list[str]:
+def check_out(out, verify: bool = False, storage_options: dict | None = None, inputs: InputOptions | None = None) -> list[str]:
+    """Problems of every run under out. ``inputs``: the options --verify reads the films with
+    (--input-option; never --out's storage options)."""
     store = OutputStore.of(out, storage_options)
+    inputs = inputs or InputOptions()
     problems = []
     for name, url in ((LATEST, store.latest), (LOCK, store.lock)):
         _, why = store.read_json_safe(url)
@@ -38,10 +42,9 @@ def check_out(out, verify: bool = False, storage_options: dict | None = None) ->
         ident = run.get("identity") or {}
         cfg = run.get("config") or {}
         try:
-            spec = RunSpec(out=store.url, model=ModelSpec(cfg.get("arch", ""), cfg.get("checkpoint", ""), tuple(ident["findings"]),
-                                                          storage_options=store.storage_options),
+            spec = RunSpec(out=store.url, model=ModelSpec(cfg.get("arch", ""), cfg.get("checkpoint", ""), tuple(ident["findings"])),
                            model_version=mv, baselines=tuple(ident["baselines"]), preprocess=PreprocessConfig(**ident["preprocess"]),
-                           shard_size=int(ident["shard_size"]), storage_options=store.storage_options)
+                           shard_size=int(ident["shard_size"]), storage_options=store.storage_options, inputs=inputs)
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"runs/{mv}/run.json: no usable identity ({type(e).__name__})")
             continue

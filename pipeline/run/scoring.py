@@ -29,7 +29,7 @@ from pipeline.store.shard_check import check_shard, chunk_layout, retry_rows
 from pipeline.core.redact import redact, redact_columns, redact_obj
 from pipeline.config.run_config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.worker.shards import Shard, plan_shards
-from pipeline.store.layout import OutputStore
+from pipeline.io.location import reading_inputs
 
 if TYPE_CHECKING:
     from pipeline.worker.runspec import RunSpec  # imported lazily at run time (it imports torch)
@@ -79,8 +79,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     from pipeline.worker.cache import cache_group_url, changed_sources, create_cache
     from pipeline.worker.runspec import RunSpec
 
-    store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
+    store = cfg.output.store()  # --out with its storage options; every input is opened with cfg.inputs()
     store.check_writable()
+    inputs = cfg.inputs()
     specs = [DatasetSpec.parse(d) for d in cfg.data.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
@@ -88,8 +89,9 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     from pipeline.run.uptodate import checkpoint_identity, manifest_paths, source_stamp, stats_before_build
 
     log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
-    ckpt_identity = checkpoint_identity(cfg.model.checkpoint, store.options)  # before loading: a later rewrite is seen
-    model = load_model(mspec)  # validates the checkpoint before any image is touched
+    with reading_inputs(f"--checkpoint {redact(cfg.model.checkpoint)}"):
+        ckpt_identity = checkpoint_identity(cfg.model.checkpoint, inputs.options_for(cfg.model.checkpoint))  # before loading: a later rewrite is seen
+        model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
         from pipeline.inference.images import PREPROCESSING
 
@@ -102,7 +104,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     previous, why = previous_manifest(store)
     log.info(f"manifest: reading {', '.join(redact(d) for d in cfg.data.datasets)}")
     before, built_at = stats_before_build(cfg, store), time.time_ns()
-    result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
+    with reading_inputs("the --dataset metadata"):
+        result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), inputs=inputs, read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
@@ -117,7 +120,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
-    resolved = resolve(cfg, result.manifest)
+    with reading_inputs(f"--baselines {redact(cfg.model.baselines)}"):
+        resolved = resolve(cfg, result.manifest)
     cache_url = cache_group_url(resolved.cache_root, cfg.preprocess()) if resolved.cache_root else None
     spec = RunSpec.derive(resolved, model=mspec, model_version=run_version(model.version, cfg.model.precision), n_rows=n_rows,
                           grid=grid, embedding_dim=model.embedding_dim, cache_url=cache_url)

@@ -19,6 +19,7 @@ from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
 from pipeline.sources.source_base import SourceOptions
+from pipeline.io.location import InputOptions
 from pipeline.sources.paths import confined_all, links_outside
 from pipeline.core.redact import redact
 
@@ -108,7 +109,7 @@ def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
     return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
-def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None,
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), inputs: InputOptions | None = None,
               read_limits=None) -> tuple[pd.DataFrame, list[dict]]:
     df = raw.records.copy()
     issues = list(raw.issues)
@@ -162,7 +163,7 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)
     elif raw.check_exists:
-        present = present_files(df["path"][~no_path].tolist(), storage_options, limits=read_limits)
+        present = present_files(df["path"][~no_path].tolist(), inputs, limits=read_limits)
         if present is not None:
             no_path |= ~df["path"].isin(present)
     for r in df[no_path].itertuples():
@@ -175,13 +176,15 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
 
 
 def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None,
-                   options: SourceOptions = SourceOptions(), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
+                   options: SourceOptions = SourceOptions(), inputs: InputOptions | None = None, read_limits=None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
-    new images get numbers after the largest one ever used, so maps.zarr rows never move."""
+    new images get numbers after the largest one ever used, so maps.zarr rows never move. Every
+    dataset file is opened with its options from ``inputs`` (the input options, never the output's)."""
     frames, issues = [], []
     for spec in specs:
+        spec = spec.with_inputs(inputs)
         raw = load_dataset(spec, findings, options)
-        df, iss = _validate(spec.name, raw, findings, options.allow_roots, storage_options, read_limits)
+        df, iss = _validate(spec.name, raw, findings, options.allow_roots, inputs, read_limits)
         df = _select_views(df, spec.name, options.views, iss)
         if options.site_column:
             df["site"] = _site_from(df, options.site_column)

@@ -161,7 +161,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
         todo, errors, modes, sources = plan
     jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
-    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits, gray_plane=True)
+    task = DecodeTask(spec.preprocess, spec.inputs, cache is not None, spec.read_limits, gray_plane=True)
     # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
     # this worker keeps `lookahead` films decoding while this one finishes and writes.
     window = max(4 * bs, 8 * max(1, workers))

@@ -90,7 +90,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
 
     log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
     with reading_inputs(f"--checkpoint {redact(cfg.model.checkpoint)}"):
-        ckpt_identity = checkpoint_identity(cfg.model.checkpoint, inputs.options_for(cfg.model.checkpoint))  # before loading: a later rewrite is seen
+        ckpt_identity = checkpoint_identity(cfg.model.checkpoint, inputs)  # before loading: a later rewrite is seen
         model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
         from pipeline.inference.images import PREPROCESSING

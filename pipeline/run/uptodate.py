@@ -21,6 +21,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 
+from pipeline.io.location import InputOptions
 from pipeline.store.layout import OutputStore
 
 log = logging.getLogger("cxr_audit")
@@ -52,14 +53,13 @@ def now() -> str:
 
 # ---- what a run records ------------------------------------------------------------------------
 
-def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) -> dict:
+def checkpoint_identity(checkpoint: str, inputs: InputOptions | None = None) -> dict:
     """The checkpoint as a rerun can recognise it without loading it: 'random:SEED' as it is, a
-    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s)."""
+    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s). ``inputs``:
+    the options it is opened with (an input's, never --out's)."""
     if checkpoint.startswith("random:"):
         return {"checkpoint": checkpoint}
-    from pipeline.store.storage import url_to_fs
-
-    fs, path = url_to_fs(checkpoint, storage_options)
+    fs, path = (inputs or InputOptions()).at(checkpoint).resolve()
     info = fs.info(path)
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
@@ -201,7 +201,7 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.get("config") or {}):
         return None, "the settings differ from the latest run's"
     inputs = run.get("inputs") or {}
-    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, cfg.inputs().options_for(cfg.model.checkpoint)) != inputs["checkpoint"]:
+    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, cfg.inputs()) != inputs["checkpoint"]:
         return None, "the checkpoint is not the latest run's"
     seconds["checkpoint"] = time.perf_counter() - t
 

@@ -31,6 +31,11 @@ def is_own_temp(path: str) -> bool:
     return _OWN_TEMP.search(posixpath.basename(path)) is not None
 
 
+def kwargs_of(storage_options: "dict | Location | None") -> dict | None:
+    """The options as fsspec's keyword arguments, from a dict or a Location."""
+    return storage_options.options if isinstance(storage_options, Location) else storage_options
+
+
 def resolve(url: str, storage_options: "dict | Location | None" = None):
     """(filesystem, path) of url. ``storage_options``: the options that open it, or the Location
     (an output root) it lies in, whose filesystem is then reused rather than resolved again."""

@@ -6,6 +6,7 @@ Derived once from the resolved configuration (``RunSpec.derive``); never patched
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pipeline.inference.preprocess_config import PreprocessConfig
 from pipeline.io.location import InputOptions
@@ -66,9 +67,10 @@ class RunSpec:
             read_limits=cfg.images.read_limits(),
         )
 
-    @property
+    @cached_property
     def store(self) -> OutputStore:
-        """The output folder with the options that open it (every path below comes from it)."""
+        """The output folder with the options that open it (every path below comes from it; its
+        filesystem resolved once per spec and process)."""
         return OutputStore(self.out, self.storage_options)
 
     @property

@@ -194,7 +194,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
                 publish(store, info, previous)
                 info["drift_text"] = drift_step(store, drift_from(info, previous), info)
                 if cfg.output.report:
-                    info["report"] = report_step(store, info, cfg.aggregate)
+                    info["report"] = report_step(store, info, cfg.aggregate, cfg.inputs())
                 else:
                     record_step(store, info, "report", "skipped")
         finally:
@@ -451,14 +451,15 @@ def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | No
     return text
 
 
-def report_step(store: OutputStore, info: dict, agg=None) -> str | None:
-    """The run's HTML report (a report that fails to build never fails the run)."""
+def report_step(store: OutputStore, info: dict, agg=None, inputs=None) -> str | None:
+    """The run's HTML report (a report that fails to build never fails the run); its films are read
+    with ``inputs``, the run's input options."""
     from pipeline.reporting.hook import report_after_run
 
     from pipeline.run.uptodate import current_aggregates
 
     log.info("report: drawing")
-    path = report_after_run(store, info["model_version"])
+    path = report_after_run(store, info["model_version"], inputs=inputs)
     # what it was drawn from: a rerun with the same aggregates keeps it (pipeline.run.uptodate)
     digest = current_aggregates(store, info["model_version"], agg) if path and agg is not None else None
     record_step(store, info, "report", "done" if path else "failed", report_inputs=digest)

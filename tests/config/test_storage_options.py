@@ -263,6 +263,14 @@ def test_inputs_and_outputs_on_two_stores_each_with_its_own_options(how, guarded
         assert guarded_fs.TOKEN.encode() not in data and guarded_fs.INPUT_TOKEN.encode() not in data, p
     for text in (printed.out, printed.err):
         assert guarded_fs.TOKEN not in text and guarded_fs.INPUT_TOKEN not in text
+    if how == "flag":  # the report's film sheet reads the film through the input options too
+        image_id = preds.image_id[0]
+        sheets = {}
+        for name, store, extra in (("local", ref_store, []), ("guarded", guarded, ["--storage-option", f"token={guarded_fs.TOKEN}"])):
+            for opts in ([], ["--input-option", f"token={guarded_fs.INPUT_TOKEN}"]) if name == "guarded" else ([],):
+                assert report.main(["--out", store.url, *extra, *opts, "--film", image_id, "--png", str(tmp_path / "f.png")]) == 0
+                sheets[(name, bool(opts))] = (tmp_path / "f.png").read_bytes()
+        assert sheets[("guarded", True)] == sheets[("local", False)] != sheets[("guarded", False)]  # without them: no film drawn
 
 
 def test_inputs_that_need_options_fail_clearly_when_only_the_outputs_have_them(guarded, inputs_on_guardedin, capsys):

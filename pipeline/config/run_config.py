@@ -219,9 +219,10 @@ class ScoreConfig:
         return cls(**parts)
 
     def to_dict(self) -> dict:
-        """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
-        are left out (they may hold secrets; pass them with --storage-option, in the file, in Python,
-        or leave credentials to the environment)."""
+        """The nested form with plain values (lists, dicts): what a YAML file holds. The options
+        (SECRET_OPTIONS: storage, input and dataset options) are left out (they may hold secrets; pass
+        them with --storage-option / --input-option, in the file, in Python, or leave credentials to
+        the environment)."""
         doc = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
         for section, name in SECRET_OPTIONS:
             doc[section].pop(name)

@@ -271,6 +271,10 @@ def test_inputs_and_outputs_on_two_stores_each_with_its_own_options(how, guarded
                 assert report.main(["--out", store.url, *extra, *opts, "--film", image_id, "--png", str(tmp_path / "f.png")]) == 0
                 sheets[(name, bool(opts))] = (tmp_path / "f.png").read_bytes()
         assert sheets[("guarded", True)] == sheets[("local", False)] != sheets[("guarded", False)]  # without them: no film drawn
+        # jobs.runs --check --verify reads every film again: with the input options they match their records
+        check = ["--out", guarded.url, "--storage-option", f"token={guarded_fs.TOKEN}", "--check", "--verify"]
+        assert runs.main([*check, "--input-option", f"token={guarded_fs.INPUT_TOKEN}"]) == 0
+        assert runs.main(check) == 1 and "changed since it was scored" in capsys.readouterr().out  # unreadable without them
 
 
 def test_inputs_that_need_options_fail_clearly_when_only_the_outputs_have_them(guarded, inputs_on_guardedin, capsys):

@@ -236,7 +236,7 @@ def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None
     t = time.perf_counter()
     for row, image_id in zip(shard.rows, shard.image_ids):
         ids[row - shard.start] = image_id
-    so = dict(spec.storage_options)
+    so = spec.store.root  # the output root: its filesystem resolved once for the shard's writes
     group = open_maps(spec.maps_url, "r+", so)
     write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf, "image_id": ids.astype(str)})
     write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)

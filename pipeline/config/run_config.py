@@ -47,8 +47,9 @@ from pipeline.inference.architectures import DEFAULT_ARCH, arch_profile, check_a
 from pipeline.inference.model_spec import ModelSpec, model_spec_for
 from pipeline.inference.precision import DEFAULT_PRECISION, Precision
 from pipeline.inference.preprocess_config import HighBitDepth, PreprocessConfig
+from pipeline.io.location import InputOptions, Location
 from pipeline.io.reads import ReadLimits
-from pipeline.sources.source_base import SourceOptions, Uncertain
+from pipeline.sources.source_base import DatasetSpec, SourceOptions, Uncertain
 from pipeline.store.layout import OutputStore
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -72,10 +73,29 @@ class DataConfig:
     uncertain: Uncertain = _SRC.uncertain
     allow_roots: tuple[str, ...] = _SRC.allow_roots
     limit: int | None = None  # score only the first N manifest rows
+    # fsspec options for every input (metadata, films, checkpoint, baselines file); never saved: may hold secrets
+    input_options: Mapping[str, Any] = field(default_factory=dict)
+    # NAME -> fsspec options for the files of that --dataset instead of input_options (never saved)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # their reprs name the keys only (ScoreConfig's type check says the rest)
+        if isinstance(self.input_options, Mapping):
+            object.__setattr__(self, "input_options", MaskedDict(self.input_options))
+        if isinstance(self.dataset_options, Mapping):
+            object.__setattr__(self, "dataset_options", MaskedDict(
+                {k: MaskedDict(v) if isinstance(v, Mapping) else v for k, v in self.dataset_options.items()}))
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(metadata=self.metadata, views=self.views, site_column=self.site_column,
                              uncertain=self.uncertain, allow_roots=self.allow_roots)
+
+    def inputs(self) -> InputOptions:
+        """The options each input is opened with: a dataset's own (dataset_options) for the files
+        under its folder, input_options for every other input."""
+        specs = [DatasetSpec.parse(d) for d in self.datasets] if self.dataset_options else []
+        roots = tuple(Location(s.folder, self.dataset_options[s.name]) for s in specs if s.name in self.dataset_options)
+        return InputOptions(self.input_options, roots)
 
 
 @dataclass(frozen=True)
@@ -137,7 +157,7 @@ class OutputConfig:
     """Where results go, and when a run counts as done."""
 
     out: str | None = None  # output root (fsspec URL)
-    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out (never saved: may hold secrets)
+    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out only (never saved: may hold secrets)
     verify: bool = False  # on resume, rehash finished shards' outputs (default: sizes only)
     max_failed_fraction: float = 0.05  # more failed images: status failed/partial, exit 3
     report: bool = True  # the HTML report at the end of a complete run (False: none; build it later with jobs.report)
@@ -154,6 +174,9 @@ class OutputConfig:
 # The sections, in the order of to_dict() and of a YAML file.
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "images": ImagesConfig, "compute": ComputeConfig,
                              "cluster": ClusterConfig, "output": OutputConfig, "aggregate": AggregateConfig}
+# Options that may hold credentials: never saved (run.json keeps their keys, config.yaml names them),
+# never quoted, masked in reprs; none is part of a run's identity.
+SECRET_OPTIONS = {("data", "input_options"), ("data", "dataset_options"), ("output", "storage_options")}
 # The keys of the saved (flat) form that differ from the field name; all others are the field name.
 _FLAT_NAMES = {("cluster", "profile"): "cluster", ("cluster", "file"): "cluster_file"}
 # Deprecated keys, (section, old name) -> the field it sets (where the same layer does not set that
@@ -214,18 +237,20 @@ class ScoreConfig:
         return ScoreConfig(**parts)
 
     def to_dict(self) -> dict:
-        """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
-        are left out (they may hold secrets; pass them with --storage-option, in the file, in Python,
-        or leave credentials to the environment)."""
+        """The nested form with plain values (lists, dicts): what a YAML file holds. The options
+        (SECRET_OPTIONS: storage, input and dataset options) are left out (they may hold secrets; pass
+        them with --storage-option / --input-option, in the file, in Python, or leave credentials to
+        the environment)."""
         doc = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
-        doc["output"].pop("storage_options")
+        for section, name in SECRET_OPTIONS:
+            doc[section].pop(name)
         return doc
 
     @classmethod
     def from_flat(cls, flat: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From flat keys (run.json's ``config``; the dests of the job's flags)."""
-        # run.json keeps only the keys of the storage options: they are not read back
-        flat = {k: v for k, v in flat.items() if not (k == "storage_options" and not isinstance(v, Mapping))}
+        # run.json keeps only the keys of the storage and input options: they are not read back
+        flat = {k: v for k, v in flat.items() if not (FLAT_KEYS.get(k) in SECRET_OPTIONS and not isinstance(v, Mapping))}
         return cls.from_dict(_nested(flat, where), where)
 
     @classmethod
@@ -238,7 +263,7 @@ class ScoreConfig:
         out = {}
         for key, (section, name) in FLAT_KEYS.items():
             value = getattr(getattr(self, section), name)
-            out[key] = sorted(value) if name == "storage_options" else _plain(value)
+            out[key] = sorted(value) if (section, name) in SECRET_OPTIONS else _plain(value)
         return out
 
     def with_overrides(self, flat: Mapping, where: str = "the command line") -> "ScoreConfig":
@@ -256,7 +281,10 @@ class ScoreConfig:
         """The model the run scores with, as its shard tasks name it: the driver checks it and the
         local workers load it ahead of the first shard (``get_model``'s cache is keyed by it)."""
         return model_spec_for(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
-                              storage_options=self.output.store().storage_options)
+                              storage_options=self.inputs().options_of(self.model.checkpoint or ""))
+
+    def inputs(self) -> InputOptions:
+        return self.data.inputs()
 
     def findings(self) -> tuple[str, ...]:
         """The findings the run scores: --findings, less those the model has no output for (a
@@ -317,6 +345,7 @@ def resolve_aliases(layer: Mapping) -> dict:
 FLAGS = {
     "datasets": "--dataset", "allow_roots": "--allow-root", "cluster": "--cluster", "cluster_file": "--cluster-file",
     "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": "--storage-option",
+    "input_options": "--input-option", "dataset_options": None,
 }
 _COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split on commas, as the flag's value is
 
@@ -380,6 +409,7 @@ def score_flags() -> tuple[Flag, ...]:
              f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)"),
         Flag("out", "URL", "output root (fsspec URL)"),
         Flag("storage_options"),  # its help is jobs._common's (the flag's value is parsed there)
+        Flag("input_options"),  # likewise
         Flag("cluster", "NAME", "profile in --cluster-file (default: the file's default, 'local')"),
         Flag("cluster_file", "PATH",
              "profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error"),
@@ -424,15 +454,24 @@ def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
     import yaml
 
     if cfg.output.storage_options:
-        keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
-        head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
+        head += (f"# Storage options {_keys(cfg.output.storage_options)} are not written here (they may hold credentials): give them again "
                  "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
+    if cfg.data.input_options:
+        head += (f"# Input options {_keys(cfg.data.input_options)} are not written here (they may hold credentials): give them again "
+                 "with --input-option KEY=VALUE or data.input_options, or leave credentials to the environment.\n")
+    if cfg.data.dataset_options:
+        head += (f"# The options of datasets {_keys(cfg.data.dataset_options)} are not written here (they may hold credentials): "
+                 "give them again in data.dataset_options.\n")
     doc = cfg.to_dict()
     masked = _redacted(doc)
     if masked != doc:
         head += ("# Credentials in URLs are masked (REDACTED) here: put them in storage options or the environment, "
                  "not in URLs.\n")
     return head + yaml.safe_dump(masked, sort_keys=False)
+
+
+def _keys(options) -> str:
+    return ", ".join(" ".join(str(k).split()) for k in sorted(options))
 
 
 def _redacted(value):
@@ -476,13 +515,14 @@ def load_yaml(path: str) -> dict:
 
 def load_config(path: str | None = None, overrides: Mapping | None = None, base: ScoreConfig | None = None) -> ScoreConfig:
     """base (default: the defaults), then the YAML file at ``path``, then ``overrides`` (flat keys).
-    Storage options are merged key by key (--storage-option over the file's output.storage_options);
-    every other key is replaced whole."""
+    Storage and input options are merged key by key (--storage-option over the file's
+    output.storage_options, --input-option over data.input_options); every other key is replaced whole."""
     cfg = base or ScoreConfig()
     if path:
         cfg = cfg.updated(load_yaml(path), f"--config {path}")
-    if overrides and isinstance(overrides.get("storage_options"), Mapping):
-        overrides = {**overrides, "storage_options": {**cfg.output.storage_options, **overrides["storage_options"]}}
+    for key, given in (("storage_options", cfg.output.storage_options), ("input_options", cfg.data.input_options)):
+        if overrides and isinstance(overrides.get(key), Mapping):
+            overrides = {**overrides, key: {**given, **overrides[key]}}
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -534,10 +574,8 @@ def resolve_baselines(cfg: ScoreConfig, manifest=None) -> tuple[float, ...]:
                                   f"{mean if mean is not None else 'n/a'}; give a baselines file instead")
             prev[f] = mean
         return validate_baselines(findings, prev)
-    import fsspec
-
     try:
-        with fsspec.open(mode, "rt") as fh:
+        with cfg.inputs().at(mode).open(mode="rt") as fh:  # an input: opened with the input options
             return validate_baselines(findings, parse_baselines_text(fh.read()))
     except FileNotFoundError:
         raise ConfigError(f"--baselines file {mode} does not exist; use 'reference', 'from-labels' or a file") from None
@@ -563,6 +601,9 @@ def _check_values(cfg: ScoreConfig) -> None:
         raise ConfigError(f"--checkpoint {m.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
     check_arch(m.arch, find_module=False)  # whether its module is importable: pipeline.run.validate
     cfg.findings()  # a model with its own outputs must have one for some --findings (torch-free)
+    bad = [name for name, v in d.dataset_options.items() if not isinstance(v, Mapping)]
+    if bad:  # the dataset's name and the type, never the value (it may be a credential)
+        raise ConfigError(f"data.dataset_options.{bad[0]} must be a mapping of fsspec options, got {type(d.dataset_options[bad[0]]).__name__}")
     if cfg.cluster.worker_timeout is not None and cfg.cluster.worker_timeout <= 0:
         raise ConfigError("--worker-timeout must be positive")
     a = cfg.aggregate
@@ -628,7 +669,7 @@ def _type_ok(value, hint) -> bool:
 
 def _check_type(section: str, name: str, value, hint) -> None:
     if not _type_ok(value, hint):
-        got = type(value).__name__ if name == "storage_options" else repr(value)  # never quote what may be a credential
+        got = type(value).__name__ if (section, name) in SECRET_OPTIONS else repr(value)  # never quote what may be a credential
         raise ConfigError(f"{flag_of(section, name)} must be {_describe(hint)}, got {got}")
 
 

@@ -199,7 +199,7 @@ def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
                 publish(store, record, previous)
                 written["drift_text"] = drift_step(store, drift_from(record, previous), record)
                 if cfg.output.report:
-                    written["report"] = report_step(store, record, cfg.aggregate)
+                    written["report"] = report_step(store, record, cfg.aggregate, cfg.inputs())
                 else:
                     record_step(store, record, "report", "skipped")
         finally:
@@ -396,7 +396,7 @@ def aggregate(cfg, prep, info: RunRecord, cluster: RunCluster, map_fn=None) -> R
             t = time.perf_counter()
             log.info(f"aggregates: computing ({stale})")
             client = cluster.client
-            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn)
+            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn, inputs=spec.inputs)
             seconds = time.perf_counter() - t
             info = replace(info, seconds={**info.seconds, "aggregates": seconds})
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")
@@ -456,14 +456,15 @@ def drift_step(store: OutputStore, previous: str | None, info: RunRecord) -> str
     return text
 
 
-def report_step(store: OutputStore, info: RunRecord, agg=None) -> str | None:
-    """The run's HTML report (a report that fails to build never fails the run)."""
+def report_step(store: OutputStore, info: RunRecord, agg=None, inputs=None) -> str | None:
+    """The run's HTML report (a report that fails to build never fails the run); its films are read
+    with ``inputs``, the run's input options."""
     from pipeline.reporting.hook import report_after_run
 
     from pipeline.run.uptodate import current_aggregates
 
     log.info("report: drawing")
-    path = report_after_run(store, info.model_version)
+    path = report_after_run(store, info.model_version, inputs=inputs)
     # what it was drawn from: a rerun with the same aggregates keeps it (pipeline.run.uptodate)
     info.report_inputs = current_aggregates(store, info.model_version, agg) if path and agg is not None else None
     record_step(store, info, "report", "done" if path else "failed")

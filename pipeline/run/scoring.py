@@ -32,6 +32,7 @@ from pipeline.config.run_config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.worker.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
 from pipeline.store.run_index import read_run, write_run
+from pipeline.io.location import reading_inputs
 
 if TYPE_CHECKING:
     from pipeline.worker.runspec import RunSpec  # imported lazily at run time (it imports torch)
@@ -79,13 +80,13 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
 
     timings: dict[str, float] = {}
     notes: list[str] = []  # bookkeeping repaired on the way
-    store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
+    store = cfg.output.store()  # --out with its storage options; every input is opened with cfg.inputs()
     store.check_writable()
     specs = [DatasetSpec.parse(d) for d in cfg.data.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
     mspec = cfg.model_spec()
-    model, grid, ckpt_identity = _load_model(cfg, mspec, store)
+    model, grid, ckpt_identity = _load_model(cfg, mspec)
     timings["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -94,7 +95,8 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     timings["manifest"] = time.perf_counter() - t
 
     n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
-    resolved = resolve(cfg, result.manifest)
+    with reading_inputs(f"--baselines {redact(cfg.model.baselines)}"):
+        resolved = resolve(cfg, result.manifest)
     cache_url = cache_group_url(resolved.cache_root, cfg.preprocess()) if resolved.cache_root else None
     spec = RunSpec.derive(resolved, model=mspec, model_version=run_version(model.version, cfg.model.precision), n_rows=n_rows,
                           grid=grid, embedding_dim=model.embedding_dim, cache_url=cache_url)
@@ -109,7 +111,7 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes, inputs)
 
 
-def _load_model(cfg: ScoreConfig, mspec, store: OutputStore) -> tuple:
+def _load_model(cfg: ScoreConfig, mspec) -> tuple:
     """(the model, its map grid, the checkpoint's identity): validates the checkpoint before any
     image is touched."""
     import torch
@@ -119,8 +121,9 @@ def _load_model(cfg: ScoreConfig, mspec, store: OutputStore) -> tuple:
     from pipeline.run.uptodate import checkpoint_identity
 
     log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
-    ckpt_identity = checkpoint_identity(cfg.model.checkpoint, store.options)  # before loading: a later rewrite is seen
-    model = load_model(mspec)
+    with reading_inputs(f"--checkpoint {redact(cfg.model.checkpoint)}"):
+        ckpt_identity = checkpoint_identity(cfg.model.checkpoint, cfg.inputs())  # before loading: a later rewrite is seen
+        model = load_model(mspec)  # validates the checkpoint before any image is touched
     with torch.inference_mode():
         size = mspec.input_size  # the grid follows the model: 7x7 for 224-px DenseNets, 16x16 for the 512-px ResNet
         grid = tuple(model.features(torch.zeros(1, PREPROCESSING[mspec.preprocess].channels, size, size)).shape[-2:])
@@ -135,7 +138,8 @@ def _write_manifest(cfg: ScoreConfig, specs, mspec, store: OutputStore, notes: l
     previous, why = previous_manifest(store)
     log.info(f"manifest: reading {', '.join(redact(d) for d in cfg.data.datasets)}")
     before, built_at = stats_before_build(cfg, store), time.time_ns()
-    result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
+    with reading_inputs("the --dataset metadata"):
+        result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), inputs=cfg.inputs(), read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())

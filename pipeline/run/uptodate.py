@@ -22,15 +22,17 @@ import time
 from dataclasses import dataclass
 
 from schemas.records import RunRecord
-
+from pipeline.io.location import InputOptions
 from pipeline.store.layout import OutputStore
+
 from pipeline.store.run_index import read_run, write_run
 
 log = logging.getLogger(__name__)
 
 # settings that change no output: a rerun differing only in these can still be a no-op
 NOT_IDENTITY = {"batch_size", "decode_workers", "decode_threads", "device", "cluster", "cluster_file", "worker_timeout",
-                "read_timeout", "read_retries", "verify", "report", "storage_options", "max_failed_fraction"}
+                "read_timeout", "read_retries", "verify", "report", "storage_options", "input_options", "dataset_options",
+                "max_failed_fraction"}
 RERUNS_KEPT = 100  # run.json keeps the last reruns only
 _HASH_BLOCK = 1 << 20
 
@@ -54,14 +56,13 @@ def now() -> str:
 
 # ---- what a run records ------------------------------------------------------------------------
 
-def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) -> dict:
+def checkpoint_identity(checkpoint: str, inputs: InputOptions | None = None) -> dict:
     """The checkpoint as a rerun can recognise it without loading it: 'random:SEED' as it is, a
-    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s)."""
+    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s). ``inputs``:
+    the options it is opened with (an input's, never --out's)."""
     if checkpoint.startswith("random:"):
         return {"checkpoint": checkpoint}
-    from pipeline.store.storage import url_to_fs
-
-    fs, path = url_to_fs(checkpoint, storage_options)
+    fs, path = (inputs or InputOptions()).at(checkpoint).resolve()
     info = fs.info(path)
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
@@ -203,7 +204,7 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.config):
         return None, "the settings differ from the latest run's"
     inputs = run.inputs
-    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, store.options) != inputs["checkpoint"]:
+    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, cfg.inputs()) != inputs["checkpoint"]:
         return None, "the checkpoint is not the latest run's"
     seconds["checkpoint"] = time.perf_counter() - t
 
@@ -250,7 +251,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
         return False
     try:
         result = build_manifest([DatasetSpec.parse(d) for d in cfg.data.datasets], cfg.findings(), previous,
-                                cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
+                                cfg.source_options(), inputs=cfg.inputs(), read_limits=cfg.read_limits())
         issues = store.read_parquet(store.manifest_issues)
     except Exception as e:  # noqa: BLE001 - the full run reports it properly
         log.debug(f"re-reading the manifest failed ({type(e).__name__}: {e})")
@@ -269,7 +270,7 @@ def _shards(cfg, store: OutputStore, mv: str):
     n_rows = int(max(rows.to_pylist(), default=-1)) + 1
     spec = RunSpec(out=cfg.output.out.rstrip("/"), model=model_spec_for(cfg.model.arch, cfg.model.checkpoint, tuple(cfg.model.findings)),
                    model_version=mv, baselines=(), shard_size=cfg.compute.shard_size, n_rows=n_rows,
-                   storage_options=freeze_options(cfg.output.storage_options))
+                   storage_options=freeze_options(cfg.output.storage_options), inputs=cfg.inputs())
     return spec, plan_shards(manifest, cfg.compute.shard_size, n_rows, cfg.data.limit)
 
 

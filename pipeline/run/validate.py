@@ -115,6 +115,10 @@ def validate(cfg, profile=None):
     specs = [DatasetSpec.parse(x) for x in d.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
+    unknown = sorted(set(d.dataset_options) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"data.dataset_options names {unknown[0]!r}, which is no --dataset (the datasets are "
+                          f"{', '.join(s.name for s in specs)}; name one with NAME=ADAPTER:LOCATION)")
     for s in specs:
         root = _local_path(s.location)
         if root is not None and not os.path.exists(root):
@@ -129,7 +133,7 @@ def validate(cfg, profile=None):
         if _local_path(m.checkpoint) is not None:
             from pipeline.inference.checkpoint_header import check_header
 
-            check_header(m.checkpoint, m.arch, cfg.findings())  # the tensor shapes against --arch, from the header
+            check_header(m.checkpoint, m.arch, cfg.findings(), cfg.inputs().options_for(m.checkpoint))  # the tensor shapes against --arch, from the header
     if m.baselines not in BASELINE_MODES:
         _must_exist(m.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
     _must_exist(d.metadata, "--metadata", "the metadata CSV")

@@ -19,6 +19,7 @@ from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
 from pipeline.sources.source_base import SourceOptions
+from pipeline.io.location import InputOptions
 from pipeline.sources.paths import confined_all, links_outside
 from pipeline.core.redact import redact
 
@@ -108,7 +109,7 @@ def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
     return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
-def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None,
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), inputs: InputOptions | None = None,
               read_limits=None) -> tuple[pd.DataFrame, list[dict]]:
     """A dataset's records as the manifest keeps them, and an issue for each one dropped or changed."""
     df = raw.records.copy()
@@ -121,7 +122,7 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
     roots = tuple(raw.roots) + tuple(allow_roots)
     if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
         df = _confine(df, ds_name, roots, issues)
-    df = _drop_missing(df, ds_name, raw, storage_options, read_limits, issues)
+    df = _drop_missing(df, ds_name, raw, inputs, read_limits, issues)
     if raw.lists_whole_dataset and raw.listed_files is not None:
         for p in sorted(raw.listed_files - set(df["path"])):
             issues.append(_issue(ds_name, p.rsplit("/", 1)[-1], p, "unlisted_file", "file has no metadata row", "ignored"))
@@ -179,13 +180,13 @@ def _confine(df: pd.DataFrame, ds_name: str, roots: tuple[str, ...], issues: lis
     return df[~linked]
 
 
-def _drop_missing(df: pd.DataFrame, ds_name: str, raw, storage_options: dict | None, read_limits, issues: list) -> pd.DataFrame:
+def _drop_missing(df: pd.DataFrame, ds_name: str, raw, inputs: "InputOptions | None", read_limits, issues: list) -> pd.DataFrame:
     """Records whose film is not there (not in the dataset's listing, or not found)."""
     no_path = df["path"].fillna("").str.len().eq(0)
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)
     elif raw.check_exists:
-        present = present_files(df["path"][~no_path].tolist(), storage_options, limits=read_limits)
+        present = present_files(df["path"][~no_path].tolist(), inputs, limits=read_limits)
         if present is not None:
             no_path |= ~df["path"].isin(present)
     for r in df[no_path].itertuples():
@@ -194,13 +195,15 @@ def _drop_missing(df: pd.DataFrame, ds_name: str, raw, storage_options: dict | N
 
 
 def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None,
-                   options: SourceOptions = SourceOptions(), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
+                   options: SourceOptions = SourceOptions(), inputs: InputOptions | None = None, read_limits=None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
-    new images get numbers after the largest one ever used, so maps.zarr rows never move."""
+    new images get numbers after the largest one ever used, so maps.zarr rows never move. Every
+    dataset file is opened with its options from ``inputs`` (the input options, never the output's)."""
     frames, issues = [], []
     for spec in specs:
+        spec = spec.with_inputs(inputs)
         raw = load_dataset(spec, findings, options)
-        df, iss = _validate(spec.name, raw, findings, options.allow_roots, storage_options, read_limits)
+        df, iss = _validate(spec.name, raw, findings, options.allow_roots, inputs, read_limits)
         df = _select_views(df, spec.name, options.views, iss)
         if options.site_column:
             df["site"] = _site_from(df, options.site_column)

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from schemas.records import RecordError, ShardRecord, StaleRecord
 
 from pipeline.store.maps_store import open_maps
-from pipeline.store.storage import url_to_fs, write_json_atomic
+from pipeline.io.location import Location
+from pipeline.store.storage import resolve, write_json_atomic
 
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
@@ -58,12 +59,12 @@ def _size(fs, path: str) -> int | None:
         return None
 
 
-def chunk_layout(maps_url: str, storage_options: dict | None = None) -> list[tuple[str, int, int, object, str]]:
+def chunk_layout(maps_url: str, storage_options: "dict | Location | None" = None) -> list[tuple[str, int, int, object, str]]:
     """What locating a row's chunks needs, read once from maps.zarr's metadata: per array its name,
     chunk length along rows, rank, chunk key encoder and the store's base path. Checking every
     shard of a run opens the group once with it, not once per shard."""
     g = open_maps(maps_url, "r", storage_options)
-    _, base = url_to_fs(maps_url, storage_options)
+    _, base = resolve(maps_url, storage_options)
     return [(name, arr.chunks[0], arr.ndim, arr.metadata.encode_chunk_key, base.rstrip("/")) for name, arr in sorted(g.arrays())]
 
 
@@ -78,7 +79,7 @@ def chunk_paths(maps_url: str, start: int, storage_options: dict | None = None, 
 
 def fingerprint_outputs(part_url: str, maps_url: str, start: int, storage_options: dict | None = None) -> dict:
     """Fingerprint a shard's part and chunks just after writing them (read back: bytes as stored)."""
-    fs, part = url_to_fs(part_url, storage_options)
+    fs, part = resolve(part_url, storage_options)
     with fs.open(part, "rb") as f:
         rows = pq.ParquetFile(f).metadata.num_rows
     out = {"part": {"bytes": _size(fs, part), "rows": rows, "sha256": _sha256(fs, part)}, "chunks": {}}
@@ -91,7 +92,7 @@ def fingerprint_outputs(part_url: str, maps_url: str, start: int, storage_option
 def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | None, str | None]:
     """The record's JSON: (value, None), (None, None) when absent, or (None, why) when unreadable.
     ``check_shard`` parses it (``ShardRecord.from_json``)."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = resolve(url, storage_options)
     try:
         with fs.open(path, "rb") as f:
             rec = json.loads(f.read())
@@ -112,7 +113,7 @@ def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=No
     ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards. With
     ``verify``, ``sources_check(record, shard, spec)`` may add problems about the films themselves
     (``pipeline.worker.cache.changed_sources``: a film replaced since it was scored)."""
-    so = dict(spec.storage_options)
+    so = spec.store.root  # the output root: its filesystem resolved once for every file of the shard
     value, why = read_record(spec.record_url(shard.index), so)
     if why:
         return ShardState("damaged", None, (why,))
@@ -136,10 +137,10 @@ def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=No
     return ShardState("partial" if rec.status == "partial" else "done", rec)
 
 
-def _check_outputs(rec: ShardRecord, shard, spec, so: dict, verify: bool, layout=None) -> list[str]:
+def _check_outputs(rec: ShardRecord, shard, spec, so, verify: bool, layout=None) -> list[str]:
     problems = []
     fp = rec.outputs
-    fs, part = url_to_fs(spec.part_url(shard.index), so)
+    fs, part = resolve(spec.part_url(shard.index), so)
     want = fp["part"]
     size = _size(fs, part)
     if size is None:
@@ -213,11 +214,11 @@ def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok:
     st = check_shard(shard, spec)
     if st.state != "partial":
         return None
-    so = dict(spec.storage_options)
+    so = spec.store.root  # the output root: its filesystem resolved once for every file of the shard
     g = open_maps(spec.maps_url, "r", so)
     for name, arr in region.items():
         arr[:] = g[name][shard.start:shard.stop]
-    fs, part = url_to_fs(spec.part_url(shard.index), so)
+    fs, part = resolve(spec.part_url(shard.index), so)
     with fs.open(part, "rb") as f:
         t = pq.read_table(f)
     pos_of = {r: p for p, r in enumerate(shard.rows)}

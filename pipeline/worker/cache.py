@@ -185,7 +185,7 @@ def changed_sources(rec, shard, spec) -> list[str]:
         if want is None:
             continue
         try:
-            got = source_digest(content_key(path, read_bytes(path, dict(spec.storage_options), spec.read_limits)))
+            got = source_digest(content_key(path, read_bytes(path, spec.inputs.options_for(path), spec.read_limits)))
         except ImageError:
             got = None
         if got != want:

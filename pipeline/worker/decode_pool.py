@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.inference.images import Decoded, PreprocessConfig
+from pipeline.io.location import InputOptions
 from pipeline.io.reads import ReadLimits
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class DecodeTask:
     """What a decode process needs besides the film (picklable, sent with each job)."""
 
     preprocess: PreprocessConfig = PreprocessConfig()
-    storage_options: tuple[tuple[str, str], ...] = ()
+    inputs: InputOptions = InputOptions()  # the options each film is read with
     use_cache: bool = False
     limits: ReadLimits = ReadLimits()
     # a grayscale film comes back as one (size, size) plane (Decoded.rgb() repeats it): a third of
@@ -102,10 +103,9 @@ class DecodeTask:
         from pipeline.inference.images import decode_bytes
         from pipeline.io.reads import read_bytes
 
-        so = dict(self.storage_options)
         key = None
         try:
-            data = read_bytes(job.path, so, self.limits)
+            data = read_bytes(job.path, self.inputs.options_for(job.path), self.limits)
             key = content_key(job.path, data)  # also the shard record's fingerprint of the film (--verify)
             if self.use_cache and job.cached_key is not None and key == job.cached_key:
                 return None, key

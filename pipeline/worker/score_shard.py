@@ -204,7 +204,7 @@ class ShardTask:
 
     def __init__(self, shard: Shard, spec: RunSpec, progress: Callable[[int, int], None] | None = None):
         self.shard, self.spec, self.progress = shard, spec, progress
-        self.so = dict(spec.storage_options)
+        self.so = spec.store.root  # the output root: its filesystem resolved once for the shard's writes
         self.workers = decode_workers(spec)
         self.pool = shared_pool(self.workers)
         self.out: ShardOutputs | None = None
@@ -221,7 +221,7 @@ class ShardTask:
         replaced_before = self.pool.replaced
         self.open_outputs()
         jobs = self.plan_films()
-        decode = DecodeTask(self.spec.preprocess, self.spec.storage_options, self.cache is not None, self.spec.read_limits, gray_plane=True)
+        decode = DecodeTask(self.spec.preprocess, self.spec.inputs, self.cache is not None, self.spec.read_limits, gray_plane=True)
         self.model = _Model(self.spec)
         self.score_films(jobs, decode)
         self.write_outputs()

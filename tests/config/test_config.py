@@ -141,8 +141,8 @@ def test_the_job_s_flags_take_their_name_type_and_choices_from_the_configuration
     from pipeline.config.run_config import INPUT_KEYS, flag_name, input_type, score_flags
 
     for flag in score_flags():
-        if flag.key == "storage_options":
-            continue  # its own action (tests/config/test_storage_options.py)
+        if flag.key in ("storage_options", "input_options"):
+            continue  # their own action (tests/config/test_storage_options.py)
         hint, default = input_type(flag.key)
         if hint is bool:  # store_true, or --no-KEY where the default is true
             argv, want = [f"--no-{flag.key.replace('_', '-')}" if default else flag_name(flag.key)], not default
@@ -158,7 +158,7 @@ def test_the_job_s_flags_take_their_name_type_and_choices_from_the_configuration
         _score_args(["--precision", "fp16"])
     # every key is a flag of the scoring or the aggregate job, but these (set in --config's file only)
     flags = {f.key for f in score_flags()} | {a.dest for a in aggregate_parser()._actions}
-    assert set(INPUT_KEYS) - flags == {"n_boot", "cell_probes"}
+    assert set(INPUT_KEYS) - flags == {"n_boot", "cell_probes", "dataset_options"}
 
 
 # ---------------------------------------------------------------- typed choices

@@ -1,6 +1,7 @@
 """Workers that share no disk with the driver: a `dask scheduler` and two `dask worker` processes,
-each started in an empty folder of its own with its own HOME and TMPDIR, reached through an
-`address` profile of cluster.yaml; films, metadata, checkpoint and outputs all on S3. The run
+each started in an empty folder of its own with its own HOME and TMPDIR and no credential in its
+environment, reached through an `address` profile of cluster.yaml; films, metadata and checkpoint in
+one bucket (--input-option), outputs in another (--storage-option), each with its own identity. The run
 equals the same run on local disk, and every process (driver included, traced with strace) wrote
 nothing on disk outside its own folder."""
 
@@ -19,7 +20,7 @@ import pytest
 from jobs.score_dataset import main
 from tests.conftest import TINY_ARCH
 from tests.s3.compare import assert_same_outputs
-from tests.s3.server import OUTPUT_BUCKET
+from tests.s3.server import INPUT_BUCKET, OUTPUT_BUCKET
 from tests.s3.syscalls import outside, strace_prefix, written_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _own_folder(root: Path, name: str, creds: dict) -> tuple[Path, dict]:
+def _own_folder(root: Path, name: str) -> tuple[Path, dict]:
     """An empty working folder with its own HOME and TMPDIR, and an environment that names only those."""
     d = root / name
     for sub in ("cwd", "home", "tmp"):
         (d / sub).mkdir(parents=True)
     env = {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONPATH": str(ROOT),
            "HOME": str(d / "home"), "TMPDIR": str(d / "tmp"), "PYTHONDONTWRITEBYTECODE": "1",
-           "OMP_NUM_THREADS": "1", **creds}
+           "OMP_NUM_THREADS": "1"}  # no credential: the run hands each side its own options
     return d, env
 
 
@@ -64,34 +65,31 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_a_cluster_of_separate_processes_writes_only_to_s3(s3_server, prefix, tiny_nih, tiny_ckpt, tmp_path):
     _need_strace()
     admin = s3_server.fs()
-    data = f"{OUTPUT_BUCKET}/{prefix}/in"  # until inputs have their own options, they share --out's
+    data = f"{INPUT_BUCKET}/{prefix}"
     admin.put(str(tiny_nih), f"{data}/ChestX-ray14", recursive=True)
     admin.put(tiny_ckpt, f"{data}/tiny.safetensors")
     port = _free_port()
-    # Until inputs have options of their own (--input-option), the dataset root is opened with the
-    # environment's credentials, as botocore users set them; --out gets its own with --storage-option.
-    creds = s3_server.env("outputs")
     root = tmp_path / "procs"
     procs, folders = [], []
     try:
-        d, env = _own_folder(root, "scheduler", {})
+        d, env = _own_folder(root, "scheduler")
         folders.append(d)
         procs.append(subprocess.Popen([*strace_prefix(d / "trace"), sys.executable, "-m", "distributed.cli.dask_scheduler",
                                        "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                                       cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb")))
         for i in range(2):
-            d, env = _own_folder(root, f"worker-{i}", creds)
+            d, env = _own_folder(root, f"worker-{i}")
             folders.append(d)
             procs.append(subprocess.Popen([*strace_prefix(d / "trace"), sys.executable, "-m", "distributed.cli.dask_worker",
                                            f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--name", f"w{i}",
                                            "--local-directory", str(d / "tmp"), "--no-dashboard", "--host", "127.0.0.1"],
                                           cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb")))
-        d, env = _own_folder(root, "driver", creds)
+        d, env = _own_folder(root, "driver")
         folders.append(d)
         (d / "cwd" / "cluster.yaml").write_text(f"profiles:\n  remote:\n    type: address\n    address: tcp://127.0.0.1:{port}\n")
         out = f"s3://{OUTPUT_BUCKET}/{prefix}/out"
         args = ["--dataset", f"nih:s3://{data}/ChestX-ray14", "--checkpoint", f"s3://{data}/tiny.safetensors", "--arch", TINY_ARCH,
-                "--out", out, *s3_server.flags("outputs"), "--cluster", "remote", "--cluster-file", "cluster.yaml",
+                *s3_server.flags("inputs", "--input-option"), "--out", out, *s3_server.flags("outputs"), "--cluster", "remote", "--cluster-file", "cluster.yaml",
                 "--shard-size", "4", "--batch-size", "4", "--decode-workers", "0", "--cache", "none", "--limit", "16"]
         driver = subprocess.run([*strace_prefix(d / "trace"), sys.executable, "-m", "jobs.score_dataset", *args],
                                 cwd=d / "cwd", env=env, capture_output=True, text=True, timeout=500)

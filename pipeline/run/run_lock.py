@@ -8,8 +8,8 @@
 * Taking over a dead holder's lock is atomic: the taker first creates a breaker file named after
   that holder, exclusively; only one taker can, and it re-reads the lock before removing it.
 * Where one holder is guaranteed: local disks (a hard link), ``memory://`` (one process), and S3
-  servers that honour ``If-None-Match: *`` (AWS S3, SeaweedFS, MinIO): each run checks that its
-  server refuses a second conditional create and warns if it does not. Any other backend gets a
+  servers that honour ``If-None-Match: *`` (AWS S3 does since 2024; SeaweedFS, tested in tests/s3):
+  each run checks that its server refuses a second conditional create and warns if it does not. Any other backend gets a
   warning too: fsspec leaves it to each backend whether ``"xb"`` is atomic, so two runs started
   at the same moment there could both hold the lock.
 """

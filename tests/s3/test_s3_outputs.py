@@ -151,3 +151,36 @@ def test_a_shard_record_sees_chunks_zarr_wrote_after_a_cached_listing(s3_server,
     assert fs.ls(f"{OUTPUT_BUCKET}/{prefix}/maps.zarr/x/c") == [f"{OUTPUT_BUCKET}/{prefix}/maps.zarr/x/c/0"]
     arr[2:4] = [3, 4]
     assert fingerprint_outputs(part, maps, 2, opts)["chunks"]["x"] is not None
+
+
+def test_where_one_holder_is_not_guaranteed_the_run_is_told(s3_server, prefix, monkeypatch, caplog):
+    """An S3 server that ignores If-None-Match (simulated: the header is dropped before it is sent)
+    and a backend with no known atomic create each get the caveat, logged when the lock is taken."""
+    import fsspec
+    import s3fs
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.run.run_lock import acquire, one_holder_caveat, release
+    from pipeline.store.layout import OutputStore
+
+    real = s3fs.S3FileSystem._call_s3
+
+    async def ignoring_the_condition(self, method, *args, **kwargs):
+        kwargs.pop("IfNoneMatch", None)
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", ignoring_the_condition)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", fsspec.asyn.sync_wrapper(ignoring_the_condition))
+    store = OutputStore(f"s3://{OUTPUT_BUCKET}/{prefix}", s3_server.options("outputs"))
+    with caplog.at_level("WARNING", logger="pipeline.run.run_lock"):
+        me, _ = acquire(store)
+        release(store, me)
+    assert "cannot guarantee one holder (this S3 server overwrote an object despite If-None-Match: *)" in caplog.text
+    monkeypatch.undo()
+    assert one_holder_caveat(store) is None
+
+    class PlainFileSystem(MemoryFileSystem.__base__):  # fsspec's AbstractFileSystem: "xb" is up to the backend
+        protocol = "plainfs"
+
+    fsspec.register_implementation("plainfs", PlainFileSystem, clobber=True)
+    assert "plainfs:// has no conditional create known to be atomic" in one_holder_caveat(OutputStore("plainfs://x"))

@@ -52,6 +52,14 @@ class Identity:
         return [f"{v}:{b}" for b in self.buckets for v in verbs]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies (a timed-out test exits
+    without running fixture teardowns, which left servers running)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -135,7 +143,8 @@ class SeaweedS3:
                "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=100", "-volume.preStopSeconds=0"]
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
 
@@ -190,3 +199,6 @@ class SeaweedS3:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.sockets, ignore_errors=True)
+        for port in self.ports.values():  # weed's gRPC sockets: always /tmp/seaweedfs-<service>-grpc-<port>.sock
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)

@@ -179,6 +179,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         contain_scratch(store)
         clean_temporaries(store)
         previous = previous_latest(store)
+        rerun = RerunClock(store, previous)
         cluster = RunCluster(cfg, client)
         try:
             prep, info = score(cfg, store, cluster)
@@ -190,6 +191,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         closing = cluster.close_in_background()  # no step below uses the cluster
         try:
             if info["status"] == "complete":
+                info = rerun.keep_scoring_run(prep, info)
                 check_interrupt()  # a complete run; interrupted before it becomes latest
                 publish(store, info, previous)
                 info["drift_text"] = drift_step(store, drift_from(info, previous), info)
@@ -197,6 +199,7 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
                     info["report"] = report_step(store, info, cfg.aggregate)
                 else:
                     record_step(store, info, "report", "skipped")
+                rerun.record(info)
         finally:
             closing.join()
     return info
@@ -223,6 +226,45 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     run = record_rerun(store, found.model_version, {"started": started, "finished": now(), "outcome": "nothing changed",
                                                     "seconds": seconds}, found.restamped)
     return {**run, "nothing_changed": True, "check_seconds": seconds["total"]}
+
+
+class RerunClock:
+    """A rerun that the early check could not prove a no-op (--verify, a re-read manifest, a deleted
+    report, stale aggregates) and that then finds nothing to score: like a no-op, it is appended to
+    run.json's ``reruns`` (what it redid and how long it took) and the scoring run's ``started``,
+    ``finished``, ``seconds`` and ``history`` are put back, so jobs.runs keeps showing the run's own
+    times. The latest run's record is read before prepare_run rewrites it."""
+
+    def __init__(self, store: OutputStore, latest: str | None):
+        from pipeline.run.uptodate import now
+
+        self.store, self.t, self.started = store, time.perf_counter(), now()
+        run, _ = store.read_json_safe(store.run_json(latest)) if latest else (None, None)
+        self.scored = run if isinstance(run, dict) and run.get("status") == "complete" else None
+        self.entry: dict | None = None
+
+    def keep_scoring_run(self, prep, info: dict) -> dict:
+        """On a rerun with nothing scored, run.json (and info) get the scoring run's times back."""
+        if prep.pending or self.scored is None or self.scored.get("model_version") != info["model_version"]:
+            return info
+        redid = [k for k in ("aggregates",) if k in (info.get("seconds") or {})]
+        self.entry = {"started": self.started, "outcome": "nothing to score", "redid": redid, "seconds": dict(info.get("seconds") or {})}
+        kept = {k: self.scored.get(k) for k in ("started", "finished", "seconds", "history")}
+        url = self.store.run_json(info["model_version"])
+        current, _ = self.store.read_json_safe(url)
+        self.store.write_json(url, {**(current if isinstance(current, dict) else info), **kept})
+        return {**info, **kept}
+
+    def record(self, info: dict) -> None:
+        """After the report: append the rerun's entry (no-op for a scoring run)."""
+        if self.entry is None:
+            return
+        from pipeline.run.uptodate import now, record_rerun
+
+        if info.get("report"):
+            self.entry["redid"].append("report")
+        self.entry["seconds"]["total"] = time.perf_counter() - self.t
+        info["reruns"] = record_rerun(self.store, info["model_version"], {**self.entry, "finished": now()}).get("reruns")
 
 
 SCRATCH = "_scratch"

@@ -193,3 +193,78 @@ def test_a_deleted_film_or_rewritten_weights_are_never_a_noop(tmp_path, tiny_nih
 
     assert main(args + ["--limit", "20"]) == 0
     assert "rerun: the settings differ from the latest run's" in capsys.readouterr().err
+
+
+def test_a_rerun_past_the_early_check_with_nothing_to_score_keeps_the_runs_timings(tmp_path, tiny_nih, tiny_ckpt, capsys, report_after_run):
+    """--verify, a deleted report, deleted aggregates: each rerun goes the whole way (the early check
+    cannot vouch for it) and scores nothing; run.json keeps the scoring run's times, the rerun is
+    appended to ``reruns`` with what it redid, and jobs.runs shows the scoring run."""
+    from jobs.runs import list_runs
+
+    out = tmp_path / "out"
+    args = _args(tiny_nih, out, tiny_ckpt)
+    assert main(args) == 0
+    run_dir = next((out / "runs").iterdir())
+    first = json.loads((run_dir / "run.json").read_text())
+    assert first["seconds"]["shards_total"] > 0 and "reruns" not in first
+    shown = list_runs(str(out))
+    capsys.readouterr()
+
+    (run_dir / "report.html").unlink()
+    assert main(args) == 0
+    assert main(args + ["--verify"]) == 0
+    (run_dir / "region_stats.parquet").unlink()
+    assert main(args) == 0
+    assert "0 to score" in capsys.readouterr().err
+    again = json.loads((run_dir / "run.json").read_text())
+    for key in ("started", "finished", "seconds", "history"):
+        assert again[key] == first[key], key
+    assert again["steps"] == first["steps"] and again["status"] == "complete" and again["counts"]["scored"] == 40
+    reruns = again["reruns"]
+    assert [r["outcome"] for r in reruns] == ["nothing to score"] * 3
+    assert [r["redid"] for r in reruns] == [["report"], ["report"], ["aggregates", "report"]]
+    assert all(r["started"] > first["finished"] and r["finished"] >= r["started"] and r["seconds"]["total"] > 0 for r in reruns)
+    assert (run_dir / "region_stats.parquet").exists() and (run_dir / "report.html").exists()
+    assert list_runs(str(out)) == shown  # jobs.runs: the scoring run's start and duration
+    assert json.loads((out / "latest.json").read_text())["finished"] == first["finished"]
+
+
+def test_grown_aggregates_merge_kept_chunk_statistics_and_equal_a_full_recompute(tmp_path, tiny_nih, tiny_ckpt):
+    """+3 films: only the chunks holding them are read whole; an unchanged chunk is merged from its
+    kept statistics (at most its top-10% entry is recomputed, as that threshold is the dataset's),
+    and the merge is bit-identical to a recompute from the maps alone (the same float64 additions in
+    the same order)."""
+    from pipeline.analysis.aggregate import aggregate_run
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    assert main(_args(data, out, tiny_ckpt) + ["--no-report"]) == 0
+    run_dir = next((out / "runs").iterdir())
+    first = json.loads((run_dir / "_aggregates.json").read_text())["region_partials"]
+    assert first["chunks"] == 3 and sorted(first["recomputed"]) == ["0", "1", "2"]  # nothing kept yet
+    assert sorted(p.name for p in (run_dir / "_partials").iterdir()) == [f"region-{k:06d}.npz" for k in range(3)]
+
+    rng = np.random.default_rng(5)
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        for i in range(3):
+            name = f"{970 + i:08d}_000.png"
+            (data / "images_002" / "images" / name).write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+            f.write(f"{name},Effusion,0,{970 + i},50,F,AP,128,128,0.143,0.143\n")
+    assert main(_args(data, out, tiny_ckpt) + ["--no-report"]) == 0
+    grown = json.loads((run_dir / "_aggregates.json").read_text())
+    redone = grown["region_partials"]["recomputed"]
+    assert "2" in redone and "all=all" in redone["2"]  # rows 32-42: the chunk with the new films, read whole
+    for k in ("0", "1"):
+        assert set(redone.get(k, [])) <= {"confidence=top10%"}, redone[k]
+    assert set(grown["seconds"]) == {"region_statistics", "tables", "verdicts"}
+
+    tables = {p.name: pq.read_table(p) for p in run_dir.glob("*.parquet") if p.name != "errors.parquet"}
+    assert "region_stats.parquet" in tables and "finding_summary.parquet" in tables
+    shutil.rmtree(run_dir / "_partials")
+    aggregate_run(str(out), run_dir.name)  # everything from the maps
+    assert json.loads((run_dir / "_aggregates.json").read_text())["region_partials"]["recomputed"].keys() == {"0", "1", "2"}
+    for name, merged in tables.items():
+        again = pq.read_table(run_dir / name)
+        assert again.schema.equals(merged.schema), name
+        assert again.to_pandas().equals(merged.to_pandas()), name  # bit for bit, NaN in the same places

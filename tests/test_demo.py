@@ -68,6 +68,7 @@ def test_canonical_safetensors_sorts_the_header_and_keeps_the_tensors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one thread: minutes on a loaded 2-core machine
 def test_regenerating_the_shipped_weights_gives_the_same_bytes(tmp_path):
     """Seeded, one thread, deterministic kernels: the same bytes again under the torch version that
     wrote them (about a minute on 2 cores). Another torch version may round differently: then the

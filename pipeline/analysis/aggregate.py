@@ -37,7 +37,8 @@ from pipeline.store.layout import RUNS, OutputStore
 from pipeline.store.storage import exists, join
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
 from pipeline.analysis.grid import region_masks
-from pipeline.analysis.region_partials import partials_dir
+from pipeline.analysis.probe_reuse import chunk_states, fit_record, kept_fit, outputs_fingerprint
+from pipeline.analysis.region_partials import chunk_fingerprint, partials_dir
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
 log = logging.getLogger("cxr_audit")
@@ -135,11 +136,9 @@ def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, 
     return acc
 
 
-def chunk_fingerprints(store: OutputStore, model_version: str) -> dict[int, str]:
-    """{chunk: fingerprint} from the run's shard records (a shard is one chunk of maps.zarr)."""
+def shard_records(store: OutputStore, model_version: str) -> dict[int, dict]:
+    """{shard: its record} of the run (a shard is one chunk of maps.zarr); unreadable ones left out."""
     import json
-
-    from pipeline.analysis.region_partials import chunk_fingerprint
 
     fs, pattern = store.fs(store.records_glob(model_version))
     out = {}
@@ -148,10 +147,9 @@ def chunk_fingerprints(store: OutputStore, model_version: str) -> dict[int, str]
             with fs.open(p, "rb") as f:
                 rec = json.loads(f.read())
         except (ValueError, OSError):
-            continue  # no fingerprint: that chunk is read, as before
-        fp = chunk_fingerprint(rec)
-        if fp is not None and isinstance(rec.get("shard"), int):
-            out[rec["shard"]] = fp
+            continue  # no fingerprint: that chunk is read and counts as changed, as without one
+        if isinstance(rec, dict) and isinstance(rec.get("shard"), int):
+            out[rec["shard"]] = rec
     return out
 
 
@@ -356,8 +354,10 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
 
     log.info(f"aggregates: region statistics over {len(ctx.rows):,} films")
     t, read, seconds = time.perf_counter(), {}, {}
-    acc = accumulate(store.maps(model_version), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler, store.options,
-                     fingerprints=chunk_fingerprints(store, model_version), partials=partials_dir(store.join(RUNS, model_version)), report=read)
+    records, chunk = shard_records(store, model_version), maps["cam"].chunks[0]
+    fingerprints = {k: fp for k, r in records.items() if (fp := chunk_fingerprint(r)) is not None}
+    acc = accumulate(store.maps(model_version), ctx, bias, chunk, n_parts, scheduler, store.options,
+                     fingerprints=fingerprints, partials=partials_dir(store.join(RUNS, model_version)), report=read)
     seconds["region_statistics"] = time.perf_counter() - t
     log.info(f"aggregates: region statistics in {seconds['region_statistics']:.1f} s ({len(read.get('recomputed', {}))} of {read.get('chunks', 0)} "
              "chunks read, the others merged from their kept statistics)")
@@ -377,11 +377,16 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
     seconds["tables"] = time.perf_counter() - t - seconds["region_statistics"]
+    probes = {}
     if config.identifiability:
-        # cross-validated fits do not merge: refitted on every change, all rows (their cost is in _aggregates.json)
+        # cross-validated fits do not merge: kept while few films changed since, else refitted (probe_reuse)
         t = time.perf_counter()
-        log.info(f"probes: fitting {', '.join(config.targets)} from the embedding, the maps and each cell")
-        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
+        states = chunk_states(manifest, ctx.rows, chunk, {k: outputs_fingerprint(r) for k, r in records.items()})
+        kept, probes = kept_fit(store, model_version, config, states)
+        if kept is None:
+            log.info(f"probes: fitting {', '.join(config.targets)} from the embedding, the maps and each cell")
+            kept, probes = identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn), fit_record(config, states)
+        tables.update(kept)
         seconds["probes"] = time.perf_counter() - t
     t = time.perf_counter()
     tables.update(verdict_tables(manifest, ctx, probs, maps, findings, anatomy, tables.get("localization_boxes"), meta))
@@ -393,7 +398,8 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
         store.write_parquet(store.table(model_version, name), table)
     from pipeline.analysis.aggregate_inputs import record_inputs
 
-    record_inputs(store, model_version, config, list(tables), region_partials=read, seconds=seconds)  # after the tables: a kill leaves them stale
+    record_inputs(store, model_version, config, list(tables), region_partials=read, seconds=seconds,
+                  **({"probes": probes} if probes else {}))  # after the tables: a kill leaves them stale
     return tables
 
 

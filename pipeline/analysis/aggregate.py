@@ -136,6 +136,19 @@ def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, 
     return acc
 
 
+def reuse_line(read: dict) -> str:
+    """How much of the region statistics came from the maps: whole chunks (new or rescored), chunks
+    read for a few strata whose rows changed (the top-10% confidence threshold moves with every film
+    added), the rest merged from kept statistics."""
+    redone = read.get("recomputed", {})
+    whole = [k for k, v in redone.items() if "all=all" in v]
+    few = [k for k in redone if k not in whole]
+    parts = [f"{len(whole)} of {read.get('chunks', 0)} chunks computed from the maps"]
+    if few:
+        parts.append(f"{len(few)} read again for {sum(len(redone[k]) for k in few)} strata whose rows changed")
+    return ", ".join(parts) + ", the rest merged from kept statistics"
+
+
 def shard_records(store: OutputStore, model_version: str) -> dict[int, dict]:
     """{shard: its record} of the run (a shard is one chunk of maps.zarr); unreadable ones left out."""
     import json
@@ -359,8 +372,7 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     acc = accumulate(store.maps(model_version), ctx, bias, chunk, n_parts, scheduler, store.options,
                      fingerprints=fingerprints, partials=partials_dir(store.join(RUNS, model_version)), report=read)
     seconds["region_statistics"] = time.perf_counter() - t
-    log.info(f"aggregates: region statistics in {seconds['region_statistics']:.1f} s ({len(read.get('recomputed', {}))} of {read.get('chunks', 0)} "
-             "chunks read, the others merged from their kept statistics)")
+    log.info(f"aggregates: region statistics in {seconds['region_statistics']:.1f} s ({reuse_line(read)})")
     grid = grid_of(maps)
     anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool)
     if anatomy is not None and anatomy.shape != grid:

@@ -228,8 +228,9 @@ def aggregates_note(out: Path, since: float) -> str:
     rec = json.loads(written[0].read_text())
     sec, region, probes = rec.get("seconds") or {}, rec.get("region_partials") or {}, rec.get("probes") or {}
     total = sum(sec.values())
-    parts = [f"aggregates + probes {total:.1f} s: region statistics {sec.get('region_statistics', 0):.1f} s "
-             f"({len(region.get('recomputed', {}))} of {region.get('chunks', 0)} chunks read)"]
+    from pipeline.analysis.aggregate import reuse_line
+
+    parts = [f"aggregates + probes {total:.1f} s: region statistics {sec.get('region_statistics', 0):.1f} s ({reuse_line(region)})"]
     if "probes" in sec:
         kept = probes.get("kept")
         parts.append(f"probes {sec['probes']:.1f} s ({'kept, ' + str(kept['changed_since_fit']) + ' films changed since the fit' if kept else 'fitted'})")

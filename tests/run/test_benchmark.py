@@ -87,6 +87,7 @@ def test_the_rehearsal_notes_what_a_steps_aggregation_cost(tmp_path):
         "region_partials": {"chunks": 20, "recomputed": {"19": ["all=all"], "3": ["confidence=top10%"]}},
         "probes": {"kept": {"films_now": 20200, "changed_since_fit": 744}}}))
     assert aggregates_note(tmp_path / "out", since) == (
-        "aggregates + probes 6.8 s: region statistics 2.0 s (2 of 20 chunks read), probes 0.2 s (kept, 744 films changed "
+        "aggregates + probes 6.8 s: region statistics 2.0 s (1 of 20 chunks computed from the maps, 1 read again for 1 strata "
+        "whose rows changed, the rest merged from kept statistics), probes 0.2 s (kept, 744 films changed "
         "since the fit), tables 1.5 s, verdicts 3.0 s")
     assert aggregates_note(tmp_path / "out", time.time() + 60) == ""  # written before the step: not its own

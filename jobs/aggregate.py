@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._common import add_common, add_config, add_storage_options, fail, job_config, setup_logging
+from jobs._common import add_common, add_config, add_input_options, add_storage_options, fail, job_config, setup_logging
 from pipeline.core.errors import CxrAuditError
 
 
@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     add_config(p)
     p.add_argument("--out", metavar="URL", help="the scoring job's --out (required, here or as output.out in --config)")
     add_storage_options(p)
+    add_input_options(p)  # the bounding boxes and the films' sizes are read from the inputs
     p.add_argument("--run", default=None, metavar="MODEL_VERSION", help="which run (default: the newest complete one)")
     p.add_argument("--by", nargs="+", metavar="COLUMN",
                    help=f"manifest columns to stratify by, alone and crossed with the label (default: {' '.join(D.by)})")
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     setup_logging(args)
     try:
         out, config = config_from_args(args)
-        tables = aggregate_run(out, args.run, config, scheduler=args.scheduler)
+        tables = aggregate_run(out, args.run, config, scheduler=args.scheduler, inputs=job_config(args).inputs())
     except (CxrAuditError, PermissionError) as e:
         return fail(e)
     for name, t in tables.items():

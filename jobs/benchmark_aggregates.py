@@ -30,8 +30,10 @@ import pyarrow as pa
 from pipeline.core.findings import CHEXNET_FINDINGS
 from pipeline.store.maps_store import create_maps
 from pipeline.store.layout import OutputStore
+from pipeline.store.run_index import write_run
 from schemas.manifest import manifest_schema
 from schemas.outputs import predictions_schema
+from schemas.records import RunRecord
 
 
 def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_paths: list[str] | None = None) -> str:
@@ -74,7 +76,7 @@ def make_synthetic_run(out: str, n: int, shard: int = 1024, seed: int = 0, film_
         pc = {"row": np.arange(lo, hi), "image_id": cols["image_id"][lo:hi], "model_version": [mv] * (hi - lo)}
         pc.update({f: p[:, j].astype(np.float32) for j, f in enumerate(CHEXNET_FINDINGS)})
         store.write_parquet(store.part(mv, k), pa.Table.from_pydict(pc, schema=predictions_schema(CHEXNET_FINDINGS, mv)))
-    store.write_json(store.run_json(mv), {"status": "complete", "model_version": mv, "finished": "now", "config": {"datasets": ["manifest:synthetic"]}})
+    write_run(store, RunRecord(model_version=mv, status="complete", finished="now", config={"datasets": ["manifest:synthetic"]}))
     return mv
 
 

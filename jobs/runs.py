@@ -8,7 +8,7 @@ import argparse
 import sys
 from datetime import datetime
 
-from jobs._common import add_common, add_config, add_storage_options, fail, out_from_args, setup_logging
+from jobs._common import add_common, add_config, add_input_options, add_storage_options, fail, job_config, out_from_args, setup_logging
 from pipeline.core.errors import CxrAuditError
 from pipeline.store.layout import OutputStore
 from pipeline.store.run_index import latest as _latest
@@ -19,14 +19,14 @@ def list_runs(out, storage_options: dict | None = None) -> list[dict]:
     store = OutputStore.of(out, storage_options)
     latest = _latest(store).get("model_version")  # unreadable: none (--check reports it)
     rows = []
-    for rj in run_records(store):
+    for run in run_records(store):
         took = None
-        if rj.get("started") and rj.get("finished"):
-            took = (datetime.fromisoformat(rj["finished"]) - datetime.fromisoformat(rj["started"])).total_seconds()
-        c = rj.get("counts") or {}
-        rows.append({"model_version": rj["model_version"], "started": rj.get("started"), "finished": rj.get("finished"),
-                     "status": rj.get("status"), "images": c.get("images"), "scored": c.get("scored"), "failed": c.get("failed"),
-                     "seconds": took, "latest": rj["model_version"] == latest})
+        if run.started and run.finished:
+            took = (datetime.fromisoformat(run.finished) - datetime.fromisoformat(run.started)).total_seconds()
+        c = run.counts or {}
+        rows.append({"model_version": run.model_version, "started": run.started, "finished": run.finished,
+                     "status": run.status, "images": c.get("images"), "scored": c.get("scored"), "failed": c.get("failed"),
+                     "seconds": took, "latest": run.model_version == latest})
     return sorted(rows, key=lambda r: r["started"] or "")
 
 
@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     add_config(p)
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="URL", help="the scoring job's --out (or output.out in --config)")
     add_storage_options(p)
+    add_input_options(p)  # --check --verify reads the films again
     p.add_argument("--latest", action="store_true",
                    help="print only the latest complete run's folder (OUT/runs/<model_version>), for scripts and queries; exit 1 if none")
     p.add_argument("--check", action="store_true",
@@ -70,7 +71,7 @@ def _act(args, store) -> int:
     if args.check:
         from pipeline.run.run_check import check_out
 
-        problems = check_out(store, verify=args.verify)
+        problems = check_out(store, verify=args.verify, inputs=job_config(args).inputs())
         for line in problems:
             print(line)
         print(f"{len(problems)} problems under {store.url}" if problems else f"{store.url}: every shard matches its record")

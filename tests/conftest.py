@@ -39,7 +39,7 @@ def roc_auc_score(*args, **kwargs):
     return sklearn_auc(*args, **kwargs)
 
 
-def _report_skipped_in_tests(out: str, model_version: str) -> None:
+def _report_skipped_in_tests(out: str, model_version: str, storage_options=None, inputs=None) -> None:
     return None
 
 

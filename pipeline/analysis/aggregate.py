@@ -35,13 +35,14 @@ from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import RUNS, OutputStore
 from pipeline.store.storage import exists, join
+from pipeline.io.location import InputOptions
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
 from pipeline.analysis.grid import region_masks
 from pipeline.analysis.probe_reuse import chunk_states, fit_record, kept_fit, outputs_fingerprint
 from pipeline.analysis.region_partials import chunk_fingerprint, partials_dir
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 def grid_of(maps) -> tuple[int, int]:
     """(rows, columns) of a run's maps: the model's grid (7x7 for 224-px DenseNets, 16x16 for
@@ -287,22 +288,23 @@ def metrics_table(ctx: StrataContext, probs: np.ndarray, findings, min_n: int, m
     return pa.Table.from_pydict(cols, schema=metrics_schema(**meta))
 
 
-def _find_bbox(run: dict) -> str | None:
+def _find_bbox(run: dict, inputs: InputOptions) -> str | None:
     for d in run["config"]["datasets"]:
         spec = d.split("=", 1)[1] if "=" in d.split(":", 1)[0] else d
         adapter, loc = spec.split(":", 1)
         if adapter == "nih":
             for name in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz"):
-                if exists(join(loc, name)):
+                if exists(join(loc, name), inputs.options_for(join(loc, name))):
                     return join(loc, name)
     return None
 
 
-def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContext, maps, findings, n_boot: int, meta: dict):
+def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContext, maps, findings, n_boot: int, meta: dict,
+                        inputs: InputOptions = InputOptions()):
     from PIL import Image
     import fsspec
 
-    boxes = read_bbox_list(bbox_url)
+    boxes = read_bbox_list(bbox_url, inputs.options_for(bbox_url))
     by_id = manifest.set_index("image_id")[["row", "path"]]
     scored = set(ctx.rows.tolist())
     boxes = boxes[boxes.image_id.isin(by_id.index) & boxes.finding.isin(findings)].copy()
@@ -316,7 +318,8 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
     per_box: dict[str, list] = {k: [] for k in localization_boxes_schema().names}
     for b in boxes.itertuples():
         if b.row not in sizes:
-            with fsspec.open(by_id.loc[b.image_id, "path"], "rb") as fh:
+            path = by_id.loc[b.image_id, "path"]
+            with fsspec.open(path, "rb", **inputs.options_for(path)) as fh:
                 sizes[b.row] = Image.open(fh).size  # reads the header only
         cov = box_coverage((b.x, b.y, b.w, b.h), *sizes[b.row], grid=grid[0])
         share, hit, chance, chance_pt = box_scores(cams[pos_of[b.row], findings.index(b.finding)], cov)
@@ -339,10 +342,11 @@ def localization_tables(bbox_url: str, manifest: pd.DataFrame, ctx: StrataContex
 
 
 def aggregate_run(out, model_version: str | None = None, config: AggregateConfig = AggregateConfig(), scheduler="threads", n_parts: int | None = None,
-                  storage_options: dict | None = None, map_fn=None) -> dict[str, pa.Table]:
+                  storage_options: dict | None = None, map_fn=None, inputs: InputOptions | None = None) -> dict[str, pa.Table]:
     """Compute and write every aggregate of a run from its stored outputs; returns the tables.
 
-    out: an OutputStore, or a URL opened with storage_options. scheduler: where the region
+    out: an OutputStore, or a URL opened with storage_options. inputs: the options the inputs it
+    reads (the bounding boxes, the films' sizes) are opened with (never --out's). scheduler: where the region
     statistics' tree reduction runs (a dask scheduler name, or a client's ``get``); ``map_fn(fn,
     iterable)`` runs the per-cell identifiability fits (default: in process; the lifecycle passes
     one that runs them on the scoring cluster)."""
@@ -385,9 +389,11 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
         "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta, grid),
         "metrics": metrics_table(ctx, probs, findings, config.min_n, meta),
     }
-    bbox = config.bbox or _find_bbox(run)
+    inputs = inputs or InputOptions()
+    bbox = config.bbox or _find_bbox(run, inputs)
     if bbox:
-        tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot, {**meta, "bbox": bbox})
+        tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot,
+                                                                                   {**meta, "bbox": bbox}, inputs)
     seconds["tables"] = time.perf_counter() - t - seconds["region_statistics"]
     probes = {}
     if config.identifiability:

@@ -40,9 +40,10 @@ def box_coverage(box: tuple[float, float, float, float], width: int, height: int
     return np.outer(oy, ox)
 
 
-def read_bbox_list(url: str) -> pd.DataFrame:
-    """image_id, finding, x, y, w, h from BBox_List_2017.csv (its three trailing empty columns ignored)."""
-    with fsspec.open(url, "rb", compression="infer") as f:
+def read_bbox_list(url: str, storage_options: dict | None = None) -> pd.DataFrame:
+    """image_id, finding, x, y, w, h from BBox_List_2017.csv (its three trailing empty columns ignored),
+    opened with the input options."""
+    with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
         raw = pd.read_csv(io.BytesIO(f.read()))
     df = raw.iloc[:, :6].copy()
     df.columns = ["image_id", "finding", "x", "y", "w", "h"]

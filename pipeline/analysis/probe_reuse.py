@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 REFIT_SHARE = 0.05  # the probes are refitted once more than this share of the rows is new or changed since the fit
 PROBE_TABLES = ("identifiability", "identifiability_map", "identifiability_scores", "prevalence_confounding")

@@ -29,7 +29,7 @@ from pipeline.analysis.region_stats import CellStats, RegionAccumulator
 from pipeline.store.shard_check import DONE_STATUSES
 from pipeline.store.storage import url_to_fs, write_bytes_atomic
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 PARTIALS = "_partials"
 FORMAT = 1  # bump when what an entry holds or how its digest is made changes: old files are then recomputed

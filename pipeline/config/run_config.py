@@ -16,6 +16,14 @@ is resolved on each worker, where the GPU is, by ``pipeline.inference.model.reso
 The saved form (``flat()``, the ``config`` of run.json) keeps the keys run.json has always had;
 ``ScoreConfig.from_flat`` reads it back.
 
+The scoring job's command line is generated: ``score_flags`` gives each key's help and metavar, and
+``jobs._common.add_flags`` takes the flag's name, type, choices and store_true/--no- form from the
+key's field. A layer (a YAML file, the flags given) replaces keys in the sections (``updated``).
+
+A deprecated key (``ALIASES``: ``--decode-threads``, ``compute.decode_threads``) is accepted in every
+layer and resolved here, once: it sets the key that replaced it, with a note printed once. It is no
+field of any section, so nothing past the configuration (the shard spec, the workers) ever sees it.
+
 No torch, numpy or pandas here: a configuration error must come back in well under a second.
 """
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import types
 import typing
@@ -38,8 +47,9 @@ from pipeline.inference.architectures import DEFAULT_ARCH, arch_profile, check_a
 from pipeline.inference.model_spec import ModelSpec, model_spec_for
 from pipeline.inference.precision import DEFAULT_PRECISION, Precision
 from pipeline.inference.preprocess_config import HighBitDepth, PreprocessConfig
+from pipeline.io.location import InputOptions, Location
 from pipeline.io.reads import ReadLimits
-from pipeline.sources.source_base import SourceOptions, Uncertain
+from pipeline.sources.source_base import DatasetSpec, SourceOptions, Uncertain
 from pipeline.store.layout import OutputStore
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -63,10 +73,29 @@ class DataConfig:
     uncertain: Uncertain = _SRC.uncertain
     allow_roots: tuple[str, ...] = _SRC.allow_roots
     limit: int | None = None  # score only the first N manifest rows
+    # fsspec options for every input (metadata, films, checkpoint, baselines file); never saved: may hold secrets
+    input_options: Mapping[str, Any] = field(default_factory=dict)
+    # NAME -> fsspec options for the files of that --dataset instead of input_options (never saved)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # their reprs name the keys only (ScoreConfig's type check says the rest)
+        if isinstance(self.input_options, Mapping):
+            object.__setattr__(self, "input_options", MaskedDict(self.input_options))
+        if isinstance(self.dataset_options, Mapping):
+            object.__setattr__(self, "dataset_options", MaskedDict(
+                {k: MaskedDict(v) if isinstance(v, Mapping) else v for k, v in self.dataset_options.items()}))
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(metadata=self.metadata, views=self.views, site_column=self.site_column,
                              uncertain=self.uncertain, allow_roots=self.allow_roots)
+
+    def inputs(self) -> InputOptions:
+        """The options each input is opened with: a dataset's own (dataset_options) for the files
+        under its folder, input_options for every other input."""
+        specs = [DatasetSpec.parse(d) for d in self.datasets] if self.dataset_options else []
+        roots = tuple(Location(s.folder, self.dataset_options[s.name]) for s in specs if s.name in self.dataset_options)
+        return InputOptions(self.input_options, roots)
 
 
 @dataclass(frozen=True)
@@ -106,8 +135,7 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; 'auto' is resolved on each worker
     batch_size: int = 32
     shard_size: int = 1024  # images per shard and Zarr chunk length (part of the run's identity)
-    decode_workers: int | None = None  # decode processes per worker (None: one per core; 0: in-process)
-    decode_threads: int | None = None  # deprecated alias of decode_workers
+    decode_workers: int | None = None  # decode processes per worker (None: one per core; 0: in-process); alias decode_threads
     cache: str = CACHE_MODES[0]  # 'auto': OUT/cache; 'none'; or a URL
 
 
@@ -129,7 +157,7 @@ class OutputConfig:
     """Where results go, and when a run counts as done."""
 
     out: str | None = None  # output root (fsspec URL)
-    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out (never saved: may hold secrets)
+    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options for --out only (never saved: may hold secrets)
     verify: bool = False  # on resume, rehash finished shards' outputs (default: sizes only)
     max_failed_fraction: float = 0.05  # more failed images: status failed/partial, exit 3
     report: bool = True  # the HTML report at the end of a complete run (False: none; build it later with jobs.report)
@@ -146,8 +174,15 @@ class OutputConfig:
 # The sections, in the order of to_dict() and of a YAML file.
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "images": ImagesConfig, "compute": ComputeConfig,
                              "cluster": ClusterConfig, "output": OutputConfig, "aggregate": AggregateConfig}
+# Options that may hold credentials: never saved (run.json keeps their keys, config.yaml names them),
+# never quoted, masked in reprs; none is part of a run's identity.
+SECRET_OPTIONS = {("data", "input_options"), ("data", "dataset_options"), ("output", "storage_options")}
 # The keys of the saved (flat) form that differ from the field name; all others are the field name.
 _FLAT_NAMES = {("cluster", "profile"): "cluster", ("cluster", "file"): "cluster_file"}
+# Deprecated keys, (section, old name) -> the field it sets (where the same layer does not set that
+# field itself), and the smallest value the old key took. Their flat key is the old name.
+ALIASES: dict[tuple[str, str], tuple[str, int]] = {("compute", "decode_threads"): ("decode_workers", 1)}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -176,14 +211,20 @@ class ScoreConfig:
     @classmethod
     def from_dict(cls, doc: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From the nested form (a YAML file's contents). Unknown sections or keys are errors naming them."""
-        if not isinstance(doc, Mapping):
-            raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(doc).__name__}")
-        unknown = [k for k in doc if k not in SECTIONS]
+        return cls().updated(doc, where)
+
+    def updated(self, layer: Mapping, where: str = "the configuration") -> "ScoreConfig":
+        """This configuration with one layer over it (nested, as in a YAML file): each key the layer
+        gives replaces its value whole, the others stay. Unknown sections or keys are errors naming them."""
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{where} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}")
+        layer = resolve_aliases(layer)
+        unknown = [k for k in layer if k not in SECTIONS]
         if unknown:
             raise ConfigError(f"{where}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
         parts = {}
         for name, sec in SECTIONS.items():
-            values = doc.get(name) or {}
+            values = layer.get(name) or {}
             if not isinstance(values, Mapping):
                 raise ConfigError(f"{where}: section {name!r} must be a mapping of keys, got {type(values).__name__}")
             known = {f.name for f in fields(sec)}
@@ -192,29 +233,25 @@ class ScoreConfig:
                 raise ConfigError(f"{where}: unknown key {name}.{bad[0]}{_did_you_mean(bad[0], known)}; "
                                   f"keys of {name!r}: {', '.join(sorted(known))}")
             hints = _hints(sec)
-            parts[name] = sec(**{k: _coerce(name, k, v, hints[k]) for k, v in values.items()})
-        return cls(**parts)
+            parts[name] = dataclasses.replace(getattr(self, name), **{k: _coerce(name, k, v, hints[k]) for k, v in values.items()})
+        return ScoreConfig(**parts)
 
     def to_dict(self) -> dict:
-        """The nested form with plain values (lists, dicts): what a YAML file holds. storage_options
-        are left out (they may hold secrets; pass them with --storage-option, in the file, in Python,
-        or leave credentials to the environment)."""
+        """The nested form with plain values (lists, dicts): what a YAML file holds. The options
+        (SECRET_OPTIONS: storage, input and dataset options) are left out (they may hold secrets; pass
+        them with --storage-option / --input-option, in the file, in Python, or leave credentials to
+        the environment)."""
         doc = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
-        doc["output"].pop("storage_options")
+        for section, name in SECRET_OPTIONS:
+            doc[section].pop(name)
         return doc
 
     @classmethod
     def from_flat(cls, flat: Mapping, where: str = "the configuration") -> "ScoreConfig":
         """From flat keys (run.json's ``config``; the dests of the job's flags)."""
-        doc: dict[str, dict] = {}
-        for key, value in flat.items():
-            if key not in FLAT_KEYS:
-                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
-            section, name = FLAT_KEYS[key]
-            if (section, name) == ("output", "storage_options") and not isinstance(value, Mapping):
-                continue  # run.json keeps only the keys of the storage options
-            doc.setdefault(section, {})[name] = value
-        return cls.from_dict(doc, where)
+        # run.json keeps only the keys of the storage and input options: they are not read back
+        flat = {k: v for k, v in flat.items() if not (FLAT_KEYS.get(k) in SECRET_OPTIONS and not isinstance(v, Mapping))}
+        return cls.from_dict(_nested(flat, where), where)
 
     @classmethod
     def of(cls, **flat) -> "ScoreConfig":
@@ -226,19 +263,12 @@ class ScoreConfig:
         out = {}
         for key, (section, name) in FLAT_KEYS.items():
             value = getattr(getattr(self, section), name)
-            out[key] = sorted(value) if name == "storage_options" else _plain(value)
+            out[key] = sorted(value) if (section, name) in SECRET_OPTIONS else _plain(value)
         return out
 
     def with_overrides(self, flat: Mapping, where: str = "the command line") -> "ScoreConfig":
         """A new configuration with these flat keys replaced (the flags given on the command line)."""
-        doc = self.to_dict()
-        doc["output"]["storage_options"] = dict(self.output.storage_options)
-        for key, value in flat.items():
-            if key not in FLAT_KEYS:
-                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
-            section, name = FLAT_KEYS[key]
-            doc[section][name] = value
-        return ScoreConfig.from_dict(doc, where)
+        return self.updated(_nested(flat, where), where)
 
     # ---- what the run needs, derived (never stored twice)
     def read_limits(self) -> ReadLimits:
@@ -251,7 +281,10 @@ class ScoreConfig:
         """The model the run scores with, as its shard tasks name it: the driver checks it and the
         local workers load it ahead of the first shard (``get_model``'s cache is keyed by it)."""
         return model_spec_for(self.model.arch, self.model.checkpoint, tuple(self.model.findings),
-                              storage_options=self.output.store().storage_options)
+                              storage_options=self.inputs().options_of(self.model.checkpoint or ""))
+
+    def inputs(self) -> InputOptions:
+        return self.data.inputs()
 
     def findings(self) -> tuple[str, ...]:
         """The findings the run scores: --findings, less those the model has no output for (a
@@ -268,19 +301,151 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     _FLAT_NAMES.get((section, f.name), f.name): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
 }
 assert len(FLAT_KEYS) == sum(len(fields(c)) for c in SECTIONS.values()), "flat keys must be unique across sections"
+# What a layer may set: the saved keys and the deprecated ones (the job's flags set these dests).
+INPUT_KEYS: dict[str, tuple[str, str]] = {**FLAT_KEYS, **{old: (section, old) for section, old in ALIASES}}
+
+
+def _nested(flat: Mapping, where: str) -> dict[str, dict]:
+    """Flat keys as one layer of the nested form, deprecated keys resolved."""
+    doc: dict[str, dict] = {}
+    for key, value in flat.items():
+        if key not in INPUT_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, FLAT_KEYS)}")
+        section, name = INPUT_KEYS[key]
+        doc.setdefault(section, {})[name] = value
+    return resolve_aliases(doc)
+
+
+_NOTED: set[tuple[str, str]] = set()  # the deprecated keys noted in this process
+
+
+def resolve_aliases(layer: Mapping) -> dict:
+    """One layer (nested, as in a YAML file) with each deprecated key replaced by the field it sets,
+    unless the layer sets that field itself; the first use in a process logs a note."""
+    doc = dict(layer)
+    for (section, old), (new, least) in ALIASES.items():
+        values = doc.get(section)
+        if not isinstance(values, Mapping) or old not in values:
+            continue  # (from_dict says what is wrong with a section that is no mapping)
+        values = dict(values)
+        value = values.pop(old)
+        _check_type(section, old, value, _hints(SECTIONS[section])[new])
+        if value is not None:
+            if value < least:
+                raise ConfigError(f"{FLAGS[old]} must be at least {least}")
+            if values.get(new) is None:
+                values[new] = value
+            if (section, old) not in _NOTED:
+                _NOTED.add((section, old))
+                log.warning(f"{flag_of(section, old)} is deprecated: it sets {flag_of(section, new)}; use that instead")
+        doc[section] = values
+    return doc
 
 # The flag that sets each key (for messages); keys without a flag are named by their path.
 FLAGS = {
     "datasets": "--dataset", "allow_roots": "--allow-root", "cluster": "--cluster", "cluster_file": "--cluster-file",
     "targets": "--confounder", "decode_threads": "--decode-threads", "n_boot": None, "storage_options": "--storage-option",
+    "input_options": "--input-option", "dataset_options": None,
 }
 _COMMA_LISTS = {("data", "views"), ("model", "findings")}  # a string is split on commas, as the flag's value is
 
 
 def flag_of(section: str, name: str) -> str:
-    key = _FLAT_NAMES.get((section, name), name)
-    flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+    flag = flag_name(_FLAT_NAMES.get((section, name), name))
     return f"{flag} ({section}.{name})" if flag else f"{section}.{name}"
+
+
+def flag_name(key: str) -> str | None:
+    """The flag of an input key (INPUT_KEYS), as messages and the parser name it; None: file only."""
+    return FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def input_type(key: str) -> tuple[Any, Any]:
+    """(type, default) of the field an input key sets (INPUT_KEYS; a deprecated key, the field it
+    sets), with ``X | None`` as X."""
+    section, name = INPUT_KEYS[key]
+    name = ALIASES.get((section, name), (name,))[0]
+    default = next(f.default for f in fields(SECTIONS[section]) if f.name == name)
+    return _optional(_hints(SECTIONS[section])[name])[0], default
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of the scoring job: the key it sets and the words of its help. Everything else (its
+    name, dest, type, choices, store_true/--no- form) comes from the key's field (jobs._common.add_flags)."""
+
+    key: str  # a key of INPUT_KEYS
+    metavar: str | None = None
+    help: str = ""
+    repeat: bool = False  # a list given one item per use (--dataset A --dataset B); else a list is A,B,...
+    from_file: bool = False  # a list may also be a file of items (one per line or comma-separated)
+
+
+def score_flags() -> tuple[Flag, ...]:
+    """The scoring job's configuration flags in the order of its --help, defaults quoted from here."""
+    from pipeline.inference.architectures import ARCHITECTURES
+    from pipeline.sources.source_base import ADAPTERS
+
+    D = ScoreConfig()
+    return (
+        Flag("datasets", "[NAME=]ADAPTER:LOCATION",
+             f"repeatable. Adapters: {', '.join(f'{n} ({ADAPTERS.help(n)})' for n in ADAPTERS)}. "
+             "Locations are fsspec URLs (local path, file://, s3://, memory://).", repeat=True),
+        Flag("views", "frontal|all|AP,PA,...",
+             f"which views to score: 'frontal' (default {','.join(D.data.views)}: lateral views are left out and counted), "
+             "'all', or a list of codes"),
+        Flag("site_column", "COLUMN", "take 'site' from this manifest column (default: the dataset's name)"),
+        Flag("uncertain", None, f"CheXpert/MIMIC uncertain labels (-1): negative, positive, or not labelled (default {D.data.uncertain})"),
+        Flag("identifiability", None, "after scoring, also fit the confounder probes (site, view, sex, age band; see jobs.aggregate)"),
+        Flag("metadata", "URL", "NIH metadata CSV, if not ROOT/Data_Entry_2017[_v2020].csv"),
+        Flag("checkpoint", "PATH",
+             "state_dict (.pt/.pth, loaded with weights_only=True) or .safetensors; 'random:SEED' for seeded random weights. "
+             "Pickled whole models are refused: convert them with python -m jobs.convert_checkpoint --trust-pickle IN OUT"),
+        Flag("arch", "NAME|module:callable",
+             f"a registered architecture ({', '.join(ARCHITECTURES)}; default {D.model.arch}) or any callable "
+             "returning a module with 'features' and a Linear 'classifier'"),
+        Flag("findings", "A,B,...|FILE", "finding names in the model's output order (default: the 14 CheXNet findings)", from_file=True),
+        Flag("baselines", "reference|from-labels|FILE",
+             f"p_baseline per finding for the ln(p_cell/p_baseline) map (default {D.model.baselines}: the reference prevalences)"),
+        Flag("out", "URL", "output root (fsspec URL)"),
+        Flag("storage_options"),  # its help is jobs._common's (the flag's value is parsed there)
+        Flag("input_options"),  # likewise
+        Flag("cluster", "NAME", "profile in --cluster-file (default: the file's default, 'local')"),
+        Flag("cluster_file", "PATH",
+             "profiles file (default: ./cluster.yaml if present, else the built-in local profiles); a missing file is an error"),
+        Flag("worker_timeout", "SECONDS", "give up when the cluster brings up no worker in this time (default: the profile's "
+             "worker_timeout, 120 s for local clusters, 1800 s for SLURM)"),
+        Flag("shard_size", "N", f"images per shard and Zarr chunk length (default {D.compute.shard_size})"),
+        Flag("batch_size", "N", f"images per forward pass (default {D.compute.batch_size})"),
+        Flag("limit", "N", "score only the first N manifest rows"),
+        Flag("device", "auto|cpu|cuda", f"where the model runs on each worker (default {D.compute.device})"),
+        Flag("high_bit_depth", None, "16-bit PNGs: 'clip' as the reference's convert('RGB') does, or 'rescale' the full range "
+             f"to 8 bits (default {D.images.high_bit_depth})"),
+        Flag("cache", "auto|none|URL",
+             "preprocessed-image cache (uint8 224x224 in Zarr): 'auto' = OUT/cache (default), 'none', or a URL"),
+        Flag("decode_workers", "N", "decode processes per worker, kept alive across shards (default: one per core of the worker; "
+             "0: decode in the scoring process)"),
+        Flag("precision", None, f"forward precision: {D.model.precision} (default, strict: TF32 off on CUDA, parity <= 1e-4), tf32, "
+             "or bf16 (autocast features); part of the run's identity (non-default precisions get their own run folder "
+             "runs/VERSION-PRECISION)"),
+        Flag("decode_threads", "N", "deprecated alias of --decode-workers"),
+        Flag("report", None, "write no HTML report at the end of the run (nightly jobs that only query the tables); "
+             "python -m jobs.report --out OUT builds it later"),
+        Flag("verify", None, "on resume, rehash every finished shard's outputs against its record (default: sizes only)"),
+        Flag("max_failed_fraction", "F", "more failed images than this share ends the run 'partial' with exit 3 "
+             f"(default {D.output.max_failed_fraction}); no image scored is always a failure"),
+        Flag("max_image_bytes", "N", "larger image files are not read; recorded as ImageTooLarge "
+             f"(default {D.images.max_image_bytes // 2**20} MiB; real films are 0.3-10 MB)"),
+        Flag("max_image_pixels", "N",
+             f"films whose header declares more pixels are not decoded (TooManyPixels; default {D.images.max_image_pixels:,})"),
+        Flag("max_aspect_ratio", "R", "films longer than R times their width (or the reverse) are not decoded "
+             f"(ExtremeAspectRatio; default {D.images.max_aspect_ratio:g})"),
+        Flag("read_timeout", "S", f"seconds per remote read attempt (ReadTimeout; default {D.images.read_timeout:g})"),
+        Flag("read_retries", "N", "further attempts after a transient read error (timeout, connection, EIO), with backoff "
+             f"(default {D.images.read_retries})"),
+        Flag("allow_roots", "URL", "repeatable: a folder or URL prefix that manifest paths may point into besides the "
+             "manifest's own folder", repeat=True),
+    )
 
 
 def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
@@ -289,15 +454,24 @@ def yaml_text(cfg: ScoreConfig, head: str = "") -> str:
     import yaml
 
     if cfg.output.storage_options:
-        keys = ", ".join(" ".join(str(k).split()) for k in sorted(cfg.output.storage_options))
-        head += (f"# Storage options {keys} are not written here (they may hold credentials): give them again "
+        head += (f"# Storage options {_keys(cfg.output.storage_options)} are not written here (they may hold credentials): give them again "
                  "with --storage-option KEY=VALUE or output.storage_options, or leave credentials to the environment.\n")
+    if cfg.data.input_options:
+        head += (f"# Input options {_keys(cfg.data.input_options)} are not written here (they may hold credentials): give them again "
+                 "with --input-option KEY=VALUE or data.input_options, or leave credentials to the environment.\n")
+    if cfg.data.dataset_options:
+        head += (f"# The options of datasets {_keys(cfg.data.dataset_options)} are not written here (they may hold credentials): "
+                 "give them again in data.dataset_options.\n")
     doc = cfg.to_dict()
     masked = _redacted(doc)
     if masked != doc:
         head += ("# Credentials in URLs are masked (REDACTED) here: put them in storage options or the environment, "
                  "not in URLs.\n")
     return head + yaml.safe_dump(masked, sort_keys=False)
+
+
+def _keys(options) -> str:
+    return ", ".join(" ".join(str(k).split()) for k in sorted(options))
 
 
 def _redacted(value):
@@ -341,20 +515,14 @@ def load_yaml(path: str) -> dict:
 
 def load_config(path: str | None = None, overrides: Mapping | None = None, base: ScoreConfig | None = None) -> ScoreConfig:
     """base (default: the defaults), then the YAML file at ``path``, then ``overrides`` (flat keys).
-    Storage options are merged key by key (--storage-option over the file's output.storage_options);
-    every other key is replaced whole."""
+    Storage and input options are merged key by key (--storage-option over the file's
+    output.storage_options, --input-option over data.input_options); every other key is replaced whole."""
     cfg = base or ScoreConfig()
     if path:
-        doc = cfg.to_dict()
-        doc["output"]["storage_options"] = dict(cfg.output.storage_options)
-        for section, values in load_yaml(path).items():
-            if section in doc and isinstance(values, Mapping):
-                doc[section].update(values)
-            else:
-                doc[section] = values  # from_dict names what is wrong with it
-        cfg = ScoreConfig.from_dict(doc, f"--config {path}")
-    if overrides and isinstance(overrides.get("storage_options"), Mapping):
-        overrides = {**overrides, "storage_options": {**cfg.output.storage_options, **overrides["storage_options"]}}
+        cfg = cfg.updated(load_yaml(path), f"--config {path}")
+    for key, given in (("storage_options", cfg.output.storage_options), ("input_options", cfg.data.input_options)):
+        if overrides and isinstance(overrides.get(key), Mapping):
+            overrides = {**overrides, key: {**given, **overrides[key]}}
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -406,10 +574,8 @@ def resolve_baselines(cfg: ScoreConfig, manifest=None) -> tuple[float, ...]:
                                   f"{mean if mean is not None else 'n/a'}; give a baselines file instead")
             prev[f] = mean
         return validate_baselines(findings, prev)
-    import fsspec
-
     try:
-        with fsspec.open(mode, "rt") as fh:
+        with cfg.inputs().at(mode).open(mode="rt") as fh:  # an input: opened with the input options
             return validate_baselines(findings, parse_baselines_text(fh.read()))
     except FileNotFoundError:
         raise ConfigError(f"--baselines file {mode} does not exist; use 'reference', 'from-labels' or a file") from None
@@ -427,8 +593,6 @@ def _check_values(cfg: ScoreConfig) -> None:
         raise ConfigError("--limit must be >= 0")
     if c.decode_workers is not None and c.decode_workers < 0:
         raise ConfigError("--decode-workers must be >= 0 (0 decodes in the scoring process itself)")
-    if c.decode_threads is not None and c.decode_threads < 1:
-        raise ConfigError("--decode-threads must be at least 1")
     if not DEVICE.match(c.device):
         raise ConfigError(f"--device {c.device!r}: use auto, cpu, cuda or cuda:N")
     if not m.findings or len(set(m.findings)) != len(m.findings):
@@ -437,6 +601,9 @@ def _check_values(cfg: ScoreConfig) -> None:
         raise ConfigError(f"--checkpoint {m.checkpoint!r}: random weights are 'random:SEED' with an integer SEED")
     check_arch(m.arch, find_module=False)  # whether its module is importable: pipeline.run.validate
     cfg.findings()  # a model with its own outputs must have one for some --findings (torch-free)
+    bad = [name for name, v in d.dataset_options.items() if not isinstance(v, Mapping)]
+    if bad:  # the dataset's name and the type, never the value (it may be a credential)
+        raise ConfigError(f"data.dataset_options.{bad[0]} must be a mapping of fsspec options, got {type(d.dataset_options[bad[0]]).__name__}")
     if cfg.cluster.worker_timeout is not None and cfg.cluster.worker_timeout <= 0:
         raise ConfigError("--worker-timeout must be positive")
     a = cfg.aggregate
@@ -502,7 +669,7 @@ def _type_ok(value, hint) -> bool:
 
 def _check_type(section: str, name: str, value, hint) -> None:
     if not _type_ok(value, hint):
-        got = type(value).__name__ if name == "storage_options" else repr(value)  # never quote what may be a credential
+        got = type(value).__name__ if (section, name) in SECRET_OPTIONS else repr(value)  # never quote what may be a credential
         raise ConfigError(f"{flag_of(section, name)} must be {_describe(hint)}, got {got}")
 
 

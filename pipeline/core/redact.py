@@ -50,7 +50,7 @@ class MaskedDict(dict):
 
 
 # Flags whose values may be credentials: never echoed back (e.g. in "rerun the same command").
-SECRET_FLAGS = ("--storage-option",)
+SECRET_FLAGS = ("--storage-option", "--input-option")
 
 
 def redact_argv(argv) -> list[str]:

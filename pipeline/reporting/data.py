@@ -13,6 +13,7 @@ from pipeline.inference.images import load_image
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import OutputStore
+from pipeline.io.location import InputOptions
 
 TABLES = ("region_stats", "finding_summary", "metrics", "localization", "identifiability", "identifiability_map",
           "prevalence_confounding", "scorecard", "cell_separation")
@@ -32,6 +33,7 @@ class RunData:
     _maps = None
     _preds: pd.DataFrame | None = None
     _films: dict = field(default_factory=dict)
+    inputs: InputOptions = InputOptions()  # the options the films are read with (never --out's)
 
     @property
     def out(self) -> str:
@@ -69,7 +71,7 @@ class RunData:
         if row not in self._films:
             path = self.manifest.set_index("row").at[row, "path"] if "path" in self.manifest else None
             try:
-                self._films[row] = load_image(path).pixels[:, :, 0] if path else None
+                self._films[row] = load_image(path, storage_options=self.inputs.options_for(path)).pixels[:, :, 0] if path else None
             except ImageError:
                 self._films[row] = None
         return self._films[row]
@@ -84,8 +86,9 @@ class RunData:
         return out
 
 
-def load_run(out, model_version: str | None = None, storage_options: dict | None = None) -> RunData:
-    """A run's stored outputs; out is an OutputStore, or a URL opened with storage_options."""
+def load_run(out, model_version: str | None = None, storage_options: dict | None = None, inputs: InputOptions | None = None) -> RunData:
+    """A run's stored outputs; out is an OutputStore, or a URL opened with storage_options. ``inputs``:
+    the options its films are read with (the input options; default none)."""
     store = OutputStore.of(out, storage_options)
     runs = complete_runs(store)
     if model_version is None:
@@ -102,7 +105,7 @@ def load_run(out, model_version: str | None = None, storage_options: dict | None
         if store.exists(url):
             tables[name] = store.read_parquet(url).to_pandas()
     findings = tuple(store.open_maps(store.maps(model_version)).attrs["findings"])
-    data = RunData(store, model_version, run, manifest, findings, tables)
+    data = RunData(store, model_version, run, manifest, findings, tables, inputs=inputs or InputOptions())
     earlier = runs[: runs.index(model_version)] if model_version in runs else runs
     if earlier:
         data.previous = earlier[-1]

@@ -11,8 +11,8 @@ from pipeline.reporting.data import load_run
 
 
 def write_film_png(out, image_id: str, finding: str | None = None, model_version: str | None = None, path: str | None = None,
-                   storage_options: dict | None = None) -> str:
-    data = load_run(out, model_version, storage_options)
+                   storage_options: dict | None = None, inputs=None) -> str:
+    data = load_run(out, model_version, storage_options, inputs)
     m = data.manifest
     hit = m[m.image_id == image_id]
     if hit.empty:

@@ -342,9 +342,9 @@ def _heap_frozen():
         gc.unfreeze()
 
 
-def build_report(out, model_version: str | None = None, storage_options: dict | None = None) -> str:
+def build_report(out, model_version: str | None = None, storage_options: dict | None = None, inputs=None) -> str:
     t = time.perf_counter()
-    data = load_run(out, model_version, storage_options)
+    data = load_run(out, model_version, storage_options, inputs)
     with _heap_frozen():
         body = [s(data) for s in SECTIONS]
     title = f"cxr-audit report: run {data.model_version}"
@@ -359,14 +359,16 @@ def default_path(out, model_version: str) -> str:
     return OutputStore.of(out).report(model_version)
 
 
-def write_report(out, model_version: str | None = None, path: str | None = None, storage_options: dict | None = None) -> str:
+def write_report(out, model_version: str | None = None, path: str | None = None, storage_options: dict | None = None,
+                 inputs=None) -> str:
     """Build and write the report atomically; returns its path. out: an OutputStore, or a URL
-    opened with storage_options (a given path is written with the same options)."""
+    opened with storage_options (a given path is written with the same options); ``inputs``: the
+    options the films it shows are read with (pipeline.io.location.InputOptions)."""
     from pipeline.analysis.aggregate import latest_complete_run
 
     store = OutputStore.of(out, storage_options)
     data_mv = model_version or latest_complete_run(store)
-    page = build_report(store, data_mv)
+    page = build_report(store, data_mv, inputs=inputs)
     path = path or store.report(data_mv)
     store.write_bytes(path, page.encode())
     return path

@@ -70,7 +70,10 @@ def readable(data: RunData) -> dict[str, dict]:
 
 
 def label_ties(data: RunData) -> dict[tuple[str, str], float]:
-    """AUC of predicting each finding's label from a confounder alone (its group's prevalence)."""
+    """AUC of predicting each finding's label from a confounder alone (its group's prevalence), over
+    every labelled film. For the site: ``auc_site_prevalence`` of prevalence_confounding.parquet when
+    the run has it (sites under min_n pooled), not the out-of-fold ``_oof`` column, which is biased low
+    (pipeline/analysis/site_confounding.py); a one-value-per-group score fits only the groups' order."""
     m = data.manifest
     pc = data.table("prevalence_confounding")
     ties = {}
@@ -84,7 +87,7 @@ def label_ties(data: RunData) -> dict[tuple[str, str], float]:
         for col, _ in CONFOUNDERS:
             stored = _first(pc, finding=f, stratum="all") if col == "site" else None
             if stored is not None and stored.auc_site_prevalence is not None and not pd.isna(stored.auc_site_prevalence):
-                ties[(f, col)] = float(stored.auc_site_prevalence)  # out-of-fold, from the probes
+                ties[(f, col)] = float(stored.auc_site_prevalence)  # the site ordering, not the out-of-fold variant
                 continue
             if col not in m:
                 continue

@@ -57,9 +57,14 @@ class Profile:
         return f"Profile({self.name!r}, type={self.type!r})"
 
 
-# libyaml's safe loader where PyYAML was built with it (the same documents, ~10x faster: a run reads
-# cluster.yaml up to three times, 0.1 s in pure Python)
+# libyaml's safe loader where PyYAML was built with it (the same documents, ~10x faster)
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def profile_for(cluster) -> Profile:
+    """The profile a ``ClusterConfig`` names. A run resolves it once, in the driver (jobs.score_dataset,
+    or ``lifecycle.run`` through ``validate``), and hands the Profile to the checks and the cluster start."""
+    return load_profile(cluster.profile or None, cluster.path, required=cluster.file is not None)
 
 
 def load_profile(name: str | None, path: str = "cluster.yaml", required: bool = False) -> Profile:

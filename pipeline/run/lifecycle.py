@@ -20,12 +20,14 @@ import threading
 import time
 from datetime import datetime
 
+from schemas.records import RunRecord
+
 from pipeline.core.errors import OutputError
 from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
 from pipeline.store.layout import OutputStore
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 
 def quiet_dask_logs() -> None:
@@ -47,7 +49,7 @@ def warm_args(cfg, profile) -> tuple:
     from pipeline.run.cluster import CLUSTER_TYPES
 
     model = (cfg.model_spec(), cfg.compute.device) if CLUSTER_TYPES[profile.type].early else None
-    return (cfg.compute.decode_workers, cfg.compute.decode_threads, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
+    return (cfg.compute.decode_workers, ("pipeline.worker.score_shard", "pipeline.inference.cam"), model)
 
 
 class RunCluster:
@@ -57,9 +59,10 @@ class RunCluster:
     the scoring code and loads the run's model, while the driver prepares the run (issue 8: fixed
     cost); batch schedulers are asked for workers only when the run first needs them (``client``). A run with
     nothing to score or aggregate never waits for it. Given a client (tests, notebooks), it uses
-    that one and leaves it open."""
+    that one and leaves it open. ``profile``: the cluster profile the driver resolved (else the one
+    cfg names, read here)."""
 
-    def __init__(self, cfg, client=None):
+    def __init__(self, cfg, client=None, profile=None):
         self._client = client
         self._cluster = None
         self._starter = None
@@ -68,10 +71,10 @@ class RunCluster:
         self._worker_logs = None
         self._store = cfg.output.store()
         if client is None:
-            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, load_profile
+            from pipeline.run.cluster import CLUSTER_TYPES, ClusterStarter, profile_for
 
             quiet_dask_logs()
-            self.profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path)
+            self.profile = profile or profile_for(cfg.cluster)
             self._starter = ClusterStarter(self.profile, cfg.cluster.worker_timeout, warm=warm_args(cfg, self.profile))
             early = CLUSTER_TYPES[self.profile.type].early
             log.info(f"cluster {self.profile.name}: " + ("starting in the background (workers load the model while the run is prepared)"
@@ -132,20 +135,21 @@ class RunCluster:
 
 # ---- the whole run -------------------------------------------------------------------------------
 
-def run(cfg, validated: bool = False, client=None) -> dict:
+def run(cfg, validated: bool = False, client=None, profile=None) -> dict:
     """Validate, hold the --out lock, score, aggregate, then point latest.json at the run, compare it
     with the previous latest and write its report. Returns run.json's content (plus ``report`` and
-    ``drift_text`` when written)."""
+    ``drift_text`` when written). ``profile``: the cluster profile, when the caller resolved it
+    (``cluster.profile_for``); else validation reads it, once."""
     from pipeline.store.storage import remove_if_empty
 
     if not validated:
         from pipeline.run.validate import validate
 
-        validate(cfg)
+        profile = validate(cfg, profile)
     store = cfg.output.store()
     created = first_missing(store.url) if not store.exists() else None
     try:
-        return run_locked(cfg, store, client)
+        return run_locked(cfg, store, client, profile)
     except BaseException:
         if created:  # a run that failed before writing anything leaves no empty --out (or parents) behind
             import shutil
@@ -165,7 +169,7 @@ def first_missing(out: str) -> str:
     return path
 
 
-def run_locked(cfg, store: OutputStore, client=None) -> dict:
+def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
     from pipeline.run.run_lock import run_lock
 
     store.check_writable()
@@ -180,29 +184,30 @@ def run_locked(cfg, store: OutputStore, client=None) -> dict:
         clean_temporaries(store)
         previous = previous_latest(store)
         rerun = RerunClock(store, previous)
-        cluster = RunCluster(cfg, client)
+        cluster = RunCluster(cfg, client, profile)
         try:
-            prep, info = score(cfg, store, cluster)
-            if info["status"] == "running":  # every shard done: aggregates next, on the same cluster
-                info = aggregate(cfg, prep, info, cluster, map_fn=cluster.map)
+            prep, record = score(cfg, store, cluster)
+            if record.status == "running":  # every shard done: aggregates next, on the same cluster
+                record = aggregate(cfg, prep, record, cluster, map_fn=cluster.map)
         except BaseException:
             cluster.close()
             raise
         closing = cluster.close_in_background()  # no step below uses the cluster
+        written: dict = {}  # what the steps after scoring return
         try:
-            if info["status"] == "complete":
-                info = rerun.keep_scoring_run(prep, info)
+            if record.status == "complete":
+                rerun.keep_scoring_run(prep, record)
                 check_interrupt()  # a complete run; interrupted before it becomes latest
-                publish(store, info, previous)
-                info["drift_text"] = drift_step(store, drift_from(info, previous), info)
+                publish(store, record, previous)
+                written["drift_text"] = drift_step(store, drift_from(record, previous), record)
                 if cfg.output.report:
-                    info["report"] = report_step(store, info, cfg.aggregate)
+                    written["report"] = report_step(store, record, cfg.aggregate, cfg.inputs())
                 else:
-                    record_step(store, info, "report", "skipped")
-                rerun.record(info)
+                    record_step(store, record, "report", "skipped")
+                rerun.record(record, written)
         finally:
             closing.join()
-    return info
+    return {**record.to_json(), **written}
 
 
 # ---- the steps -------------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     seconds = {**found.seconds, "total": time.perf_counter() - t}
     run = record_rerun(store, found.model_version, {"started": started, "finished": now(), "outcome": "nothing changed",
                                                     "seconds": seconds}, found.restamped)
-    return {**run, "nothing_changed": True, "check_seconds": seconds["total"]}
+    return {**run.to_json(), "nothing_changed": True, "check_seconds": seconds["total"]}
 
 
 class RerunClock:
@@ -237,34 +242,35 @@ class RerunClock:
 
     def __init__(self, store: OutputStore, latest: str | None):
         from pipeline.run.uptodate import now
+        from pipeline.store.run_index import read_run
 
         self.store, self.t, self.started = store, time.perf_counter(), now()
-        run, _ = store.read_json_safe(store.run_json(latest)) if latest else (None, None)
-        self.scored = run if isinstance(run, dict) and run.get("status") == "complete" else None
+        run, _ = read_run(store, latest) if latest else (None, None)
+        self.scored = run if run is not None and run.status == "complete" else None
         self.entry: dict | None = None
 
-    def keep_scoring_run(self, prep, info: dict) -> dict:
-        """On a rerun with nothing scored, run.json (and info) get the scoring run's times back."""
-        if prep.pending or self.scored is None or self.scored.get("model_version") != info["model_version"]:
-            return info
-        redid = [k for k in ("aggregates",) if k in (info.get("seconds") or {})]
-        self.entry = {"started": self.started, "outcome": "nothing to score", "redid": redid, "seconds": dict(info.get("seconds") or {})}
-        kept = {k: self.scored.get(k) for k in ("started", "finished", "seconds", "history")}
-        url = self.store.run_json(info["model_version"])
-        current, _ = self.store.read_json_safe(url)
-        self.store.write_json(url, {**(current if isinstance(current, dict) else info), **kept})
-        return {**info, **kept}
+    def keep_scoring_run(self, prep, record) -> None:
+        """On a rerun with nothing scored, the record (and run.json) get the scoring run's times back."""
+        from pipeline.store.run_index import write_run
 
-    def record(self, info: dict) -> None:
-        """After the report: append the rerun's entry (no-op for a scoring run)."""
+        if prep.pending or self.scored is None or self.scored.model_version != record.model_version:
+            return
+        redid = [k for k in ("aggregates",) if k in record.seconds]
+        self.entry = {"started": self.started, "outcome": "nothing to score", "redid": redid, "seconds": dict(record.seconds)}
+        s = self.scored
+        record.started, record.finished, record.seconds, record.history = s.started, s.finished, s.seconds, s.history
+        write_run(self.store, record)
+
+    def record(self, record, written: dict) -> None:
+        """After the report: append the rerun's entry (nothing for a scoring run)."""
         if self.entry is None:
             return
         from pipeline.run.uptodate import now, record_rerun
 
-        if info.get("report"):
+        if written.get("report"):
             self.entry["redid"].append("report")
         self.entry["seconds"]["total"] = time.perf_counter() - self.t
-        info["reruns"] = record_rerun(self.store, info["model_version"], {**self.entry, "finished": now()}).get("reruns")
+        record.reruns = record_rerun(self.store, record.model_version, {**self.entry, "finished": now()}).reruns
 
 
 SCRATCH = "_scratch"
@@ -315,7 +321,7 @@ def previous_latest(store: OutputStore) -> str | None:
 
 
 def score(cfg, store: OutputStore, cluster: RunCluster):
-    """prepare -> execute -> finalize. Returns the prepared run and run.json ('running' when every
+    """prepare -> execute -> finalize. Returns the prepared run and its RunRecord ('running' when every
     shard is done; 'incomplete', 'failed' or 'partial' otherwise: no aggregates, never latest)."""
     from pipeline.run.scoring import _now, finalize_run, finish_run, prepare_run
 
@@ -347,27 +353,24 @@ def mark_stopped(store: OutputStore, model_version: str, status: str, why: str) 
     """Best effort: a run.json still 'running' when the job stops on an output error (a full disk)
     says it stopped. When even that cannot be written whole (no space for the temporary copy), a
     local run.json is rewritten in place, compact: shorter than the indented file it replaces."""
-    import json
+    from dataclasses import replace
 
     from pipeline.run.scoring import _now
+    from pipeline.store.run_index import read_run, rewrite_run_in_place, write_run
 
-    url = store.run_json(model_version)
-    current, _ = store.read_json_safe(url)
-    if not isinstance(current, dict) or current.get("status") != "running":
+    current, _ = read_run(store, model_version)
+    if current is None or current.status != "running":
         return
-    current.update(status=status, finished=_now(), error=redact(why)[:500])
+    current = replace(current, status=status, finished=_now(), error=redact(why)[:500])
     try:
-        store.write_json(url, current)
+        write_run(store, current)
         return
     except OutputError:
         pass
     if "://" in store.url and not store.url.startswith("file://"):
         return
-    _, path = store.fs(url)
     try:
-        with open(path, "r+b") as f:
-            f.write(json.dumps(current, separators=(",", ":"), sort_keys=True, default=str).encode() + b"\n")
-            f.truncate()
+        rewrite_run_in_place(store, current)
     except OSError as e:
         log.error(f"(could not mark run.json {status}: {e})")
 
@@ -417,9 +420,12 @@ def execute(prep, cluster: RunCluster, results: list, failures: list, since: flo
     prep.timings["score_wall"] = time.perf_counter() - t
 
 
-def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
+def aggregate(cfg, prep, info: RunRecord, cluster: RunCluster, map_fn=None) -> RunRecord:
     """Recompute stale aggregates on the run's cluster (the region statistics' reduction as its tasks;
-    the probes' fits through map_fn, e.g. ``cluster.map``); the run becomes 'complete'."""
+    the probes' fits through map_fn, e.g. ``cluster.map``); the run (``info``, its RunRecord) becomes
+    'complete'."""
+    from dataclasses import replace
+
     from pipeline.analysis.aggregate import aggregate_run
     from pipeline.analysis.aggregate_inputs import stale_aggregates
     from pipeline.run.scoring import finish_run
@@ -433,9 +439,9 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
             t = time.perf_counter()
             log.info(f"aggregates: computing ({stale})")
             client = cluster.client
-            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn)
+            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn, inputs=spec.inputs)
             seconds = time.perf_counter() - t
-            info = {**info, "seconds": {**info.get("seconds", {}), "aggregates": seconds}}
+            info = replace(info, seconds={**info.seconds, "aggregates": seconds})
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")
         steps = {"aggregates": "done"}
         if agg.identifiability:
@@ -450,34 +456,34 @@ def aggregate(cfg, prep, info: dict, cluster: RunCluster, map_fn=None) -> dict:
 
 
 
-def publish(store: OutputStore, info: dict, previous: str | None = None) -> None:
+def publish(store: OutputStore, info: RunRecord, previous: str | None = None) -> None:
     """Point latest.json at the run (replaced atomically) and rewrite the DuckDB views. The latest
     run it replaces is recorded in run.json first (``replaced_latest``, drift 'pending'): a kill
     after publishing leaves a rerun that still knows what to compare with (``drift_from``)."""
     from pipeline.store.query_views import write_views
 
-    if previous and previous != info["model_version"]:
-        info["replaced_latest"] = previous
-        record_step(store, info, "drift", "pending", replaced_latest=previous)
-    store.write_json(store.latest, store.latest_entry(info["model_version"], info["finished"]))
+    if previous and previous != info.model_version:
+        info.replaced_latest = previous
+        record_step(store, info, "drift", "pending")
+    store.write_json(store.latest, store.latest_entry(info.model_version, info.finished))
     write_views(store)  # DuckDB views of the latest run: OUT/cxr_audit.sql
     record_step(store, info, "publish", "done")
 
 
-def drift_from(info: dict, previous: str | None) -> str | None:
+def drift_from(info: RunRecord, previous: str | None) -> str | None:
     """The run to compare with: the latest one this run replaces now, or, on a rerun of a run
     already published (latest.json names it), the one it replaced when its drift was left undone."""
-    if previous and previous != info["model_version"]:
+    if previous and previous != info.model_version:
         return previous
-    if info.get("steps", {}).get("drift") in ("pending", "failed"):
-        return info.get("replaced_latest")
+    if info.steps.get("drift") in ("pending", "failed"):
+        return info.replaced_latest
     return None
 
 
-def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | None:
+def drift_step(store: OutputStore, previous: str | None, info: RunRecord) -> str | None:
     """Compare the run with the previous latest (when it is another model); returns the summary text.
     A failed comparison is recorded and logged with the command that redoes it; the run stays complete."""
-    mv = info["model_version"]
+    mv = info.model_version
     if not previous or previous == mv:
         return None
     from pipeline.analysis.drift import drift, summary_text
@@ -493,30 +499,27 @@ def drift_step(store: OutputStore, previous: str | None, info: dict) -> str | No
     return text
 
 
-def report_step(store: OutputStore, info: dict, agg=None) -> str | None:
-    """The run's HTML report (a report that fails to build never fails the run)."""
+def report_step(store: OutputStore, info: RunRecord, agg=None, inputs=None) -> str | None:
+    """The run's HTML report (a report that fails to build never fails the run); its films are read
+    with ``inputs``, the run's input options."""
     from pipeline.reporting.hook import report_after_run
 
     from pipeline.run.uptodate import current_aggregates
 
     log.info("report: drawing")
-    path = report_after_run(store, info["model_version"])
+    path = report_after_run(store, info.model_version, inputs=inputs)
     # what it was drawn from: a rerun with the same aggregates keeps it (pipeline.run.uptodate)
-    digest = current_aggregates(store, info["model_version"], agg) if path and agg is not None else None
-    record_step(store, info, "report", "done" if path else "failed", report_inputs=digest)
+    info.report_inputs = current_aggregates(store, info.model_version, agg) if path and agg is not None else None
+    record_step(store, info, "report", "done" if path else "failed")
     return path
 
 
-def record_step(store: OutputStore, info: dict, step: str, status: str, **fields) -> None:
-    """Add one step's status (and ``fields``) to run.json (and to info), rewriting it atomically."""
-    info.setdefault("steps", {})[step] = status
-    info.update(fields)
-    url = store.run_json(info["model_version"])
-    current, _ = store.read_json_safe(url)
-    current = current if isinstance(current, dict) else {k: v for k, v in info.items() if k not in ("report", "drift_text")}
-    current.update(fields)
-    current["steps"] = {**current.get("steps", {}), step: status}
-    store.write_json(url, current)
+def record_step(store: OutputStore, info: RunRecord, step: str, status: str) -> None:
+    """Add one step's status to the run's RunRecord (``info``) and rewrite run.json from it, atomically."""
+    from pipeline.store.run_index import write_run
+
+    info.steps = {**info.steps, step: status}
+    write_run(store, info)
 
 
 def manifest_summary(result, cfg, store: OutputStore | None = None) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pipeline
 from schemas.meta import with_model_version
 from schemas.outputs import errors_schema
+from schemas.records import RunRecord
 
 from pipeline.sources.adapters import DatasetSpec
 from pipeline.core.errors import ConfigError, DatasetError, OutputError
@@ -30,11 +31,13 @@ from pipeline.core.redact import redact, redact_columns, redact_obj
 from pipeline.config.run_config import Resolved, ScoreConfig, resolve, yaml_text
 from pipeline.worker.shards import Shard, plan_shards
 from pipeline.store.layout import OutputStore
+from pipeline.store.run_index import read_run, write_run
+from pipeline.io.location import reading_inputs
 
 if TYPE_CHECKING:
     from pipeline.worker.runspec import RunSpec  # imported lazily at run time (it imports torch)
 
-log = logging.getLogger("cxr_audit")
+log = logging.getLogger(__name__)
 
 # torch and the model code are imported inside the functions that need them, so that building and
 # validating a ScoreConfig (pipeline.config.run_config) stays fast: a config error in well under 2 s.
@@ -71,38 +74,72 @@ def resolved_config_yaml(cfg: ScoreConfig) -> bytes:
 def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     """Load the model, build the manifest, resolve the configuration, derive the shard spec from
     it (once), create the stores and find the shards still to score."""
-    timings: dict[str, float] = {}
     t = time.perf_counter()  # load_model's time includes importing torch (~1.5 s on 2 cores)
-    import torch
-
-    from pipeline.inference.model import load_model
-    from pipeline.worker.cache import cache_group_url, changed_sources, create_cache
+    from pipeline.worker.cache import cache_group_url
     from pipeline.worker.runspec import RunSpec
 
-    store = OutputStore.of(cfg.output.out, cfg.output.storage_options)
+    timings: dict[str, float] = {}
+    notes: list[str] = []  # bookkeeping repaired on the way
+    store = cfg.output.store()  # --out with its storage options; every input is opened with cfg.inputs()
     store.check_writable()
     specs = [DatasetSpec.parse(d) for d in cfg.data.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
     mspec = cfg.model_spec()
-    from pipeline.run.uptodate import checkpoint_identity, manifest_paths, source_stamp, stats_before_build
-
-    log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
-    ckpt_identity = checkpoint_identity(cfg.model.checkpoint, store.options)  # before loading: a later rewrite is seen
-    model = load_model(mspec)  # validates the checkpoint before any image is touched
-    with torch.inference_mode():
-        from pipeline.inference.images import PREPROCESSING
-
-        size = mspec.input_size  # the grid follows the model: 7x7 for 224-px DenseNets, 16x16 for the 512-px ResNet
-        grid = tuple(model.features(torch.zeros(1, PREPROCESSING[mspec.preprocess].channels, size, size)).shape[-2:])
+    model, grid, ckpt_identity = _load_model(cfg, mspec)
     timings["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    notes: list[str] = []
+    result, sources = _write_manifest(cfg, specs, mspec, store, notes)
+    inputs = {"checkpoint": ckpt_identity, "sources": sources}
+    timings["manifest"] = time.perf_counter() - t
+
+    n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
+    with reading_inputs(f"--baselines {redact(cfg.model.baselines)}"):
+        resolved = resolve(cfg, result.manifest)
+    cache_url = cache_group_url(resolved.cache_root, cfg.preprocess()) if resolved.cache_root else None
+    spec = RunSpec.derive(resolved, model=mspec, model_version=run_version(model.version, cfg.model.precision), n_rows=n_rows,
+                          grid=grid, embedding_dim=model.embedding_dim, cache_url=cache_url)
+    previous = _previous_run(spec, store, notes)
+    _create_stores(spec, resolved, model, store)
+    shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
+    pending = _pending_shards(spec, shards, cfg.output.verify, store, notes)
+    fp = dataset_fingerprint(result.manifest)
+    # The configuration as a file `--config` reads back (run.json has what it resolved to).
+    store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
+    write_run(store, _started_record(resolved, spec, fp, timings, inputs, previous))
+    return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes, inputs)
+
+
+def _load_model(cfg: ScoreConfig, mspec) -> tuple:
+    """(the model, its map grid, the checkpoint's identity): validates the checkpoint before any
+    image is touched."""
+    import torch
+
+    from pipeline.inference.images import PREPROCESSING
+    from pipeline.inference.model import load_model
+    from pipeline.run.uptodate import checkpoint_identity
+
+    log.info(f"model: loading {redact(cfg.model.checkpoint)} ({cfg.model.arch})")
+    with reading_inputs(f"--checkpoint {redact(cfg.model.checkpoint)}"):
+        ckpt_identity = checkpoint_identity(cfg.model.checkpoint, cfg.inputs())  # before loading: a later rewrite is seen
+        model = load_model(mspec)  # validates the checkpoint before any image is touched
+    with torch.inference_mode():
+        size = mspec.input_size  # the grid follows the model: 7x7 for 224-px DenseNets, 16x16 for the 512-px ResNet
+        grid = tuple(model.features(torch.zeros(1, PREPROCESSING[mspec.preprocess].channels, size, size)).shape[-2:])
+    return model, grid, ckpt_identity
+
+
+def _write_manifest(cfg: ScoreConfig, specs, mspec, store: OutputStore, notes: list[str]) -> tuple[ManifestResult, str | None]:
+    """Build the manifest (an unreadable one is rebuilt, its scored rows checked) and write it with
+    its issues. Returns it and the stamp of the files it was built from (pipeline.run.uptodate)."""
+    from pipeline.run.uptodate import manifest_paths, source_stamp, stats_before_build
+
     previous, why = previous_manifest(store)
     log.info(f"manifest: reading {', '.join(redact(d) for d in cfg.data.datasets)}")
     before, built_at = stats_before_build(cfg, store), time.time_ns()
-    result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
+    with reading_inputs("the --dataset metadata"):
+        result = build_manifest(specs, mspec.findings, previous, cfg.source_options(), inputs=cfg.inputs(), read_limits=cfg.read_limits())
     if result.manifest.num_rows == 0:
         # nothing written yet: an earlier manifest (and its row numbers) stays as it was
         shown = "; ".join(f"{i['reason']}: {i['detail']}" for i in result.issues.slice(0, 3).to_pylist())
@@ -113,60 +150,70 @@ def prepare_run(cfg: ScoreConfig) -> PreparedRun:
     # Written without URL credentials; the in-memory manifest keeps them, so shards can still read.
     store.write_parquet(store.manifest, redact_columns(result.manifest))
     store.write_parquet(store.manifest_issues, redact_columns(result.issues))
-    inputs = {"checkpoint": ckpt_identity, "sources": source_stamp(cfg, before, manifest_paths(store), built_at)}
-    timings["manifest"] = time.perf_counter() - t
+    return result, source_stamp(cfg, before, manifest_paths(store), built_at)
 
-    n_rows = int(max(result.manifest.column("row").to_pylist(), default=-1)) + 1
-    resolved = resolve(cfg, result.manifest)
-    cache_url = cache_group_url(resolved.cache_root, cfg.preprocess()) if resolved.cache_root else None
-    spec = RunSpec.derive(resolved, model=mspec, model_version=run_version(model.version, cfg.model.precision), n_rows=n_rows,
-                          grid=grid, embedding_dim=model.embedding_dim, cache_url=cache_url)
-    previous_run, why = store.read_json_safe(store.run_json(spec.model_version))
-    if why or not isinstance(previous_run, (dict, type(None))):
-        # rebuilt below from the shard records; maps.zarr's own attributes still guard the settings
+
+def _previous_run(spec: "RunSpec", store: OutputStore, notes: list[str]) -> RunRecord | None:
+    """The run.json of an earlier invocation into this run dir, when its settings match this one's."""
+    previous, why = read_run(store, spec.model_version)
+    if why:
+        # rebuilt from the shard records; maps.zarr's own attributes still guard the settings
         notes.append(f"{spec.run_url}/run.json was unreadable ({why}); rebuilt it from the shard records")
-        previous_run = None
         _check_maps_identity(spec)
-    if previous_run and {"precision": "fp32", **previous_run.get("identity", {})} != spec.output_identity():
-        old, new = {"precision": "fp32", **previous_run.get("identity", {})}, spec.output_identity()  # runs before --precision were fp32
+        return None
+    if previous is not None and {"precision": "fp32", **previous.identity} != spec.output_identity():
+        old, new = {"precision": "fp32", **previous.identity}, spec.output_identity()  # runs before --precision were fp32
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise OutputError(
             f"{spec.run_url} was written with different settings ({', '.join(diff)}); its outputs would mix. "
             "Rerun with the original settings, or use another --out."
         )
-    create_maps(spec.maps_url, n_rows, spec.shard_size, mspec.findings, grid, model.embedding_dim,
+    return previous
+
+
+def _create_stores(spec: "RunSpec", resolved: Resolved, model, store: OutputStore) -> None:
+    """maps.zarr (and the cache group) for every row, unless they exist already."""
+    from pipeline.worker.cache import create_cache
+
+    mspec = spec.model
+    create_maps(spec.maps_url, spec.n_rows, spec.shard_size, mspec.findings, spec.grid, model.embedding_dim,
                 {"baselines": dict(zip(mspec.findings, spec.baselines)), "model_version": spec.model_version,
                  # b_k, for the exact cell contributions (z_ij - b_k) / (H*W)
                  "classifier_bias": model.classifier.bias.detach().double().tolist(),
                  **({"op_threshs": dict(zip(mspec.findings, mspec.op_threshs)), "map": mspec.describe()["map"]} if mspec.calibrated else {})},
                 store.options)
     if resolved.cache_root:
-        create_cache(resolved.cache_root, spec.preprocess, n_rows, spec.shard_size, store.options)
-    shards = plan_shards(result.manifest, spec.shard_size, n_rows, cfg.data.limit)
+        create_cache(resolved.cache_root, spec.preprocess, spec.n_rows, spec.shard_size, store.options)
+
+
+def _pending_shards(spec: "RunSpec", shards: list[Shard], verify: bool, store: OutputStore, notes: list[str]) -> list[Shard]:
+    """The shards still to score: not done, or partial (their read errors are retried)."""
+    from pipeline.worker.cache import changed_sources
+
     pending = []
     layout = chunk_layout(spec.maps_url, store.options)  # maps.zarr's metadata read once, not per shard
     for s in shards:
-        st = check_shard(s, spec, verify=cfg.output.verify, layout=layout, sources_check=changed_sources)
+        st = check_shard(s, spec, verify=verify, layout=layout, sources_check=changed_sources)
         if st.state == "damaged":
             # the record no longer vouches for its outputs: drop it, so the shard is rescored whole
             notes.append(f"shard {s.index} damaged ({'; '.join(st.problems)}): rescoring it")
             store.remove(spec.record_url(s.index))
         if st.state != "done":
-            pending.append(s)  # partial shards too: their read errors are retried
-    fp = dataset_fingerprint(result.manifest)
-    history = []
-    if previous_run:
-        history = previous_run.get("history", []) + [{k: previous_run.get(k) for k in ("started", "finished", "status", "counts", "code_version")}]
-    # The configuration as a file `--config` reads back (run.json has what it resolved to).
-    store.write_bytes(store.resolved_config(spec.model_version), resolved_config_yaml(cfg))
-    steps, undone = {"prepare": "done"}, {}
-    if previous_run and previous_run.get("replaced_latest") and (previous_run.get("steps") or {}).get("drift") in ("pending", "failed"):
-        # published, then killed before its drift: kept for this rerun to do (lifecycle.drift_from)
-        steps["drift"], undone["replaced_latest"] = previous_run["steps"]["drift"], previous_run["replaced_latest"]
-    store.write_json(store.run_json(spec.model_version), {**_run_json(resolved, spec, fp, "running", _now(), None, timings, history),
-                                                          **undone, "steps": steps, "inputs": inputs,
-                                                          **({"reruns": previous_run["reruns"]} if previous_run and previous_run.get("reruns") else {})})
-    return PreparedRun(cfg, resolved, spec, shards, result, fp, timings, pending, notes, inputs)
+            pending.append(s)
+    return pending
+
+
+def _started_record(resolved: Resolved, spec: "RunSpec", fp: str, timings: dict, inputs: dict, previous: RunRecord | None) -> RunRecord:
+    """run.json while the run is scored: this invocation, with what an earlier one left to keep."""
+    history = previous.history + [{k: getattr(previous, k) for k in ("started", "finished", "status", "counts", "code_version")}] if previous else []
+    record = _run_record(resolved, spec, fp, "running", _now(), None, timings, history)
+    record.steps, record.inputs = {"prepare": "done"}, inputs
+    if previous:
+        record.reruns = previous.reruns
+        if previous.replaced_latest and previous.steps.get("drift") in ("pending", "failed"):
+            # published, then killed before its drift: kept for this rerun to do (lifecycle.drift_from)
+            record.steps["drift"], record.replaced_latest = previous.steps["drift"], previous.replaced_latest
+    return record
 
 
 def _check_maps_identity(spec: "RunSpec") -> None:  # noqa: F821 - imported lazily (torch)
@@ -188,10 +235,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders runs finished in the same second
 
 
-def _run_json(resolved: Resolved, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> dict:
+def _run_record(resolved: Resolved, spec, fp, status, started, counts, timings, history, finished=None, failures=None) -> RunRecord:
     import torch
 
-    return redact_obj({  # URLs in flags may carry credentials
+    return RunRecord(**redact_obj({  # URLs in flags may carry credentials
         "status": status,
         "model_version": spec.model_version,
         "precision": spec.precision,
@@ -208,26 +255,47 @@ def _run_json(resolved: Resolved, spec, fp, status, started, counts, timings, hi
         "seconds": timings,
         "failed_shards": failures or [],
         "history": history,  # earlier invocations into this run dir
-    })
+    }))
 
 
-def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> dict:
+def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], started: str) -> RunRecord:
     """Gather every shard record of this run (done now or earlier) into errors.parquet and run.json.
     The status is 'running' (scoring done, aggregates next: see finish_run), 'incomplete' (shards
-    missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction)."""
+    missing), 'failed' (nothing scored) or 'partial' (more failed images than --max-failed-fraction).
+    ``results``: the shard tasks' (score_shard) of this invocation."""
     spec, store = prep.spec, prep.spec.store
     layout = chunk_layout(spec.maps_url, store.options)
     states = [check_shard(s, spec, layout=layout) for s in prep.shards]
     records = [st.record for st in states if st.usable]
-    errors = [e for r in records for e in r["errors"]]
+    errors = [e for r in records for e in r.errors]
     table = pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]), schema=errors_schema(spec.model_version))
     table = with_model_version(table, spec.model_version)
     store.write_parquet(store.errors(spec.model_version), table)
-    n_images = sum(len(s.rows) for s in prep.shards)
-    counts = {
-        "images": n_images,
-        "scored": sum(r["n_scored"] for r in records),
-        "failed": sum(r["n_failed"] for r in records),
+    counts = _counts(prep, states, results)
+    timings = dict(prep.timings)
+    for key in ("decode_wait", "forward", "write", "total"):
+        timings[f"shards_{key}"] = sum(r["seconds"][key] for r in results if not r.get("skipped"))
+    status = scoring_status(counts, prep.config.output.max_failed_fraction)
+    current, _ = read_run(store, spec.model_version)
+    run = _run_record(prep.resolved, spec, prep.dataset_fingerprint, status, started, counts, timings,
+                      current.history if current else [], finished=_now() if status != "running" else None, failures=failures)
+    run.steps = {**(current.steps if current else {}), "scoring": "done" if status == "running" else status}
+    run.inputs = prep.inputs
+    if current:
+        run.reruns = current.reruns
+        run.replaced_latest = current.replaced_latest  # a drift still to do (pipeline.run.lifecycle.drift_from)
+    write_run(store, run)
+    return run
+
+
+def _counts(prep: PreparedRun, states: list, results: list[dict]) -> dict:
+    """run.json's counts: images, shards and failures of the whole run (``states``: every shard's
+    check), and what this invocation scored and read from the cache (``results``)."""
+    records = [st.record for st in states if st.usable]
+    return {
+        "images": sum(len(s.rows) for s in prep.shards),
+        "scored": sum(r.n_scored for r in records),
+        "failed": sum(r.n_failed for r in records),
         "skipped_shards": len(prep.shards) - len(prep.pending) + sum(1 for r in results if r.get("skipped")),
         "scored_shards_now": sum(1 for r in results if not r.get("skipped")),
         "shards": len(prep.shards),
@@ -236,25 +304,9 @@ def finalize_run(prep: PreparedRun, results: list[dict], failures: list[dict], s
         "retryable": sum(len(retry_rows(r)) for r in records),
         "manifest_rows": prep.manifest.manifest.num_rows,
         "manifest_issues": prep.manifest.issue_counts(),
-        "source_modes": _sum_dicts(r.get("source_modes", {}) for r in records),
+        "source_modes": _sum_dicts(r.source_modes for r in records),
         "cache_now": _sum_dicts((r.get("cache") or {}) for r in results if not r.get("skipped")),
     }
-    timings = dict(prep.timings)
-    for key in ("decode_wait", "forward", "write", "total"):
-        timings[f"shards_{key}"] = sum(r["seconds"][key] for r in results if not r.get("skipped"))
-    status = scoring_status(counts, prep.config.output.max_failed_fraction)
-    current, _ = store.read_json_safe(store.run_json(spec.model_version))
-    current = current if isinstance(current, dict) else {}
-    run = _run_json(prep.resolved, spec, prep.dataset_fingerprint, status, started, counts, timings,
-                    current.get("history", []), finished=_now() if status != "running" else None, failures=failures)
-    run["steps"] = {**current.get("steps", {}), "scoring": "done" if status == "running" else status}
-    run["inputs"] = prep.inputs
-    if current.get("reruns"):
-        run["reruns"] = current["reruns"]
-    if current.get("replaced_latest"):  # a drift still to do (pipeline.run.lifecycle.drift_from)
-        run["replaced_latest"] = current["replaced_latest"]
-    store.write_json(store.run_json(spec.model_version), run)
-    return run
 
 
 def scoring_status(counts: dict, max_failed_fraction: float) -> str:
@@ -267,10 +319,10 @@ def scoring_status(counts: dict, max_failed_fraction: float) -> str:
     return "running"
 
 
-def finish_run(prep: PreparedRun, run: dict, status: str, steps: dict) -> dict:
+def finish_run(prep: PreparedRun, run: RunRecord, status: str, steps: dict) -> RunRecord:
     """Write the final status once every step has finished (or was interrupted)."""
-    run = {**run, "status": status, "finished": _now(), "steps": {**run.get("steps", {}), **steps}}
-    prep.spec.store.write_json(prep.spec.store.run_json(prep.spec.model_version), run)
+    run = replace(run, status=status, finished=_now(), steps={**run.steps, **steps})
+    write_run(prep.spec.store, run)
     return run
 
 

@@ -21,13 +21,18 @@ import posixpath
 import time
 from dataclasses import dataclass
 
+from schemas.records import RunRecord
+from pipeline.io.location import InputOptions
 from pipeline.store.layout import OutputStore
 
-log = logging.getLogger("cxr_audit")
+from pipeline.store.run_index import read_run, write_run
+
+log = logging.getLogger(__name__)
 
 # settings that change no output: a rerun differing only in these can still be a no-op
 NOT_IDENTITY = {"batch_size", "decode_workers", "decode_threads", "device", "cluster", "cluster_file", "worker_timeout",
-                "read_timeout", "read_retries", "verify", "report", "storage_options", "max_failed_fraction"}
+                "read_timeout", "read_retries", "verify", "report", "storage_options", "input_options", "dataset_options",
+                "max_failed_fraction"}
 RERUNS_KEPT = 100  # run.json keeps the last reruns only
 _HASH_BLOCK = 1 << 20
 
@@ -36,7 +41,7 @@ _HASH_BLOCK = 1 << 20
 class UpToDate:
     """What a no-op found: the run it checked and how long each check took."""
 
-    run: dict
+    run: RunRecord
     model_version: str
     seconds: dict
     restamped: dict | None = None  # the dataset stamp, when a re-read manifest proved a changed one harmless
@@ -51,14 +56,13 @@ def now() -> str:
 
 # ---- what a run records ------------------------------------------------------------------------
 
-def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) -> dict:
+def checkpoint_identity(checkpoint: str, inputs: InputOptions | None = None) -> dict:
     """The checkpoint as a rerun can recognise it without loading it: 'random:SEED' as it is, a
-    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s)."""
+    file by its size, mtime and content hash (28 MB of DenseNet-121 hashes in ~0.1 s). ``inputs``:
+    the options it is opened with (an input's, never --out's)."""
     if checkpoint.startswith("random:"):
         return {"checkpoint": checkpoint}
-    from pipeline.store.storage import url_to_fs
-
-    fs, path = url_to_fs(checkpoint, storage_options)
+    fs, path = (inputs or InputOptions()).at(checkpoint).resolve()
     info = fs.info(path)
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
@@ -194,13 +198,13 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     mv = latest.get("model_version") if isinstance(latest, dict) else None
     if not mv:
         return None, "no complete run yet"
-    run, _ = store.read_json_safe(store.run_json(mv))
-    if not isinstance(run, dict) or run.get("status") != "complete" or (run.get("steps") or {}).get("publish") != "done":
+    run, _ = read_run(store, mv)
+    if run is None or run.status != "complete" or run.steps.get("publish") != "done":
         return None, f"run {mv} is not complete"
-    if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.get("config") or {}):
+    if identity_config(json.loads(json.dumps(redact_obj(cfg.flat())))) != identity_config(run.config):
         return None, "the settings differ from the latest run's"
-    inputs = run.get("inputs") or {}
-    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, store.options) != inputs["checkpoint"]:
+    inputs = run.inputs
+    if not inputs.get("checkpoint") or checkpoint_identity(cfg.model.checkpoint, cfg.inputs()) != inputs["checkpoint"]:
         return None, "the checkpoint is not the latest run's"
     seconds["checkpoint"] = time.perf_counter() - t
 
@@ -218,7 +222,7 @@ def check(cfg, store: OutputStore) -> tuple[UpToDate | None, str]:
     seconds["manifest"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    spec, shards = _shards(cfg, store, mv, run)
+    spec, shards = _shards(cfg, store, mv)
     layout = chunk_layout(spec.maps_url, dict(spec.storage_options))
     for s in shards:
         if check_shard(s, spec, layout=layout).state != "done":
@@ -247,7 +251,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
         return False
     try:
         result = build_manifest([DatasetSpec.parse(d) for d in cfg.data.datasets], cfg.findings(), previous,
-                                cfg.source_options(), storage_options=store.options, read_limits=cfg.read_limits())
+                                cfg.source_options(), inputs=cfg.inputs(), read_limits=cfg.read_limits())
         issues = store.read_parquet(store.manifest_issues)
     except Exception as e:  # noqa: BLE001 - the full run reports it properly
         log.debug(f"re-reading the manifest failed ({type(e).__name__}: {e})")
@@ -255,7 +259,7 @@ def _manifest_unchanged(cfg, store: OutputStore) -> bool:
     return redact_columns(result.manifest).equals(previous) and redact_columns(result.issues).equals(issues)
 
 
-def _shards(cfg, store: OutputStore, mv: str, run: dict):
+def _shards(cfg, store: OutputStore, mv: str):
     from pipeline.inference.model_spec import model_spec_for
     from pipeline.worker.runspec import RunSpec
     from pipeline.worker.shards import plan_shards
@@ -266,7 +270,7 @@ def _shards(cfg, store: OutputStore, mv: str, run: dict):
     n_rows = int(max(rows.to_pylist(), default=-1)) + 1
     spec = RunSpec(out=cfg.output.out.rstrip("/"), model=model_spec_for(cfg.model.arch, cfg.model.checkpoint, tuple(cfg.model.findings)),
                    model_version=mv, baselines=(), shard_size=cfg.compute.shard_size, n_rows=n_rows,
-                   storage_options=freeze_options(cfg.output.storage_options))
+                   storage_options=freeze_options(cfg.output.storage_options), inputs=cfg.inputs())
     return spec, plan_shards(manifest, cfg.compute.shard_size, n_rows, cfg.data.limit)
 
 
@@ -283,9 +287,9 @@ def current_aggregates(store: OutputStore, mv: str, agg) -> str | None:
     return digest if stored.get("inputs") == digest else None
 
 
-def report_current(store: OutputStore, mv: str, run: dict, digest: str) -> bool:
+def report_current(store: OutputStore, mv: str, run: RunRecord, digest: str) -> bool:
     """The report exists, was drawn from these aggregates, and is newer than them."""
-    if (run.get("steps") or {}).get("report") != "done" or run.get("report_inputs") != digest:
+    if run.steps.get("report") != "done" or run.report_inputs != digest:
         return False
     fs, report = store.fs(store.report(mv))
     _, agg = store.fs(store.aggregate_inputs(mv))
@@ -295,13 +299,12 @@ def report_current(store: OutputStore, mv: str, run: dict, digest: str) -> bool:
         return False
 
 
-def record_rerun(store: OutputStore, mv: str, entry: dict, restamped: str | None = None) -> dict:
+def record_rerun(store: OutputStore, mv: str, entry: dict, restamped: str | None = None) -> RunRecord:
     """Append one rerun to run.json's ``reruns`` (the scoring run's own fields are left alone)."""
-    url = store.run_json(mv)
-    current, _ = store.read_json_safe(url)
-    current = current if isinstance(current, dict) else {}
-    current["reruns"] = (current.get("reruns") or [])[-(RERUNS_KEPT - 1):] + [entry]
+    current, _ = read_run(store, mv)
+    current = current or RunRecord(model_version=mv)
+    current.reruns = current.reruns[-(RERUNS_KEPT - 1):] + [entry]
     if restamped:
-        current.setdefault("inputs", {})["sources"] = restamped
-    store.write_json(url, current)
+        current.inputs["sources"] = restamped
+    write_run(store, current)
     return current

@@ -98,13 +98,14 @@ def check_address_space(soft: int | None = None) -> None:
                                  "libraries at import). Raise it: ulimit -v unlimited, or ulimit -v 8000000 (KB) at least")
 
 
-def validate(cfg):
+def validate(cfg, profile=None):
     """Raise ConfigError for anything in cfg (a ScoreConfig, whose values were checked when it was
     built) that the environment rules out: missing files, unimportable modules, a cluster profile
-    that cannot start here. Returns the cluster Profile. A profiles file the configuration names
-    must exist; without one, ./cluster.yaml or the built-in local profiles are used."""
+    that cannot start here. Returns the cluster Profile: ``profile`` when the caller resolved it
+    already, else the one cfg names (``cluster.profile_for``: a profiles file the configuration names
+    must exist; without one, ./cluster.yaml or the built-in local profiles are used)."""
     from pipeline.sources.adapters import DatasetSpec
-    from pipeline.run.cluster import load_profile
+    from pipeline.run.cluster import profile_for
 
     d, m = cfg.data, cfg.model
     if not d.datasets:
@@ -114,6 +115,10 @@ def validate(cfg):
     specs = [DatasetSpec.parse(x) for x in d.datasets]
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("two --dataset flags have the same name; name them apart with NAME=ADAPTER:LOCATION")
+    unknown = sorted(set(d.dataset_options) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"data.dataset_options names {unknown[0]!r}, which is no --dataset (the datasets are "
+                          f"{', '.join(s.name for s in specs)}; name one with NAME=ADAPTER:LOCATION)")
     for s in specs:
         root = _local_path(s.location)
         if root is not None and not os.path.exists(root):
@@ -128,13 +133,13 @@ def validate(cfg):
         if _local_path(m.checkpoint) is not None:
             from pipeline.inference.checkpoint_header import check_header
 
-            check_header(m.checkpoint, m.arch, cfg.findings())  # the tensor shapes against --arch, from the header
+            check_header(m.checkpoint, m.arch, cfg.findings(), cfg.inputs().options_for(m.checkpoint))  # the tensor shapes against --arch, from the header
     if m.baselines not in BASELINE_MODES:
         _must_exist(m.baselines, "--baselines", "a JSON/CSV file of baselines, or use 'reference' / 'from-labels'")
     _must_exist(d.metadata, "--metadata", "the metadata CSV")
     out = _local_path(cfg.output.out)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {cfg.output.out} is a file; --out must be a folder (it is created if absent)")
-    profile = load_profile(cfg.cluster.profile or None, cfg.cluster.path, required=cfg.cluster.file is not None)
+    profile = profile or profile_for(cfg.cluster)
     check_cluster(profile)
     return profile

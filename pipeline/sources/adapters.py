@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.core.errors import DatasetError
 from pipeline.sources.paths import is_local, local_path
-from pipeline.store.storage import to_url, url_to_fs
+from pipeline.io.location import InputOptions, Location
+from pipeline.store.storage import to_url
 
 from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _printable, _read_bytes, _read_csv, records  # noqa: F401 - re-exported
 
@@ -36,10 +37,10 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _list_images(root_url: str, patterns: list[str], bad_names: list[str] | None = None) -> dict[str, str]:
-    """basename -> full URL of every image matching the patterns under root. Names that are not
-    UTF-8 are left out, and given (printable) in ``bad_names``."""
-    fs, root = url_to_fs(root_url)
+def _list_images(location: Location, patterns: list[str], bad_names: list[str] | None = None) -> dict[str, str]:
+    """basename -> full URL of every image matching the patterns under the location. Names that are
+    not UTF-8 are left out, and given (printable) in ``bad_names``."""
+    fs, root = location.fs, location.path
     found: dict[str, str] = {}
     for pat in patterns:
         for p in sorted(fs.glob(posixpath.join(root, pat))):
@@ -63,7 +64,7 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOption
 
     metadata = options.metadata
     root = spec.location.rstrip("/")
-    fs, rootp = url_to_fs(root)
+    fs, rootp = spec.root.fs, spec.root.path
     if not fs.exists(rootp):
         raise DatasetError(f"NIH root {root} does not exist; --dataset nih:ROOT must point at the ChestX-ray14 folder")
     if metadata is None:
@@ -73,14 +74,14 @@ def load_nih(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOption
                 break
         else:
             raise DatasetError(f"no {NIH_METADATA[0]} or {NIH_METADATA[2]} under {root}; pass --metadata URL")
-    df, bad = _read_csv(metadata)
+    df, bad = _read_csv(metadata, spec.root.options)
     issues = _bad_line_issues(spec.name, bad)
     need = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise DatasetError(f"{metadata} lacks the NIH columns {missing}; is it Data_Entry_2017?")
     bad_names: list[str] = []
-    images = _list_images(root, ["images/*", "images_*/images/*"], bad_names)
+    images = _list_images(spec.root, ["images/*", "images_*/images/*"], bad_names)
     for name in bad_names:
         issues.append(dict(dataset=spec.name, image_id=None, path=name, reason="bad_file_name",
                            detail="the file name is not UTF-8 (shown with \\xNN escapes); rename it to score it", action="ignored"))
@@ -122,7 +123,7 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: So
     import pandas as pd
 
     url = spec.location
-    fs, p = url_to_fs(url)
+    fs, p = spec.root.fs, spec.root.path
     if not fs.exists(p):
         raise DatasetError(f"manifest {url} does not exist")
     if p.endswith(".parquet"):
@@ -133,7 +134,7 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: So
             raise DatasetError(f"manifest {url} is not a readable Parquet file ({type(e).__name__}: {e}); write it again") from None
         bad: list[str] = []
     else:
-        df, bad = _read_csv(url)
+        df, bad = _read_csv(url, spec.root.options)
     issues = _bad_line_issues(spec.name, bad)
     for col in ("image_id", "path"):
         if col not in df.columns:
@@ -159,7 +160,7 @@ def load_manifest_file(spec: DatasetSpec, findings: tuple[str, ...], options: So
     return RawDataset(frame, issues, None, roots=(to_url(fs, base_dir),), check_exists=True)
 
 
-def present_files(paths: list[str], storage_options: dict | None = None, max_dirs: int = 2000, max_objects: int = 5000,
+def present_files(paths: list[str], inputs: InputOptions | None = None, max_dirs: int = 2000, max_objects: int = 5000,
                   limits=None) -> set[str] | None:
     """Which of ``paths`` exist. Local files: by listing their folders (one call per folder). URLs:
     by asking for each object itself (HEAD / HeadObject, never a listing), each within the read
@@ -181,10 +182,11 @@ def present_files(paths: list[str], storage_options: dict | None = None, max_dir
         from pipeline.io.reads import ReadLimits, ReadTimeout, source_info
 
         limits = limits or ReadLimits()
+        options_for = (inputs or InputOptions()).options_for  # each film with its dataset's (or the input) options
 
         def check(q):
             try:
-                return q if source_info(q, storage_options, limits).get("type", "file") == "file" else None
+                return q if source_info(q, options_for(q), limits).get("type", "file") == "file" else None
             except ReadTimeout:
                 return ReadTimeout
             except Exception:  # noqa: BLE001 - absent or refused: not present

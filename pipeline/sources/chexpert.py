@@ -10,15 +10,15 @@ import pandas as pd
 from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import CHEXPERT_TO_MODEL, chexpert_value
-from pipeline.store.storage import exists, join, to_url, url_to_fs
+from pipeline.store.storage import exists, to_url
 
 _PATIENT = re.compile(r"(patient\d+)")
 
 
-def _first_existing(root: str, names: tuple[str, ...]) -> str | None:
+def _first_existing(spec: DatasetSpec, names: tuple[str, ...]) -> str | None:
     for n in names:
-        if exists(join(root, n)):
-            return join(root, n)
+        if exists(spec.root.join(n), spec.root):
+            return spec.root.join(n)
     return None
 
 
@@ -61,13 +61,13 @@ def _split_rows(df: pd.DataFrame, fs, rootp: str, name: str, split: str, finding
 
 def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
     root = spec.location.rstrip("/")
-    fs, rootp = url_to_fs(root)
+    fs, rootp = spec.root.fs, spec.root.path
     parts, issues = [], []
     for split in ("train", "valid"):
-        csv = _first_existing(root, (f"{split}.csv", f"{split}.csv.gz"))
+        csv = _first_existing(spec, (f"{split}.csv", f"{split}.csv.gz"))
         if csv is None:
             continue
-        df, bad = _read_csv(csv)
+        df, bad = _read_csv(csv, spec.root.options)
         issues += _bad_line_issues(spec.name, bad)
         parts.append(pd.DataFrame(_split_rows(df, fs, rootp, spec.name, split, findings, options.uncertain), columns=BASE + ["extra", *findings]))
     if not parts:
@@ -80,16 +80,16 @@ def load_chexpert(spec: DatasetSpec, findings: tuple[str, ...], options: SourceO
 def load_mimic(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
     uncertain = options.uncertain
     root = spec.location.rstrip("/")
-    fs, rootp = url_to_fs(root)
-    meta_url = _first_existing(root, ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"))
+    fs, rootp = spec.root.fs, spec.root.path
+    meta_url = _first_existing(spec, ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"))
     if meta_url is None:
         raise DatasetError(f"no mimic-cxr-2.0.0-metadata.csv.gz under {root}")
-    meta, bad = _read_csv(meta_url)
+    meta, bad = _read_csv(meta_url, spec.root.options)
     issues = _bad_line_issues(spec.name, bad)
-    lab_url = _first_existing(root, ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"))
-    labels = _read_csv(lab_url)[0].set_index(["subject_id", "study_id"]) if lab_url else None
-    split_url = _first_existing(root, ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"))
-    splits = dict(zip(*(_read_csv(split_url)[0][c] for c in ("dicom_id", "split")))) if split_url else {}
+    lab_url = _first_existing(spec, ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"))
+    labels = _read_csv(lab_url, spec.root.options)[0].set_index(["subject_id", "study_id"]) if lab_url else None
+    split_url = _first_existing(spec, ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"))
+    splits = dict(zip(*(_read_csv(split_url, spec.root.options)[0][c] for c in ("dicom_id", "split")))) if split_url else {}
     rows = []
     for rec in records(meta):
         sid, study, dicom = (str(rec.get(c, "")).strip() for c in ("subject_id", "study_id", "dicom_id"))

@@ -19,6 +19,7 @@ from schemas.manifest import EXTRA_FIELD, issues_schema, manifest_schema
 
 from pipeline.sources.adapters import DatasetSpec, load_dataset, present_files
 from pipeline.sources.source_base import SourceOptions
+from pipeline.io.location import InputOptions
 from pipeline.sources.paths import confined_all, links_outside
 from pipeline.core.redact import redact
 
@@ -108,13 +109,28 @@ def _site_from(df: pd.DataFrame, column: str) -> pd.Series:
     return values.where(values.notna() & values.astype(str).str.len().gt(0), df["dataset"]).astype(str)
 
 
-def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), storage_options: dict | None = None,
+def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), inputs: InputOptions | None = None,
               read_limits=None) -> tuple[pd.DataFrame, list[dict]]:
+    """A dataset's records as the manifest keeps them, and an issue for each one dropped or changed."""
     df = raw.records.copy()
     issues = list(raw.issues)
     df["dataset"] = ds_name
     if df.empty and not issues:
         issues.append(_issue(ds_name, None, None, "empty_dataset", "no rows under the header", "ignored"))
+    df = _drop_bad_ids(df, ds_name, issues)
+    _parse_fields(df, ds_name, issues)
+    roots = tuple(raw.roots) + tuple(allow_roots)
+    if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
+        df = _confine(df, ds_name, roots, issues)
+    df = _drop_missing(df, ds_name, raw, inputs, read_limits, issues)
+    if raw.lists_whole_dataset and raw.listed_files is not None:
+        for p in sorted(raw.listed_files - set(df["path"])):
+            issues.append(_issue(ds_name, p.rsplit("/", 1)[-1], p, "unlisted_file", "file has no metadata row", "ignored"))
+    return df, issues
+
+
+def _drop_bad_ids(df: pd.DataFrame, ds_name: str, issues: list) -> pd.DataFrame:
+    """Records without an image id, and repeats of an id (the first is kept)."""
     ok = df["image_id"].fillna("").str.len().gt(0)
     for r in df[~ok].itertuples():
         issues.append(_issue(ds_name, None, r.path or None, "bad_row", "no image id", "dropped"))
@@ -122,8 +138,11 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
     dup = df.duplicated("image_id", keep="first")
     for r in df[dup].itertuples():
         issues.append(_issue(ds_name, r.image_id, r.path or None, "duplicate_id", "repeated image id", "dropped"))
-    df = df[~dup]
+    return df[~dup]
 
+
+def _parse_fields(df: pd.DataFrame, ds_name: str, issues: list) -> None:
+    """Age, view and sex in their coded forms, in place; a value that is not becomes null (an issue)."""
     # Each distinct value is parsed once (CheXpert's 223k rows hold a few hundred distinct ones).
     age_of, view_of, sex_of = (functools.lru_cache(maxsize=None)(f) for f in (parse_age, _parse_view, _parse_sex))
     ages, views, sexes = [], [], []
@@ -142,46 +161,49 @@ def _validate(ds_name: str, raw, findings, allow_roots: tuple[str, ...] = (), st
         sexes.append(sex)
     df["age"], df["view_position"], df["sex"] = ages, views, sexes
 
-    roots = tuple(raw.roots) + tuple(allow_roots)
-    if raw.roots:  # before anything looks at the file: a path elsewhere is never opened, listed or fetched
-        has_path = df["path"].fillna("").str.len().gt(0)
-        outside = has_path & ~pd.Series(confined_all(map(str, df["path"].tolist()), roots), index=df.index, dtype=bool)
-        for r in df[outside].itertuples():
-            issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
-                                 f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
-        df = df[~outside]
-        # where the path resolves: a symbolic link inside a root to a file elsewhere is outside too
-        real = pd.Series(links_outside(map(str, df["path"].fillna("").tolist()), roots), index=df.index, dtype=object)
-        linked = real.notna()
-        for r, to in zip(df[linked].itertuples(), real[linked]):
-            issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
-                                 f"a symbolic link to {redact(to)}, not under {' or '.join(map(redact, roots))}; "
-                                 "copy the file into the dataset or pass --allow-root to allow it", "dropped"))
-        df = df[~linked]
+
+def _confine(df: pd.DataFrame, ds_name: str, roots: tuple[str, ...], issues: list) -> pd.DataFrame:
+    """Records whose path leaves the dataset's roots, or resolves outside them, are dropped."""
+    has_path = df["path"].fillna("").str.len().gt(0)
+    outside = has_path & ~pd.Series(confined_all(map(str, df["path"].tolist()), roots), index=df.index, dtype=bool)
+    for r in df[outside].itertuples():
+        issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
+                             f"not under {' or '.join(map(redact, roots))}; pass --allow-root to allow it", "dropped"))
+    df = df[~outside]
+    # where the path resolves: a symbolic link inside a root to a file elsewhere is outside too
+    real = pd.Series(links_outside(map(str, df["path"].fillna("").tolist()), roots), index=df.index, dtype=object)
+    linked = real.notna()
+    for r, to in zip(df[linked].itertuples(), real[linked]):
+        issues.append(_issue(ds_name, r.image_id, r.path, "outside_root",
+                             f"a symbolic link to {redact(to)}, not under {' or '.join(map(redact, roots))}; "
+                             "copy the file into the dataset or pass --allow-root to allow it", "dropped"))
+    return df[~linked]
+
+
+def _drop_missing(df: pd.DataFrame, ds_name: str, raw, inputs: "InputOptions | None", read_limits, issues: list) -> pd.DataFrame:
+    """Records whose film is not there (not in the dataset's listing, or not found)."""
     no_path = df["path"].fillna("").str.len().eq(0)
     if raw.listed_files is not None:
         no_path |= ~df["path"].isin(raw.listed_files)
     elif raw.check_exists:
-        present = present_files(df["path"][~no_path].tolist(), storage_options, limits=read_limits)
+        present = present_files(df["path"][~no_path].tolist(), inputs, limits=read_limits)
         if present is not None:
             no_path |= ~df["path"].isin(present)
     for r in df[no_path].itertuples():
         issues.append(_issue(ds_name, r.image_id, r.path or None, "missing_file", "no such image file", "dropped"))
-    df = df[~no_path]
-    if raw.lists_whole_dataset and raw.listed_files is not None:
-        for p in sorted(raw.listed_files - set(df["path"])):
-            issues.append(_issue(ds_name, p.rsplit("/", 1)[-1], p, "unlisted_file", "file has no metadata row", "ignored"))
-    return df, issues
+    return df[~no_path]
 
 
 def build_manifest(specs: list[DatasetSpec], findings: tuple[str, ...], previous: pa.Table | None = None,
-                   options: SourceOptions = SourceOptions(), storage_options: dict | None = None, read_limits=None) -> ManifestResult:
+                   options: SourceOptions = SourceOptions(), inputs: InputOptions | None = None, read_limits=None) -> ManifestResult:
     """Pool datasets into one manifest. Rows of images already in ``previous`` keep their numbers;
-    new images get numbers after the largest one ever used, so maps.zarr rows never move."""
+    new images get numbers after the largest one ever used, so maps.zarr rows never move. Every
+    dataset file is opened with its options from ``inputs`` (the input options, never the output's)."""
     frames, issues = [], []
     for spec in specs:
+        spec = spec.with_inputs(inputs)
         raw = load_dataset(spec, findings, options)
-        df, iss = _validate(spec.name, raw, findings, options.allow_roots, storage_options, read_limits)
+        df, iss = _validate(spec.name, raw, findings, options.allow_roots, inputs, read_limits)
         df = _select_views(df, spec.name, options.views, iss)
         if options.site_column:
             df["site"] = _site_from(df, options.site_column)

@@ -11,7 +11,7 @@ import pandas as pd
 from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import PADCHEST_TO_MODEL
-from pipeline.store.storage import exists, join, to_url, url_to_fs
+from pipeline.store.storage import exists, to_url
 
 PROJECTIONS = {"PA": "PA", "AP": "AP", "AP_HORIZONTAL": "AP", "L": "LATERAL", "COSTAL": None}
 DEFAULT_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
@@ -28,11 +28,11 @@ def parse_labels(text: str) -> list[str] | None:
 def load_padchest(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions = SourceOptions()) -> RawDataset:
     metadata = options.metadata
     root = spec.location.rstrip("/")
-    fs, rootp = url_to_fs(root)
-    csv = metadata or next((join(root, n) for n in (DEFAULT_CSV, DEFAULT_CSV + ".gz") if exists(join(root, n))), None)
+    fs, rootp = spec.root.fs, spec.root.path
+    csv = metadata or next((spec.root.join(n) for n in (DEFAULT_CSV, DEFAULT_CSV + ".gz") if exists(spec.root.join(n), spec.root)), None)
     if csv is None:
         raise DatasetError(f"no {DEFAULT_CSV} under {root}; pass --metadata URL")
-    df, bad = _read_csv(csv)
+    df, bad = _read_csv(csv, spec.root.options)
     issues = _bad_line_issues(spec.name, bad)
     mapped = {v for v in PADCHEST_TO_MODEL.values() if v in findings}
     rows = []

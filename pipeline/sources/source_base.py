@@ -9,7 +9,7 @@ import csv
 import io
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
 import fsspec
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     import pandas as pd  # imported where a table is read: the job's driver starts its cluster before it needs pandas (~0.6 s)
 
 from pipeline.core.errors import ConfigError, DatasetError
+from pipeline.core.redact import MaskedOptions
 from pipeline.core.registry import Registry
+from pipeline.io.location import InputOptions, Location
 
 # name -> loader(spec: DatasetSpec, findings: tuple[str, ...], options: SourceOptions) -> RawDataset.
 # Add a dataset: write its loader in a module of pipeline.sources and register it here (or call
@@ -30,17 +32,34 @@ ADAPTERS.register("mimic", "pipeline.sources.chexpert:load_mimic", help="MIMIC-C
 ADAPTERS.register("padchest", "pipeline.sources.padchest:load_padchest", help="PadChest")
 ADAPTERS.register("manifest", "pipeline.sources.adapters:load_manifest_file",
                   help="a CSV/Parquet with image_id, path and optional base/finding columns")
+FILE_ADAPTERS = {"manifest"}  # adapters whose location is a file (their files lie in its folder), not a folder
 BASE = ["image_id", "path", "patient_id", "site", "view_position", "sex", "age", "split"]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One --dataset flag: [NAME=]ADAPTER:LOCATION."""
+    """One --dataset flag: [NAME=]ADAPTER:LOCATION, and the storage options its files open with
+    (``with_inputs``: the dataset's own, else the run's input options; never the output's)."""
 
     adapter: str
     location: str
     name: str
+    storage_options: MaskedOptions = MaskedOptions()
+
+    @property
+    def folder(self) -> str:
+        """Where its files lie: the location, or the folder of a manifest file."""
+        return posixpath.dirname(self.location.rstrip("/")) if self.adapter in FILE_ADAPTERS else self.location.rstrip("/")
+
+    @property
+    def root(self) -> Location:
+        """The dataset's location as a rooted filesystem, with its options."""
+        return Location(self.location, self.storage_options)
+
+    def with_inputs(self, inputs: InputOptions | None) -> "DatasetSpec":
+        """This dataset with the options its files open with."""
+        return replace(self, storage_options=inputs.options_of(self.folder)) if inputs is not None else self
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
@@ -102,9 +121,9 @@ def _printable(text: str) -> str:
     return _NOT_UTF8.sub(lambda m: f"\\x{ord(m.group()) - _MARK:02x}", text)
 
 
-def _read_bytes(url: str) -> bytes:
+def _read_bytes(url: str, storage_options=None) -> bytes:
     try:
-        with fsspec.open(url, "rb", compression="infer") as f:
+        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
             return f.read()
     except FileNotFoundError:
         raise DatasetError(f"metadata file {url} does not exist") from None
@@ -113,8 +132,8 @@ def _read_bytes(url: str) -> bytes:
                            "download it again, or pass the uncompressed CSV") from None
 
 
-def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
-    """A metadata CSV as strings. Lines that cannot be parsed, hold bytes that are not UTF-8 or a
+def _read_csv(url: str, storage_options=None) -> tuple[pd.DataFrame, list[str]]:
+    """A metadata CSV as strings, opened with the dataset's ``storage_options``. Lines that cannot be parsed, hold bytes that are not UTF-8 or a
     field over MAX_FIELD characters come back as details in the second value (each one a bad_row)."""
     import pandas as pd
 
@@ -124,7 +143,7 @@ def _read_csv(url: str) -> tuple[pd.DataFrame, list[str]]:
         bad.append("malformed CSV line: " + _printable(",".join(line))[:200])
         return None
 
-    data = _read_bytes(url)
+    data = _read_bytes(url, storage_options)
     text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", "cxr-audit-mark")
     if not text.strip():
         raise DatasetError(f"metadata file {url} is empty (0 bytes); it needs a header line and one line per image")

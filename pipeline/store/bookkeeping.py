@@ -56,7 +56,7 @@ def rebuild_latest(out, storage_options: dict | None = None) -> str | None:
     from pipeline.store.run_index import run_records
 
     store = OutputStore.of(out, storage_options)
-    done = sorted((r.get("finished") or "", r["model_version"]) for r in run_records(store) if r.get("status") == "complete")
+    done = sorted((r.finished or "", r.model_version) for r in run_records(store) if r.status == "complete")
     if done:
         finished, mv = done[-1]
         store.write_json(store.latest, store.latest_entry(mv, finished))

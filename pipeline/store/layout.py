@@ -17,7 +17,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-from pipeline.core.redact import MaskedOptions
+from pipeline.io.location import Location, freeze_options  # noqa: F401 - freeze_options: the store's callers use it from here too
 from pipeline.store import storage
 
 # Public names under OUT (README, "Outputs: the public contract").
@@ -42,18 +42,10 @@ FILMS = "films"
 RESOLVED_CONFIG = "config.yaml"
 
 
-def freeze_options(storage_options) -> tuple[tuple[str, object], ...]:
-    """Storage options as a sorted tuple (hashable where the values are, picklable always), whose
-    repr names the keys only: the values may be credentials."""
-    if not storage_options:
-        return ()
-    items = storage_options.items() if isinstance(storage_options, dict) else storage_options
-    return MaskedOptions(sorted((str(k), v) for k, v in items))
-
-
 @dataclass(frozen=True)
 class OutputStore:
-    """An output root (fsspec URL or local path) and the storage options that open it."""
+    """An output root (fsspec URL or local path) and the storage options that open it. Its ``root``
+    is the rooted filesystem (``pipeline.io.location.Location``) every path below is opened through."""
 
     url: str
     storage_options: tuple[tuple[str, object], ...] = ()
@@ -62,6 +54,7 @@ class OutputStore:
         url = os.fspath(self.url)
         object.__setattr__(self, "url", url.rstrip("/") if url.rstrip("/") else url)
         object.__setattr__(self, "storage_options", freeze_options(self.storage_options))
+        object.__setattr__(self, "root", Location(self.url, self.storage_options))  # not a field: equality is url and options
 
     @classmethod
     def of(cls, out: "OutputStore | str | os.PathLike", storage_options=None) -> "OutputStore":
@@ -77,12 +70,12 @@ class OutputStore:
 
     @property
     def options(self) -> dict:
-        """The storage options as the keyword arguments fsspec takes."""
-        return dict(self.storage_options)
+        """The storage options as the keyword arguments fsspec takes (repr: the keys only)."""
+        return self.root.options
 
     @property
     def is_remote(self) -> bool:
-        return "://" in self.url and not self.url.startswith("file://")
+        return self.root.is_remote
 
     def absolute(self) -> "OutputStore":
         """The same store with a local root made absolute (for files read from another folder)."""
@@ -199,11 +192,12 @@ class OutputStore:
     # ---- access ------------------------------------------------------------------------------
 
     def fs(self, url: str | None = None):
-        """(filesystem, path) for url (default: the root), opened with this store's options."""
-        return storage.url_to_fs(url or self.url, self.options)
+        """(filesystem, path) for url (default: the root), opened with this store's options (the
+        root's filesystem, resolved once, for every path below it)."""
+        return self.root.resolve(url)
 
     def exists(self, url: str | None = None) -> bool:
-        return storage.exists(url or self.url, self.options)
+        return self.root.exists(url)
 
     def model_versions(self) -> list[str]:
         """The run folders under runs/, sorted by name."""
@@ -213,23 +207,23 @@ class OutputStore:
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
 
     def read_json(self, url: str):
-        return storage.read_json(url, self.options)
+        return storage.read_json(url, self.root)
 
     def read_json_safe(self, url: str):
         """(value, None); (None, None) when absent; (None, why) when present but unreadable."""
-        return storage.read_json_safe(url, self.options)
+        return storage.read_json_safe(url, self.root)
 
     def read_parquet(self, url: str):
-        return storage.read_parquet(url, self.options)
+        return storage.read_parquet(url, self.root)
 
     def write_bytes(self, url: str, data: bytes) -> None:
-        storage.write_bytes_atomic(url, data, self.options)
+        storage.write_bytes_atomic(url, data, self.root)
 
     def write_json(self, url: str, obj) -> None:
-        storage.write_json_atomic(obj, url, self.options)
+        storage.write_json_atomic(obj, url, self.root)
 
     def write_parquet(self, url: str, table) -> None:
-        storage.write_parquet_atomic(table, url, self.options)
+        storage.write_parquet_atomic(table, url, self.root)
 
     def remove(self, url: str) -> bool:
         """Remove one file; False when it was not there."""
@@ -277,7 +271,7 @@ class OutputStore:
             return False
 
     def check_writable(self) -> None:
-        storage.check_writable(self.url, self.options)
+        storage.check_writable(self.url, self.root)
 
     def remove_temp_files(self) -> int:
-        return storage.remove_temp_files(self.url, self.options)
+        return storage.remove_temp_files(self.url, self.root)

@@ -10,17 +10,20 @@ import warnings
 from schemas.outputs import CELL_FEATURES, OUTPUT_SCHEMA_VERSION, ZARR_ARRAYS, ZARR_DIMS
 
 from pipeline.core.errors import MisalignedWriteError, OutputError
+from pipeline.io.location import Location
+from pipeline.store.storage import kwargs_of
 
 
 def _shape(kind: str, n: int, f: int, h: int, w: int, d: int) -> tuple[int, ...]:
     return {"FHW": (n, f, h, w), "D": (n, d), "CK": (n, h * w, d), "": (n,)}[kind]
 
 
-def open_maps(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+def open_maps(url: str, mode: str = "r", storage_options: "dict | Location | None" = None) -> zarr.Group:
+    """maps.zarr, opened with the options (or the output root's Location) of its store."""
     # writers read the arrays' own metadata, never the consolidated copy (it could predate a resize)
     kw = {"use_consolidated": False} if mode != "r" else {}
     if "://" in url:
-        kw["storage_options"] = storage_options or None
+        kw["storage_options"] = kwargs_of(storage_options) or None
     return zarr.open_group(store=url, mode=mode, zarr_format=3, **kw)
 
 

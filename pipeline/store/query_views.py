@@ -16,6 +16,7 @@ from __future__ import annotations
 from schemas.manifest import EXTRA_FIELD, MANIFEST_BASE_FIELDS
 
 from pipeline.store.layout import OutputStore
+from pipeline.store.run_index import read_run
 RUN_TABLES = ("region_stats", "finding_summary", "metrics", "localization", "localization_boxes", "identifiability",
               "identifiability_map", "identifiability_scores", "prevalence_confounding", "scorecard", "cell_separation", "errors")
 
@@ -36,7 +37,8 @@ def views_sql(out, storage_options: dict | None = None) -> str | None:
         return None
     mv = latest["model_version"]
     root = store.absolute()  # absolute: the file works from any folder
-    findings = (store.read_json(store.run_json(mv)) or {}).get("identity", {}).get("findings", [])
+    run, _ = read_run(store, mv)
+    findings = run.identity.get("findings", []) if run is not None else []
     lines = [
         f"-- DuckDB views over {root.url}; latest run {mv} (written by cxr-audit, rewritten after each complete run)",
         f"-- shell: duckdb -init {root.views}    python: con.execute(open(path).read())",

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.store.maps_store import open_maps
-from pipeline.store.storage import url_to_fs
+from schemas.records import RecordError, ShardRecord, StaleRecord
 
-RECORD_VERSION = 2
+from pipeline.store.maps_store import open_maps
+from pipeline.io.location import Location
+from pipeline.store.storage import resolve, write_json_atomic
+
 DONE_STATUSES = ("complete", "partial")  # partial: read errors a rerun retries
 TRANSIENT_STAGES = ("read",)  # failures worth retrying on a rerun (I/O), unlike a bad PNG
 # read errors a rerun cannot cure: the file itself is refused by the read limits
@@ -30,7 +32,7 @@ RETRYABLE_DECODE_ERRORS = ("DecodeWorkerKilled",)
 @dataclass(frozen=True)
 class ShardState:
     state: str  # done | partial | missing | stale | damaged
-    record: dict | None = None
+    record: ShardRecord | None = None
     problems: tuple[str, ...] = field(default=())
 
     @property
@@ -54,12 +56,12 @@ def _size(fs, path: str) -> int | None:
         return None
 
 
-def chunk_layout(maps_url: str, storage_options: dict | None = None) -> list[tuple[str, int, int, object, str]]:
+def chunk_layout(maps_url: str, storage_options: "dict | Location | None" = None) -> list[tuple[str, int, int, object, str]]:
     """What locating a row's chunks needs, read once from maps.zarr's metadata: per array its name,
     chunk length along rows, rank, chunk key encoder and the store's base path. Checking every
     shard of a run opens the group once with it, not once per shard."""
     g = open_maps(maps_url, "r", storage_options)
-    _, base = url_to_fs(maps_url, storage_options)
+    _, base = resolve(maps_url, storage_options)
     return [(name, arr.chunks[0], arr.ndim, arr.metadata.encode_chunk_key, base.rstrip("/")) for name, arr in sorted(g.arrays())]
 
 
@@ -74,7 +76,7 @@ def chunk_paths(maps_url: str, start: int, storage_options: dict | None = None, 
 
 def fingerprint_outputs(part_url: str, maps_url: str, start: int, storage_options: dict | None = None) -> dict:
     """Fingerprint a shard's part and chunks just after writing them (read back: bytes as stored)."""
-    fs, part = url_to_fs(part_url, storage_options)
+    fs, part = resolve(part_url, storage_options)
     with fs.open(part, "rb") as f:
         rows = pq.ParquetFile(f).metadata.num_rows
     out = {"part": {"bytes": _size(fs, part), "rows": rows, "sha256": _sha256(fs, part)}, "chunks": {}}
@@ -85,8 +87,9 @@ def fingerprint_outputs(part_url: str, maps_url: str, start: int, storage_option
 
 
 def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | None, str | None]:
-    """(record, None), (None, None) when absent, or (None, why) when unreadable."""
-    fs, path = url_to_fs(url, storage_options)
+    """The record's JSON: (value, None), (None, None) when absent, or (None, why) when unreadable.
+    ``check_shard`` parses it (``ShardRecord.from_json``)."""
+    fs, path = resolve(url, storage_options)
     try:
         with fs.open(path, "rb") as f:
             rec = json.loads(f.read())
@@ -94,9 +97,12 @@ def read_record(url: str, storage_options: dict | None = None) -> tuple[dict | N
         return None, None
     except (ValueError, UnicodeDecodeError, OSError) as e:
         return None, f"record unreadable ({type(e).__name__})"
-    if not isinstance(rec, dict):
-        return None, "record is not a JSON object"
     return rec, None
+
+
+def write_record(record: ShardRecord, url: str, storage_options: dict | None = None) -> None:
+    """The one writer of shard records (the shard task, once its outputs are written)."""
+    write_json_atomic(record.to_json(), url, storage_options)
 
 
 def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=None) -> ShardState:
@@ -104,36 +110,42 @@ def check_shard(shard, spec, verify: bool = False, layout=None, sources_check=No
     ``layout``: maps.zarr's chunk_layout, read once by a caller that checks many shards. With
     ``verify``, ``sources_check(record, shard, spec)`` may add problems about the films themselves
     (``pipeline.worker.cache.changed_sources``: a film replaced since it was scored)."""
-    so = dict(spec.storage_options)
-    rec, why = read_record(spec.record_url(shard.index), so)
+    so = spec.store.root  # the output root: its filesystem resolved once for every file of the shard
+    value, why = read_record(spec.record_url(shard.index), so)
     if why:
         return ShardState("damaged", None, (why,))
-    if rec is None:
+    if value is None:
         return ShardState("missing")
-    if rec.get("digest") != shard.digest or rec.get("model_version") != spec.model_version:
+    try:
+        rec = ShardRecord.from_json(value)
+    except StaleRecord as e:
+        return ShardState("stale", None, (str(e),))
+    except RecordError as e:
+        return ShardState("damaged", None, (f"record unreadable ({e})",))
+    if rec.digest != shard.digest or rec.model_version != spec.model_version:
         return ShardState("stale", rec, ("record is for other rows or another model",))
-    if rec.get("status") not in DONE_STATUSES or rec.get("record_version") != RECORD_VERSION or "outputs" not in rec:
-        return ShardState("stale", rec, (f"record status {rec.get('status')!r}, version {rec.get('record_version')}",))
+    if rec.status not in DONE_STATUSES:
+        return ShardState("stale", rec, (f"record status {rec.status!r}",))
     problems = _check_outputs(rec, shard, spec, so, verify, layout)
     if verify and not problems and sources_check is not None:
         problems = sources_check(rec, shard, spec)
     if problems:
         return ShardState("damaged", rec, tuple(problems))
-    return ShardState("partial" if rec["status"] == "partial" else "done", rec)
+    return ShardState("partial" if rec.status == "partial" else "done", rec)
 
 
-def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool, layout=None) -> list[str]:
+def _check_outputs(rec: ShardRecord, shard, spec, so, verify: bool, layout=None) -> list[str]:
     problems = []
-    fp = rec["outputs"]
-    fs, part = url_to_fs(spec.part_url(shard.index), so)
+    fp = rec.outputs
+    fs, part = resolve(spec.part_url(shard.index), so)
     want = fp["part"]
     size = _size(fs, part)
     if size is None:
         problems.append("predictions part missing")
     elif size != want["bytes"]:
         problems.append(f"predictions part has {size} bytes, record says {want['bytes']}")
-    elif want["rows"] != rec.get("n_scored"):
-        problems.append(f"record says {rec.get('n_scored')} scored but its part holds {want['rows']} rows")
+    elif want["rows"] != rec.n_scored:
+        problems.append(f"record says {rec.n_scored} scored but its part holds {want['rows']} rows")
     elif verify:
         if _sha256(fs, part) != want["sha256"]:
             problems.append("predictions part content differs from its record (sha256)")
@@ -167,10 +179,10 @@ def _check_outputs(rec: dict, shard, spec, so: dict, verify: bool, layout=None) 
     return problems
 
 
-def retry_rows(record: dict) -> list[int]:
+def retry_rows(record: ShardRecord) -> list[int]:
     """Rows a rerun retries: those that failed at a transient stage (read errors), or whose decode
     processes were killed from outside."""
-    return sorted(e["row"] for e in record.get("errors", []) if _retryable(e))
+    return sorted(e["row"] for e in record.errors if _retryable(e))
 
 
 def _retryable(error: dict) -> bool:
@@ -199,11 +211,11 @@ def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok:
     st = check_shard(shard, spec)
     if st.state != "partial":
         return None
-    so = dict(spec.storage_options)
+    so = spec.store.root  # the output root: its filesystem resolved once for every file of the shard
     g = open_maps(spec.maps_url, "r", so)
     for name, arr in region.items():
         arr[:] = g[name][shard.start:shard.stop]
-    fs, part = url_to_fs(spec.part_url(shard.index), so)
+    fs, part = resolve(spec.part_url(shard.index), so)
     with fs.open(part, "rb") as f:
         t = pq.read_table(f)
     pos_of = {r: p for p, r in enumerate(shard.rows)}
@@ -212,6 +224,6 @@ def retry_plan(shard, spec, region: dict[str, np.ndarray], prob: np.ndarray, ok:
         prob[pos] = np.stack([t.column(f).to_numpy() for f in spec.model.findings], axis=1)
         ok[pos] = True
     retry = set(retry_rows(st.record))
-    kept = [e for e in st.record.get("errors", []) if e["row"] not in retry]
-    sources = {k: v for k, v in (st.record.get("sources") or {}).items() if int(k) not in retry}
-    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.get("source_modes") or {}), sources
+    kept = [e for e in st.record.errors if e["row"] not in retry]
+    sources = {k: v for k, v in st.record.sources.items() if int(k) not in retry}
+    return [pos_of[r] for r in sorted(retry)], kept, dict(st.record.source_modes), sources

@@ -175,18 +175,17 @@ def source_digest(content_key: str) -> str:
     return "|".join(content_key.rsplit("|", 2)[-2:])
 
 
-def changed_sources(rec: dict, shard, spec) -> list[str]:
-    """--verify: the films a shard scored, read again and compared with what it scored (a film
-    replaced under the same name since). Records written before they kept this have nothing to compare."""
-    sources = rec.get("sources")
-    if not isinstance(sources, dict):
-        return []
+def changed_sources(rec, shard, spec) -> list[str]:
+    """--verify: the films a shard scored (``rec``: its ShardRecord), read again and compared with what
+    it scored (a film replaced under the same name since). Records written before they kept this have
+    nothing to compare."""
+    sources = rec.sources
     for row, path in zip(shard.rows, shard.paths):
         want = sources.get(str(row))
         if want is None:
             continue
         try:
-            got = source_digest(content_key(path, read_bytes(path, dict(spec.storage_options), spec.read_limits)))
+            got = source_digest(content_key(path, read_bytes(path, spec.inputs.options_for(path), spec.read_limits)))
         except ImageError:
             got = None
         if got != want:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.inference.images import Decoded, PreprocessConfig
+from pipeline.io.location import InputOptions
 from pipeline.io.reads import ReadLimits
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class DecodeTask:
     """What a decode process needs besides the film (picklable, sent with each job)."""
 
     preprocess: PreprocessConfig = PreprocessConfig()
-    storage_options: tuple[tuple[str, str], ...] = ()
+    inputs: InputOptions = InputOptions()  # the options each film is read with
     use_cache: bool = False
     limits: ReadLimits = ReadLimits()
     # a grayscale film comes back as one (size, size) plane (Decoded.rgb() repeats it): a third of
@@ -102,10 +103,9 @@ class DecodeTask:
         from pipeline.inference.images import decode_bytes
         from pipeline.io.reads import read_bytes
 
-        so = dict(self.storage_options)
         key = None
         try:
-            data = read_bytes(job.path, so, self.limits)
+            data = read_bytes(job.path, self.inputs.options_for(job.path), self.limits)
             key = content_key(job.path, data)  # also the shard record's fingerprint of the film (--verify)
             if self.use_cache and job.cached_key is not None and key == job.cached_key:
                 return None, key
@@ -569,28 +569,23 @@ def worker_cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode_process_count(decode_workers: int | None, decode_threads: int | None = None) -> int:
-    """--decode-workers, else the deprecated --decode-threads, else one per core of this worker."""
-    for n in (decode_workers, decode_threads):
-        if n is not None:
-            return n
-    return worker_cores()
+def decode_process_count(decode_workers: int | None) -> int:
+    """--decode-workers (its deprecated alias is resolved in the configuration), else one per core of this worker."""
+    return worker_cores() if decode_workers is None else decode_workers
 
 
-def warm_up(decode_workers: int | None, decode_threads: int | None = None, imports: tuple[str, ...] = (),
-            model: tuple | None = None) -> None:
+def warm_up(decode_workers: int | None, imports: tuple[str, ...] = (), model: tuple | None = None) -> None:
     """Run on every worker as soon as the cluster is up (``client.run``): in a thread, start this
     worker's decode processes, import the scoring code and load the run's model (``model``: a
     (ModelSpec, device policy) pair), so that none of it waits for the first shard (they overlap the
     driver's own preparation). Returns at once: client.run calls it on the worker's event loop."""
-    threading.Thread(target=warm, args=(decode_workers, decode_threads, imports, model), name="cxr-warm-up", daemon=True).start()
+    threading.Thread(target=warm, args=(decode_workers, imports, model), name="cxr-warm-up", daemon=True).start()
 
 
-def warm(decode_workers: int | None, decode_threads: int | None = None, imports: tuple[str, ...] = (),
-         model: tuple | None = None) -> None:
+def warm(decode_workers: int | None, imports: tuple[str, ...] = (), model: tuple | None = None) -> None:
     """warm_up's work, in the calling thread. Only a head start: whatever fails here, the first
     shard does again and says what is wrong (a checkpoint the driver refuses is never scored)."""
-    pool = shared_pool(decode_process_count(decode_workers, decode_threads))
+    pool = shared_pool(decode_process_count(decode_workers))
     pool.start_in_background()
     for name in imports:
         try:
@@ -685,132 +680,171 @@ class DecodeStream:
             self._out.put(_END)
 
     def _feed_pool(self) -> None:
-        # a future -> (its films, generation, the block holding their slots, the slots)
-        inflight: dict[Future, tuple[list[FilmJob], int, _SlotBlock | None, tuple]] = {}
-        n_inflight = 0  # films
-        recovering: deque[FilmJob] = deque()  # in flight when the pool broke: resubmitted one at a time
-        serial_crashes: dict[FilmJob, int] = {}  # films in flight when a pool broke -> own failures alone
-        kills: dict[FilmJob, int] = {}  # -> kills from outside while alone
-        watch = _Watch(self.pool, self.deadline_s)
-        # Finished futures arrive here (done callbacks): O(1) per chunk, where wait(FIRST_COMPLETED)
-        # over a window of futures cost O(window) lock operations, in the GIL-bound process that
-        # drives the model.
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-
-        def submit(jobs: list[FilmJob]) -> None:
-            nonlocal n_inflight
-            fut, gen, block, slots = self.pool.submit_chunk(self.fn, jobs)
-            inflight[fut] = (jobs, gen, block, slots)
-            n_inflight += len(jobs)
-            fut.add_done_callback(finished.put)
-
-        def results(f: Future, entry) -> list[tuple[FilmJob, Any]]:
-            """The chunk's (job, (result, extra)) pairs, pixels copied out of their slots (freed)."""
-            jobs, _gen, block, slots = entry
-            try:
-                out = f.result()
-            except BrokenProcessPool:
-                raise  # its block is retired whole: a surviving process may still write into it
-            except BaseException:
-                if block is not None:
-                    block.give(slots)
-                raise
-            if block is not None:
-                try:
-                    out = [(Decoded(block.pixels(r), r.source_mode), x) if isinstance(r, _InSlot) else (r, x) for r, x in out]
-                finally:
-                    block.give(slots)
-            return list(zip(jobs, out))
-
-        while self._todo or inflight or recovering:
-            with self._cond:
-                while not self._closed and (n_inflight + self._untaken) >= self._limit() and not inflight:
-                    self._cond.wait(0.05)  # the consumer is behind: wait for it to take results
-                if self._closed:
-                    for f, (_, _, block, slots) in inflight.items():
-                        if block is not None:  # slots free once no decode process can still write them
-                            if f.cancel():
-                                block.give(slots)
-                            else:
-                                f.add_done_callback(lambda _f, b=block, s=slots: b.give(s))
-                    return
-                room = self._limit() - n_inflight - self._untaken
-            if recovering:
-                if not inflight:
-                    submit([recovering.popleft()])
-            else:
-                # whole chunks while the window has room for one (a partial one only at the end, or
-                # when the window is smaller than a chunk and nothing is in flight)
-                while self._todo and (room >= min(self.chunk, len(self._todo)) or (not inflight and room > 0)):
-                    k = min(self.chunk, len(self._todo), max(room, 1))
-                    submit([self._todo.popleft() for _ in range(k)])
-                    room -= k
-                if not self._todo:
-                    self.pool._unregister(self)  # the next stream becomes the primary now
-            if not inflight:
-                watch.idle()
-                continue
-            try:
-                done = [finished.get(timeout=0.1)]
-            except queue.Empty:
-                watch.check(inflight)
-                continue
-            watch.progress()
-            while True:
-                try:
-                    done.append(finished.get_nowait())
-                except queue.Empty:
-                    break
-            broken: list[tuple[FilmJob, int]] = []
-            for f in done:
-                entry = inflight.pop(f, None)
-                if entry is None:  # already taken below, when its pool broke
-                    continue
-                n_inflight -= len(entry[0])
-                try:
-                    self._emit(results(f, entry))
-                except BrokenProcessPool:
-                    broken.extend((job, entry[1]) for job in entry[0])
-            if not broken:
-                continue
-            # every other film in flight went down with the pool: wait for their futures to say so
-            if inflight:
-                wait(inflight)
-                for f, entry in list(inflight.items()):
-                    try:
-                        self._emit(results(f, entry))
-                    except BrokenProcessPool:
-                        broken.extend((job, entry[1]) for job in entry[0])
-                inflight.clear()
-                n_inflight = 0
-            gens = {g for _, g in broken}
-            for gen in gens:
-                self.pool.restart(gen)
-            causes = {self.pool.cause(g) for g in gens}
-            watch.progress()
-            was_serial = len(broken) == 1 and broken[0][0] in serial_crashes
-            for job, _ in broken:
-                if not was_serial:
-                    serial_crashes.setdefault(job, 0)
-                elif causes & {"crashed", "hung"}:  # its own fault, alone in a fresh process
-                    serial_crashes[job] += 1
-                    if serial_crashes[job] >= SERIAL_CRASHES_TO_FAIL:
-                        err = DecodeTimeout if "hung" in causes else DecodeWorkerDied
-                        what = (f"no result within {self.deadline_s:g} s" if err is DecodeTimeout else "a decode process died of its own fault")
-                        self._emit([(job, (Failure("decode", err.__name__, f"{what} {serial_crashes[job]} times while decoding "
-                                                   "this film alone, each time in a fresh process: a bad film"), None))])
-                        continue
-                else:  # killed or stopped from outside: not the film's fault
-                    kills[job] = kills.get(job, 0) + 1
-                    if kills[job] >= KILLS_TO_GIVE_UP:
-                        self._emit([(job, (Failure("decode", DecodeWorkerKilled.__name__,
-                                                   f"decode processes were killed from outside {kills[job]} times while decoding this "
-                                                   "film (OOM killer, a signal); the film is not at fault: a rerun retries it"), None))])
-                        continue
-                recovering.append(job)
+        _PoolFeed(self).run()
 
     def _limit(self) -> int:
         return self.window if self.pool._is_primary(self) else self.lookahead
+
+
+class _PoolFeed:
+    """A DecodeStream's feeding of the decode processes: the chunks it has in flight, and the films
+    to submit again, one at a time, after a pool broke under them (a film that breaks fresh
+    processes alone, or whose processes keep being killed from outside, fails instead)."""
+
+    def __init__(self, stream: DecodeStream):
+        self.stream, self.pool = stream, stream.pool
+        # a future -> (its films, generation, the block holding their slots, the slots)
+        self.inflight: dict[Future, tuple[list[FilmJob], int, _SlotBlock | None, tuple]] = {}
+        self.n_inflight = 0  # films
+        self.recovering: deque[FilmJob] = deque()  # in flight when the pool broke: resubmitted one at a time
+        self.serial_crashes: dict[FilmJob, int] = {}  # films in flight when a pool broke -> own failures alone
+        self.kills: dict[FilmJob, int] = {}  # -> kills from outside while alone
+        self.watch = _Watch(self.pool, stream.deadline_s)
+        # Finished futures arrive here (done callbacks): O(1) per chunk, where wait(FIRST_COMPLETED)
+        # over a window of futures cost O(window) lock operations, in the GIL-bound process that
+        # drives the model.
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self) -> None:
+        while self.stream._todo or self.inflight or self.recovering:
+            room = self._room()
+            if room is None:
+                return
+            self._submit_more(room)
+            if not self.inflight:
+                self.watch.idle()
+                continue
+            done = self._finished()
+            if done:
+                broken = self._emit_done(done)
+                if broken:
+                    self._recover(broken)
+
+    def _room(self) -> int | None:
+        """Films the window has room for, once the consumer has taken enough; None when the stream
+        was closed (the slots of films still in flight are freed once no process can write them)."""
+        s = self.stream
+        with s._cond:
+            while not s._closed and (self.n_inflight + s._untaken) >= s._limit() and not self.inflight:
+                s._cond.wait(0.05)  # the consumer is behind: wait for it to take results
+            if s._closed:
+                for f, (_, _, block, slots) in self.inflight.items():
+                    if block is not None:
+                        if f.cancel():
+                            block.give(slots)
+                        else:
+                            f.add_done_callback(lambda _f, b=block, sl=slots: b.give(sl))
+                return None
+            return s._limit() - self.n_inflight - s._untaken
+
+    def _submit_more(self, room: int) -> None:
+        s = self.stream
+        if self.recovering:
+            if not self.inflight:
+                self._submit([self.recovering.popleft()])
+            return
+        # whole chunks while the window has room for one (a partial one only at the end, or
+        # when the window is smaller than a chunk and nothing is in flight)
+        while s._todo and (room >= min(s.chunk, len(s._todo)) or (not self.inflight and room > 0)):
+            k = min(s.chunk, len(s._todo), max(room, 1))
+            self._submit([s._todo.popleft() for _ in range(k)])
+            room -= k
+        if not s._todo:
+            self.pool._unregister(s)  # the next stream becomes the primary now
+
+    def _submit(self, jobs: list[FilmJob]) -> None:
+        fut, gen, block, slots = self.pool.submit_chunk(self.stream.fn, jobs)
+        self.inflight[fut] = (jobs, gen, block, slots)
+        self.n_inflight += len(jobs)
+        fut.add_done_callback(self.finished.put)
+
+    def _finished(self) -> list[Future]:
+        """The futures finished since the last look (waiting up to 0.1 s for one; none: the deadlines
+        are checked)."""
+        try:
+            done = [self.finished.get(timeout=0.1)]
+        except queue.Empty:
+            self.watch.check(self.inflight)
+            return []
+        self.watch.progress()
+        while True:
+            try:
+                done.append(self.finished.get_nowait())
+            except queue.Empty:
+                return done
+
+    def _emit_done(self, done: list[Future]) -> list[tuple[FilmJob, int]]:
+        """Hand the finished chunks' films to the consumer. Returns the films (and generation) of
+        those whose pool broke: with every other film then in flight, which went down with it."""
+        broken: list[tuple[FilmJob, int]] = []
+        for f in done:
+            entry = self.inflight.pop(f, None)
+            if entry is None:  # already taken below, when its pool broke
+                continue
+            self.n_inflight -= len(entry[0])
+            broken += self._emit(f, entry)
+        if broken and self.inflight:  # wait for the other futures to say so
+            wait(self.inflight)
+            for f, entry in list(self.inflight.items()):
+                broken += self._emit(f, entry)
+            self.inflight.clear()
+            self.n_inflight = 0
+        return broken
+
+    def _emit(self, f: Future, entry) -> list[tuple[FilmJob, int]]:
+        """A finished chunk's (job, (result, extra)) pairs to the consumer, pixels copied out of their
+        slots (freed); its films and generation instead when its pool broke."""
+        jobs, gen, block, slots = entry
+        try:
+            out = f.result()
+        except BrokenProcessPool:
+            return [(job, gen) for job in jobs]  # its block is retired whole: a surviving process may still write into it
+        except BaseException:
+            if block is not None:
+                block.give(slots)
+            raise
+        if block is not None:
+            try:
+                out = [(Decoded(block.pixels(r), r.source_mode), x) if isinstance(r, _InSlot) else (r, x) for r, x in out]
+            finally:
+                block.give(slots)
+        self.stream._emit(list(zip(jobs, out)))
+        return []
+
+    def _recover(self, broken: list[tuple[FilmJob, int]]) -> None:
+        """Restart the broken generations; their films go again one at a time, or fail."""
+        gens = {g for _, g in broken}
+        for gen in gens:
+            self.pool.restart(gen)
+        causes = {self.pool.cause(g) for g in gens}
+        self.watch.progress()
+        was_serial = len(broken) == 1 and broken[0][0] in self.serial_crashes
+        for job, _ in broken:
+            failure = self._gave_up(job, was_serial, causes)
+            if failure is not None:
+                self.stream._emit([(job, (failure, None))])
+            else:
+                self.recovering.append(job)
+
+    def _gave_up(self, job: FilmJob, was_serial: bool, causes: set) -> Failure | None:
+        """The film's failure when it has broken fresh processes alone too often (its own fault), or
+        its processes were killed from outside too often; else None (it goes again)."""
+        if not was_serial:
+            self.serial_crashes.setdefault(job, 0)
+            return None
+        if causes & {"crashed", "hung"}:  # its own fault, alone in a fresh process
+            self.serial_crashes[job] += 1
+            n = self.serial_crashes[job]
+            if n < SERIAL_CRASHES_TO_FAIL:
+                return None
+            err = DecodeTimeout if "hung" in causes else DecodeWorkerDied
+            what = (f"no result within {self.stream.deadline_s:g} s" if err is DecodeTimeout else "a decode process died of its own fault")
+            return Failure("decode", err.__name__, f"{what} {n} times while decoding this film alone, each time in a fresh process: a bad film")
+        self.kills[job] = self.kills.get(job, 0) + 1  # killed or stopped from outside: not the film's fault
+        if self.kills[job] < KILLS_TO_GIVE_UP:
+            return None
+        return Failure("decode", DecodeWorkerKilled.__name__, f"decode processes were killed from outside {self.kills[job]} times while "
+                       "decoding this film (OOM killer, a signal); the film is not at fault: a rerun retries it")
 
 
 class _Watch:

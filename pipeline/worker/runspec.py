@@ -6,8 +6,10 @@ Derived once from the resolved configuration (``RunSpec.derive``); never patched
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pipeline.inference.preprocess_config import PreprocessConfig
+from pipeline.io.location import InputOptions
 from pipeline.io.reads import ReadLimits
 from pipeline.inference.model_spec import ModelSpec
 from pipeline.inference.precision import DEFAULT_PRECISION
@@ -30,13 +32,13 @@ class RunSpec:
     n_rows: int = 0
     grid: tuple[int, int] = (7, 7)
     embedding_dim: int = 1024
-    decode_threads: int | None = _C.decode_threads  # None: one per core of the worker
     torch_threads: int | None = None  # None: the worker's cores / its task threads
-    storage_options: tuple[tuple[str, str], ...] = field(default=())
+    storage_options: tuple[tuple[str, str], ...] = field(default=())  # --out's only
     cache_url: str | None = None  # the cache group for this preprocessing config; None: no cache
     precision: str = DEFAULT_PRECISION  # pipeline.inference.precision: fp32 | tf32 | bf16 (part of the identity)
     decode_workers: int | None = _C.decode_workers  # decode processes per worker; None: one per core of the worker
     read_limits: ReadLimits = ReadLimits()  # bounds per film (not identity: they never change pixels)
+    inputs: InputOptions = InputOptions()  # the options films are read with (never --out's); not identity
 
     @classmethod
     def derive(cls, resolved: Resolved, *, model: ModelSpec, model_version: str, n_rows: int, grid: tuple[int, int],
@@ -55,17 +57,18 @@ class RunSpec:
             n_rows=n_rows,
             grid=grid,
             embedding_dim=embedding_dim,
-            decode_threads=cfg.compute.decode_threads,
             decode_workers=cfg.compute.decode_workers,
             precision=cfg.model.precision,
             storage_options=freeze_options(cfg.output.storage_options),
+            inputs=cfg.inputs(),
             cache_url=cache_url,
             read_limits=cfg.images.read_limits(),
         )
 
-    @property
+    @cached_property
     def store(self) -> OutputStore:
-        """The output folder with the options that open it (every path below comes from it)."""
+        """The output folder with the options that open it (every path below comes from it; its
+        filesystem resolved once per spec and process)."""
         return OutputStore(self.out, self.storage_options)
 
     @property

@@ -11,13 +11,14 @@ import logging
 import time
 import threading
 from concurrent.futures import Future
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from schemas.outputs import predictions_schema
+from schemas.records import ShardRecord
 
 from pipeline.core.errors import CheckpointError, ImageError
 from pipeline.worker.cache import ShardCache, source_digest
@@ -26,17 +27,17 @@ from pipeline.inference.images import Decoded
 from pipeline.store.maps_store import open_maps, write_region
 from pipeline.core.redact import install_log_redaction, redact
 from pipeline.worker.runspec import RunSpec
-from pipeline.store.shard_check import RECORD_VERSION, check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status
+from pipeline.store.shard_check import check_shard, fingerprint_outputs, nonfinite_rows, retry_plan, shard_status, write_record
 from pipeline.worker.shards import Shard
-from pipeline.store.storage import write_json_atomic, write_parquet_atomic
+from pipeline.store.storage import write_parquet_atomic
 
 log = logging.getLogger(__name__)  # on a worker: OUT/logs/worker-<name>.log (pipeline.worker.logs)
 
 
 def decode_workers(spec: RunSpec) -> int:
-    """Decode processes for this worker: --decode-workers, else the deprecated --decode-threads, else
-    one per core of the worker (its CPU affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
-    return decode_process_count(spec.decode_workers, spec.decode_threads)
+    """Decode processes for this worker: --decode-workers, else one per core of the worker (its CPU
+    affinity: dask-cuda pins a GPU worker to the cores near its GPU)."""
+    return decode_process_count(spec.decode_workers)
 
 
 # Films per decode task: one task, pipe message, future and hand-over per 4 films instead of per film
@@ -94,185 +95,264 @@ def check_weights(model, spec: RunSpec) -> None:
             "completed shards are kept.")
 
 
-def shard_done(shard: Shard, spec: RunSpec) -> dict | None:
+def shard_done(shard: Shard, spec: RunSpec) -> ShardRecord | None:
     """The record of a shard whose outputs are all present and match it (cheap check), else None."""
     st = check_shard(shard, spec)
     return st.record if st.state == "done" else None
 
 
 def score_shard(shard: Shard, spec: RunSpec, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Score a shard unless its completion record says it is done. Returns the record."""
+    """Score a shard unless its completion record says it is done. Returns the record as JSON, with
+    ``skipped`` (True when it was done already). ``progress(shard index, films done)`` after each batch."""
     install_log_redaction()  # on the worker: its logs may quote a film's URL
     done = shard_done(shard, spec)
     if done is not None:
-        return {**done, "skipped": True}
-    t0 = time.perf_counter()
-    workers = decode_workers(spec)
-    pool = shared_pool(workers)
-    pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
-    replaced_before = pool.replaced
-    F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
-    n_region = shard.stop - shard.start
-    cam = np.full((n_region, F, H, W), np.nan, np.float32)
-    cell = np.full((n_region, F, H, W), np.nan, np.float32)
-    emb = np.full((n_region, D), np.nan, np.float16)
-    cellf = np.full((n_region, H * W, D), np.nan, np.float16)
-    prob = np.full((len(shard.rows), F), np.nan, np.float32)
-    ids = np.full(n_region, "", dtype=object)
-    ok = np.zeros(len(shard.rows), dtype=bool)
-    errors: list[dict] = []
-    modes: dict[str, int] = {}
-    sources: dict[str, str] = {}  # row -> the scored film's size and digest: --verify finds a film replaced since
-    t_decode_wait = t_forward = 0.0
+        return {**done.to_json(), "skipped": True}
+    return {**ShardTask(shard, spec, progress).run().to_json(), "skipped": False}
 
-    def run_batch(positions, pixels):
-        nonlocal t_forward
-        t = time.perf_counter()
-        with _DEVICE_LOCK:
-            try:
-                outs = [(positions, infer_batch(model, pixels, spec.baselines, precision=spec.precision))]
-            except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-                outs = []
-                for p, px in zip(positions, pixels):
-                    try:
-                        outs.append(([p], infer_batch(model, px[None], spec.baselines, precision=spec.precision)))
-                    except Exception as e:  # noqa: BLE001
-                        errors.append(_error(shard, p, ImageError("infer", e)))
-        for pos, o in outs:
-            bad = nonfinite_rows(o)  # NaN/Inf weights or inputs: a failure, never a 'scored' image
-            for b in np.flatnonzero(bad):
-                errors.append(_error(shard, pos[b], ImageError("nonfinite", FloatingPointError("non-finite probability, map or embedding"))))
-            pos = [p for p, b in zip(pos, bad) if not b]
-            if not pos:
-                continue
-            if bad.any():
-                o = replace(o, **{f.name: getattr(o, f.name)[~bad] for f in fields(o)})
-            r = np.asarray([shard.rows[p] - shard.start for p in pos])
-            cam[r], cell[r], emb[r], cellf[r] = o.cam, o.cell_logit, o.embedding, o.cell_features
-            prob[pos] = o.prob
-            ok[pos] = True
-        t_forward += time.perf_counter() - t
 
-    cache = ShardCache(spec.cache_url, shard.start, shard.stop, dict(spec.storage_options)) if spec.cache_url else None
-    hits = misses = 0
-    bs = spec.batch_size
-    todo = list(range(len(shard.paths)))
-    plan = retry_plan(shard, spec, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf}, prob, ok)
-    if plan is not None:  # a partial shard: keep what it scored, retry only its films with read errors
-        todo, errors, modes, sources = plan
-    jobs = [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
-    task = DecodeTask(spec.preprocess, spec.storage_options, cache is not None, spec.read_limits, gray_plane=True)
-    # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
-    # this worker keeps `lookahead` films decoding while this one finishes and writes.
-    window = max(4 * bs, 8 * max(1, workers))
-    # Batches are fixed runs of positions (films arrive in completion order): the same films share a
-    # forward pass in every run, so outputs are bit-for-bit reproducible.
-    n_chunks = (len(shard.paths) + bs - 1) // bs
-    chunk_size = [0] * n_chunks
-    for job in jobs:
-        chunk_size[job.pos // bs] += 1
-    received = [0] * n_chunks
-    ready: list[dict[int, np.ndarray]] = [{} for _ in range(n_chunks)]
-    n_done = 0
-    # The model loads in a thread (torch's import, ~1 s of CPU, and the build) while this thread keeps
-    # taking decoded films: were it to wait for the model here, the decode processes would stop once
-    # `window` films were decoded and idle for the rest of the load (measured: ~2 s of a 14 s tiny-
-    # network phase). Complete batches wait for the model; they are a shard's films at most.
-    loading = _load_model_in_thread(spec)
-    waiting: list[tuple[list[int], list[np.ndarray], int]] = []  # complete batches (positions, pixels, films) before the model
+@dataclass
+class ShardOutputs:
+    """What a shard task fills in: its region of each map array (rows start..stop; NaN where no film
+    was scored), each film's probabilities, which films were scored, and what failed."""
 
-    def run_waiting(block: bool) -> None:
-        nonlocal model, torch, infer_batch, n_done
-        if model is None:
-            if not block and not loading.done():
-                return
-            torch, infer_batch, model = loading.result()
-            torch.set_num_threads(spec.torch_threads or worker_cores())  # in this thread: forwards are serialised (_DEVICE_LOCK)
-        while waiting:
-            positions, pixels, n = waiting.pop(0)
-            if positions:
-                run_batch(positions, pixels)
-            n_done += n
-            if progress is not None:
-                progress(shard.index, n_done)
+    region: dict[str, np.ndarray]  # cam, cell_logit, embedding, cell_features (maps.zarr's arrays)
+    prob: np.ndarray
+    ok: np.ndarray
+    errors: list[dict] = field(default_factory=list)
+    modes: dict[str, int] = field(default_factory=dict)  # source image mode -> films
+    sources: dict[str, str] = field(default_factory=dict)  # row -> the scored film's size and digest: --verify finds a film replaced since
 
-    model = torch = infer_batch = None
-    with pool.stream(task, jobs, window=window, lookahead=max(bs, 2 * max(1, workers)), chunk=DECODE_CHUNK) as stream:
+    @classmethod
+    def empty(cls, shard: Shard, spec: RunSpec) -> "ShardOutputs":
+        F, (H, W), D = len(spec.model.findings), spec.grid, spec.embedding_dim
+        n = shard.stop - shard.start
+        region = {"cam": np.full((n, F, H, W), np.nan, np.float32), "cell_logit": np.full((n, F, H, W), np.nan, np.float32),
+                  "embedding": np.full((n, D), np.nan, np.float16), "cell_features": np.full((n, H * W, D), np.nan, np.float16)}
+        return cls(region, np.full((len(shard.rows), F), np.nan, np.float32), np.zeros(len(shard.rows), dtype=bool))
+
+    def keep(self, shard: Shard, positions: list[int], o) -> None:
+        """A batch's outputs (BatchOutputs) for the films at ``positions``; a film with a NaN or Inf
+        output (non-finite weights or inputs) is a failure, never a 'scored' image."""
+        bad = nonfinite_rows(o)
+        for b in np.flatnonzero(bad):
+            self.errors.append(_error(shard, positions[b], ImageError("nonfinite", FloatingPointError("non-finite probability, map or embedding"))))
+        positions = [p for p, b in zip(positions, bad) if not b]
+        if not positions:
+            return
+        if bad.any():
+            o = replace(o, **{f.name: getattr(o, f.name)[~bad] for f in fields(o)})
+        r = np.asarray([shard.rows[p] - shard.start for p in positions])
+        for name, value in (("cam", o.cam), ("cell_logit", o.cell_logit), ("embedding", o.embedding), ("cell_features", o.cell_features)):
+            self.region[name][r] = value
+        self.prob[positions] = o.prob
+        self.ok[positions] = True
+
+
+class _Model:
+    """The run's model, loading in a thread of its own (torch's import, ~1 s of CPU, and the build)
+    while the shard task keeps taking decoded films: were it to wait for the model, the decode
+    processes would stop once `window` films were decoded and idle for the rest of the load
+    (measured: ~2 s of a 14 s tiny-network phase)."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.loading = _load_model_in_thread(spec)
+        self.torch = self.infer_batch = self.model = None
+
+    def ready(self, block: bool) -> bool:
+        """Loaded (waiting for it when ``block``)? Raises what the load raised (a CheckpointError)."""
+        if self.model is None:
+            if not block and not self.loading.done():
+                return False
+            self.torch, self.infer_batch, self.model = self.loading.result()
+            self.torch.set_num_threads(self.spec.torch_threads or worker_cores())  # in this thread: forwards are serialised (_DEVICE_LOCK)
+        return True
+
+
+class _Batches:
+    """Decoded films gathered into batches that are fixed runs of positions (films arrive in
+    completion order): the same films share a forward pass in every run, so outputs are bit-for-bit
+    reproducible."""
+
+    def __init__(self, jobs: list[FilmJob], n_films: int, batch_size: int):
+        self.bs = batch_size
+        n = (n_films + batch_size - 1) // batch_size
+        self.size, self.received = [0] * n, [0] * n
+        self.ready: list[dict[int, np.ndarray]] = [{} for _ in range(n)]
+        for job in jobs:
+            self.size[job.pos // batch_size] += 1
+
+    def add(self, pos: int, pixels: np.ndarray | None) -> tuple[list[int], list[np.ndarray], int] | None:
+        """One film taken (``pixels`` None: it failed). Returns its batch once complete: (positions,
+        pixels, films taken), grayscale planes and colour films as they came (infer_batch normalises each)."""
+        k = pos // self.bs
+        self.received[k] += 1
+        if pixels is not None:
+            self.ready[k][pos] = pixels
+        if self.received[k] != self.size[k]:
+            return None
+        batch, self.ready[k] = sorted(self.ready[k].items()), {}
+        return [p for p, _ in batch], [px for _, px in batch], self.received[k]
+
+
+class ShardTask:
+    """One shard scored, a step per method, in the order ``run`` calls them: open the outputs, plan
+    the films (a partial shard keeps what it scored), decode and score them batch by batch, write the
+    predictions and maps, then the record. The inputs (shard, spec, progress) are never changed; the
+    rest is what the steps fill in."""
+
+    def __init__(self, shard: Shard, spec: RunSpec, progress: Callable[[int, int], None] | None = None):
+        self.shard, self.spec, self.progress = shard, spec, progress
+        self.so = spec.store.root  # the output root: its filesystem resolved once for the shard's writes
+        self.workers = decode_workers(spec)
+        self.pool = shared_pool(self.workers)
+        self.out: ShardOutputs | None = None
+        self.cache: ShardCache | None = None
+        self.model: _Model | None = None
+        self.waiting: list[tuple[list[int], list[np.ndarray], int]] = []  # complete batches before the model
+        self.n_done = self.hits = self.misses = 0
+        self.seconds = {"decode_wait": 0.0, "forward": 0.0, "write": 0.0}
+        self.outputs: dict | None = None  # fingerprints of what write_outputs wrote
+
+    def run(self) -> ShardRecord:
+        t0 = time.perf_counter()
+        self.pool.start_in_background()  # the first shard of a worker: decode processes start while the model loads
+        replaced_before = self.pool.replaced
+        self.open_outputs()
+        jobs = self.plan_films()
+        decode = DecodeTask(self.spec.preprocess, self.spec.inputs, self.cache is not None, self.spec.read_limits, gray_plane=True)
+        self.model = _Model(self.spec)
+        self.score_films(jobs, decode)
+        self.write_outputs()
+        record = self.record(time.perf_counter() - t0, self.pool.replaced - replaced_before)
+        write_record(record, self.spec.record_url(self.shard.index), self.so)
+        s = record.seconds
+        log.info("shard %d: %d of %d images scored, %d failed in %.1f s (decode wait %.1f, forward %.1f, write %.1f)", self.shard.index,
+                 record.n_scored, record.n_images, record.n_failed, s["total"], s["decode_wait"], s["forward"], s["write"])
+        return record
+
+    def open_outputs(self) -> None:
+        self.out = ShardOutputs.empty(self.shard, self.spec)
+        if self.spec.cache_url:
+            self.cache = ShardCache(self.spec.cache_url, self.shard.start, self.shard.stop, self.so)
+
+    def plan_films(self) -> list[FilmJob]:
+        """The films to decode: all of them, or for a partial shard only those with read errors (the
+        outputs keep what it scored)."""
+        shard, out = self.shard, self.out
+        todo = list(range(len(shard.paths)))
+        plan = retry_plan(shard, self.spec, out.region, out.prob, out.ok)
+        if plan is not None:
+            todo, out.errors, out.modes, out.sources = plan
+        cache = self.cache
+        return [FilmJob(p, shard.paths[p], cache.key(shard.rows[p]) if cache is not None else None) for p in todo]
+
+    def score_films(self, jobs: list[FilmJob], decode: DecodeTask) -> None:
+        """Decode in the worker's decode processes while complete batches go through the model."""
+        bs, workers = self.spec.batch_size, max(1, self.workers)
+        batches = _Batches(jobs, len(self.shard.paths), bs)
+        # Enough films in flight that no decode process waits at a batch boundary; the next shard task of
+        # this worker keeps `lookahead` films decoding while this one finishes and writes.
+        with self.pool.stream(decode, jobs, window=max(4 * bs, 8 * workers), lookahead=max(bs, 2 * workers), chunk=DECODE_CHUNK) as stream:
+            for job, (item, key) in self._decoded(stream):
+                batch = batches.add(job.pos, self.take_film(job, item, key, decode))
+                if batch is not None:
+                    self.waiting.append(batch)
+                    self.run_waiting(block=False)
+        self.run_waiting(block=True)
+
+    def _decoded(self, stream):
+        """The stream's films, the time spent waiting for them counted as ``decode_wait``."""
         it = iter(stream)
         while True:
             t = time.perf_counter()
             nxt = next(it, None)
-            t_decode_wait += time.perf_counter() - t
+            self.seconds["decode_wait"] += time.perf_counter() - t
             if nxt is None:
-                break
-            job, (item, key) = nxt
-            pos, k = job.pos, job.pos // bs
-            received[k] += 1
-            from_cache = False
-            if item is None:  # a cache hit: the pixels are in this shard's cache region
-                hit = cache.get(shard.rows[pos], key)
-                if hit is not None:
-                    item, from_cache = Decoded(*hit), True
-                    hits += 1
-                else:  # its pixels fail their digest (logged): decoded again here (rare), the entry rewritten
-                    item, key = task(FilmJob(pos, job.path))
-            if isinstance(item, Failure):
-                errors.append(_failure(shard, pos, item))
-            else:
-                if key is not None:
-                    sources[str(shard.rows[pos])] = source_digest(key)
-                if not from_cache and cache is not None and key is not None:
-                    misses += 1
-                    cache.put(shard.rows[pos], key, item.rgb(), item.source_mode)
-                modes[item.source_mode] = modes.get(item.source_mode, 0) + 1
-                ready[k][pos] = item.pixels
-            if received[k] == chunk_size[k]:
-                batch, ready[k] = sorted(ready[k].items()), {}
-                # grayscale planes and colour films as they came: infer_batch normalises each as it is
-                waiting.append(([p for p, _ in batch], [px for _, px in batch], received[k]))
-                run_waiting(block=False)
-    run_waiting(block=True)
+                return
+            yield nxt
 
-    t = time.perf_counter()
-    for row, image_id in zip(shard.rows, shard.image_ids):
-        ids[row - shard.start] = image_id
-    so = dict(spec.storage_options)
-    group = open_maps(spec.maps_url, "r+", so)
-    write_region(group, shard.start, shard.stop, {"cam": cam, "cell_logit": cell, "embedding": emb, "cell_features": cellf, "image_id": ids.astype(str)})
-    write_parquet_atomic(_predictions_table(shard, spec, prob, ok), spec.part_url(shard.index), so)
-    if cache is not None:
-        cache.flush()
-    outputs = fingerprint_outputs(spec.part_url(shard.index), spec.maps_url, shard.start, so)
-    t_write = time.perf_counter() - t
-    record = {
-        "record_version": RECORD_VERSION,
-        "status": shard_status(errors),  # 'partial' when it holds read errors: a rerun retries them
-        "shard": shard.index,
-        "start": shard.start,
-        "stop": shard.stop,
-        "digest": shard.digest,
-        "model_version": spec.model_version,
-        "n_images": len(shard.rows),
-        "n_scored": int(ok.sum()),
-        "n_failed": len(errors),
-        "source_modes": modes,
-        "cache": ({"hits": hits, "misses": misses, **({"corrupted": cache.corrupted} if cache.corrupted else {})}
-                  if cache is not None else None),  # corrupted: entries that failed their digest, decoded again
-        "errors": errors,
-        "sources": sources,
-        "seconds": {"decode_wait": t_decode_wait, "forward": t_forward, "write": t_write, "total": time.perf_counter() - t0},
-        "device": str(model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it
-        "torch_threads": torch.get_num_threads(),
-        "decode_workers": workers,
-        "decode_pool_restarts": pool.restarts,
-        "decode_processes_replaced": pool.replaced - replaced_before,  # stopped or hung during this shard: killed, films redone
-        "precision": spec.precision,
-        "outputs": outputs,
-    }
-    write_json_atomic(record, spec.record_url(shard.index), so)
-    log.info("shard %d: %d of %d images scored, %d failed in %.1f s (decode wait %.1f, forward %.1f, write %.1f)", shard.index,
-             record["n_scored"], len(shard.rows), len(errors), record["seconds"]["total"], t_decode_wait, t_forward, t_write)
-    return {**record, "skipped": False}
+    def take_film(self, job: FilmJob, item, key, decode: DecodeTask) -> np.ndarray | None:
+        """A decoded film's pixels (cached when new), or None when it failed (recorded)."""
+        shard, out, cache = self.shard, self.out, self.cache
+        row, from_cache = shard.rows[job.pos], False
+        if item is None:  # a cache hit: the pixels are in this shard's cache region
+            hit = cache.get(row, key)
+            if hit is not None:
+                item, from_cache = Decoded(*hit), True
+                self.hits += 1
+            else:  # its pixels fail their digest (logged): decoded again here (rare), the entry rewritten
+                item, key = decode(FilmJob(job.pos, job.path))
+        if isinstance(item, Failure):
+            out.errors.append(_failure(shard, job.pos, item))
+            return None
+        if key is not None:
+            out.sources[str(row)] = source_digest(key)
+        if not from_cache and cache is not None and key is not None:
+            self.misses += 1
+            cache.put(row, key, item.rgb(), item.source_mode)
+        out.modes[item.source_mode] = out.modes.get(item.source_mode, 0) + 1
+        return item.pixels
+
+    def run_waiting(self, block: bool) -> None:
+        """The complete batches through the model, once it is loaded (``block``: wait for it)."""
+        if not self.model.ready(block):
+            return
+        while self.waiting:
+            positions, pixels, n = self.waiting.pop(0)
+            if positions:
+                self.run_batch(positions, pixels)
+            self.n_done += n
+            if self.progress is not None:
+                self.progress(self.shard.index, self.n_done)
+
+    def run_batch(self, positions: list[int], pixels: list[np.ndarray]) -> None:
+        t = time.perf_counter()
+        m, spec = self.model, self.spec
+        with _DEVICE_LOCK:
+            try:
+                outs = [(positions, m.infer_batch(m.model, pixels, spec.baselines, precision=spec.precision))]
+            except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
+                outs = []
+                for p, px in zip(positions, pixels):
+                    try:
+                        outs.append(([p], m.infer_batch(m.model, px[None], spec.baselines, precision=spec.precision)))
+                    except Exception as e:  # noqa: BLE001
+                        self.out.errors.append(_error(self.shard, p, ImageError("infer", e)))
+        for pos, o in outs:
+            self.out.keep(self.shard, pos, o)
+        self.seconds["forward"] += time.perf_counter() - t
+
+    def write_outputs(self) -> None:
+        """The shard's Zarr region and Parquet part (then the cache), fingerprinted as written."""
+        t = time.perf_counter()
+        shard, spec, so = self.shard, self.spec, self.so
+        ids = np.full(shard.stop - shard.start, "", dtype=object)
+        for row, image_id in zip(shard.rows, shard.image_ids):
+            ids[row - shard.start] = image_id
+        write_region(open_maps(spec.maps_url, "r+", so), shard.start, shard.stop, {**self.out.region, "image_id": ids.astype(str)})
+        write_parquet_atomic(_predictions_table(shard, spec, self.out.prob, self.out.ok), spec.part_url(shard.index), so)
+        if self.cache is not None:
+            self.cache.flush()
+        self.outputs = fingerprint_outputs(spec.part_url(shard.index), spec.maps_url, shard.start, so)
+        self.seconds["write"] = time.perf_counter() - t
+
+    def record(self, total_seconds: float, replaced: int) -> ShardRecord:
+        """What the shard's record vouches for (``replaced``: decode processes stopped or hung during
+        this shard, killed and their films decoded again)."""
+        shard, spec, out, cache = self.shard, self.spec, self.out, self.cache
+        return ShardRecord(
+            status=shard_status(out.errors),  # 'partial' when it holds read errors: a rerun retries them
+            shard=shard.index, start=shard.start, stop=shard.stop, digest=shard.digest, model_version=spec.model_version,
+            n_images=len(shard.rows), n_scored=int(out.ok.sum()), n_failed=len(out.errors), source_modes=out.modes,
+            cache=({"hits": self.hits, "misses": self.misses, **({"corrupted": cache.corrupted} if cache.corrupted else {})}
+                   if cache is not None else None),  # corrupted: entries that failed their digest, decoded again
+            errors=out.errors, sources=out.sources, seconds={**self.seconds, "total": total_seconds},
+            device=str(self.model.model.classifier.weight.device),  # the policy (spec.device) as this worker resolved it
+            torch_threads=self.model.torch.get_num_threads(), decode_workers=self.workers,
+            decode_pool_restarts=self.pool.restarts, decode_processes_replaced=replaced, precision=spec.precision,
+            outputs=self.outputs)
 
 
 def _failure(shard: Shard, pos: int, f: Failure) -> dict:

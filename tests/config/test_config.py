@@ -110,8 +110,8 @@ def test_every_layer_default_is_the_configurations():
 
     D = ScoreConfig()
     spec = RunSpec(out="o", model=ModelSpec(), model_version="v", baselines=())
-    assert (spec.device, spec.batch_size, spec.shard_size, spec.decode_workers, spec.decode_threads, spec.precision) == (
-        D.compute.device, D.compute.batch_size, D.compute.shard_size, D.compute.decode_workers, D.compute.decode_threads, D.model.precision)
+    assert (spec.device, spec.batch_size, spec.shard_size, spec.decode_workers, spec.precision) == (
+        D.compute.device, D.compute.batch_size, D.compute.shard_size, D.compute.decode_workers, D.model.precision)
     assert spec.read_limits == D.read_limits() and spec.preprocess == D.images.preprocess() == PreprocessConfig()
     assert D.read_limits() == ReadLimits() and D.source_options() == SourceOptions()
     assert ModelSpec().arch == D.model.arch and ModelSpec().findings == D.model.findings
@@ -132,6 +132,33 @@ def test_the_help_quotes_the_configuration_defaults():
     for flag, value in (("--shard-size", D.compute.shard_size), ("--batch-size", D.compute.batch_size),
                         ("--max-failed-fraction", D.output.max_failed_fraction), ("--read-retries", D.images.read_retries)):
         assert f"(default {value})" in text.split(flag, 2)[2][:400], flag
+
+
+def test_the_job_s_flags_take_their_name_type_and_choices_from_the_configuration_fields():
+    from typing import Literal, get_origin
+
+    from jobs.aggregate import parser as aggregate_parser
+    from pipeline.config.run_config import INPUT_KEYS, flag_name, input_type, score_flags
+
+    for flag in score_flags():
+        if flag.key in ("storage_options", "input_options"):
+            continue  # their own action (tests/config/test_storage_options.py)
+        hint, default = input_type(flag.key)
+        if hint is bool:  # store_true, or --no-KEY where the default is true
+            argv, want = [f"--no-{flag.key.replace('_', '-')}" if default else flag_name(flag.key)], not default
+        elif get_origin(hint) is Literal:
+            argv, want = [flag_name(flag.key), get_args(hint)[-1]], get_args(hint)[-1]
+        elif get_origin(hint) is tuple:
+            argv, want = [flag_name(flag.key), "a,b"], ["a,b"] if flag.repeat else ("a", "b")
+        else:
+            argv, want = [flag_name(flag.key), "3"], hint("3")
+        got = vars(_score_args(argv))
+        assert got == {flag.key: want} and type(got[flag.key]) is type(want), (flag.key, got)
+    with pytest.raises(SystemExit):  # a choice outside the field's Literal
+        _score_args(["--precision", "fp16"])
+    # every key is a flag of the scoring or the aggregate job, but these (set in --config's file only)
+    flags = {f.key for f in score_flags()} | {a.dest for a in aggregate_parser()._actions}
+    assert set(INPUT_KEYS) - flags == {"n_boot", "cell_probes", "dataset_options"}
 
 
 # ---------------------------------------------------------------- typed choices
@@ -162,6 +189,35 @@ def test_the_configuration_is_frozen_and_sections_are_checked():
         cfg.compute.shard_size = 3  # type: ignore[misc]
     with pytest.raises(ConfigError, match="must be one of fp32"):
         ScoreConfig(model=type(cfg.model)(precision="half"))  # built in Python: checked the same way
+
+
+# ---------------------------------------------------------------- deprecated keys
+def test_decode_threads_is_resolved_in_the_configuration_and_noted_once(tmp_path, monkeypatch, caplog):
+    import dataclasses
+
+    import pipeline.config.run_config as rc
+    from jobs._common import job_config
+    from pipeline.worker.runspec import RunSpec
+
+    monkeypatch.setattr(rc, "_NOTED", set())  # a fresh process
+    assert job_config(_score_args(["--decode-threads", "3"])).compute.decode_workers == 3  # the flag
+    assert load_config(_write(tmp_path, {"compute": {"decode_threads": 2}})).compute.decode_workers == 2  # the file
+    assert ScoreConfig.of(decode_threads=4).compute.decode_workers == 4  # Python, and run.json's config of older runs
+    notes = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert notes == ["--decode-threads (compute.decode_threads) is deprecated: it sets --decode-workers (compute.decode_workers); "
+                     "use that instead"]
+    # within a layer the new key wins; a later layer's alias replaces an earlier layer's value, as every key does
+    assert ScoreConfig.of(decode_threads=4, decode_workers=0).compute.decode_workers == 0
+    both = _write(tmp_path, {"compute": {"decode_workers": 1}}, "both.yaml")
+    assert job_config(_score_args(["--config", both, "--decode-threads", "5"])).compute.decode_workers == 5
+    # it is no field past the configuration: not saved, not printed, not in the shard spec
+    cfg = ScoreConfig.of(decode_threads=4)
+    assert "decode_threads" not in cfg.flat() and "decode_threads" not in cfg.to_dict()["compute"]
+    assert "decode_threads" not in {f.name for f in dataclasses.fields(RunSpec)}
+    with pytest.raises(ConfigError, match="--decode-threads must be at least 1"):
+        ScoreConfig.of(decode_threads=0)
+    with pytest.raises(ConfigError, match=r"--decode-threads \(compute.decode_threads\) must be an integer"):
+        load_config(_write(tmp_path, {"compute": {"decode_threads": "many"}}, "bad.yaml"))
 
 
 # ---------------------------------------------------------------- registries
@@ -230,7 +286,7 @@ def test_flat_form_round_trips_and_keeps_the_keys_run_json_always_had():
     flat = json.loads(json.dumps(cfg.flat()))  # as run.json stores it
     assert ScoreConfig.from_flat(flat) == cfg
     old_keys = {"datasets", "out", "checkpoint", "arch", "findings", "baselines", "metadata", "cluster", "cluster_file", "shard_size",
-                "batch_size", "limit", "device", "high_bit_depth", "decode_threads", "decode_workers", "precision", "cache", "views",
+                "batch_size", "limit", "device", "high_bit_depth", "decode_workers", "precision", "cache", "views",
                 "site_column", "uncertain", "identifiability", "verify", "max_failed_fraction", "worker_timeout", "max_image_bytes",
                 "max_image_pixels", "max_aspect_ratio", "read_timeout", "read_retries", "allow_roots", "storage_options"}
     assert old_keys <= set(flat) == set(FLAT_KEYS)
@@ -274,8 +330,8 @@ def test_a_prepared_run_saves_the_resolved_configuration_and_it_round_trips(tiny
     from pipeline.run.cluster import Profile
     from pipeline.run.lifecycle import warm_args
 
-    assert warm_args(cfg, Profile("local", "local", {}))[3] == (prep.spec.model, prep.spec.device)
-    assert warm_args(cfg, Profile("hpc", "slurm", {}))[3] is None and warm_args(cfg, Profile("a", "address", {}))[3] is None
+    assert warm_args(cfg, Profile("local", "local", {}))[-1] == (prep.spec.model, prep.spec.device)
+    assert warm_args(cfg, Profile("hpc", "slurm", {}))[-1] is None and warm_args(cfg, Profile("a", "address", {}))[-1] is None
 
 
 def test_print_config_writes_a_file_that_config_reads_back(tmp_path, capsys):

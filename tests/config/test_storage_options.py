@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import numpy as np
 import pytest
 import yaml
 
@@ -181,3 +182,171 @@ def test_a_prepared_run_on_a_store_that_needs_a_token_writes_no_token(guarded, t
         assert guarded_fs.TOKEN.encode() not in fs.cat_file(p), p
     assert json.loads(fs.cat_file(guarded.fs(guarded.run_json(mv))[1]))["config"]["storage_options"] == ["token"]
     assert guarded_fs.TOKEN not in repr(prep.spec)  # what Dask would quote in a worker's log
+
+
+# ---- inputs and outputs with their own options --------------------------------------------------
+
+RUN_FLAGS = ["--cluster", "inprocess", "--shard-size", "16", "--batch-size", "8", "--limit", "32", "--device", "cpu",
+             "--decode-workers", "0",  # guardedin:// lives in this process's memory: decode here, not in decode processes
+             "--no-report", "--arch", "pipeline.inference.tiny_net:tiny_cam_net"]
+
+
+def _cluster_file() -> list[str]:
+    from pathlib import Path
+
+    return ["--cluster-file", str(Path(__file__).resolve().parents[2] / "cluster.yaml")]
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_nih, tiny_ckpt, tmp_path_factory):
+    """The same run with everything on local disk: what the guarded runs must equal."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    assert score_dataset.main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--out", str(out), *RUN_FLAGS, *_cluster_file()]) == 0
+    store = OutputStore(str(out))
+    return store, store.read_json(store.latest)["model_version"]
+
+
+@pytest.fixture
+def inputs_on_guardedin(guarded, tiny_nih, tiny_ckpt):
+    """The tiny NIH dataset and the checkpoint on guardedin://bucket/in (opened with its own token only)."""
+    fs = guarded_fs.input_fs()
+    fs.put(str(tiny_nih), "/bucket/in/nih", recursive=True)
+    fs.put(tiny_ckpt, "/bucket/in/tiny.safetensors")
+    return {p: fs.cat_file(p) for p in fs.find("/bucket/in")}
+
+
+def _outputs(store: OutputStore, mv: str):
+    from pipeline.store.predictions import load_predictions
+
+    preds = load_predictions(store, mv).sort_values("row").reset_index(drop=True)
+    maps = store.open_maps(store.maps(mv))
+    return preds, {name: maps[name][:] for name in ("cam", "cell_logit", "embedding")}
+
+
+@pytest.mark.parametrize("how", ["flag", "config", "per-dataset"])
+def test_inputs_and_outputs_on_two_stores_each_with_its_own_options(how, guarded, inputs_on_guardedin, local_run, tiny_ckpt, tmp_path, capsys):
+    """Films, metadata and checkpoint on guardedin://, --out on guarded://: each refuses the other's
+    token, so a run that mixed them fails. Given with --input-option, data.input_options, or the
+    dataset's own data.dataset_options (the checkpoint then local), the run completes, equals the same
+    run on local disk bit for bit, writes nothing to the inputs and no token anywhere."""
+    ckpt = "guardedin://bucket/in/tiny.safetensors"
+    flags = ["--dataset", "nih:guardedin:///bucket/in/nih", "--out", guarded.url, "--storage-option", f"token={guarded_fs.TOKEN}"]
+    if how == "flag":
+        flags += ["--input-option", f"token={guarded_fs.INPUT_TOKEN}"]
+    else:
+        data = {"input_options": guarded_fs.INPUT_OPTIONS} if how == "config" else {"dataset_options": {"nih": guarded_fs.INPUT_OPTIONS}}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"data": data}))
+        flags += ["--config", str(path)]
+        ckpt = ckpt if how == "config" else tiny_ckpt  # per dataset: only the dataset's files have the options
+    assert score_dataset.main([*flags, "--checkpoint", ckpt, *RUN_FLAGS, *_cluster_file()]) == 0
+    printed = capsys.readouterr()
+    run = guarded.read_json(guarded.run_json(guarded.read_json(guarded.latest)["model_version"]))
+    assert run["status"] == "complete" and run["counts"]["scored"] == 32
+    ref_store, ref_mv = local_run
+    assert run["model_version"] == ref_mv  # the same weights, read through the input options
+    preds, maps = _outputs(guarded, ref_mv)
+    ref_preds, ref_maps = _outputs(ref_store, ref_mv)
+    assert preds.equals(ref_preds)  # bit-identical
+    for name in maps:
+        np.testing.assert_array_equal(maps[name], ref_maps[name])
+    # the options are keys only in run.json; nothing was written to the inputs; no token anywhere
+    assert run["config"]["storage_options"] == ["token"]
+    assert run["config"]["input_options" if how != "per-dataset" else "dataset_options"] == (["token"] if how != "per-dataset" else ["nih"])
+    fs_in = guarded_fs.input_fs()
+    assert {p: fs_in.cat_file(p) for p in fs_in.find("/bucket/in")} == inputs_on_guardedin
+    fs_out, root = guarded.fs()
+    written = [p for p in fs_out.find(root) if fs_out.isfile(p)]
+    assert any(p.endswith("run.json") for p in written) and any("/_shards/" in p for p in written)
+    for p in written:
+        data = fs_out.cat_file(p)
+        assert guarded_fs.TOKEN.encode() not in data and guarded_fs.INPUT_TOKEN.encode() not in data, p
+    for text in (printed.out, printed.err):
+        assert guarded_fs.TOKEN not in text and guarded_fs.INPUT_TOKEN not in text
+    if how == "flag":  # the report's film sheet reads the film through the input options too
+        image_id = preds.image_id[0]
+        sheets = {}
+        for name, store, extra in (("local", ref_store, []), ("guarded", guarded, ["--storage-option", f"token={guarded_fs.TOKEN}"])):
+            for opts in ([], ["--input-option", f"token={guarded_fs.INPUT_TOKEN}"]) if name == "guarded" else ([],):
+                assert report.main(["--out", store.url, *extra, *opts, "--film", image_id, "--png", str(tmp_path / "f.png")]) == 0
+                sheets[(name, bool(opts))] = (tmp_path / "f.png").read_bytes()
+        assert sheets[("guarded", True)] == sheets[("local", False)] != sheets[("guarded", False)]  # without them: no film drawn
+        # jobs.runs --check --verify reads every film again: with the input options they match their records
+        check = ["--out", guarded.url, "--storage-option", f"token={guarded_fs.TOKEN}", "--check", "--verify"]
+        assert runs.main([*check, "--input-option", f"token={guarded_fs.INPUT_TOKEN}"]) == 0
+        assert runs.main(check) == 1 and "changed since it was scored" in capsys.readouterr().out  # unreadable without them
+
+
+def test_inputs_that_need_options_fail_clearly_when_only_the_outputs_have_them(guarded, inputs_on_guardedin, capsys):
+    """The old shared-options behaviour is gone: --storage-option opens --out only, and the inputs'
+    refusal says that their options go in --input-option."""
+    flags = ["--dataset", "nih:guardedin:///bucket/in/nih", "--checkpoint", "guardedin://bucket/in/tiny.safetensors",
+             "--out", guarded.url, "--storage-option", f"token={guarded_fs.TOKEN}", *RUN_FLAGS, *_cluster_file()]
+    assert score_dataset.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "permission denied" in err and "--input-option" in err and "--storage-option is for --out only" in err
+    assert "Traceback" not in err and guarded_fs.TOKEN not in err
+    # the output's token given as an input option is refused by the inputs' store too
+    assert score_dataset.main([*flags, "--input-option", f"token={guarded_fs.TOKEN}"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-option" in err and guarded_fs.TOKEN not in err
+
+
+@pytest.mark.parametrize("typo", ["--storage-optoin", "--input-optoin", "--shard-size", "--s"])
+@pytest.mark.parametrize("flag", ["--storage-option", "--input-option"])
+def test_usage_errors_never_echo_option_values(flag, typo, capsys):
+    """argparse's own errors (an unknown flag, a value of the wrong type, an ambiguous prefix) with a
+    secret beside or in them: exit 2, the secret never printed."""
+    argv = ["--out", "o", flag, "secret=XYZ-sekrit", typo, "key=XYZ-sekrit-2"] if typo != "--s" else [flag, "secret=XYZ-sekrit", "--s=secret=XYZ-sekrit-2"]
+    with pytest.raises(SystemExit) as e:
+        score_dataset.parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error:" in err and "XYZ" not in err
+
+
+def test_input_options_are_masked_merged_and_never_saved(tmp_path):
+    from pipeline.run.scoring import resolved_config_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"datasets": ["a=nih:s3://films/a"], "input_options": {"anon": False, "key": "k1"},
+                                             "dataset_options": {"a": {"secret": SECRET}}}}))
+    args = score_dataset.parser().parse_args(["--config", str(path), "--input-option", f"key={SECRET}", "--input-option", "anon=true",
+                                              "--checkpoint", "s3://models/m.safetensors"])
+    cfg = job_config(args)
+    assert cfg.data.input_options == {"anon": True, "key": SECRET}  # the flags over the file, key by key
+    assert cfg.output.storage_options == {}  # never the outputs'
+    inputs = cfg.inputs()
+    assert dict(inputs.options_for("s3://films/a/images/1.png")) == {"secret": SECRET}  # the dataset's own, whole
+    assert dict(inputs.options_for("s3://films/b/1.png")) == {"anon": True, "key": SECRET}
+    assert dict(cfg.model_spec().storage_options) == {"anon": True, "key": SECRET}  # the checkpoint is an input
+    for text in (repr(cfg), repr(inputs), repr(pickle.loads(pickle.dumps(inputs))), json.dumps(cfg.flat()),
+                 yaml.safe_dump(cfg.to_dict()), resolved_config_yaml(cfg).decode()):
+        assert SECRET not in text
+    flat = cfg.flat()
+    assert flat["input_options"] == ["anon", "key"] and flat["dataset_options"] == ["a"]
+    assert ScoreConfig.from_flat(json.loads(json.dumps(flat))).data.input_options == {}
+    saved = resolved_config_yaml(cfg).decode()
+    assert "# Input options anon, key are not written here" in saved and "# The options of datasets a are not written" in saved
+    with pytest.raises(ConfigError) as e:
+        ScoreConfig.from_dict({"data": {"dataset_options": {"a": f"secret={SECRET}"}}})
+    assert "data.dataset_options.a must be a mapping" in str(e.value) and SECRET not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        ScoreConfig.from_dict({"data": {"input_options": f"secret={SECRET}"}})
+    assert "--input-option (data.input_options) must be a mapping, got str" in str(e.value) and SECRET not in str(e.value)
+
+
+def test_input_options_are_not_part_of_the_runs_identity():
+    from pipeline.run.uptodate import identity_config
+
+    a = ScoreConfig.of(out="o", input_options={"key": "1"}, dataset_options={"nih": {"key": "2"}}, storage_options={"x": 1})
+    assert identity_config(json.loads(json.dumps(a.flat()))) == identity_config(ScoreConfig.of(out="o").flat())
+
+
+def test_dataset_options_must_name_a_dataset(tmp_path, tiny_nih, tiny_ckpt):
+    from pipeline.run.validate import validate
+
+    cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), checkpoint=tiny_ckpt, out=str(tmp_path / "o"),
+                         dataset_options={"nhi": {"secret": SECRET}})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "data.dataset_options names 'nhi', which is no --dataset" in str(e.value) and SECRET not in str(e.value)

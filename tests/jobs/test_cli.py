@@ -324,3 +324,77 @@ def test_a_taken_dashboard_port_gives_no_warning():
         assert not [w for w in seen if "already in use" in str(w.message)]
     finally:
         holder.close()
+
+
+def test_one_run_reads_the_profiles_file_once(tmp_path, tiny_nih, tiny_ckpt, monkeypatch, capsys):
+    """The driver resolves the cluster profile once and hands it to the checks, the run and the cluster
+    start (pipeline.run.cluster.profile_for): every open of --cluster-file in one whole run is counted."""
+    import builtins
+
+    from jobs.score_dataset import main
+
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  mine:\n    type: local\n    n_workers: 1\n    threads_per_worker: 2\n"
+                        "    processes: false\n    dashboard_address: null\n")
+    reads, real_open = [], builtins.open
+
+    def counting_open(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(profiles):
+            reads.append(file)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    out = tmp_path / "out"
+    rc = main(["--dataset", f"nih:{tiny_nih}", "--checkpoint", tiny_ckpt, "--arch", TINY_ARCH, "--out", str(out), "--limit", "8",
+               "--shard-size", "8", "--decode-workers", "0", "--cluster", "mine", "--cluster-file", str(profiles), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "scored 8" in capsys.readouterr().out  # a whole run: its shards went through the profile's cluster
+    assert len(reads) == 1
+
+
+@pytest.fixture
+def restored_loggers():
+    """setup_logging configures process-wide loggers: put them back as they were."""
+    import logging
+
+    from jobs._common import PROGRESS, TREES
+
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in (*TREES, *PROGRESS)}
+    yield
+    for name, (level, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+
+
+@pytest.mark.parametrize("flag, shown", [
+    ([], ["cluster local: starting", "demo: building", "a decode process hung"]),
+    (["--quiet"], ["a decode process hung"]),
+    (["--verbose"], ["INFO pipeline.run.lifecycle: cluster local: starting", "INFO jobs.score_dataset: demo: building",
+                     "INFO pipeline.worker.score_shard: shard 3: 8 of 8", "WARNING pipeline.worker.decode_pool: a decode process hung",
+                     "DEBUG pipeline.run.cluster: worker warm-up"]),
+])
+def test_one_logger_tree_prints_the_progress_lines_and_hides_the_detail(flag, shown, capsys, restored_loggers):
+    import logging
+
+    from jobs._common import setup_logging
+
+    setup_logging(parser().parse_args(flag))
+    logging.getLogger("pipeline.run.lifecycle").info("cluster local: starting")
+    logging.getLogger("jobs.score_dataset").info("demo: building")
+    logging.getLogger("pipeline.worker.score_shard").info("shard 3: 8 of 8")  # an in-process worker's detail
+    logging.getLogger("pipeline.worker.decode_pool").warning("a decode process hung")
+    logging.getLogger("pipeline.run.cluster").debug("worker warm-up")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(shown) and all(line.startswith(want) for line, want in zip(lines, shown)), lines
+    # --quiet: no progress bar either (the driver asks its logger)
+    assert logging.getLogger("pipeline.run.lifecycle").isEnabledFor(logging.INFO) == ("--quiet" not in flag)
+
+
+def test_every_module_logs_under_its_own_name():
+    names = set()
+    for folder in ("pipeline", "jobs"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names |= set(re.findall(r"logging\.getLogger\(([^)]*)\)", path.read_text()))
+    # __name__, the root (its error catcher), loggers looked up by a variable, and the job run as __main__
+    assert names <= {"__name__", "", "name", '"jobs.score_dataset"'}, names

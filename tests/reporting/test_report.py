@@ -109,6 +109,23 @@ def test_identifiability_marks_only_significant_cells_or_says_why(full_run, tmp_
         assert "No cell is marked" in _sections(page)["identifiability"]
 
 
+def test_label_from_site_is_the_stored_site_ordering_auc_not_the_out_of_fold_one(full_run):
+    import pandas as pd
+
+    from pipeline.reporting.data import load_run
+    from pipeline.reporting.scorecard import label_ties
+
+    out, _, second = full_run
+    pc = pd.read_parquet(out / "runs" / second / "prevalence_confounding.parquet")
+    ties = label_ties(load_run(str(out), second))
+    compared = 0
+    for r in pc[pc.stratum == "all"].itertuples():
+        if pd.notna(r.auc_site_prevalence) and (r.finding, "site") in ties:
+            assert ties[(r.finding, "site")] == pytest.approx(r.auc_site_prevalence, abs=1e-12), r.finding
+            compared += 1
+    assert compared >= 1  # the demo's two sites tie at least Pneumonia to the site
+
+
 def test_the_job_writes_the_report_at_the_end_of_a_run_without_labels_sites_boxes(tmp_path, tiny_nih, tiny_ckpt, capsys, report_after_run):
     # a generic manifest with paths only: no labels, no view, one site
     import shutil

@@ -77,7 +77,7 @@ def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_pa
     key = (ModelSpec("tiny", "random:7"), "cpu")  # a seed no other test loads
     model_cache._CACHE.pop(key, None)
     starter = ClusterStarter(Profile("inprocess", "local", {"n_workers": 1, "processes": False, "dashboard_address": ":0"}),
-                             warm=(1, None, ("json",), key))
+                             warm=(1, ("json",), key))
     assert starter.started
     cluster, client = starter.result()
     try:

@@ -176,7 +176,7 @@ def test_storage_options_travel_to_aggregate_drift_report_and_index(guarded, tin
     moved = drift(guarded.url, v1, v2, storage_options=dict(guarded.options))
     assert moved["summary"]["images_compared"] == 16
     assert write_report(guarded.url, v1, storage_options=dict(guarded.options)) == guarded.report(v1)
-    assert [r["model_version"] for r in run_records(guarded)] == [v1, v2]
+    assert [r.model_version for r in run_records(guarded)] == [v1, v2]
     assert check_out(guarded) == []
 
     # and without the options, each of them is refused

@@ -38,14 +38,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def demo_config():
-    """The demo (no dataset, checkpoint or output given anywhere): builds (once) its data and model."""
-    from pipeline.demo import DEMO_VERSION, make_demo_model, make_demo_sites
+    """The demo (no dataset, checkpoint or output given anywhere): builds (once) its data; its model
+    ships with the package (trained on that data, nothing is trained here)."""
+    from pipeline.demo import DEMO_ARCH, make_demo_sites, shipped_model_path
     from pipeline.config.run_config import ScoreConfig
 
     sites = make_demo_sites(os.path.join(DEMO_DIR, "data"))
-    ckpt = make_demo_model(os.path.join(DEMO_DIR, "data", f"demo_model-v{DEMO_VERSION}.safetensors"), data_root=[s.split(":", 1)[1] for s in sites])
+    ckpt = shipped_model_path()
     log.info(f"demo: synthetic ChestX-ray14-layout datasets {', '.join(sites)}, demo model {ckpt}")
-    return ScoreConfig.of(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt, arch="pipeline.inference.tiny_net:tiny_cam_net",
+    return ScoreConfig.of(datasets=sites, out=os.path.join(DEMO_DIR, "out"), checkpoint=ckpt, arch=DEMO_ARCH,
                           shard_size=64, batch_size=32, identifiability=True)
 
 

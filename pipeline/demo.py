@@ -11,10 +11,15 @@ corner, so the site can be read from the film and is tied to the label through t
 
 from __future__ import annotations
 
+import argparse
 import csv
+import hashlib
 import io
 import os
+import sys
+import tempfile
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,12 @@ from pipeline.core.findings import CHEXNET_FINDINGS
 # place imports none of it (a no-op of the demo costs what it checks; issue 23)
 
 DEMO_VERSION = "3"
+DEMO_ARCH = "pipeline.inference.tiny_net:tiny_cam_net"
+# The demo's model ships with the package (trained once on the demo data by ``python -m pipeline.demo
+# --write-weights``): a first demo run trains nothing, and its outputs do not depend on the training
+# nondeterminism of the machine it runs on (issue 23)
+SHIPPED_MODEL = "demo_model.safetensors"
+WRITE_EPOCHS = 30
 # (name, share of AP films, laterality marker, seed, first patient id)
 DEMO_SITES = (("hospA", 0.1, False, 0, 1), ("hospB", 0.7, True, 1, 50_001))
 
@@ -157,8 +168,64 @@ def make_demo_model(path: str | os.PathLike, data_root: str | os.PathLike | list
         net = TinyCAMNet(len(CHEXNET_FINDINGS))
         if roots:
             _train(net, [Path(r) for r in roots], epochs)
-    save_safetensors(net.state_dict(), path, {"arch": "pipeline.inference.tiny_net:tiny_cam_net", "seed": str(seed), "trained_epochs": str(epochs if roots else 0)})
+    meta = {"arch": DEMO_ARCH, "seed": str(seed), "trained_epochs": str(epochs if roots else 0)}
+    save_safetensors(net.state_dict(), path, meta | ({"data_digest": demo_data_digest(roots)} if roots else {}))
     return path
+
+
+def shipped_model_path() -> str:
+    """The demo model's weights as installed with the package (package data, see pyproject.toml)."""
+    return str(resources.files("pipeline") / SHIPPED_MODEL)
+
+
+def demo_data_digest(roots) -> str:
+    """sha256 over the demo data a model was trained on (metadata and films, in a fixed order): the
+    shipped weights record it, so a test sees when the demo data change and the weights do not."""
+    h = hashlib.sha256()
+    for root in sorted(Path(r) for r in roots):
+        for f in [root / "Data_Entry_2017_v2020.csv", *sorted(root.glob("images_*/images/*.png"))]:
+            h.update(f"{f.relative_to(root)}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def write_shipped_weights(dest: str | os.PathLike | None = None) -> str:
+    """Regenerate the shipped weights: the demo's two sites in a scratch folder, then the seeded
+    training, on one thread with deterministic kernels (the same bytes again on the same platform and
+    torch version)."""
+    import torch
+
+    dest = str(dest or Path(__file__).with_name(SHIPPED_MODEL))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cxr-demo-weights-") as tmp:
+            roots = [s.split(":", 1)[1] for s in make_demo_sites(tmp)]
+            tmp_model = make_demo_model(os.path.join(tmp, SHIPPED_MODEL), data_root=roots, epochs=WRITE_EPOCHS)
+            blob = canonical_safetensors(Path(tmp_model).read_bytes(), {"torch_version": torch.__version__})
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    part = f"{dest}.part"
+    Path(part).write_bytes(blob)
+    os.replace(part, dest)
+    return dest
+
+
+def canonical_safetensors(blob: bytes, extra_metadata: dict[str, str] | None = None) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the metadata
+    in hash order, so two writes of the same tensors differ in bytes. Tensor offsets are relative to
+    the data after the header, so only the header changes (padded with spaces to 8 bytes, as
+    safetensors does)."""
+    import json
+
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = {**header.get("__metadata__", {}), **(extra_metadata or {})}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def _train(net, roots: list[Path], epochs: int) -> None:
@@ -183,3 +250,19 @@ def _train(net, roots: list[Path], epochs: int) -> None:
             torch.nn.functional.binary_cross_entropy_with_logits(net(x[idx]), y[idx]).backward()
             opt.step()
     net.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description="The demo's data and shipped model.")
+    p.add_argument("--write-weights", nargs="?", const="", metavar="PATH",
+                   help=f"train the demo model (seeded, about 3 min) and write it to PATH (default: the package's {SHIPPED_MODEL})")
+    args = p.parse_args(argv)
+    if args.write_weights is None:
+        p.print_help()
+        return 2
+    print(write_shipped_weights(args.write_weights or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import dask
 import numpy as np
@@ -32,11 +33,13 @@ from pipeline.analysis.metrics import auc_delong, ece
 from pipeline.analysis.region_stats import QUANTILES, RegionAccumulator, cell_vs_rest, hist_quantiles, mean_ci, stratum_difference
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
-from pipeline.store.layout import OutputStore
+from pipeline.store.layout import RUNS, OutputStore
 from pipeline.store.storage import exists, join
 from pipeline.io.location import InputOptions
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
 from pipeline.analysis.grid import region_masks
+from pipeline.analysis.probe_reuse import chunk_states, fit_record, kept_fit, outputs_fingerprint
+from pipeline.analysis.region_partials import chunk_fingerprint, partials_dir
 from pipeline.analysis.strata import StrataContext, build_context, strata_weights
 
 log = logging.getLogger(__name__)
@@ -56,22 +59,48 @@ def latest_complete_run(out, storage_options: dict | None = None) -> str:
     return runs[-1]
 
 
-def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, storage_options: dict | None = None) -> RegionAccumulator:
+def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, storage_options: dict | None = None,
+                           fingerprints: dict[int, str] | None = None, partials: str | None = None) -> tuple[RegionAccumulator, dict[int, list[str]]]:
+    """The partition's chunks, each its own accumulator (kept under ``partials`` for chunks with a
+    fingerprint, region_partials), folded in row order. Returns it and, per chunk whose maps were
+    read, the entries recomputed."""
+    from pipeline.analysis import region_partials
+
     g = open_maps(maps_url, "r", storage_options)
-    F = len(bias)
-    acc = RegionAccumulator(F, int(np.prod(g["cam"].shape[2:])))
+    F, C = len(bias), int(np.prod(g["cam"].shape[2:]))
+    total, read = None, {}
     chunk_of = ctx.rows // chunk
     for k in np.unique(chunk_of):
         sel = np.flatnonzero(chunk_of == k)
         part = ctx.slice(sel[0], sel[-1] + 1)  # rows are sorted, so a chunk's rows are contiguous
-        lo = int(k * chunk)
-        hi = int(part.rows[-1]) + 1
-        idx = part.rows - lo
-        cam = g["cam"][lo:hi][idx].reshape(len(idx), F, -1).astype(np.float64)  # once per chunk, not per stratum
-        contrib = (g["cell_logit"][lo:hi][idx].reshape(len(idx), F, -1) - bias[None, :, None]) / cam.shape[-1]
-        for key, w in strata_weights(part, F):
-            acc.update(key, w, cam, contrib)
+        wanted = [(key, w) for key, w in strata_weights(part, F) if w.any()]  # an empty mask has no statistics
+        fp = (fingerprints or {}).get(int(k)) if partials else None
+        digests = None if fp is None else [region_partials.entry_digest(fp, bias, part.rows, key, w) for key, w in wanted]
+        url = region_partials.partial_url(partials, int(k)) if fp is not None else None
+        acc, new = region_partials.chunk_accumulator(wanted, digests, url, lambda keys, k=k, part=part: _chunk_stats(g, part, bias, int(k), chunk, keys),
+                                                       F, C, storage_options)
+        if new:
+            read[int(k)] = new
+        total = acc if total is None else total + acc
+    return (total if total is not None else RegionAccumulator(F, C)), read
+
+
+def _chunk_stats(g, part: StrataContext, bias: np.ndarray, k: int, chunk: int, keys) -> RegionAccumulator:
+    """The statistics of the given (stratum value, mask)s over one chunk's rows, read from the maps."""
+    F = len(bias)
+    lo = k * chunk
+    hi = int(part.rows[-1]) + 1
+    idx = part.rows - lo
+    cam = g["cam"][lo:hi][idx].reshape(len(idx), F, -1).astype(np.float64)  # once per chunk, not per stratum
+    contrib = (g["cell_logit"][lo:hi][idx].reshape(len(idx), F, -1) - bias[None, :, None]) / cam.shape[-1]
+    acc = RegionAccumulator(F, cam.shape[-1])
+    for key, w in keys:
+        acc.update(key, w, cam, contrib)
     return acc
+
+
+def _merge(a: tuple[RegionAccumulator, dict], b: tuple[RegionAccumulator, dict]) -> tuple[RegionAccumulator, dict]:
+    return a[0] + b[0], {**a[1], **b[1]}
 
 
 ROWS_PER_PART = 4096  # a partition carries ~3 MB of histogram per stratum value: small runs get one
@@ -79,10 +108,15 @@ MAX_PARTS = 8
 
 
 def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int | None = None, scheduler="threads",
-               storage_options: dict | None = None) -> RegionAccumulator:
+               storage_options: dict | None = None, fingerprints: dict[int, str] | None = None, partials: str | None = None,
+               report: dict | None = None) -> RegionAccumulator:
     """Tree reduction over partitions of whole chunks; independent of partitioning by construction.
     n_parts: how many (default: one per ROWS_PER_PART rows, at most MAX_PARTS).
-    scheduler: a dask scheduler name, or a Dask client's ``get`` to run on its cluster."""
+    scheduler: a dask scheduler name, or a Dask client's ``get`` to run on its cluster.
+    fingerprints ({chunk: fingerprint}) and partials (a folder): keep each chunk's statistics there
+    and reuse them while the chunk and its rows' strata are unchanged (region_partials); the result
+    is bit-identical either way. report: filled with the number of chunks and, per chunk whose maps
+    were read, the entries (stratum=value) recomputed."""
     if n_parts is None:
         n_parts = min(MAX_PARTS, -(-len(ctx.rows) // ROWS_PER_PART))
     chunk_of = ctx.rows // chunk
@@ -91,13 +125,46 @@ def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, 
     tasks = []
     for grp in groups:
         sel = np.flatnonzero(np.isin(chunk_of, grp))
-        tasks.append(dask.delayed(_partition_accumulator)(maps_url, ctx.slice(sel[0], sel[-1] + 1), bias, chunk, storage_options))
+        tasks.append(dask.delayed(_partition_accumulator)(maps_url, ctx.slice(sel[0], sel[-1] + 1), bias, chunk, storage_options,
+                                                          fingerprints, partials))
     while len(tasks) > 1:
-        tasks = [dask.delayed(lambda a, b: a + b)(tasks[i], tasks[i + 1]) if i + 1 < len(tasks) else tasks[i] for i in range(0, len(tasks), 2)]
+        tasks = [dask.delayed(_merge)(tasks[i], tasks[i + 1]) if i + 1 < len(tasks) else tasks[i] for i in range(0, len(tasks), 2)]
     if not tasks:
         return RegionAccumulator(len(bias), int(np.prod(open_maps(maps_url, "r", storage_options)["cam"].shape[2:])))
-    (acc,) = dask.compute(tasks[0], scheduler=scheduler)
+    ((acc, read),) = dask.compute(tasks[0], scheduler=scheduler)
+    if report is not None:
+        report.update(chunks=len(chunks), recomputed={str(k): v for k, v in sorted(read.items())})
     return acc
+
+
+def reuse_line(read: dict) -> str:
+    """How much of the region statistics came from the maps: whole chunks (new or rescored), chunks
+    read for a few strata whose rows changed (the top-10% confidence threshold moves with every film
+    added), the rest merged from kept statistics."""
+    redone = read.get("recomputed", {})
+    whole = [k for k, v in redone.items() if "all=all" in v]
+    few = [k for k in redone if k not in whole]
+    parts = [f"{len(whole)} of {read.get('chunks', 0)} chunks computed from the maps"]
+    if few:
+        parts.append(f"{len(few)} read again for {sum(len(redone[k]) for k in few)} strata whose rows changed")
+    return ", ".join(parts) + ", the rest merged from kept statistics"
+
+
+def shard_records(store: OutputStore, model_version: str) -> dict[int, dict]:
+    """{shard: its record} of the run (a shard is one chunk of maps.zarr); unreadable ones left out."""
+    import json
+
+    fs, pattern = store.fs(store.records_glob(model_version))
+    out = {}
+    for p in sorted(fs.glob(pattern)):
+        try:
+            with fs.open(p, "rb") as f:
+                rec = json.loads(f.read())
+        except (ValueError, OSError):
+            continue  # no fingerprint: that chunk is read and counts as changed, as without one
+        if isinstance(rec, dict) and isinstance(rec.get("shard"), int):
+            out[rec["shard"]] = rec
+    return out
 
 
 def region_stats_table(acc: RegionAccumulator, findings, min_n: int, meta: dict, grid: tuple[int, int] = (7, 7)) -> pa.Table:
@@ -303,7 +370,13 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     meta = {"findings": list(findings), "model_version": model_version, "by": list(config.by), "min_n": config.min_n}
 
     log.info(f"aggregates: region statistics over {len(ctx.rows):,} films")
-    acc = accumulate(store.maps(model_version), ctx, bias, maps["cam"].chunks[0], n_parts, scheduler, store.options)
+    t, read, seconds = time.perf_counter(), {}, {}
+    records, chunk = shard_records(store, model_version), maps["cam"].chunks[0]
+    fingerprints = {k: fp for k, r in records.items() if (fp := chunk_fingerprint(r)) is not None}
+    acc = accumulate(store.maps(model_version), ctx, bias, chunk, n_parts, scheduler, store.options,
+                     fingerprints=fingerprints, partials=partials_dir(store.join(RUNS, model_version)), report=read)
+    seconds["region_statistics"] = time.perf_counter() - t
+    log.info(f"aggregates: region statistics in {seconds['region_statistics']:.1f} s ({reuse_line(read)})")
     grid = grid_of(maps)
     anatomy = None if config.anatomy_mask is None else np.asarray(config.anatomy_mask, bool)
     if anatomy is not None and anatomy.shape != grid:
@@ -321,10 +394,21 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
     if bbox:
         tables["localization"], tables["localization_boxes"] = localization_tables(bbox, manifest, ctx, maps, findings, config.n_boot,
                                                                                    {**meta, "bbox": bbox}, inputs)
+    seconds["tables"] = time.perf_counter() - t - seconds["region_statistics"]
+    probes = {}
     if config.identifiability:
-        log.info(f"probes: fitting {', '.join(config.targets)} from the embedding, the maps and each cell")
-        tables.update(identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn))
+        # cross-validated fits do not merge: kept while few films changed since, else refitted (probe_reuse)
+        t = time.perf_counter()
+        states = chunk_states(manifest, ctx.rows, chunk, {k: outputs_fingerprint(r) for k, r in records.items()})
+        kept, probes = kept_fit(store, model_version, config, states)
+        if kept is None:
+            log.info(f"probes: fitting {', '.join(config.targets)} from the embedding, the maps and each cell")
+            kept, probes = identifiability_tables(manifest, ctx, probs, maps, findings, config, meta, map_fn), fit_record(config, states)
+        tables.update(kept)
+        seconds["probes"] = time.perf_counter() - t
+    t = time.perf_counter()
     tables.update(verdict_tables(manifest, ctx, probs, maps, findings, anatomy, tables.get("localization_boxes"), meta))
+    seconds["verdicts"] = time.perf_counter() - t
     from schemas.meta import with_model_version
 
     for name, table in tables.items():
@@ -332,7 +416,8 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
         store.write_parquet(store.table(model_version, name), table)
     from pipeline.analysis.aggregate_inputs import record_inputs
 
-    record_inputs(store, model_version, config, list(tables))  # after the tables: a kill leaves them stale
+    record_inputs(store, model_version, config, list(tables), region_partials=read, seconds=seconds,
+                  **({"probes": probes} if probes else {}))  # after the tables: a kill leaves them stale
     return tables
 
 

@@ -36,10 +36,11 @@ def inputs_digest(out, model_version: str, config, storage_options: dict | None 
     return h.hexdigest()[:32]
 
 
-def record_inputs(out, model_version: str, config, tables: list[str], storage_options: dict | None = None) -> None:
+def record_inputs(out, model_version: str, config, tables: list[str], storage_options: dict | None = None, **facts) -> None:
+    """facts: what else the aggregation reports (``region_partials``: chunks, those read and what was recomputed)."""
     store = OutputStore.of(out, storage_options)
     store.write_json(store.aggregate_inputs(model_version), {"inputs": inputs_digest(store, model_version, config), "tables": sorted(tables),
-                                                             "config": asdict(config)})
+                                                             "config": asdict(config), **facts})
 
 
 def stale_aggregates(out, model_version: str, config, storage_options: dict | None = None) -> str | None:

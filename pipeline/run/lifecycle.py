@@ -183,6 +183,7 @@ def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
         contain_scratch(store)
         clean_temporaries(store)
         previous = previous_latest(store)
+        rerun = RerunClock(store, previous)
         cluster = RunCluster(cfg, client, profile)
         try:
             prep, record = score(cfg, store, cluster)
@@ -195,6 +196,7 @@ def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
         written: dict = {}  # what the steps after scoring return
         try:
             if record.status == "complete":
+                rerun.keep_scoring_run(prep, record)
                 check_interrupt()  # a complete run; interrupted before it becomes latest
                 publish(store, record, previous)
                 written["drift_text"] = drift_step(store, drift_from(record, previous), record)
@@ -202,6 +204,7 @@ def run_locked(cfg, store: OutputStore, client=None, profile=None) -> dict:
                     written["report"] = report_step(store, record, cfg.aggregate, cfg.inputs())
                 else:
                     record_step(store, record, "report", "skipped")
+                rerun.record(record, written)
         finally:
             closing.join()
     return {**record.to_json(), **written}
@@ -228,6 +231,46 @@ def nothing_changed(cfg, store: OutputStore) -> dict | None:
     run = record_rerun(store, found.model_version, {"started": started, "finished": now(), "outcome": "nothing changed",
                                                     "seconds": seconds}, found.restamped)
     return {**run.to_json(), "nothing_changed": True, "check_seconds": seconds["total"]}
+
+
+class RerunClock:
+    """A rerun that the early check could not prove a no-op (--verify, a re-read manifest, a deleted
+    report, stale aggregates) and that then finds nothing to score: like a no-op, it is appended to
+    run.json's ``reruns`` (what it redid and how long it took) and the scoring run's ``started``,
+    ``finished``, ``seconds`` and ``history`` are put back, so jobs.runs keeps showing the run's own
+    times. The latest run's record is read before prepare_run rewrites it."""
+
+    def __init__(self, store: OutputStore, latest: str | None):
+        from pipeline.run.uptodate import now
+        from pipeline.store.run_index import read_run
+
+        self.store, self.t, self.started = store, time.perf_counter(), now()
+        run, _ = read_run(store, latest) if latest else (None, None)
+        self.scored = run if run is not None and run.status == "complete" else None
+        self.entry: dict | None = None
+
+    def keep_scoring_run(self, prep, record) -> None:
+        """On a rerun with nothing scored, the record (and run.json) get the scoring run's times back."""
+        from pipeline.store.run_index import write_run
+
+        if prep.pending or self.scored is None or self.scored.model_version != record.model_version:
+            return
+        redid = [k for k in ("aggregates",) if k in record.seconds]
+        self.entry = {"started": self.started, "outcome": "nothing to score", "redid": redid, "seconds": dict(record.seconds)}
+        s = self.scored
+        record.started, record.finished, record.seconds, record.history = s.started, s.finished, s.seconds, s.history
+        write_run(self.store, record)
+
+    def record(self, record, written: dict) -> None:
+        """After the report: append the rerun's entry (nothing for a scoring run)."""
+        if self.entry is None:
+            return
+        from pipeline.run.uptodate import now, record_rerun
+
+        if written.get("report"):
+            self.entry["redid"].append("report")
+        self.entry["seconds"]["total"] = time.perf_counter() - self.t
+        record.reruns = record_rerun(self.store, record.model_version, {**self.entry, "finished": now()}).reruns
 
 
 SCRATCH = "_scratch"

@@ -193,8 +193,9 @@ def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: 
 
     def run(name, cmd, note=""):
         log(f"step: {name} ...")
+        since = time.time()
         s = measure(name, cmd, work, env)
-        s.note = note
+        s.note = "; ".join(x for x in (note, aggregates_note(out, since)) if x)
         steps.append(s)
         log(f"  {s.wall:.1f} s, rc {s.rc}")
         if s.rc != 0:
@@ -215,6 +216,26 @@ def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: 
     run("jobs.report", [py, "-m", "jobs.report", "--out", str(out)])
     run("DuckDB query", [py, "-c", DUCKDB_QUERY, str(out)])
     return steps, sizes
+
+
+def aggregates_note(out: Path, since: float) -> str:
+    """What the step's aggregation cost, from the _aggregates.json it wrote (none: '')."""
+    import json
+
+    written = [p for p in out.glob("runs/*/_aggregates.json") if p.stat().st_mtime >= since]
+    if not written:
+        return ""
+    rec = json.loads(written[0].read_text())
+    sec, region, probes = rec.get("seconds") or {}, rec.get("region_partials") or {}, rec.get("probes") or {}
+    total = sum(sec.values())
+    from pipeline.analysis.aggregate import reuse_line
+
+    parts = [f"aggregates + probes {total:.1f} s: region statistics {sec.get('region_statistics', 0):.1f} s ({reuse_line(region)})"]
+    if "probes" in sec:
+        kept = probes.get("kept")
+        parts.append(f"probes {sec['probes']:.1f} s ({'kept, ' + str(kept['changed_since_fit']) + ' films changed since the fit' if kept else 'fitted'})")
+    parts.append(f"tables {sec.get('tables', 0):.1f} s, verdicts {sec.get('verdicts', 0):.1f} s")
+    return ", ".join(parts)
 
 
 def table(steps: list[Step], sizes: dict) -> str:

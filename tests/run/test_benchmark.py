@@ -70,3 +70,24 @@ def test_the_full_size_rehearsal_at_a_few_thousand_rows(tmp_path):
     assert by["DuckDB query"].stdout.startswith("2020 ")
     assert sizes["predictions"] > 0 and sizes["maps.zarr/cam"] > 0
     print(table(steps, sizes))
+
+
+def test_the_rehearsal_notes_what_a_steps_aggregation_cost(tmp_path):
+    import json
+    import time
+
+    from pipeline.run.rehearsal import aggregates_note
+
+    run = tmp_path / "out" / "runs" / "v1"
+    run.mkdir(parents=True)
+    since = time.time() - 1
+    assert aggregates_note(tmp_path / "out", since) == ""  # a step that aggregated nothing
+    (run / "_aggregates.json").write_text(json.dumps({
+        "seconds": {"region_statistics": 2.0, "tables": 1.5, "probes": 0.25, "verdicts": 3.0},
+        "region_partials": {"chunks": 20, "recomputed": {"19": ["all=all"], "3": ["confidence=top10%"]}},
+        "probes": {"kept": {"films_now": 20200, "changed_since_fit": 744}}}))
+    assert aggregates_note(tmp_path / "out", since) == (
+        "aggregates + probes 6.8 s: region statistics 2.0 s (1 of 20 chunks computed from the maps, 1 read again for 1 strata "
+        "whose rows changed, the rest merged from kept statistics), probes 0.2 s (kept, 744 films changed "
+        "since the fit), tables 1.5 s, verdicts 3.0 s")
+    assert aggregates_note(tmp_path / "out", time.time() + 60) == ""  # written before the step: not its own

@@ -193,3 +193,132 @@ def test_a_deleted_film_or_rewritten_weights_are_never_a_noop(tmp_path, tiny_nih
 
     assert main(args + ["--limit", "20"]) == 0
     assert "rerun: the settings differ from the latest run's" in capsys.readouterr().err
+
+
+def test_a_rerun_past_the_early_check_with_nothing_to_score_keeps_the_runs_timings(tmp_path, tiny_nih, tiny_ckpt, capsys, report_after_run):
+    """--verify, a deleted report, deleted aggregates: each rerun goes the whole way (the early check
+    cannot vouch for it) and scores nothing; run.json keeps the scoring run's times, the rerun is
+    appended to ``reruns`` with what it redid, and jobs.runs shows the scoring run."""
+    from jobs.runs import list_runs
+
+    out = tmp_path / "out"
+    args = _args(tiny_nih, out, tiny_ckpt)
+    assert main(args) == 0
+    run_dir = next((out / "runs").iterdir())
+    first = json.loads((run_dir / "run.json").read_text())
+    assert first["seconds"]["shards_total"] > 0 and "reruns" not in first
+    shown = list_runs(str(out))
+    capsys.readouterr()
+
+    (run_dir / "report.html").unlink()
+    assert main(args) == 0
+    assert main(args + ["--verify"]) == 0
+    (run_dir / "region_stats.parquet").unlink()
+    assert main(args) == 0
+    assert "0 to score" in capsys.readouterr().err
+    again = json.loads((run_dir / "run.json").read_text())
+    for key in ("started", "finished", "seconds", "history"):
+        assert again[key] == first[key], key
+    assert again["steps"] == first["steps"] and again["status"] == "complete" and again["counts"]["scored"] == 40
+    reruns = again["reruns"]
+    assert [r["outcome"] for r in reruns] == ["nothing to score"] * 3
+    assert [r["redid"] for r in reruns] == [["report"], ["report"], ["aggregates", "report"]]
+    assert all(r["started"] > first["finished"] and r["finished"] >= r["started"] and r["seconds"]["total"] > 0 for r in reruns)
+    assert (run_dir / "region_stats.parquet").exists() and (run_dir / "report.html").exists()
+    assert list_runs(str(out)) == shown  # jobs.runs: the scoring run's start and duration
+    assert json.loads((out / "latest.json").read_text())["finished"] == first["finished"]
+
+
+def test_grown_aggregates_merge_kept_chunk_statistics_and_equal_a_full_recompute(tmp_path, tiny_nih, tiny_ckpt):
+    """+3 films: only the chunks holding them are read whole; an unchanged chunk is merged from its
+    kept statistics (at most its top-10% entry is recomputed, as that threshold is the dataset's),
+    and the merge is bit-identical to a recompute from the maps alone (the same float64 additions in
+    the same order)."""
+    from pipeline.analysis.aggregate import aggregate_run
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    assert main(_args(data, out, tiny_ckpt) + ["--no-report"]) == 0
+    run_dir = next((out / "runs").iterdir())
+    first = json.loads((run_dir / "_aggregates.json").read_text())["region_partials"]
+    assert first["chunks"] == 3 and sorted(first["recomputed"]) == ["0", "1", "2"]  # nothing kept yet
+    assert sorted(p.name for p in (run_dir / "_partials").iterdir()) == [f"region-{k:06d}.npz" for k in range(3)]
+
+    rng = np.random.default_rng(5)
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        for i in range(3):
+            name = f"{970 + i:08d}_000.png"
+            (data / "images_002" / "images" / name).write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+            f.write(f"{name},Effusion,0,{970 + i},50,F,AP,128,128,0.143,0.143\n")
+    assert main(_args(data, out, tiny_ckpt) + ["--no-report"]) == 0
+    grown = json.loads((run_dir / "_aggregates.json").read_text())
+    redone = grown["region_partials"]["recomputed"]
+    assert "2" in redone and "all=all" in redone["2"]  # rows 32-42: the chunk with the new films, read whole
+    for k in ("0", "1"):
+        assert set(redone.get(k, [])) <= {"confidence=top10%"}, redone[k]
+    assert set(grown["seconds"]) == {"region_statistics", "tables", "verdicts"}
+
+    tables = {p.name: pq.read_table(p) for p in run_dir.glob("*.parquet") if p.name != "errors.parquet"}
+    assert "region_stats.parquet" in tables and "finding_summary.parquet" in tables
+    shutil.rmtree(run_dir / "_partials")
+    aggregate_run(str(out), run_dir.name)  # everything from the maps
+    assert json.loads((run_dir / "_aggregates.json").read_text())["region_partials"]["recomputed"].keys() == {"0", "1", "2"}
+    for name, merged in tables.items():
+        again = pq.read_table(run_dir / name)
+        assert again.schema.equals(merged.schema), name
+        assert again.to_pandas().equals(merged.to_pandas()), name  # bit for bit, NaN in the same places
+
+
+def _add_films(data, first: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with open(data / "Data_Entry_2017_v2020.csv", "a") as f:
+        for i in range(first, first + n):
+            name = f"{i:08d}_000.png"
+            (data / "images_002" / "images" / name).write_bytes(png_bytes(rng.integers(0, 256, (128, 128), dtype=np.uint8)))
+            f.write(f"{name},Effusion,0,{i},50,F,AP,128,128,0.143,0.143\n")
+
+
+def test_probes_keep_their_fit_while_few_films_changed_and_say_so(tmp_path, tiny_nih, tiny_ckpt, monkeypatch):
+    """The probes do not merge: a rerun keeps their tables while at most REFIT_SHARE of the films are
+    new or changed since the fit (noted in the identifiability table and _aggregates.json), and
+    refits beyond. 40 films in shards of 16: one new film changes the 9 rows of the last chunk."""
+    import pipeline.analysis.probe_reuse as probe_reuse
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    out = tmp_path / "out"
+    args = _args(data, out, tiny_ckpt) + ["--no-report", "--identifiability"]
+    assert main(args) == 0
+    run_dir = next((out / "runs").iterdir())
+    fit = json.loads((run_dir / "_aggregates.json").read_text())["probes"]
+    assert sum(n for n, _ in fit["chunks"].values()) == 40 and "kept" not in fit
+    before = {t: pq.read_table(run_dir / f"{t}.parquet") for t in probe_reuse.PROBE_TABLES}
+
+    monkeypatch.setattr(probe_reuse, "REFIT_SHARE", 0.25)  # 9 of 41 changed: kept
+    _add_films(data, 980, 1, seed=7)
+    assert main(args) == 0
+    rec = json.loads((run_dir / "_aggregates.json").read_text())
+    assert rec["probes"]["kept"] == {"films_now": 41, "changed_since_fit": 9} and rec["probes"]["chunks"] == fit["chunks"]
+    ident = pq.read_table(run_dir / "identifiability.parquet")
+    assert all(n.endswith("fitted on 40 films; 41 now, 9 of them new or changed since the fit (kept up to 25% changed, refitted beyond)")
+               for n in ident.column("notes").to_pylist())
+    assert ident.drop_columns(["notes"]).equals(before["identifiability"].drop_columns(["notes"]))
+    for t in probe_reuse.PROBE_TABLES[1:]:
+        assert pq.read_table(run_dir / f"{t}.parquet").equals(before[t]), t
+
+    _add_films(data, 990, 6, seed=8)  # the changes since the fit pass 25%: refitted, on every film
+    assert main(args) == 0
+    refit = json.loads((run_dir / "_aggregates.json").read_text())["probes"]
+    assert "kept" not in refit and sum(n for n, _ in refit["chunks"].values()) == 47
+    assert not any("fitted on" in (n or "") for n in pq.read_table(run_dir / "identifiability.parquet").column("notes").to_pylist())
+    assert pq.read_table(run_dir / "identifiability_scores.parquet").num_rows != before["identifiability_scores"].num_rows
+
+
+def test_changed_rows_counts_chunks_that_differ_gone_or_new():
+    from pipeline.analysis.probe_reuse import changed_rows
+
+    before = {"0": [16, "a"], "1": [16, "b"], "2": [8, "c"]}
+    assert changed_rows(before, dict(before)) == 0
+    assert changed_rows(before, {"0": [16, "a"], "1": [16, "b"], "2": [16, "d"], "3": [1, "e"]}) == 16 + 1
+    assert changed_rows(before, {"0": [16, "a"], "2": [8, "c"]}) == 16  # a shard's films gone

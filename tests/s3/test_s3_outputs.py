@@ -27,18 +27,17 @@ def _args(data, ckpt: str) -> list[str]:
             "--batch-size", "4", "--cluster", "inprocess", "--cache", "none", "--no-report", "--decode-workers", "0"]
 
 
-# The README's pandas / pyarrow / zarr recipes for outputs on S3 (README "Clusters", object storage),
-# run as written with OUT and OPTS bound to the run's prefix and storage options.
-RECIPES = '''
-import json, fsspec, pandas as pd, pyarrow.dataset as ds, zarr
-run = json.loads(fsspec.open(f"{OUT}/latest.json", "rb", **OPTS).open().read())["run"]
-manifest = pd.read_parquet(f"{OUT}/manifest.parquet", storage_options=OPTS)
-fs, path = fsspec.core.url_to_fs(f"{OUT}/{run}/predictions", **OPTS)
-preds = ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
-by_view = preds.merge(manifest[["row", "view_position"]], on="row").groupby("view_position")["Pneumonia"].mean()
-g = zarr.open_group(f"{OUT}/{run}/maps.zarr", mode="r", storage_options=OPTS)
-cam = g["cam"][:, g.attrs["findings"].index("Pneumonia")]   # (N, 7, 7), row-indexed like manifest.parquet
-'''
+# The README's pandas / pyarrow / zarr recipe for outputs on S3 (README "Object storage end to end"),
+# run as written but for its OUT, OPTS line: they are bound to this run's prefix and options.
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_recipe() -> str:
+    section = README.read_text().split("### Object storage end to end", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    assert any(line.startswith("OUT, OPTS = ") for line in lines), "the README's recipe no longer names OUT, OPTS"
+    return "\n".join(line for line in lines if not line.startswith("OUT, OPTS = "))
 
 
 def test_run_on_s3_equals_local_disk_and_a_rerun_is_a_no_op(s3_server, prefix, tiny_nih, tiny_ckpt, tmp_path, capsys, monkeypatch):
@@ -69,7 +68,7 @@ def test_run_on_s3_equals_local_disk_and_a_rerun_is_a_no_op(s3_server, prefix, t
 
     # The query recipes read the outputs on S3.
     scope = {"OUT": out, "OPTS": opts}
-    exec(RECIPES, scope)  # noqa: S102 - the README's text, run as written
+    exec(_readme_recipe(), scope)  # noqa: S102 - the README's text, run as written
     assert len(scope["preds"]) == 40 and scope["cam"].shape == (40, 7, 7)
     assert set(scope["by_view"].index) <= {"AP", "PA"} and scope["by_view"].notna().all()
 

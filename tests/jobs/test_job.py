@@ -81,6 +81,7 @@ def test_outputs_follow_the_contract(scored, tiny_nih):
 def test_rerun_skips_completed_shards_and_leaves_identical_outputs(scored, tiny_nih, tiny_ckpt, capsys):
     out, run_dir = scored
     before = _snapshot(out)
+    before_run = json.loads((run_dir / "run.json").read_text())
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")}
     capsys.readouterr()
     assert main(_args(tiny_nih, out, tiny_ckpt)) == 0
@@ -92,7 +93,10 @@ def test_rerun_skips_completed_shards_and_leaves_identical_outputs(scored, tiny_
         np.testing.assert_array_equal(after[k], before[k])
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("predictions/*.parquet")} == mtimes
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["counts"]["skipped_shards"] == 3 and len(run["history"]) >= 1
+    # the rerun is recorded as a rerun; the scoring run's own times and history stay (issue 23)
+    assert run["counts"]["skipped_shards"] == 3 and run["history"] == before_run["history"]
+    assert (run["started"], run["seconds"]) == (before_run["started"], before_run["seconds"])
+    assert run["reruns"][-1]["outcome"] == "nothing to score"
 
 
 def test_readme_duckdb_query_runs_as_written(scored):

@@ -39,7 +39,14 @@ def roc_auc_score(*args, **kwargs):
     return sklearn_auc(*args, **kwargs)
 
 
-def _report_skipped_in_tests(out: str, model_version: str) -> None:
+def _report_skipped_in_tests(store, info: dict, agg=None) -> None:
+    """Stands in for pipeline.run.lifecycle.report_step: records the step as `--no-report` does."""
+    import logging
+
+    from pipeline.run.lifecycle import record_step
+
+    logging.getLogger("cxr_audit.tests").info("report: skipped (the tests skip it unless they ask for report_after_run)")
+    record_step(store, info, "report", "skipped")
     return None
 
 
@@ -48,22 +55,23 @@ def _complete_runs_skip_their_report():
     """A complete run ends by writing its HTML report: matplotlib, seconds per run, the largest
     fixed cost of a tiny run. The step never fails a run (pipeline.reporting.hook swallows and logs
     any error), so a test that does not read the report asserts nothing about it: tests skip it
-    unless they ask for the `report_after_run` fixture (tests/reporting/test_report.py tests the report itself).
-    Jobs started as subprocesses still write theirs."""
-    import pipeline.reporting.hook as hook
+    unless they ask for the `report_after_run` fixture (tests/reporting/test_report.py tests the report
+    itself), and run.json records the step as "skipped", as `--no-report` does (not "failed": a test
+    can assert it). Jobs started as subprocesses still write theirs. Yields the real report step."""
+    import pipeline.run.lifecycle as lifecycle
 
-    real = hook.report_after_run
+    real = lifecycle.report_step
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hook, "report_after_run", _report_skipped_in_tests)
+        mp.setattr(lifecycle, "report_step", _report_skipped_in_tests)
         yield real
 
 
 @pytest.fixture
 def report_after_run(monkeypatch, _complete_runs_skip_their_report):
     """The job writes its report at the end of a complete run, as it does outside the tests."""
-    import pipeline.reporting.hook as hook
+    import pipeline.run.lifecycle as lifecycle
 
-    monkeypatch.setattr(hook, "report_after_run", _complete_runs_skip_their_report)
+    monkeypatch.setattr(lifecycle, "report_step", _complete_runs_skip_their_report)
 
 
 @pytest.fixture

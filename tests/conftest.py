@@ -117,13 +117,17 @@ def tiny_nih(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("nih") / "ChestX-ray14", n=40, size=128, seed=3)
 
 
-# Files that take longest, measured (`--durations=0`, summed per file), first: `-n 2 --dist loadfile`
-# hands whole files to the two workers in collection order (`--no-loadscope-reorder` in pyproject:
-# by default xdist reorders files by their number of tests, which sent the one-test SLURM file and
-# the two-test resume file to the end, where they ran alone).
-LONGEST_FIRST = ("test_faults", "test_lose_nothing", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
-                 "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
-                 "test_xrv", "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
+# Files that take longest, measured (per-test durations summed per file, from a full `--junitxml` run),
+# first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order
+# (`--no-loadscope-reorder` in pyproject: by default xdist reorders files by their number of tests,
+# which sent the one-test SLURM file and the two-test resume file to the end, where they ran alone).
+# A long file left out of this list starts last and runs alone at the end (test_nightly, the longest,
+# was missing: the suite ended with one worker idle).
+LONGEST_FIRST = ("test_nightly", "test_lose_nothing", "test_faults", "test_xrv", "test_verdicts", "test_report", "test_aggregates",
+                 "test_job", "test_identifiability_stats", "test_resume", "test_adapters", "test_manifest", "test_queries",
+                 "test_runs", "test_checkpoint", "test_layout", "test_layers", "test_precision", "test_site_confounding",
+                 "test_cli", "test_identifiability", "test_cache", "test_drift", "test_decode_pool", "test_hostile_inputs",
+                 "test_lifecycle", "test_cell_fits", "test_slurm", "test_packaging")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -275,12 +275,14 @@ def test_a_film_that_crashes_its_process_alone_is_still_a_bad_film(films):
     assert sum(isinstance(r, Failure) for r in got.values()) == 1
 
 
-def test_a_stopped_decode_process_is_replaced_and_its_films_decoded(films, caplog, tmp_path):
+def test_a_stopped_decode_process_is_replaced_and_its_films_decoded(films, caplog, tmp_path, monkeypatch):
     good = films[0]
+    from pipeline.worker import decode_pool
     from pipeline.worker.decode_pool import DecodePool, Failure, FilmJob, process_state
 
     from tests.decode_helpers import StopsOnce
 
+    monkeypatch.setattr(decode_pool, "STOPPED_GRACE_S", 1.0)  # the watchdog's grace, 5 s in a job: the test waits less
     marker = tmp_path / "stopped.pid"  # the decode process that stopped itself with film 2 in hand
     pool = DecodePool(2)
     try:

@@ -39,7 +39,14 @@ def roc_auc_score(*args, **kwargs):
     return sklearn_auc(*args, **kwargs)
 
 
-def _report_skipped_in_tests(out: str, model_version: str, storage_options=None, inputs=None) -> None:
+def _report_skipped_in_tests(store, info, agg=None, inputs=None) -> None:
+    """Stands in for pipeline.run.lifecycle.report_step: records the step as `--no-report` does."""
+    import logging
+
+    from pipeline.run.lifecycle import record_step
+
+    logging.getLogger("tests").info("report: skipped (the tests skip it unless they ask for report_after_run)")
+    record_step(store, info, "report", "skipped")
     return None
 
 
@@ -48,22 +55,23 @@ def _complete_runs_skip_their_report():
     """A complete run ends by writing its HTML report: matplotlib, seconds per run, the largest
     fixed cost of a tiny run. The step never fails a run (pipeline.reporting.hook swallows and logs
     any error), so a test that does not read the report asserts nothing about it: tests skip it
-    unless they ask for the `report_after_run` fixture (tests/reporting/test_report.py tests the report itself).
-    Jobs started as subprocesses still write theirs."""
-    import pipeline.reporting.hook as hook
+    unless they ask for the `report_after_run` fixture (tests/reporting/test_report.py tests the report
+    itself), and run.json records the step as "skipped", as `--no-report` does (not "failed": a test
+    can assert it). Jobs started as subprocesses still write theirs. Yields the real report step."""
+    import pipeline.run.lifecycle as lifecycle
 
-    real = hook.report_after_run
+    real = lifecycle.report_step
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hook, "report_after_run", _report_skipped_in_tests)
+        mp.setattr(lifecycle, "report_step", _report_skipped_in_tests)
         yield real
 
 
 @pytest.fixture
 def report_after_run(monkeypatch, _complete_runs_skip_their_report):
     """The job writes its report at the end of a complete run, as it does outside the tests."""
-    import pipeline.reporting.hook as hook
+    import pipeline.run.lifecycle as lifecycle
 
-    monkeypatch.setattr(hook, "report_after_run", _complete_runs_skip_their_report)
+    monkeypatch.setattr(lifecycle, "report_step", _complete_runs_skip_their_report)
 
 
 @pytest.fixture
@@ -109,13 +117,17 @@ def tiny_nih(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("nih") / "ChestX-ray14", n=40, size=128, seed=3)
 
 
-# Files that take longest, measured (`--durations=0`, summed per file), first: `-n 2 --dist loadfile`
-# hands whole files to the two workers in collection order (`--no-loadscope-reorder` in pyproject:
-# by default xdist reorders files by their number of tests, which sent the one-test SLURM file and
-# the two-test resume file to the end, where they ran alone).
-LONGEST_FIRST = ("test_faults", "test_lose_nothing", "test_report", "test_slurm", "test_job", "test_resume", "test_aggregates",
-                 "test_identifiability_stats", "test_cli", "test_adapters", "test_decode_pool", "test_layout", "test_drift",
-                 "test_xrv", "test_cache", "test_cell_fits", "test_checkpoint", "test_hostile_inputs", "test_manifest")
+# Files that take longest, measured (per-test durations summed per file, from a full `--junitxml` run),
+# first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order
+# (`--no-loadscope-reorder` in pyproject: by default xdist reorders files by their number of tests,
+# which sent the one-test SLURM file and the two-test resume file to the end, where they ran alone).
+# A long file left out of this list starts last and runs alone at the end (test_nightly, the longest,
+# was missing: the suite ended with one worker idle).
+LONGEST_FIRST = ("test_nightly", "test_lose_nothing", "test_faults", "test_xrv", "test_verdicts", "test_report", "test_aggregates",
+                 "test_job", "test_identifiability_stats", "test_resume", "test_adapters", "test_manifest", "test_queries",
+                 "test_runs", "test_checkpoint", "test_layout", "test_layers", "test_precision", "test_site_confounding",
+                 "test_cli", "test_identifiability", "test_cache", "test_drift", "test_decode_pool", "test_hostile_inputs",
+                 "test_lifecycle", "test_cell_fits", "test_slurm", "test_packaging")
 
 
 def pytest_collection_modifyitems(config, items):

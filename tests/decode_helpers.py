@@ -2,8 +2,9 @@
 this module to unpickle it, so it imports nothing heavy (not tests.conftest, which imports torch:
 two seconds for every decode process a test restarts)."""
 
-import time
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 from pipeline.worker.decode_pool import DecodePool, DecodeTask, FilmJob
@@ -60,4 +61,28 @@ class HangingTask(DecodeTask):
     def __call__(self, job):
         if job.path == self.hang:
             time.sleep(3600)
+        return super().__call__(job)
+
+
+@dataclass(frozen=True)
+class StopsOnce(DecodeTask):
+    """Decodes like the job, except that the decode process that takes film ``stop`` first writes its pid
+    to ``marker`` and stops itself (SIGSTOP) with that film in hand: the stream cannot finish before the
+    pool's watchdog replaces the stopped process (the film then goes again, in a fresh process that
+    finds the marker and decodes it). A test that sends SIGSTOP itself may catch a process between two
+    films, and the other process then decodes them all before the watchdog looks."""
+
+    stop: str = ""
+    marker: str = ""
+
+    def __call__(self, job):
+        if job.path == self.stop:
+            try:
+                fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGSTOP)
         return super().__call__(job)

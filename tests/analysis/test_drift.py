@@ -47,7 +47,13 @@ def test_raising_one_bias_by_one_shifts_that_logit_by_one_and_nothing_else(tmp_p
     assert (others.max_abs_logit_delta < 1e-5).all() and (others.mean_prob_delta.abs() < 1e-6).all()
     assert (fd.rank_correlation > 0.999).all()  # a monotone shift keeps the ranking
     assert fd.loc["Pneumonia", "mean_prob_delta"] > 0
-    assert json.loads((dest / "summary.json").read_text())["top_finding_changed_share"] >= 0
+    # the share of films whose most probable finding changed, from the two runs' predictions: only to Pneumonia
+    before, after = sorted((pq.read_table(sorted((out / "runs" / r).glob("predictions/*.parquet"))).to_pandas().sort_values("row")
+                            for r in runs), key=lambda d: d["Pneumonia"].mean())
+    top_before, top_after = (d[list(CHEXNET_FINDINGS)].to_numpy().argmax(1) for d in (before, after))
+    changed = top_before != top_after
+    assert json.loads((dest / "summary.json").read_text())["top_finding_changed_share"] == float(changed.mean())
+    assert (top_after[changed] == k).all()
     idd = pq.read_table(dest / "identifiability_drift.parquet").to_pandas().set_index(["target", "features"])
     # a bias changes no feature: the embedding probes, and so their AUCs, are identical
     assert idd.loc[("view_position", "embedding"), "auc_delta"] == 0.0

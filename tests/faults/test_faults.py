@@ -218,8 +218,8 @@ def test_kill_between_scoring_and_aggregates_recomputes_them(tmp_path, tiny_nih,
     stats = pq.read_table(run / "region_stats.parquet").to_pandas()
     assert stats.query("stratum == 'all'").n.iloc[0] == 40
     rj = json.loads((run / "run.json").read_text())
-    assert rj["status"] == "complete" and {k: v for k, v in rj["steps"].items() if k != "report"} == {
-        "prepare": "done", "scoring": "done", "aggregates": "done", "publish": "done"}  # same model: no drift
+    assert rj["status"] == "complete" and rj["steps"] == {  # same model: no drift; the tests skip the report (conftest)
+        "prepare": "done", "scoring": "done", "aggregates": "done", "publish": "done", "report": "skipped"}
 
 
 def test_unreadable_bookkeeping_is_rebuilt(tmp_path, tiny_nih, tiny_ckpt, reference, capsys):

@@ -275,31 +275,26 @@ def test_a_film_that_crashes_its_process_alone_is_still_a_bad_film(films):
     assert sum(isinstance(r, Failure) for r in got.values()) == 1
 
 
-def test_a_stopped_decode_process_is_replaced_and_its_films_decoded(films, caplog):
+def test_a_stopped_decode_process_is_replaced_and_its_films_decoded(films, caplog, tmp_path, monkeypatch):
     good = films[0]
-    from pipeline.worker.decode_pool import DecodePool, Failure, process_state
+    from pipeline.worker import decode_pool
+    from pipeline.worker.decode_pool import DecodePool, Failure, FilmJob, process_state
 
-    from tests.decode_helpers import SlowTask
+    from tests.decode_helpers import StopsOnce
 
+    monkeypatch.setattr(decode_pool, "STOPPED_GRACE_S", 1.0)  # the watchdog's grace, 5 s in a job: the test waits less
+    marker = tmp_path / "stopped.pid"  # the decode process that stopped itself with film 2 in hand
     pool = DecodePool(2)
-    stopped = []
     try:
-        from pipeline.worker.decode_pool import FilmJob
-
-        with pool.stream(SlowTask(delay=0.2), [FilmJob(i, p) for i, p in enumerate(good)], window=8) as s:
-            got = []
-            for job, (result, _key) in s:
-                got.append((job.pos, result))
-                if len(got) == 2 and not stopped:
-                    pid = pool.pids()[0]
-                    os.kill(pid, signal.SIGSTOP)  # was: the stream waited for it forever
-                    stopped.append(pid)
-        assert pool.replaced >= 1 and process_state(stopped[0]) in (None, "Z")  # killed (a zombie until reaped)
+        with pool.stream(StopsOnce(stop=good[2], marker=str(marker)), [FilmJob(i, p) for i, p in enumerate(good)], window=8) as s:
+            got = [(job.pos, result) for job, (result, _key) in s]  # was: the stream waited for it forever
+        stopped = int(marker.read_text())
+        assert pool.replaced >= 1 and process_state(stopped) in (None, "Z")  # killed (a zombie until reaped)
     finally:
-        for pid in stopped:
+        if marker.exists():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
                 pass
         pool.close()
     assert not [r for _, r in got if isinstance(r, Failure)]

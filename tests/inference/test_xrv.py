@@ -294,7 +294,8 @@ def test_a_resnet_run_writes_16x16_maps_and_its_aggregates_and_report_follow_the
     xrv_checkpoint("xrv:resnet50-res512-all", _films(2), ckpt)
     out = tmp_path / "out"
     assert main(["--dataset", f"nih:{shared_or_skip()}", "--checkpoint", str(ckpt), "--arch", "xrv:resnet50-res512-all",
-                 "--out", str(out), "--limit", "2", "--shard-size", "2", "--batch-size", "2"]) == 0
+                 "--out", str(out), "--limit", "2", "--shard-size", "2", "--batch-size", "2",
+                 "--cluster", "inprocess"]) == 0  # not about the cluster: a worker process would import torch and load ResNet-50 again
     run_dir = next((out / "runs").iterdir())
     g = zarr.open_group(str(run_dir / "maps.zarr"), mode="r")
     assert g["cam"].shape[2:] == (16, 16) and g["cell_features"].shape[1] == 256 and g["embedding"].shape[1] == 2048

@@ -3,6 +3,7 @@ identifiability and a second run: each section is present, or left out with a se
 
 import csv
 import io
+import json
 import re
 
 import numpy as np
@@ -141,6 +142,7 @@ def test_the_job_writes_the_report_at_the_end_of_a_run_without_labels_sites_boxe
     mv = next((out / "runs").iterdir()).name
     report = out / "runs" / mv / "report.html"
     assert f"report: {report}" in capsys.readouterr().out
+    assert json.loads((out / "runs" / mv / "run.json").read_text())["steps"]["report"] == "done"
     page = report.read_text()
     sec = _sections(page)
     assert list(sec) == list(FULL_SECTIONS)

@@ -56,7 +56,7 @@ def test_unknown_profile_and_missing_file(tmp_path):
     assert load_profile(None, str(tmp_path / "none.yaml")).type == "local"
 
 
-def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_path):
+def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_path, monkeypatch):
     """A local cluster starts while the driver prepares the run, and its worker starts its decode
     processes without waiting for a shard; SLURM/Kubernetes/address clusters are only asked for once
     the run has shards to score."""
@@ -73,34 +73,32 @@ def test_cluster_starter_warms_a_local_worker_and_defers_batch_schedulers(tmp_pa
     from pipeline.inference import model as model_cache
     from pipeline.inference.model_spec import ModelSpec
 
-    decode_pool._close_shared()  # an earlier test's in-process worker may have left this process a pool
-    key = (ModelSpec("tiny", "random:7"), "cpu")  # a seed no other test loads
-    model_cache._CACHE.pop(key, None)
+    decode_pool._close_shared()  # (isolation, not an assertion) an earlier test's in-process worker may have left this process a pool
+    spec = ModelSpec("tiny", "random:7")  # a seed no other test loads
+    loads = []
+    real_load = model_cache.load_model
+    monkeypatch.setattr(model_cache, "load_model", lambda s: loads.append(s) or real_load(s))
     starter = ClusterStarter(Profile("inprocess", "local", {"n_workers": 1, "processes": False, "dashboard_address": ":0"}),
-                             warm=(1, ("json",), key))
+                             warm=(1, ("json",), (spec, "cpu")))
     assert starter.started
     cluster, client = starter.result()
     try:
         assert starter.seconds is not None and starter.seconds > 0
+        # the worker (threads of this process) has started its decode process: this process's shared
+        # pool of one (the one every shard task uses) has a live process
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _pool_pids(decode_pool):
+        while time.monotonic() < deadline and not decode_pool.shared_pool(1).pids():
             time.sleep(0.05)
-        assert len(_pool_pids(decode_pool)) == 1  # the worker (threads of this process) has its decode process
-        while time.monotonic() < deadline and key not in model_cache._CACHE:
+        assert len(decode_pool.shared_pool(1).pids()) == 1
+        while time.monotonic() < deadline and spec not in loads:
             time.sleep(0.05)
-        assert key in model_cache._CACHE  # and has loaded the run's model before any shard asked for it
+        assert loads == [spec]  # it loaded the run's model before any shard asked for it ...
+        model_cache.get_model(spec, "cpu")
+        assert loads == [spec]  # ... into the cache a shard task reads: not loaded again
     finally:
         starter.close()
         decode_pool._close_shared()
-        model_cache._CACHE.pop(key, None)
     assert cluster.status.name == "closed"
-
-
-def _pool_pids(decode_pool) -> list[int]:
-    import os
-
-    pool = decode_pool._SHARED.get(os.getpid())
-    return pool.pids() if pool is not None else []
 
 
 def test_cluster_starter_raises_the_start_error_in_the_caller():

@@ -1,4 +1,4 @@
-"""The progress bar advances per batch, from the workers' events, and never over-counts."""
+"""The progress bar advances per batch, from the workers' events (and only theirs), and never over-counts."""
 
 from pipeline.run.progress import ProgressBar, WorkerProgress, progress_topic
 from pipeline.worker.score_shard import score_shard
@@ -36,20 +36,40 @@ def test_counts_are_absolute_so_late_or_reordered_events_do_not_over_count():
     assert bar.n == 26
 
 
-def test_a_shard_task_reports_after_every_batch(tiny_nih, tiny_ckpt, tmp_path):
+def test_a_shard_task_reports_after_every_batch_and_the_bar_follows(tiny_nih, tiny_ckpt, tmp_path):
+    """The events a shard task logs (one per batch, absolute counts) and the progress line the driver
+    draws from them, through a real scheduler's topic: the bar reaches the shard's size from the
+    events alone, before the driver tops it up at the task's end."""
+    import io
+    import time
+
     import distributed  # a runtime dependency: never skipped
+    from tqdm import tqdm
+
     cfg = ScoreConfig.of(datasets=(f"nih:{tiny_nih}",), out=str(tmp_path / "out"), checkpoint=tiny_ckpt, arch=TINY_ARCH,
-                      shard_size=16, batch_size=4, cache="none", decode_workers=1, device="cpu")
+                         shard_size=16, batch_size=4, cache="none", decode_workers=1, device="cpu")
     prep = prepare_run(cfg)
     shard = prep.shards[0]
     assert len(shard.rows) == 16
     topic = progress_topic(prep.spec.model_version)
+    text = io.StringIO()
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
-        record = client.submit(score_shard, shard, prep.spec, WorkerProgress(topic), pure=False).result()
+        with tqdm(total=16, unit="img", desc="scoring", file=text, mininterval=0, miniters=1) as bar:
+            progress = ProgressBar(client, bar, topic)
+            record = client.submit(score_shard, shard, prep.spec, WorkerProgress(topic), pure=False).result()
+            WorkerProgress(topic)(shard.index, 99)  # outside a Dask worker (this thread): logs nothing
+            deadline = time.monotonic() + 60  # the events reach the subscriber asynchronously
+            while bar.n < 16 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            from_events = bar.n
+            progress.shard_finished(shard.index, 16)
+            progress.close()
         events = [msg for _, msg in client.get_events(topic)]
     assert record["n_scored"] == 16
+    # one event per batch; none from the call outside a worker
     assert [e["done"] for e in events] == [4, 8, 12, 16] and {e["shard"] for e in events} == {shard.index}
-
-
-def test_progress_outside_dask_is_a_no_op():
-    WorkerProgress("t")(0, 5)  # no worker: nothing to do, no error
+    assert from_events == 16 and bar.n == 16  # from the events alone; the top-up adds nothing
+    lines = text.getvalue().replace("\r", "\n")
+    for n in (4, 8, 12, 16):
+        assert f"| {n}/16 [" in lines, lines
+    assert "scoring: 100%" in lines and "/16 [" in lines

@@ -45,53 +45,92 @@ def test_every_film_once_and_identical_to_in_process_decoding(films):
     assert by_pos[len(paths)].error_class == "UnidentifiedImageError"
 
 
-def test_chunks_of_films_come_back_through_shared_memory_and_free_every_slot(films, monkeypatch):
-    """Films go several per task and their pixels through the executor's shared block: every film
-    once, the same pixels as in-process decoding, every slot free again, the block gone on close."""
-    from pipeline.worker import decode_pool
-    from pipeline.worker.decode_pool import SLOTS
+def _slot_block_fds() -> list[int]:
+    """This process's descriptors of decode-slot memory files (what the OS shows of a pool's block)."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:cxr-audit-decode-slots"):
+                fds.append(int(fd))
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return fds
 
-    read_from_slots = []
-    pixels = decode_pool._SlotBlock.pixels
-    monkeypatch.setattr(decode_pool._SlotBlock, "pixels", lambda self, r: read_from_slots.append(r.slot) or pixels(self, r))
+
+def _in_slots(fds: list[int], films: list[np.ndarray]) -> list[bool]:
+    """For each film: are its pixels at the start of a slot of one of these memory files (read through
+    /proc, as a decode process opens them)?"""
+    from pipeline.worker.decode_pool import SLOT_BYTES
+
+    found, inodes = [], set()
+    for fd in fds:  # (mmap holds a duplicate of each descriptor)
+        if os.stat(f"/proc/self/fd/{fd}").st_ino in inodes:
+            continue
+        inodes.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            rows = np.frombuffer(f.read(), np.uint8).reshape(-1, SLOT_BYTES)
+        found.append({rows[k, :n].tobytes() for n in {a.nbytes for a in films} for k in range(len(rows))})
+    return [any(a.tobytes() in seen for seen in found) for a in films]
+
+
+def test_chunks_of_films_come_back_through_shared_memory(films):
+    """Films go several per task and their pixels through the executor's shared block: every film
+    once, the same pixels as in-process decoding, every film's pixels in the block (an anonymous
+    memory file: nothing in /dev/shm), the block gone on close."""
     paths, bad = films
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    fds_before = _slot_block_fds()
     pool = DecodePool(2)
     try:
         with pool.stream(DecodeTask(gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths + [bad])], window=7, chunk=5) as s:
             got = {job.pos: result for job, (result, _key) in s}
-        block = pool._block
-        assert block is not None and len(block._free) == SLOTS
-        assert block.name == f"/proc/{os.getpid()}/fd/{block.fd}"  # an anonymous memory file: no name to leak
+        block = [fd for fd in _slot_block_fds() if fd not in fds_before]
+        assert len({os.stat(f"/proc/self/fd/{fd}").st_ino for fd in block}) == 1  # one memory file (and its mmap's dup): no name to leak
+        assert all(_in_slots(block, [got[i].pixels for i in range(len(paths))]))  # every film came through it, not the pipe
     finally:
         pool.close()
-    assert block.fd == -1
+    assert not [fd for fd in _slot_block_fds() if fd not in fds_before]  # gone with the pool
     if shm_before:
         assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("psm_")}
     assert sorted(got) == list(range(len(paths) + 1)) and isinstance(got[len(paths)], Failure)
-    assert len(read_from_slots) == len(paths)  # every decoded film came through a slot, not the pipe
     for i, p in enumerate(paths):
         np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
 
 
-def test_a_stream_closed_early_gives_back_every_slot(films):
+def test_streams_closed_early_give_back_every_slot(films, tmp_path, rng):
     """A shard task that stops reading (an error, a cancelled task) closes its stream with chunks in
     flight: their slots are freed once no decode process can still write them, so the long-lived
-    shared pool does not run out of slots."""
+    shared pool does not run out of slots. Twenty such streams close with ~16 films each still in
+    flight (decoding slowly) or queued, more than the block's SLOTS in all: were their slots lost, most
+    films of a later stream would come back through the pipe, and their pixels be missing from the block."""
     from pipeline.worker.decode_pool import SLOTS
 
+    from tests.conftest import png_bytes
+
     paths, _ = films
+    fresh = []  # films no earlier stream decoded: their pixels are in the block only if the last stream put them there
+    for i in range(24):
+        p = tmp_path / f"fresh{i}.png"
+        p.write_bytes(png_bytes(rng.integers(0, 256, (90 + i, 70), dtype=np.uint8)))
+        fresh.append(str(p))
+    assert 20 * 16 > SLOTS
+    fds_before = _slot_block_fds()
     pool = DecodePool(2)
     try:
-        with pool.stream(DecodeTask(gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths)], window=16, chunk=4) as s:
-            next(iter(s))  # one film taken, the rest in flight or decoded but not taken
-        block = pool._block
-        deadline = time.time() + 30
-        while len(block._free) < SLOTS and time.time() < deadline:
-            time.sleep(0.05)
-        assert len(block._free) == SLOTS
+        for _ in range(20):
+            with pool.stream(SlowTask(delay=0.01, gray_plane=True), [FilmJob(i, p) for i, p in enumerate(paths)], window=24, chunk=4) as s:
+                next(iter(s))  # one film taken, the rest in flight, queued, or decoded but not taken
+        # the chunks still in flight give their slots back as they finish: unless slots were lost,
+        # the block soon has room for all of these films
+        deadline, ok = time.monotonic() + 60, False
+        while not ok and time.monotonic() < deadline:
+            got = dict(_collect(pool, DecodeTask(gray_plane=True), fresh, window=24, chunk=4))
+            ok = all(_in_slots([fd for fd in _slot_block_fds() if fd not in fds_before], [got[i].pixels for i in range(24)]))
+        assert ok and pool.restarts == 0
     finally:
         pool.close()
+    for i, p in enumerate(fresh):
+        np.testing.assert_array_equal(got[i].rgb(), load_image(p).pixels)
 
 
 def test_a_decode_process_killed_mid_batch_loses_no_film_and_duplicates_none(films):

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,13 +53,29 @@ def _own_folder(root: Path, name: str) -> tuple[Path, dict]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    """Stop the process and everything it started: each runs in a session of its own (strace, its
+    tracee, a worker's nanny and spawned processes). A SIGTERM to strace alone detaches it and leaves
+    the traced worker running (seen: schedulers and workers outliving the test)."""
+    def group_alive() -> bool:
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    if group_alive():
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    for _ in range(100):  # what strace traced may still be shutting down: up to 10 s more
+        if not group_alive():
+            break
+        time.sleep(0.1)
+    if group_alive():
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 @pytest.mark.timeout(600)  # five processes under strace on a 2-core machine
@@ -76,14 +93,14 @@ def test_a_cluster_of_separate_processes_writes_only_to_s3(s3_server, prefix, ti
         folders.append(d)
         procs.append(subprocess.Popen([*strace_prefix(d / "trace"), sys.executable, "-m", "distributed.cli.dask_scheduler",
                                        "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                                      cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb")))
+                                      cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb"), start_new_session=True))
         for i in range(2):
             d, env = _own_folder(root, f"worker-{i}")
             folders.append(d)
             procs.append(subprocess.Popen([*strace_prefix(d / "trace"), sys.executable, "-m", "distributed.cli.dask_worker",
                                            f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--name", f"w{i}",
                                            "--local-directory", str(d / "tmp"), "--no-dashboard", "--host", "127.0.0.1"],
-                                          cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb")))
+                                          cwd=d / "cwd", env=env, stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb"), start_new_session=True))
         d, env = _own_folder(root, "driver")
         folders.append(d)
         (d / "cwd" / "cluster.yaml").write_text(f"profiles:\n  remote:\n    type: address\n    address: tcp://127.0.0.1:{port}\n")

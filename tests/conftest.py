@@ -123,8 +123,8 @@ def tiny_nih(tmp_path_factory) -> Path:
 # which sent the one-test SLURM file and the two-test resume file to the end, where they ran alone).
 # A long file left out of this list starts last and runs alone at the end (test_nightly, the longest,
 # was missing: the suite ended with one worker idle).
-LONGEST_FIRST = ("test_nightly", "test_lose_nothing", "test_faults", "test_xrv", "test_verdicts", "test_report", "test_aggregates",
-                 "test_job", "test_identifiability_stats", "test_resume", "test_adapters", "test_manifest", "test_queries",
+LONGEST_FIRST = ("test_nightly", "test_lose_nothing", "test_no_shared_disk", "test_faults", "test_s3_faults", "test_xrv", "test_verdicts", "test_report", "test_aggregates",
+                 "test_job", "test_s3_outputs", "test_identifiability_stats", "test_s3_inputs", "test_resume", "test_adapters", "test_manifest", "test_queries",
                  "test_runs", "test_checkpoint", "test_layout", "test_layers", "test_precision", "test_site_confounding",
                  "test_cli", "test_identifiability", "test_cache", "test_drift", "test_decode_pool", "test_hostile_inputs",
                  "test_lifecycle", "test_cell_fits", "test_slurm", "test_packaging")

@@ -34,7 +34,8 @@ from pipeline.analysis.region_stats import QUANTILES, RegionAccumulator, cell_vs
 from pipeline.store.predictions import load_predictions
 from pipeline.store.run_index import complete_runs
 from pipeline.store.layout import RUNS, OutputStore
-from pipeline.store.storage import exists, join
+from pipeline.io.fs import join
+from pipeline.store.storage import exists
 from pipeline.io.location import InputOptions
 from pipeline.analysis.settings import AggregateConfig  # noqa: F401 - re-exported
 from pipeline.analysis.grid import region_masks

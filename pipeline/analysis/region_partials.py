@@ -27,7 +27,8 @@ import numpy as np
 
 from pipeline.analysis.region_stats import CellStats, RegionAccumulator
 from pipeline.store.shard_check import DONE_STATUSES
-from pipeline.store.storage import url_to_fs, write_bytes_atomic
+from pipeline.io.fs import url_to_fs
+from pipeline.store.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ def check_caches(roots, storage_options: "dict | Location | None" = None) -> lis
     """Every entry of every cache group under ``roots`` against its pixel digest. ``storage_options``:
     the output's (a dict, or the output root's Location)."""
     from pipeline.worker.cache import verify_cache
-    from pipeline.store.storage import join, kwargs_of, resolve
+    from pipeline.io.fs import join
+    from pipeline.store.storage import kwargs_of, resolve
 
     problems = []
     for root in roots:

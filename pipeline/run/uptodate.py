@@ -263,7 +263,7 @@ def _shards(cfg, store: OutputStore, mv: str):
     from pipeline.inference.model_spec import model_spec_for
     from pipeline.worker.runspec import RunSpec
     from pipeline.worker.shards import plan_shards
-    from pipeline.store.layout import freeze_options
+    from pipeline.io.location import freeze_options
 
     manifest = store.read_parquet(store.manifest)
     rows = manifest.column("row")

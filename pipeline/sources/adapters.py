@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.core.errors import DatasetError
 from pipeline.sources.paths import is_local, local_path
 from pipeline.io.location import InputOptions, Location
-from pipeline.store.storage import to_url
+from pipeline.io.fs import to_url
 
 from pipeline.sources.source_base import ADAPTERS, BASE, IMAGE_EXTS, MAX_FIELD, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _printable, _read_bytes, _read_csv, records  # noqa: F401 - re-exported
 

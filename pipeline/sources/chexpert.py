@@ -10,7 +10,8 @@ import pandas as pd
 from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import CHEXPERT_TO_MODEL, chexpert_value
-from pipeline.store.storage import exists, to_url
+from pipeline.io.fs import to_url
+from pipeline.store.storage import exists
 
 _PATIENT = re.compile(r"(patient\d+)")
 

@@ -11,7 +11,8 @@ import pandas as pd
 from pipeline.sources.source_base import BASE, DatasetSpec, RawDataset, SourceOptions, _bad_line_issues, _read_csv, records
 from pipeline.core.errors import DatasetError
 from pipeline.sources.harmonise import PADCHEST_TO_MODEL
-from pipeline.store.storage import exists, to_url
+from pipeline.io.fs import to_url
+from pipeline.store.storage import exists
 
 PROJECTIONS = {"PA": "PA", "AP": "AP", "AP_HORIZONTAL": "AP", "L": "LATERAL", "COSTAL": None}
 DEFAULT_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"

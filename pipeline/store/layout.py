@@ -17,7 +17,8 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-from pipeline.io.location import Location, freeze_options  # noqa: F401 - freeze_options: the store's callers use it from here too
+from pipeline.io.fs import join
+from pipeline.io.location import Location, freeze_options
 from pipeline.store import storage
 
 # Public names under OUT (README, "Outputs: the public contract").
@@ -84,7 +85,7 @@ class OutputStore:
     # ---- paths of the public contract -------------------------------------------------------
 
     def join(self, *parts: str) -> str:
-        return storage.join(self.url, *parts)
+        return join(self.url, *parts)
 
     @property
     def manifest(self) -> str:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import OutputError
-from pipeline.io.fs import join, to_url, url_to_fs  # noqa: F401 - the store's callers use them from here too
+from pipeline.io.fs import join, url_to_fs
 from pipeline.io.location import Location
 
 

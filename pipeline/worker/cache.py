@@ -29,7 +29,7 @@ from pipeline.inference.images import Decoded, PreprocessConfig, decode_bytes
 from pipeline.io.reads import ReadLimits, read_bytes
 from pipeline.store.maps_store import open_maps
 from pipeline.core.redact import redact
-from pipeline.store.storage import join
+from pipeline.io.fs import join
 
 CACHE_FORMAT = 3  # 3: a digest of the pixels per entry; 2: content keys, one chunk per row (format 1 could mix shards' writes)
 CACHE_CHUNK = 1  # rows per chunk: a task only ever writes the chunks of its own rows

@@ -159,7 +159,7 @@ class WorkerLogs(WorkerPlugin):
         self.handler.emit(log.makeRecord(log.name, level, __file__, 0, msg, args, None))
 
     def _open(self, worker) -> logging.Handler:
-        from pipeline.store.storage import join, url_to_fs
+        from pipeline.io.fs import join, url_to_fs
 
         if _is_local(self.logs_url):
             fs, folder = url_to_fs(self.logs_url, self.storage_options)

@@ -14,7 +14,8 @@ from pipeline.io.reads import ReadLimits
 from pipeline.inference.model_spec import ModelSpec
 from pipeline.inference.precision import DEFAULT_PRECISION
 from pipeline.config.run_config import ComputeConfig, Resolved
-from pipeline.store.layout import OutputStore, freeze_options
+from pipeline.store.layout import OutputStore
+from pipeline.io.location import freeze_options
 
 _C = ComputeConfig()  # the defaults below are the configuration's, not copies of them
 

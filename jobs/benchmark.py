@@ -347,7 +347,7 @@ FULL_SIZE = 112_120
 
 def full_size(args) -> int:
     """--full-size: pipeline.run.rehearsal, its table printed (stdout) and its progress on stderr."""
-    from pipeline.run.rehearsal import rehearse, table
+    from pipeline.run.rehearsal import goals, rehearse, table
 
     shared = Path(os.environ.get("CXR_AUDIT_SHARED") or ROOT.parent / "shared") / "data" / "nih"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cxr-rehearsal-"))
@@ -359,6 +359,7 @@ def full_size(args) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(table(steps, sizes))
+    print("\n".join(["", "Goals (issue 23):"] + goals(steps)))
     print(f"load average at the end {os.getloadavg()[0]:.1f}", file=sys.stderr)
     return 0
 

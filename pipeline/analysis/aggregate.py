@@ -8,6 +8,7 @@ partition task reads only its own rows of maps.zarr, one chunk at a time.
 from __future__ import annotations
 
 import logging
+import os
 import math
 import time
 
@@ -82,7 +83,7 @@ def _partition_accumulator(maps_url: str, ctx: StrataContext, bias: np.ndarray, 
                                                        F, C, storage_options)
         if new:
             read[int(k)] = new
-        total = acc if total is None else total + acc
+        total = acc if total is None else total.absorb(acc)  # both this function's own: in place
     return (total if total is not None else RegionAccumulator(F, C)), read
 
 
@@ -105,21 +106,25 @@ def _merge(a: tuple[RegionAccumulator, dict], b: tuple[RegionAccumulator, dict])
 
 
 ROWS_PER_PART = 4096  # a partition carries ~3 MB of histogram per stratum value: small runs get one
-MAX_PARTS = 8
+
+
+def default_parts() -> int:
+    """One partition per core: each holds a whole accumulator (~160 MB at NIH's 48 stratum values),
+    so partitions beyond the threads that fold them only wait in memory (8 of them: 1.3 GB)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def accumulate(maps_url: str, ctx: StrataContext, bias: np.ndarray, chunk: int, n_parts: int | None = None, scheduler="threads",
                storage_options: dict | None = None, fingerprints: dict[int, str] | None = None, partials: str | None = None,
                report: dict | None = None) -> RegionAccumulator:
     """Tree reduction over partitions of whole chunks; independent of partitioning by construction.
-    n_parts: how many (default: one per ROWS_PER_PART rows, at most MAX_PARTS).
+    n_parts: at most how many (default: default_parts(); never more than one per ROWS_PER_PART rows).
     scheduler: a dask scheduler name, or a Dask client's ``get`` to run on its cluster.
     fingerprints ({chunk: fingerprint}) and partials (a folder): keep each chunk's statistics there
     and reuse them while the chunk and its rows' strata are unchanged (region_partials); the result
     is bit-identical either way. report: filled with the number of chunks and, per chunk whose maps
     were read, the entries (stratum=value) recomputed."""
-    if n_parts is None:
-        n_parts = min(MAX_PARTS, -(-len(ctx.rows) // ROWS_PER_PART))
+    n_parts = min(n_parts or default_parts(), -(-len(ctx.rows) // ROWS_PER_PART))
     chunk_of = ctx.rows // chunk
     chunks = np.unique(chunk_of)
     groups = [g for g in np.array_split(chunks, max(1, min(n_parts, len(chunks)))) if len(g)]
@@ -390,6 +395,7 @@ def aggregate_run(out, model_version: str | None = None, config: AggregateConfig
         "finding_summary": finding_summary_table(acc, findings, config.min_n, anatomy, meta, grid),
         "metrics": metrics_table(ctx, probs, findings, config.min_n, meta),
     }
+    del acc  # ~160 MB of histograms, not needed by the probes and verdicts that follow
     inputs = inputs or InputOptions()
     bbox = config.bbox or _find_bbox(run, inputs)
     if bbox:
@@ -481,6 +487,6 @@ def identifiability_tables(manifest, ctx, probs, maps, findings, config: Aggrega
     return {
         "identifiability": table(summary, identifiability_schema(**meta)),
         "identifiability_map": table(cells, identifiability_map_schema(**meta)),
-        "identifiability_scores": table(scores, identifiability_scores_schema(**meta)),
+        "identifiability_scores": pa.Table.from_pydict(scores, schema=identifiability_scores_schema(**meta)),
         "prevalence_confounding": table(prevalence_confounding(manifest, rows, probs, findings, cfg, config.min_n), prevalence_confounding_schema(**meta)),
     }

@@ -139,22 +139,29 @@ def convergence_note(unconverged: int, n_folds: int) -> str:
 
 
 def oof_proba(x: np.ndarray, y_idx: np.ndarray, splits, n_classes: int, cfg: ProbeConfig = ProbeConfig(), probe: str | None = None,
-              unconverged: list | None = None) -> np.ndarray:
+              unconverged: list | None = None, at: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold class scores (probabilities for 'logistic') for every row; each fold trains on at
     most cfg.max_rows of its training rows (a seeded, class-stratified subsample), so large runs stay fast.
-    ``unconverged``: a list that gets one entry per fold whose fit stopped before converging."""
+    ``unconverged``: a list that gets one entry per fold whose fit stopped before converging.
+    ``at``: the rows of x that y_idx describes (default: all), so that a target with unlabelled
+    films indexes the shared matrix instead of copying it (the maps are ~300 MB at 112k films)."""
     out = np.zeros((len(y_idx), n_classes))
+    at = np.arange(len(y_idx)) if at is None else at
     for k, (train, test) in enumerate(splits):
         train = train[subsample(y_idx[train], cfg)]
-        # copy=False: the fold's rows are already a copy (fancy indexing); at 112k films x 686 map
-        # values, each needless copy of them is ~250 MB of the driver's peak
-        classes, score, converged = PROBES[probe or cfg.probe](x[train].astype(np.float32, copy=False), y_idx[train])
+        # copy=False: the fold's rows are already a copy (fancy indexing)
+        classes, score, converged = PROBES[probe or cfg.probe](x[at[train]].astype(np.float32, copy=False), y_idx[train])
         if not converged and unconverged is not None:
             unconverged.append(k)
         p = np.zeros((len(test), n_classes))
-        p[:, classes] = score(x[test].astype(np.float32, copy=False))
+        for lo in range(0, len(test), SCORE_BLOCK):  # the test rows a block at a time: no fold-sized copy
+            block = test[lo:lo + SCORE_BLOCK]
+            p[lo:lo + len(block), classes] = score(x[at[block]].astype(np.float32, copy=False))
         out[test] = p
     return out
+
+
+SCORE_BLOCK = 8192  # rows scored at once by oof_proba
 
 
 def probe_metrics(y_idx: np.ndarray, proba: np.ndarray, splits) -> dict:
@@ -177,12 +184,13 @@ def cell_sample(rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
 
 def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_features: np.ndarray | None, cfg: ProbeConfig,
                cell_rows: np.ndarray | None = None, map_fn=None):
-    """Returns (summary rows, map rows, per-image score rows). ``features``: name -> (N, d) aligned
+    """Returns (summary rows, map rows, per-image scores as columns: SCORE_COLUMNS). ``features``: name -> (N, d) aligned
     with rows; ``cell_features`` (n, cells, D) aligned with ``cell_rows`` (default: rows).
     ``map_fn(fn, iterable)`` runs the per-cell tasks (default: ``threads_map``; see ``cell_map``)."""
     m = manifest.set_index("row").loc[rows]
     patients = m["patient_id"].fillna(pd.Series([f"row{r}" for r in rows], index=m.index)).astype(str)
     summary, scores, cell_targets, fits = [], [], [], []
+    image_ids = m["image_id"].to_numpy(object) if "embedding" in features else None
     pos = np.arange(len(rows)) if cell_rows is None else pd.Index(rows).get_indexer(cell_rows)
     if (pos < 0).any():
         raise ValueError("cell_rows must be a subset of rows")
@@ -214,8 +222,7 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
     def fit(job):  # one target x feature source: an independent task, BLAS on one thread (threads_map)
         _, _, name, ok, y_idx, splits, classes = job
         unconverged: list[int] = []
-        x = features[name] if ok.all() else features[name][ok]  # no copy of the whole feature matrix when every row counts
-        proba = oof_proba(x, y_idx, splits, len(classes), cfg, unconverged=unconverged)
+        proba = oof_proba(features[name], y_idx, splits, len(classes), cfg, unconverged=unconverged, at=np.flatnonzero(ok))
         return proba, probe_metrics(y_idx, proba, splits), (convergence_note(len(unconverged), len(splits)) if unconverged else None)
 
     for (slot, base, name, ok, y_idx, _, classes), (proba, metrics, note) in zip(fits, threads_map(fit, fits)):
@@ -223,12 +230,14 @@ def run_probes(manifest: pd.DataFrame, rows: np.ndarray, features: dict, cell_fe
         below = "AUC below 0.5 reads as chance (CI bounded at 0.5)" if metrics["auc"] < 0.5 else None  # noise, not "worse than chance"
         if note or below:
             summary[slot]["notes"] = "; ".join(n for n in (base["notes"], note, below) if n)
-        if name == "embedding":
-            true_p = proba[np.arange(len(y_idx)), y_idx]
-            for r, img, p, pred in zip(rows[ok], m["image_id"][ok], true_p, proba.argmax(1)):
-                scores.append({"row": int(r), "image_id": img, "target": base["target"], "score": float(p), "predicted": classes[pred]})
+        if name == "embedding":  # columns, not a dict per film: 4 targets x 112k films
+            scores.append({"row": rows[ok].astype(np.int64), "image_id": image_ids[ok], "target": np.full(int(ok.sum()), base["target"], object),
+                           "score": proba[np.arange(len(y_idx)), y_idx], "predicted": np.asarray(classes, object)[proba.argmax(1)]})
     cells = cell_map(cell_features, cell_targets, cfg, map_fn) if cell_targets else []
-    return summary, cells, scores
+    return summary, cells, {k: np.concatenate([s[k] for s in scores]) if scores else np.array([], object) for k in SCORE_COLUMNS}
+
+
+SCORE_COLUMNS = ("row", "image_id", "target", "score", "predicted")  # run_probes' per-image scores, a column each
 
 
 def cell_target(target: str, y: pd.Series, patients: pd.Series, cfg: ProbeConfig) -> CellTarget | None:

@@ -289,7 +289,11 @@ def contain_scratch(store: OutputStore) -> str:
     if "://" not in store.url or store.url.startswith("file://"):
         base = os.path.join(store.fs()[1], SCRATCH)
     else:
+        import atexit
+        import shutil
+
         base = tempfile.mkdtemp(prefix="cxr-audit-scratch-")
+        atexit.register(shutil.rmtree, base, True)  # the run's own: one per run was left behind
     mpl, scratch = os.path.join(base, "matplotlib"), os.path.join(base, "dask")
     if os.environ.get("MPLCONFIGDIR") in (None, _SCRATCH_SET.get("mpl")):
         os.makedirs(mpl, exist_ok=True)
@@ -439,7 +443,9 @@ def aggregate(cfg, prep, info: RunRecord, cluster: RunCluster, map_fn=None) -> R
             t = time.perf_counter()
             log.info(f"aggregates: computing ({stale})")
             client = cluster.client
-            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, map_fn=map_fn, inputs=spec.inputs)
+            threads = sum(client.nthreads().values()) or None  # the reduction's partitions: one per worker thread
+            tables = aggregate_run(spec.store, spec.model_version, agg, scheduler=client.get, n_parts=threads, map_fn=map_fn,
+                                   inputs=spec.inputs)
             seconds = time.perf_counter() - t
             info = replace(info, seconds={**info.seconds, "aggregates": seconds})
             log.info(f"aggregates: {', '.join(f'{k} ({v.num_rows} rows)' for k, v in tables.items())} in {seconds:.1f} s")

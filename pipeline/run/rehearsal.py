@@ -3,10 +3,13 @@
 ``layout`` writes ROOT/Data_Entry_2017_v2020.csv with the first rows of the real metadata and, for
 each row, a hard link to one of the real films (cycling over them) under ROOT/images_001..012/images/
 (as the twelve archives unpack). ``rehearse`` then runs, each as its own process tree: the first run
-(tiny CAM network), a no-op rerun, a rerun after 1% more rows, a rerun after a model update,
-``jobs.runs --check``, ``jobs.report`` and a DuckDB query, and measures per step the wall time, the
-peak RSS of the driver, of the largest worker and of the decode processes together, the peak use of
-/dev/shm, and the outputs' sizes. ``python -m jobs.benchmark --full-size [N]`` prints the table.
+(tiny CAM network), a no-op rerun, a rerun after 1% more rows, the job on those added rows alone (a
+fresh --out: the baseline of the +1% goal), a rerun after a model update, ``jobs.runs --check``,
+``jobs.report``, a DuckDB query (the short steps three times each, their median kept) and the
+configuration mistakes issue 23 lists, each against the full-size root; per step it measures the
+wall time, the peak RSS of the driver, of the largest worker and of the decode processes together,
+the peak use of /dev/shm, and the outputs' sizes. ``goals`` reads issue 23's goals off those
+figures. ``python -m jobs.benchmark --full-size [N]`` prints the table and the goals.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Step:
     decode_rss: float = 0.0  # peak of all decode processes together, MB
     shm: float = 0.0  # peak /dev/shm use above the step's start, MB
     note: str = ""
+    aggregates_s: float | None = None  # aggregates + probes, from the _aggregates.json the step wrote
     stdout: str = field(default="", repr=False)
     stderr: str = field(default="", repr=False)
 
@@ -172,9 +176,11 @@ print(sum(r[1] for r in rows), rows)
 """
 
 
-def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: bool = True, log=print) -> tuple[list[Step], dict]:
+def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: bool = True, log=print,
+             repeats: int = 3) -> tuple[list[Step], dict]:
     """Lay out n rows (+1% more for the incremental step) and run every step; returns the steps and
-    the output sizes after the last scoring step. Raises RuntimeError naming a step that failed."""
+    the output sizes after the last scoring step. Short steps run ``repeats`` times (their wall time
+    is the median). Raises RuntimeError naming a step that failed."""
     extra = max(1, n // 100)
     root, out = work / "ChestX-ray14", work / "out"
     t = time.perf_counter()
@@ -184,38 +190,156 @@ def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     py = sys.executable
 
-    def job(ckpt):
-        return [py, "-m", "jobs.score_dataset", "--dataset", f"nih:{root}", "--checkpoint", ckpt, "--arch", "tiny",
-                "--out", str(out)] + (["--identifiability"] if identifiability else [])
+    def job(ckpt, data=root, to=out):
+        return [py, "-m", "jobs.score_dataset", "--dataset", f"nih:{data}", "--checkpoint", ckpt, "--arch", "tiny",
+                "--out", str(to)] + (["--identifiability"] if identifiability else [])
 
     steps: list[Step] = []
-    sizes: dict = {}
 
-    def run(name, cmd, note=""):
+    def run(name, cmd, note="", times=1, expect=0):
         log(f"step: {name} ...")
         since = time.time()
-        s = measure(name, cmd, work, env)
-        s.note = "; ".join(x for x in (note, aggregates_note(out, since)) if x)
+        runs = [measure(name, cmd, work, env) for _ in range(times)]
+        s = _median_step(runs)
+        s.note = "; ".join(x for x in (note, s.note, aggregates_note(out, since) if expect == 0 else "") if x)
+        s.aggregates_s = aggregates_seconds(out, since) if expect == 0 else None
         steps.append(s)
         log(f"  {s.wall:.1f} s, rc {s.rc}")
-        if s.rc != 0:
-            raise RuntimeError(f"step {name!r} failed (exit {s.rc}):\n{s.stdout[-2000:]}\n{s.stderr[-4000:]}")
+        if s.rc != expect:
+            raise RuntimeError(f"step {name!r} exited {s.rc}, not {expect}:\n{s.stdout[-2000:]}\n{s.stderr[-4000:]}")
         return s
 
     run("first run", job(ckpt1), f"{n:,} films")
-    sizes = output_sizes(out)
-    noop = run("no-op rerun", job(ckpt1))
+    noop = run("no-op rerun", job(ckpt1), times=repeats)
     if not noop.stdout.startswith("nothing changed"):
         noop.note = "NOT a no-op: " + noop.stdout.splitlines()[0][:80] if noop.stdout else "NOT a no-op"
     grow(plan, n + extra)
     run("+1% films", job(ckpt1), f"+{extra:,} films")
+    alone = added_only(plan, n, work / "added-only")
+    run("the added films alone", job(ckpt1, alone, work / "added-only-out"), f"{extra:,} films, a fresh --out: the +1% goal's baseline")
     run("model update", job(ckpt2), "new weights: new run, cache hits")
     sizes = output_sizes(out)
-    run("no-op after the update", job(ckpt2))
-    run("jobs.runs --check", [py, "-m", "jobs.runs", "--out", str(out), "--check"])
-    run("jobs.report", [py, "-m", "jobs.report", "--out", str(out)])
-    run("DuckDB query", [py, "-c", DUCKDB_QUERY, str(out)])
+    run("no-op after the update", job(ckpt2), times=repeats)
+    run("jobs.runs --check", [py, "-m", "jobs.runs", "--out", str(out), "--check"], times=repeats)
+    run("jobs.report", [py, "-m", "jobs.report", "--out", str(out)], times=repeats)
+    run("DuckDB query", [py, "-c", DUCKDB_QUERY, str(out)], times=repeats)
+    for name, cmd in mistakes(work, root, ckpt1, job):
+        before = _listing(work)
+        s = run(f"mistake: {name}", cmd, expect=2)
+        written = sorted(_listing(work) - before)
+        s.note = "; ".join(x for x in (s.stderr.strip().splitlines()[0][:100] if s.stderr.strip() else "",
+                                       f"WROTE {written[:3]}" if written else "nothing written") if x)
     return steps, sizes
+
+
+def _median_step(runs: list[Step]) -> Step:
+    """One row for repeated runs: the median wall time (its run's output), the peaks over all."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    mid = sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
+    walls = ", ".join(f"{r.wall:.2f}" for r in runs)
+    return Step(mid.name, statistics.median(r.wall for r in runs), max(r.rc for r in runs),
+                max(r.driver_rss for r in runs), max(r.worker_rss for r in runs), max(r.decode_rss for r in runs),
+                max(r.shm for r in runs), note=f"median of {len(runs)} ({walls} s)", stdout=mid.stdout, stderr=mid.stderr)
+
+
+def added_only(plan: dict, n: int, root: Path) -> Path:
+    """An NIH root of only the rows past n (the +1%), hard links to the same films: the job run on
+    them alone is the +1% goal's baseline (3 x (that + 5 s))."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = plan["lines"][n:plan["linked"]]
+    (root / METADATA).write_text(plan["header"] + "\n" + "".join(x + "\n" for x in lines))
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in plan["root"].glob("images_*/images"):
+        for line in lines:
+            name = line.split(",", 1)[0]
+            if (src / name).exists() and not (folder / name).exists():
+                os.link(src / name, folder / name)
+    return root
+
+
+def mistakes(work: Path, root: Path, tiny_ckpt: str, job) -> list[tuple[str, list[str]]]:
+    """The configuration mistakes issue 23 lists, each against the full-size root: a checkpoint of
+    another architecture (an ImageNet DenseNet-121, a ResNet-18 with 14 outputs, the tiny net as
+    DenseNet-121), a pickled whole model, a manifest without a path column, ``nih:ROOT/images``."""
+    import torch
+    from torchvision.models import densenet121, resnet18
+
+    from pipeline.inference.checkpoint import save_safetensors
+    from pipeline.inference.tiny_net import TinyCAMNet
+
+    bad = work / "mistakes"
+    bad.mkdir(exist_ok=True)
+    save_safetensors(densenet121(weights=None).state_dict(), str(bad / "imagenet.safetensors"))
+    torch.save(resnet18(weights=None, num_classes=14).state_dict(), bad / "resnet18.pt")
+    torch.save(TinyCAMNet(14), bad / "whole.pt")
+    film = next(root.glob("images_*/images/*.png"))
+    (bad / "films.csv").write_text(f"image_id,file\n{film.name},{film}\n")
+    out = str(work / "mistake-out")
+
+    def dense(ckpt):  # --arch left out: densenet121, the default
+        return [x for x in job(ckpt, to=out) if x not in ("--arch", "tiny")]
+
+    with_tiny = job(tiny_ckpt, to=out)
+    at = with_tiny.index("--dataset") + 1
+    return [("ImageNet DenseNet-121", dense(str(bad / "imagenet.safetensors"))),
+            ("ResNet-18 with 14 outputs", dense(str(bad / "resnet18.pt"))),
+            ("the tiny net as DenseNet-121", dense(tiny_ckpt)),
+            ("pickled whole model", dense(str(bad / "whole.pt"))),
+            ("manifest without a path column", with_tiny[:at] + [f"manifest:{bad / 'films.csv'}"] + with_tiny[at + 1:]),
+            ("nih: at ROOT/images_001/images", with_tiny[:at] + [f"nih:{root / 'images_001' / 'images'}"] + with_tiny[at + 1:])]
+
+
+def _listing(work: Path) -> set[str]:
+    """What exists under work, the mistakes' own inputs aside (a refused run must add nothing)."""
+    return {str(p.relative_to(work)) for p in work.glob("*") if p.name != "mistakes"} | (
+        {str(p.relative_to(work)) for p in (work / "out").rglob("*")} if (work / "out").exists() else set())
+
+
+def aggregates_seconds(out: Path, since: float) -> float | None:
+    """Aggregates + probes of the _aggregates.json written since ``since`` (None: none written)."""
+    import json
+
+    written = [p for p in out.glob("runs/*/_aggregates.json") if p.stat().st_mtime >= since]
+    return sum((json.loads(written[0].read_text()).get("seconds") or {}).values()) if written else None
+
+
+GOALS = {"no-op": 5.0, "report": 30.0, "aggregates": 300.0, "driver_mb": 2048.0, "mistake": 2.0}  # issue 23
+
+
+def goals(steps: list[Step]) -> list[str]:
+    """Issue 23's goals against this rehearsal's own figures, one line each, met or NOT met."""
+    by = {s.name: s for s in steps}
+
+    def line(ok: bool, text: str) -> str:
+        return f"{'met' if ok else 'NOT met'}: {text}"
+
+    out = []
+    for name in ("no-op rerun", "no-op after the update"):
+        if name in by:
+            out.append(line(by[name].wall <= GOALS["no-op"], f"{name} {by[name].wall:.2f} s (goal <= {GOALS['no-op']:.0f} s)"))
+    if "+1% films" in by and "the added films alone" in by:
+        bound = 3 * (by["the added films alone"].wall + 5)
+        out.append(line(by["+1% films"].wall <= bound, f"+1% films {by['+1% films'].wall:.1f} s (goal <= 3 x (the added films alone "
+                                                     f"{by['the added films alone'].wall:.1f} s + 5 s) = {bound:.1f} s)"))
+    peak = max(steps, key=lambda s: s.driver_rss)
+    out.append(line(peak.driver_rss <= GOALS["driver_mb"], f"driver peak RSS {peak.driver_rss:.0f} MB in '{peak.name}' (goal <= 2 GB)"))
+    if "jobs.report" in by:
+        out.append(line(by["jobs.report"].wall <= GOALS["report"], f"report {by['jobs.report'].wall:.1f} s (goal <= 30 s)"))
+    agg = [(s.aggregates_s, s.name) for s in steps if s.aggregates_s is not None]
+    if agg:
+        worst = max(agg)
+        out.append(line(worst[0] <= GOALS["aggregates"], f"aggregates + probes at most {worst[0]:.1f} s, in '{worst[1]}' (goal <= 5 min)"))
+    wrong = [s for s in steps if s.name.startswith("mistake: ")]
+    if wrong:
+        slow = max(wrong, key=lambda s: s.wall)
+        ok = all(s.rc == 2 and s.wall <= GOALS["mistake"] and "WROTE" not in s.note for s in wrong)
+        out.append(line(ok, f"{len(wrong)} configuration mistakes refused with exit 2, nothing written, slowest {slow.wall:.2f} s "
+                            f"('{slow.name[9:]}'; goal <= 2 s)"))
+    return out
 
 
 def aggregates_note(out: Path, since: float) -> str:

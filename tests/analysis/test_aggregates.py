@@ -168,6 +168,33 @@ def test_accumulator_matches_numpy_for_any_shard_split(n, seed, cuts):
                 assert np.all(np.abs(q[f, :, k] - exact)[inside] <= 0.01 + 1e-9)
 
 
+def test_absorb_in_place_is_bit_identical_to_plus():
+    """The partition fold merges in place (one accumulator per partition, not a copy per chunk):
+    the same additions as ``+``, so the same bits, including keys only one side has."""
+    rng = np.random.default_rng(3)
+    F, C, n = 2, 49, 40
+    cam = rng.normal(0, 3, (n, F, C))
+    contrib = rng.normal(0, 0.1, (n, F, C))
+    labels = rng.integers(-1, 2, (n, F)).astype(np.int8)
+    views = np.array(["AP"] * 20 + ["PA"] * 20, dtype=object)  # keys only one side has, each way
+    ctx = StrataContext(np.arange(n), labels, rng.random((n, F)) < 0.2, {"view_position": views})
+
+    def part(lo, hi):
+        acc = RegionAccumulator(F, C)
+        for key, w in strata_weights(ctx.slice(lo, hi), F):
+            acc.update(key, w, cam[lo:hi], contrib[lo:hi])
+        return acc
+
+    plus = part(0, 20) + part(20, 40)
+    left = part(0, 20)
+    assert left.absorb(part(20, 40)) is left
+    assert set(left.stats) == set(plus.stats)
+    for key, s in plus.stats.items():
+        for name, value in vars(s).items():
+            got = getattr(left.stats[key], name)
+            assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), (key, name)
+
+
 # ----------------------------------------------------------------- boxes onto the grid
 def test_box_projection_on_cell_edges_and_off_the_crop():
     cell_px = 1024 / 7

@@ -539,6 +539,19 @@ def test_the_job_writes_nothing_outside_out(tmp_path, tiny_nih):
     assert left == []
 
 
+def test_the_scratch_folder_of_a_remote_out_is_removed_at_exit(tmp_path):
+    """For an --out that is not a local folder, matplotlib's and Dask's scratch go to a temporary
+    folder of the run: it is gone when the process ends (one per run was left in /tmp)."""
+    code = ("import os; from pipeline.run.lifecycle import contain_scratch; from pipeline.store.layout import OutputStore; "
+            "base = contain_scratch(OutputStore('memory://scratch-test/out')); print(base, os.path.isdir(base))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    base, existed = done.stdout.split()
+    assert existed == "True" and Path(base).parent == tmp_path
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_decode_memory_is_bounded_per_process_not_only_by_pixel_count(tmp_path, rng):
     import struct
     import zlib

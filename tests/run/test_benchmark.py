@@ -57,19 +57,24 @@ def test_the_full_size_rehearsal_at_a_few_thousand_rows(tmp_path):
     """python -m jobs.benchmark --full-size, scaled down: every step exits 0 and the no-op is one."""
     from pathlib import Path
 
-    from pipeline.run.rehearsal import rehearse, table
+    from pipeline.run.rehearsal import goals, rehearse, table
 
     from tests.conftest import NIH_SHARED, shared_or_skip
 
     shared_or_skip()
     steps, sizes = rehearse(2_000, NIH_SHARED, tmp_path, Path(__file__).resolve().parents[2], identifiability=False, log=lambda m: None)
     by = {s.name: s for s in steps}
-    assert all(s.rc == 0 for s in steps)
+    wrong = [s for s in steps if s.name.startswith("mistake: ")]
+    assert len(wrong) == 6 and all(s.rc == 2 and "nothing written" in s.note for s in wrong)
+    assert all(s.rc == 0 for s in steps if s not in wrong)
     assert by["no-op rerun"].stdout.startswith("nothing changed") and by["no-op after the update"].stdout.startswith("nothing changed")
+    assert by["no-op rerun"].note.startswith("median of 3 (")
     assert "1 to score" in by["+1% films"].stderr and "nothing changed" not in by["+1% films"].stdout
+    assert "20 images" in by["the added films alone"].stderr  # the 1% alone, in a fresh --out
     assert by["DuckDB query"].stdout.startswith("2020 ")
     assert sizes["predictions"] > 0 and sizes["maps.zarr/cam"] > 0
     print(table(steps, sizes))
+    print("\n".join(goals(steps)))
 
 
 def test_the_rehearsal_notes_what_a_steps_aggregation_cost(tmp_path):
@@ -91,3 +96,27 @@ def test_the_rehearsal_notes_what_a_steps_aggregation_cost(tmp_path):
         "whose rows changed, the rest merged from kept statistics), probes 0.2 s (kept, 744 films changed "
         "since the fit), tables 1.5 s, verdicts 3.0 s")
     assert aggregates_note(tmp_path / "out", time.time() + 60) == ""  # written before the step: not its own
+
+
+def test_the_goals_read_the_rehearsals_own_figures():
+    """Each goal of issue 23 is judged on the rehearsal's figures: met and not met both reachable."""
+    from pipeline.run.rehearsal import Step, _median_step, goals
+
+    noop = _median_step([Step("no-op rerun", w, 0, driver_rss=r) for w, r in ((0.9, 180), (7.0, 190), (1.1, 170))])
+    assert noop.wall == 1.1 and noop.driver_rss == 190 and noop.note == "median of 3 (0.90, 7.00, 1.10 s)"
+    steps = [Step("first run", 900.0, 0, driver_rss=1900, aggregates_s=250.0), noop,
+             Step("+1% films", 70.0, 0, driver_rss=1500, aggregates_s=20.0), Step("the added films alone", 20.0, 0, driver_rss=800),
+             Step("jobs.report", 31.0, 0), Step("mistake: pickled whole model", 0.8, 2, note="error: ...; nothing written"),
+             Step("mistake: nih: at ROOT/images_001/images", 1.2, 2, note="error: ...; nothing written")]
+    lines = goals(steps)
+    assert lines == [
+        "met: no-op rerun 1.10 s (goal <= 5 s)",
+        "met: +1% films 70.0 s (goal <= 3 x (the added films alone 20.0 s + 5 s) = 75.0 s)",
+        "met: driver peak RSS 1900 MB in 'first run' (goal <= 2 GB)",
+        "NOT met: report 31.0 s (goal <= 30 s)",
+        "met: aggregates + probes at most 250.0 s, in 'first run' (goal <= 5 min)",
+        "met: 2 configuration mistakes refused with exit 2, nothing written, slowest 1.20 s ('nih: at ROOT/images_001/images'; goal <= 2 s)"]
+    steps[2].wall, steps[0].driver_rss, steps[-1].note = 76.0, 2100, "error: ...; WROTE ['mistake-out']"
+    lines = goals(steps)
+    assert lines[1].startswith("NOT met: +1% films 76.0 s") and lines[2].startswith("NOT met: driver peak RSS 2100 MB")
+    assert lines[-1].startswith("NOT met: 2 configuration mistakes")

@@ -25,7 +25,7 @@ from schemas.records import RunRecord
 from pipeline.core.errors import OutputError
 from pipeline.core.redact import redact
 from pipeline.run.interrupt import check as check_interrupt
-from pipeline.store.layout import OutputStore
+from pipeline.store.layout import SCRATCH, OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,6 @@ class RerunClock:
         record.reruns = record_rerun(self.store, record.model_version, {**self.entry, "finished": now()}).reruns
 
 
-SCRATCH = "_scratch"
 _SCRATCH_SET: dict[str, str] = {}  # what contain_scratch set (a later run in this process replaces only that)
 
 

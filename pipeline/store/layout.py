@@ -30,6 +30,7 @@ LOCK = "_lock.json"
 RUNS = "runs"
 DRIFT = "drift"
 CACHE = "cache"
+SCRATCH = "_scratch"  # matplotlib's and Dask's scratch for a local --out (pipeline.run.lifecycle.contain_scratch)
 LOGS = "logs"
 # ... and under OUT/runs/<model_version>/
 RUN_JSON = "run.json"
@@ -285,4 +286,5 @@ class OutputStore:
         storage.check_writable(self.url, self.root)
 
     def remove_temp_files(self) -> int:
-        return storage.remove_temp_files(self.url, self.root)
+        # Zarr stores (maps.zarr, the cache) are written by zarr alone; _scratch is Dask's and matplotlib's
+        return storage.remove_temp_files(self.url, self.root, skip=lambda name: name.endswith(".zarr") or name in (CACHE, SCRATCH))

@@ -83,6 +83,7 @@ class Step:
     shm: float = 0.0  # peak /dev/shm use above the step's start, MB
     note: str = ""
     aggregates_s: float | None = None  # aggregates + probes, from the _aggregates.json the step wrote
+    score_s: float | None = None  # the scoring phase (run.json's score_wall) of a run the step finished
     stdout: str = field(default="", repr=False)
     stderr: str = field(default="", repr=False)
 
@@ -207,6 +208,7 @@ def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: 
         s = _median_step(runs)
         s.note = "; ".join(x for x in (note, s.note, aggregates_note(out, since) if expect == 0 else "") if x)
         s.aggregates_s = aggregates_seconds(out, since) if expect == 0 else None
+        s.score_s = scoring_seconds(out, since) if expect == 0 else None
         steps.append(s)
         log(f"  {s.wall:.1f} s, rc {s.rc}")
         if s.rc != expect:
@@ -311,6 +313,14 @@ def aggregates_seconds(out: Path, since: float) -> float | None:
     return sum((json.loads(written[0].read_text()).get("seconds") or {}).values()) if written else None
 
 
+def scoring_seconds(out: Path, since: float) -> float | None:
+    """The scoring phase (``score_wall``) of the run whose run.json was written since ``since``."""
+    import json
+
+    written = [p for p in out.glob("runs/*/run.json") if p.stat().st_mtime >= since]
+    return (json.loads(written[0].read_text()).get("seconds") or {}).get("score_wall") if len(written) == 1 else None
+
+
 GOALS = {"no-op": 5.0, "report": 30.0, "aggregates": 300.0, "driver_mb": 2048.0, "mistake": 2.0}  # issue 23
 
 
@@ -329,6 +339,10 @@ def goals(steps: list[Step]) -> list[str]:
         bound = 3 * (by["the added films alone"].wall + 5)
         out.append(line(by["+1% films"].wall <= bound, f"+1% films {by['+1% films'].wall:.1f} s (goal <= 3 x (the added films alone "
                                                      f"{by['the added films alone'].wall:.1f} s + 5 s) = {bound:.1f} s)"))
+    if "+1% films" in by and by["+1% films"].score_s is not None:  # the stricter reading: its own scoring phase
+        plus, strict = by["+1% films"], 3 * (by["+1% films"].score_s + 5)
+        out.append(line(plus.wall <= strict, f"+1% films {plus.wall:.1f} s against its own scoring phase (stricter: 3 x "
+                                             f"({plus.score_s:.1f} s + 5 s) = {strict:.1f} s)"))
     peak = max(steps, key=lambda s: s.driver_rss)
     out.append(line(peak.driver_rss <= GOALS["driver_mb"], f"driver peak RSS {peak.driver_rss:.0f} MB in '{peak.name}' (goal <= 2 GB)"))
     if "jobs.report" in by:

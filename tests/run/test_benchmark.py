@@ -96,6 +96,11 @@ def test_the_rehearsal_notes_what_a_steps_aggregation_cost(tmp_path):
         "whose rows changed, the rest merged from kept statistics), probes 0.2 s (kept, 744 films changed "
         "since the fit), tables 1.5 s, verdicts 3.0 s")
     assert aggregates_note(tmp_path / "out", time.time() + 60) == ""  # written before the step: not its own
+    from pipeline.run.rehearsal import scoring_seconds
+
+    assert scoring_seconds(tmp_path / "out", since) is None  # no run.json written by the step
+    (run / "run.json").write_text(json.dumps({"status": "complete", "seconds": {"score_wall": 12.5}}))
+    assert scoring_seconds(tmp_path / "out", since) == 12.5 and scoring_seconds(tmp_path / "out", time.time() + 60) is None
 
 
 def test_the_goals_read_the_rehearsals_own_figures():
@@ -105,18 +110,19 @@ def test_the_goals_read_the_rehearsals_own_figures():
     noop = _median_step([Step("no-op rerun", w, 0, driver_rss=r) for w, r in ((0.9, 180), (7.0, 190), (1.1, 170))])
     assert noop.wall == 1.1 and noop.driver_rss == 190 and noop.note == "median of 3 (0.90, 7.00, 1.10 s)"
     steps = [Step("first run", 900.0, 0, driver_rss=1900, aggregates_s=250.0), noop,
-             Step("+1% films", 70.0, 0, driver_rss=1500, aggregates_s=20.0), Step("the added films alone", 20.0, 0, driver_rss=800),
+             Step("+1% films", 70.0, 0, driver_rss=1500, aggregates_s=20.0, score_s=12.0), Step("the added films alone", 20.0, 0, driver_rss=800),
              Step("jobs.report", 31.0, 0), Step("mistake: pickled whole model", 0.8, 2, note="error: ...; nothing written"),
              Step("mistake: nih: at ROOT/images_001/images", 1.2, 2, note="error: ...; nothing written")]
     lines = goals(steps)
     assert lines == [
         "met: no-op rerun 1.10 s (goal <= 5 s)",
         "met: +1% films 70.0 s (goal <= 3 x (the added films alone 20.0 s + 5 s) = 75.0 s)",
+        "NOT met: +1% films 70.0 s against its own scoring phase (stricter: 3 x (12.0 s + 5 s) = 51.0 s)",
         "met: driver peak RSS 1900 MB in 'first run' (goal <= 2 GB)",
         "NOT met: report 31.0 s (goal <= 30 s)",
         "met: aggregates + probes at most 250.0 s, in 'first run' (goal <= 5 min)",
         "met: 2 configuration mistakes refused with exit 2, nothing written, slowest 1.20 s ('nih: at ROOT/images_001/images'; goal <= 2 s)"]
     steps[2].wall, steps[0].driver_rss, steps[-1].note = 76.0, 2100, "error: ...; WROTE ['mistake-out']"
     lines = goals(steps)
-    assert lines[1].startswith("NOT met: +1% films 76.0 s") and lines[2].startswith("NOT met: driver peak RSS 2100 MB")
+    assert lines[1].startswith("NOT met: +1% films 76.0 s") and lines[3].startswith("NOT met: driver peak RSS 2100 MB")
     assert lines[-1].startswith("NOT met: 2 configuration mistakes")

@@ -53,6 +53,7 @@ def test_the_rehearsal_lays_out_an_nih_root_of_hard_links_and_grows_it(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~26 process trees (first run, reruns, medians of 3, six mistakes): ~4-5 min quiet
 def test_the_full_size_rehearsal_at_a_few_thousand_rows(tmp_path):
     """python -m jobs.benchmark --full-size, scaled down: every step exits 0 and the no-op is one."""
     from pathlib import Path

@@ -54,13 +54,11 @@ def layout(root: Path, n: int, shared_nih: Path, grow_to: int | None = None) -> 
 
 def grow(plan: dict, upto: int) -> int:
     """Link the films of rows [linked, upto) and append their metadata lines; returns rows added."""
-    root, lines, films, total = plan["root"], plan["lines"], plan["films"], plan["total"]
+    root, lines, films = plan["root"], plan["lines"], plan["films"]
     start = plan["linked"]
     for i in range(start, upto):
-        name = lines[i].split(",", 1)[0]
-        folder = root / f"images_{1 + i * FOLDERS // total:03d}" / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / name
+        target = film_path(plan, i)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             try:
                 os.link(films[i % len(films)], target)
@@ -70,6 +68,12 @@ def grow(plan: dict, upto: int) -> int:
         f.write("".join(x + "\n" for x in lines[start:upto]))
     plan["linked"] = upto
     return upto - start
+
+
+def film_path(plan: dict, i: int) -> Path:
+    """Where row i's film lies: the rows spread over images_001..012 in order, as the archives unpack."""
+    name = plan["lines"][i].split(",", 1)[0]
+    return plan["root"] / f"images_{1 + i * FOLDERS // plan['total']:03d}" / "images" / name
 
 
 @dataclass
@@ -195,9 +199,9 @@ def rehearse(n: int, shared_nih: Path, work: Path, repo: Path, identifiability: 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     py = sys.executable
 
-    def job(ckpt, data=root, to=out):
-        return [py, "-m", "jobs.score_dataset", "--dataset", f"nih:{data}", "--checkpoint", ckpt, "--arch", "tiny",
-                "--out", str(to)] + (["--identifiability"] if identifiability else [])
+    def job(ckpt, data=root, to=out, arch="tiny"):  # arch None: the default, densenet121
+        return [py, "-m", "jobs.score_dataset", "--dataset", f"nih:{data}", "--checkpoint", ckpt, "--out", str(to)] + (
+            ["--arch", arch] if arch else []) + (["--identifiability"] if identifiability else [])
 
     steps: list[Step] = []
 
@@ -254,16 +258,14 @@ def _median_step(runs: list[Step]) -> Step:
 def added_only(plan: dict, n: int, root: Path) -> Path:
     """An NIH root of only the rows past n (the +1%), hard links to the same films: the job run on
     them alone is the +1% goal's baseline (3 x (that + 5 s))."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = plan["lines"][n:plan["linked"]]
-    (root / METADATA).write_text(plan["header"] + "\n" + "".join(x + "\n" for x in lines))
     folder = root / "images_001" / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    for src in plan["root"].glob("images_*/images"):
-        for line in lines:
-            name = line.split(",", 1)[0]
-            if (src / name).exists() and not (folder / name).exists():
-                os.link(src / name, folder / name)
+    rows = range(n, plan["linked"])
+    (root / METADATA).write_text(plan["header"] + "\n" + "".join(plan["lines"][i] + "\n" for i in rows))
+    for i in rows:
+        src = film_path(plan, i)
+        if not (folder / src.name).exists():
+            os.link(src, folder / src.name)
     return root
 
 
@@ -286,39 +288,49 @@ def mistakes(work: Path, root: Path, tiny_ckpt: str, job) -> list[tuple[str, lis
     (bad / "films.csv").write_text(f"image_id,file\n{film.name},{film}\n")
     out = str(work / "mistake-out")
 
-    def dense(ckpt):  # --arch left out: densenet121, the default
-        return [x for x in job(ckpt, to=out) if x not in ("--arch", "tiny")]
+    def dense(ckpt):
+        return job(ckpt, to=out, arch=None)
 
-    with_tiny = job(tiny_ckpt, to=out)
-    at = with_tiny.index("--dataset") + 1
+    def dataset(spec):  # job() takes nih: roots; another adapter is swapped in
+        cmd = job(tiny_ckpt, to=out)
+        return cmd[:cmd.index("--dataset") + 1] + [spec] + cmd[cmd.index("--dataset") + 2:]
+
     return [("ImageNet DenseNet-121", dense(str(bad / "imagenet.safetensors"))),
             ("ResNet-18 with 14 outputs", dense(str(bad / "resnet18.pt"))),
             ("the tiny net as DenseNet-121", dense(tiny_ckpt)),
             ("pickled whole model", dense(str(bad / "whole.pt"))),
-            ("manifest without a path column", with_tiny[:at] + [f"manifest:{bad / 'films.csv'}"] + with_tiny[at + 1:]),
-            ("nih: at ROOT/images_001/images", with_tiny[:at] + [f"nih:{root / 'images_001' / 'images'}"] + with_tiny[at + 1:])]
+            ("manifest without a path column", dataset(f"manifest:{bad / 'films.csv'}")),
+            ("nih: at ROOT/images_001/images", job(tiny_ckpt, root / "images_001" / "images", out))]
 
 
 def _listing(work: Path) -> set[str]:
-    """What exists under work, the mistakes' own inputs aside (a refused run must add nothing)."""
-    return {str(p.relative_to(work)) for p in work.glob("*") if p.name != "mistakes"} | (
-        {str(p.relative_to(work)) for p in (work / "out").rglob("*")} if (work / "out").exists() else set())
+    """What exists under work, the mistakes' own inputs, the films and the Zarr stores' insides
+    aside (224k cache files at full size; a refused run stops before any store is opened)."""
+    seen = set()
+    for folder, dirs, files in os.walk(work):
+        dirs[:] = [d for d in dirs if not (d.endswith(".zarr") or d in ("cache", "mistakes", "ChestX-ray14"))]
+        seen.update(os.path.relpath(os.path.join(folder, x), work) for x in dirs + files)
+    return seen
+
+
+def written_since(out: Path, name: str, since: float) -> dict | None:
+    """The runs/*/NAME a step wrote (modified since ``since``); None when none or several were."""
+    import json
+
+    written = [p for p in out.glob(f"runs/*/{name}") if p.stat().st_mtime >= since]
+    return json.loads(written[0].read_text()) if len(written) == 1 else None
 
 
 def aggregates_seconds(out: Path, since: float) -> float | None:
-    """Aggregates + probes of the _aggregates.json written since ``since`` (None: none written)."""
-    import json
-
-    written = [p for p in out.glob("runs/*/_aggregates.json") if p.stat().st_mtime >= since]
-    return sum((json.loads(written[0].read_text()).get("seconds") or {}).values()) if written else None
+    """Aggregates + probes of the _aggregates.json the step wrote (None: none written)."""
+    rec = written_since(out, "_aggregates.json", since)
+    return None if rec is None else sum((rec.get("seconds") or {}).values())
 
 
 def scoring_seconds(out: Path, since: float) -> float | None:
-    """The scoring phase (``score_wall``) of the run whose run.json was written since ``since``."""
-    import json
-
-    written = [p for p in out.glob("runs/*/run.json") if p.stat().st_mtime >= since]
-    return (json.loads(written[0].read_text()).get("seconds") or {}).get("score_wall") if len(written) == 1 else None
+    """The scoring phase (``score_wall``) of the run whose run.json the step wrote."""
+    rec = written_since(out, "run.json", since)
+    return None if rec is None else (rec.get("seconds") or {}).get("score_wall")
 
 
 GOALS = {"no-op": 5.0, "report": 30.0, "aggregates": 300.0, "driver_mb": 2048.0, "mistake": 2.0}  # issue 23
@@ -362,12 +374,9 @@ def goals(steps: list[Step]) -> list[str]:
 
 def aggregates_note(out: Path, since: float) -> str:
     """What the step's aggregation cost, from the _aggregates.json it wrote (none: '')."""
-    import json
-
-    written = [p for p in out.glob("runs/*/_aggregates.json") if p.stat().st_mtime >= since]
-    if not written:
+    rec = written_since(out, "_aggregates.json", since)
+    if rec is None:
         return ""
-    rec = json.loads(written[0].read_text())
     sec, region, probes = rec.get("seconds") or {}, rec.get("region_partials") or {}, rec.get("probes") or {}
     total = sum(sec.values())
     from pipeline.analysis.aggregate import reuse_line

@@ -127,8 +127,7 @@ def remove_temp_files(url: str, storage_options: "dict | Location | None" = None
         return 0
     leftovers = []
     for folder, dirs, files in fs.walk(path, topdown=True):
-        for name in [d for d in dirs if skip(d)]:
-            dirs.remove(name) if isinstance(dirs, list) else dirs.pop(name)  # pruned in place, as os.walk
+        dirs[:] = [d for d in dirs if not skip(d)]  # pruned in place, as os.walk
         leftovers += [posixpath.join(folder, f) for f in files if is_own_temp(f)]
     for p in leftovers:
         fs.rm(p)
